@@ -1,0 +1,1 @@
+"""The ndbench runner, metrics, records, tables and command-line interface."""

@@ -1,0 +1,102 @@
+"""`ndbench build-splits`: dataset index + every requested split manifest, written atomically."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from datasets_builders.errors import NdbenchError
+from datasets_builders.index import DatasetIndex
+from datasets_builders.sources import build_index, check_dataset
+from datasets_builders.splits import (
+    SETTINGS,
+    Manifest,
+    all_vs_one_split,
+    multi_class_split,
+    paper_protocol,
+    uni_class_split,
+)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build: a dataset, where its sources are, which settings/classes."""
+
+    dataset: str
+    root: Path | None = None
+    out: Path = Path("results/splits")
+    setting: str = "all"  # uni-class | multi-class | all
+    normal: tuple[int, ...] | None = None  # a custom multi-class normal set
+    classes: tuple[int, ...] | None = None  # restrict the uni-class / all-vs-one classes
+    year: int | None = None
+    class_order: str = "paper"
+
+
+def requested_settings(setting: str) -> tuple[str, ...]:
+    """`all` -> both settings; otherwise the one named (validated)."""
+    if setting == "all":
+        return SETTINGS
+    if setting not in SETTINGS:
+        raise NdbenchError(f"unknown setting {setting!r}", "use uni-class, multi-class or all")
+    return (setting,)
+
+
+def make_manifests(index: DatasetIndex, request: BuildRequest) -> list[Manifest]:
+    """The manifests a request asks for, all validated before anything is written."""
+    settings = requested_settings(request.setting)
+    if request.normal is not None:
+        if request.setting == "uni-class":
+            raise NdbenchError("--normal defines a multi-class split", "drop --setting uni-class")
+        return [multi_class_split(index, request.normal)]
+    if request.classes is None:
+        return paper_protocol(index, settings)
+    manifests: list[Manifest] = []
+    if "uni-class" in settings:
+        manifests += [uni_class_split(index, c) for c in request.classes]
+    if "multi-class" in settings:
+        manifests += [all_vs_one_split(index, c) for c in request.classes]
+    return manifests
+
+
+def build_splits(request: BuildRequest, console: Console | None = None) -> tuple[DatasetIndex, list[Manifest]]:
+    """Build the index and manifests of a request and write them under `request.out`."""
+    check_dataset(request.dataset)
+    index = build_index(
+        request.dataset,
+        request.root,
+        year=request.year,
+        class_order=request.class_order,
+        console=console,
+    )
+    manifests = make_manifests(index, request)
+    folder = Path(request.out) / index.dataset
+    index.write(folder)
+    for manifest in manifests:
+        manifest.write(request.out)
+    return index, manifests
+
+
+def summary_table(index: DatasetIndex, manifests: list[Manifest]) -> Table:
+    """A rich table: split id, class name(s), #train, #test normal, #test novel."""
+    table = Table(title=f"{index.dataset}: {len(manifests)} splits ({index.sha256[:12]})")
+    for column in ("split id", "normal", "#train", "#test normal", "#test novel"):
+        table.add_column(column, justify="right" if column.startswith("#") else "left")
+    for m in manifests:
+        counts = m.counts()
+        if len(m.normal_classes) == 1:
+            normal = index.class_names.get(m.normal_classes[0], "?")
+        else:
+            left_out = sorted(set(index.class_names) - set(m.normal_classes))
+            normal = "all but " + ", ".join(index.class_names[c] for c in left_out[:3])
+            normal += "…" if len(left_out) > 3 else ""
+        table.add_row(
+            m.split_id,
+            normal,
+            str(counts["train"]),
+            str(counts["test_normal"]),
+            str(counts["test_novel"]),
+        )
+    return table

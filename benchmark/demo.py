@@ -1,0 +1,41 @@
+"""`ndbench demo`: the embedded offline benchmark, end to end, within a stated budget."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from methods.registry import available
+
+from .console import stderr_console, stdout_console
+from .executors import execute
+from .records import load_records_at
+from .reporting import print_tables, report_results
+from .runner import RunOptions, expand_jobs
+
+# Methods of the default demo: those that fit its 10-minute budget on 2 CPU cores.
+DEMO_METHODS = ("knn",)
+SETTINGS_DEFAULT = ("uni-class",)
+SETTINGS_FULL = ("uni-class", "multi-class")
+
+
+def demo_methods(full: bool) -> list[str]:
+    """The demo's methods: the quick set, or every registered method with --full."""
+    names = available()
+    return names if full else [m for m in DEMO_METHODS if m in names]
+
+
+def run_demo(*, full: bool, out: Path, device: str, force: bool) -> int:
+    """Run the demo; print and write per-class tables; return the exit code."""
+    start = time.perf_counter()
+    options = RunOptions(out=out, device=device, force=force)
+    settings = list(SETTINGS_FULL if full else SETTINGS_DEFAULT)
+    jobs = expand_jobs(demo_methods(full), dataset="embedded", settings=settings, classes=None,
+                       seeds=[0], options=options)
+    results = execute(jobs, options, "local", console=stderr_console())
+    records = load_records_at([r.record for r in results if r.record is not None])
+    paths = print_tables(out, records, "embedded", settings, paper=False)
+    code = report_results(results, stderr_console())
+    minutes = (time.perf_counter() - start) / 60
+    stdout_console().print(f"demo finished in {minutes:.1f} min; tables: {sorted({p.parent for p in paths})}")
+    return code

@@ -1,0 +1,46 @@
+"""Printing what a run produced: per-class tables on the terminal and files, job outcomes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .console import stdout_console
+
+
+def class_names_under(out: Path) -> dict[str, dict[int, str]]:
+    """Class names of every dataset whose index lies under `<out>/splits`."""
+    from datasets_builders.index import DatasetIndex
+
+    names: dict[str, dict[int, str]] = {}
+    for meta in sorted((Path(out) / "splits").glob("*/index.json")):
+        names[meta.parent.name] = DatasetIndex.read(meta.parent).class_names
+    return names
+
+
+def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool) -> list[Path]:
+    from .tables import per_class_table, to_markdown, write_tables
+
+    names = class_names_under(out)
+    console = stdout_console()
+    for setting in settings:
+        chosen = [r for r in records if r.dataset == dataset and r.setting == setting]
+        if not chosen:
+            continue
+        table = per_class_table(chosen, dataset, setting, class_names=names.get(dataset), paper=paper)
+        console.print(f"\n[bold]{dataset} {setting}: AUROC (%)[/bold]")
+        console.print(to_markdown(table), markup=False)
+    return write_tables(records, Path(out) / "tables", paper=paper, class_names=names)
+
+
+def report_results(results, console) -> int:
+    """Print failed jobs; exit code 0 when all ran, 2 when only user errors failed, else 1."""
+    failed = [r for r in results if r.status == "failed"]
+    done = sum(r.status == "done" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    console.print(f"{done} jobs ran, {skipped} skipped (record exists; --force re-runs), {len(failed)} failed")
+    for r in failed:
+        print(f"ndbench: job {r.job.describe()} failed: {r.error}", file=sys.stderr)
+    if failed and all(r.user_error for r in failed):
+        return 2
+    return 1 if failed else 0

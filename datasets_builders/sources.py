@@ -1,0 +1,72 @@
+"""Which builder reads which dataset, and where its files are expected by default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import NdbenchError
+from .index import DatasetIndex
+
+DATASETS = ("voc", "coco", "cifar10", "cifar100", "mnist", "fmnist", "embedded")
+
+
+def default_root(dataset: str) -> Path:
+    """`$NDBENCH_DATA/<dataset>` when NDBENCH_DATA is set, else `data/<dataset>`."""
+    base = os.environ.get("NDBENCH_DATA")
+    return Path(base) / dataset if base else Path("data") / dataset
+
+
+def check_dataset(dataset: str) -> str:
+    """Return the dataset name, or raise one clear error if ndbench does not know it."""
+    if dataset not in DATASETS:
+        raise NdbenchError(f"unknown dataset {dataset!r}", f"use one of {', '.join(DATASETS)}")
+    return dataset
+
+
+def build_index(
+    dataset: str,
+    root: Path | None = None,
+    *,
+    year: int | None = None,
+    class_order: str = "paper",
+    embedded_config=None,
+    console=None,
+) -> DatasetIndex:
+    """Read a dataset's source annotations into a `DatasetIndex`.
+
+    `year` applies to VOC (2012 default, or 2007) and COCO (2014 default, or 2017);
+    `class_order` to VOC. The embedded dataset is generated (or reused from its cache)
+    and read back through the COCO builder.
+    """
+    check_dataset(dataset)
+    if dataset == "embedded":
+        from .embedded import EmbeddedConfig, ensure_embedded
+
+        config = embedded_config or EmbeddedConfig()
+        scene_root = ensure_embedded(config, console=console) if root is None else Path(root)
+        from .coco import build_coco_index
+
+        return build_coco_index(scene_root, year="", dataset="embedded")
+    # Absolute, so index.json still finds the images from another working directory.
+    root = (Path(root) if root is not None else default_root(dataset)).resolve()
+    if not root.exists():
+        raise NdbenchError(
+            f"{dataset} root {root} does not exist",
+            "pass --root DIR or set NDBENCH_DATA (see README, 'Datasets')",
+        )
+    if dataset == "voc":
+        from .voc import build_voc_index
+
+        return build_voc_index(root, year=year or 2012, class_order=class_order)
+    if dataset == "coco":
+        from .coco import build_coco_index
+
+        return build_coco_index(root, year=str(year or 2014), dataset="coco")
+    if dataset in ("cifar10", "cifar100"):
+        from .single_object import build_cifar_index
+
+        return build_cifar_index(root, variant=dataset)
+    from .single_object import build_mnist_index
+
+    return build_mnist_index(root, variant=dataset)

@@ -1,0 +1,234 @@
+"""Split rules (DESIGN.md "Settings and split manifests"): dataset index -> split manifests.
+
+- uni-class (one-vs-all): normal class c. Train = train images holding c (other objects may
+  appear too). Test = all test images, label 0 if c is present, else 1.
+- multi-class: normal set N. Train = train images holding at least one class of N
+  (each image once). Test: label 0 if the image holds a class of N, 1 if it holds none.
+  All-vs-one (`except-<k>`) is N = every class but k; any other N is `normal-a-b-c`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import BUILDER_VERSION
+from .atomic import atomic_write_text
+from .errors import NdbenchError
+from .index import DatasetIndex
+
+SETTINGS = ("uni-class", "multi-class")
+NORMAL, NOVEL = 0, 1
+# Paper Table 5: the four CIFAR-10 half-vs-half normal sets.
+HALF_VS_HALF_CIFAR10 = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (0, 2, 4, 6, 8), (1, 3, 5, 7, 9))
+DEDUP_NOTE = (
+    "multi-class training set de-duplicated: each image appears once, however many normal "
+    "classes it holds (the paper's released code repeats it once per normal class)"
+)
+
+
+@dataclass
+class Manifest:
+    """One split: which train images are normal, which test images are normal (0) / novel (1)."""
+
+    dataset: str
+    setting: str
+    name: str
+    normal_classes: list[int]
+    index_sha256: str
+    train: list[str]
+    test: list[tuple[str, int]]
+    notes: list[str] = field(default_factory=list)
+    builder_version: str = BUILDER_VERSION
+
+    @property
+    def split_id(self) -> str:
+        """Stable id, e.g. `voc/uni-class/14` or `coco/multi-class/except-1`."""
+        return f"{self.dataset}/{self.setting}/{self.name}"
+
+    @property
+    def short_id(self) -> str:
+        """The id without the dataset: `uni-class/14`."""
+        return f"{self.setting}/{self.name}"
+
+    def counts(self) -> dict[str, int]:
+        """#train, #test normal and #test novel."""
+        novel = sum(label for _, label in self.test)
+        return {"train": len(self.train), "test_normal": len(self.test) - novel, "test_novel": novel}
+
+    def _body(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "setting": self.setting,
+            "name": self.name,
+            "split_id": self.split_id,
+            "normal_classes": list(self.normal_classes),
+            "builder_version": self.builder_version,
+            "index_sha256": self.index_sha256,
+            "notes": list(self.notes),
+            "train": list(self.train),
+            "test": [[image_id, int(label)] for image_id, label in self.test],
+        }
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the manifest's canonical JSON body (everything but the sha itself)."""
+        canonical = json.dumps(self._body(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def to_json(self) -> str:
+        """The manifest file's text; identical inputs give identical bytes."""
+        body = self._body()
+        body["sha256"] = self.sha256
+        return json.dumps(body, indent=1) + "\n"
+
+    def path_in(self, out: Path) -> Path:
+        """Where this manifest lives under an output root."""
+        return Path(out) / self.dataset / self.setting / f"{self.name}.json"
+
+    def write(self, out: Path) -> Path:
+        """Write the manifest atomically under `out`; returns its path."""
+        path = self.path_in(out)
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        """Read a manifest file and check its sha256."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise NdbenchError(f"no split manifest at {path}", "run `ndbench build-splits`") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise NdbenchError(
+                f"split manifest {path} is not valid JSON", "rebuild it with `ndbench build-splits`"
+            ) from exc
+        manifest = cls(
+            dataset=data["dataset"],
+            setting=data["setting"],
+            name=data["name"],
+            normal_classes=list(data["normal_classes"]),
+            index_sha256=data["index_sha256"],
+            train=list(data["train"]),
+            test=[(image_id, int(label)) for image_id, label in data["test"]],
+            notes=list(data.get("notes", [])),
+            builder_version=data["builder_version"],
+        )
+        if manifest.sha256 != data.get("sha256"):
+            raise NdbenchError(
+                f"split manifest {path} was modified (sha256 mismatch)",
+                "rebuild it with `ndbench build-splits`",
+            )
+        return manifest
+
+
+def _check_classes(index: DatasetIndex, classes: Iterable[int]) -> None:
+    known = set(index.class_names)
+    for c in classes:
+        if c not in known:
+            raise NdbenchError(
+                f"unknown class id {c} for {index.dataset}",
+                f"use one of {_describe_ids(sorted(known))}",
+            )
+
+
+def _describe_ids(ids: list[int]) -> str:
+    if len(ids) > 12:
+        return f"{ids[0]}..{ids[-1]} ({len(ids)} ids; see index.json)"
+    return ",".join(map(str, ids))
+
+
+def _finish(index: DatasetIndex, manifest: Manifest) -> Manifest:
+    counts = manifest.counts()
+    if counts["train"] == 0:
+        raise NdbenchError(
+            f"split {manifest.split_id} has no normal training image",
+            "choose normal classes that occur in the training images",
+        )
+    if counts["test_novel"] == 0:
+        raise NdbenchError(
+            f"split {manifest.split_id} has no novel test image",
+            "leave at least one class that occurs in the test images out of the normal set",
+        )
+    if counts["test_normal"] == 0:
+        raise NdbenchError(
+            f"split {manifest.split_id} has no normal test image",
+            "choose normal classes that occur in the test images",
+        )
+    overlap = set(manifest.train) & {image_id for image_id, _ in manifest.test}
+    assert not overlap, f"{manifest.split_id}: train and test share {sorted(overlap)[:5]}"
+    return manifest
+
+
+def uni_class_split(index: DatasetIndex, normal_class: int) -> Manifest:
+    """One-vs-all: images holding `normal_class` are normal."""
+    _check_classes(index, [normal_class])
+    return _split(index, "uni-class", str(normal_class), [normal_class])
+
+
+def multi_class_split(index: DatasetIndex, normal_classes: Iterable[int], name: str | None = None) -> Manifest:
+    """Images holding any class of `normal_classes` are normal; named `normal-a-b` by default."""
+    normal = sorted(set(normal_classes))
+    _check_classes(index, normal)
+    if not normal:
+        raise NdbenchError("the normal set is empty", "give at least one class with --normal")
+    return _split(index, "multi-class", name or "normal-" + "-".join(map(str, normal)), normal)
+
+
+def all_vs_one_split(index: DatasetIndex, abnormal_class: int) -> Manifest:
+    """All-vs-one: every class but `abnormal_class` is normal; named `except-<k>`."""
+    _check_classes(index, [abnormal_class])
+    normal = [c for c in index.class_ids() if c != abnormal_class]
+    return multi_class_split(index, normal, name=f"except-{abnormal_class}")
+
+
+def _split(index: DatasetIndex, setting: str, name: str, normal: list[int]) -> Manifest:
+    normal_set = set(normal)
+    train = [r.image_id for r in index.subset("train") if normal_set.intersection(r.classes)]
+    test = [
+        (r.image_id, NORMAL if normal_set.intersection(r.classes) else NOVEL)
+        for r in index.subset("test")
+    ]
+    notes = [DEDUP_NOTE] if setting == "multi-class" and len(normal) > 1 else []
+    manifest = Manifest(
+        dataset=index.dataset,
+        setting=setting,
+        name=name,
+        normal_classes=normal,
+        index_sha256=index.sha256,
+        train=train,
+        test=test,
+        notes=notes,
+    )
+    return _finish(index, manifest)
+
+
+def paper_protocol(index: DatasetIndex, settings: Iterable[str] = SETTINGS) -> list[Manifest]:
+    """Every split of the paper's protocol: all uni-class and all all-vs-one splits
+    (plus, for CIFAR-10 multi-class, the four half-vs-half sets of paper Table 5)."""
+    settings = list(settings)
+    manifests: list[Manifest] = []
+    if "uni-class" in settings:
+        manifests += [uni_class_split(index, c) for c in index.class_ids()]
+    if "multi-class" in settings:
+        manifests += [all_vs_one_split(index, c) for c in index.class_ids()]
+        if index.dataset == "cifar10":
+            manifests += [multi_class_split(index, s) for s in HALF_VS_HALF_CIFAR10]
+    return manifests
+
+
+def parse_class_list(text: str) -> list[int]:
+    """Parse `1,3,5` into class ids; one clear error for anything else."""
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError as exc:
+        raise NdbenchError(
+            f"cannot read class list {text!r}", "give class ids separated by commas, e.g. 1,3,5"
+        ) from exc
+    if not ids:
+        raise NdbenchError("empty class list", "give class ids separated by commas, e.g. 1,3,5")
+    return ids

@@ -1,0 +1,1 @@
+"""Novelty detectors behind one small interface, and the timm backbones they share."""

@@ -1,0 +1,182 @@
+"""What every detector shares: config handling, input transform, devices, progress, save/load.
+
+A detector follows scikit-learn's shape: every hyper-parameter lives in its `Config`
+dataclass (defaults = the paper's, each citing its source), `fit(train)` then
+`score(images)` (higher = more novel). Datasets yield `(image, label, image_id)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from datasets_builders.errors import NdbenchError
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """The method contract (DESIGN.md, "Method interface")."""
+
+    name: ClassVar[str]
+    config: Any
+
+    def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None: ...
+
+    def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray: ...
+
+    def save(self, path: Path) -> None: ...
+
+
+def config_hash(config: Any) -> str:
+    """Short content hash of a config dataclass (the job key's method part)."""
+    text = json.dumps(asdict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
+def build_config(config_cls: type, base: Any | None, overrides: dict) -> Any:
+    """`base` (or the defaults) with `overrides` applied; unknown names raise one clear error."""
+    names = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise NdbenchError(
+            f"{config_cls.__qualname__} has no option {unknown[0]!r}",
+            f"options are: {', '.join(sorted(names))}",
+        )
+    config = base if base is not None else config_cls()
+    coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return replace(config, **coerced)
+
+
+class BaseDetector(ABC):
+    """Shared plumbing; subclasses set `Config`, `description`, `paper` and the model code."""
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type]
+    # Overrides applied on the embedded offline dataset only (paper defaults stay the defaults).
+    presets: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, config: Any | None = None, **overrides: Any):
+        self.config = build_config(self.Config, config, overrides)
+        self.fitted = False
+
+    @classmethod
+    def with_preset(cls, preset: str | None, **overrides: Any) -> BaseDetector:
+        """Build with a named preset (e.g. "embedded") under explicit overrides."""
+        values = dict(cls.presets.get(preset, {})) if preset else {}
+        values.update(overrides)
+        return cls(**values)
+
+    # --- input ---------------------------------------------------------------------------
+    def transform(self) -> Callable:
+        """PIL image -> normalised tensor at the method's input size."""
+        c = self.config
+        return transforms.Compose(
+            [
+                transforms.Resize((c.img_size, c.img_size), antialias=True),
+                transforms.ToTensor(),
+                transforms.Normalize(c.mean, c.std),
+            ]
+        )
+
+    def loader(self, data: Dataset, *, shuffle: bool = False, batch_size: int | None = None,
+               seed: int = 0, drop_last: bool = False) -> DataLoader:
+        """A DataLoader over `data` with the method's batch size and a seeded shuffle."""
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            data,
+            batch_size=batch_size or self.config.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=0,
+            drop_last=drop_last,
+        )
+
+    # --- persistence ---------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
+        """Learn what normal looks like from the training images (all normal)."""
+
+    @abstractmethod
+    def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
+        """Novelty score per image, higher = more novel."""
+
+    @abstractmethod
+    def state(self) -> dict:
+        """Everything `load` needs besides the config (tensors / arrays)."""
+
+    @abstractmethod
+    def set_state(self, state: dict) -> None:
+        """Restore what `state()` returned."""
+
+    def save(self, path: Path) -> None:
+        """Save config and fitted state to one file."""
+        if not self.fitted:
+            raise NdbenchError(f"{self.name} is not fitted", "call fit() before save()")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"method": self.name, "config": asdict(self.config), "state": self.state()}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> BaseDetector:
+        """Load a detector saved with `save`."""
+        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+        if payload.get("method") != cls.name:
+            raise NdbenchError(
+                f"{path} holds a {payload.get('method')!r} model, not {cls.name!r}",
+                f"load it with the {payload.get('method')} method",
+            )
+        detector = cls(**payload["config"])
+        detector.set_state(payload["state"])
+        detector.fitted = True
+        return detector
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; a CUDA request without CUDA raises one line."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NdbenchError("--device cuda was asked for but CUDA is not available", "use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise NdbenchError(f"unknown device {device!r}", "use auto, cpu or cuda") from exc
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (DESIGN.md performance principles); a no-op elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def tracked(items: Iterable, progress: Progress | None, description: str, total: int | None = None) -> Iterator:
+    """Iterate `items`, advancing a rich progress task when a Progress is given."""
+    if progress is None:
+        yield from items
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    task = progress.add_task(description, total=total)
+    try:
+        for item in items:
+            yield item
+            progress.advance(task)
+    finally:
+        progress.remove_task(task)

@@ -1,0 +1,184 @@
+"""Offline supervised pre-training of small backbones on the embedded object-centric pool.
+
+This stands in for the paper's ImageNet-21k pre-training: the pool holds one large digit
+per image and shares no digit instance with any scene. Weights are cached, keyed by
+(architecture, embedded data, recipe), so every later run reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from safetensors.torch import save_file
+from torch import nn
+
+from datasets_builders.atomic import atomic_write_text
+from datasets_builders.embedded import EmbeddedConfig, cache_root, load_pretrain_set
+from datasets_builders.errors import NdbenchError
+
+from . import embedded_archs  # noqa: F401  (registers the embedded architectures in timm)
+
+EMBEDDED_WEIGHTS = "embedded"  # the `weights` value that means "pre-trained by ndbench"
+DEFAULT_ARCH = "ndbench_vit_embedded"
+RECIPE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Supervised recipe; values measured while planning (issue 4): a ViT trained from scratch
+    needs warm-up (OneCycle, peak lr 3e-4, AdamW, batch 64) and ~10 epochs of ~6,000 images."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    peak_lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.2
+    holdout_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """Where the weights are and how good they are."""
+
+    weights: Path
+    arch: str
+    heldout_accuracy: float
+    train_seconds: float
+    cached: bool
+
+
+def pretrain_key(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> str:
+    """Content key of a pre-training run: architecture, data and recipe."""
+    payload = {
+        "arch": arch,
+        "data": asdict(data),
+        "recipe": asdict(recipe),
+        "version": RECIPE_VERSION,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def default_weights_path(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> Path:
+    """The cache file of a pre-training run."""
+    return cache_root() / "pretrained" / f"{arch}-{pretrain_key(arch, data, recipe)}.safetensors"
+
+
+def _to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != size:
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return (x - 0.5) / 0.5  # mean/std 0.5, as the embedded archs' configs say
+
+
+def pretrain(
+    arch: str = DEFAULT_ARCH,
+    *,
+    out: Path | None = None,
+    data: EmbeddedConfig | None = None,
+    recipe: PretrainRecipe | None = None,
+    device: torch.device | None = None,
+    console: Console | None = None,
+    force: bool = False,
+) -> PretrainResult:
+    """Train `arch` (a timm name) to classify the object-centric pool; cache and return it."""
+    data = data or EmbeddedConfig()
+    recipe = recipe or PretrainRecipe()
+    device = device or torch.device("cpu")
+    out = Path(out) if out is not None else default_weights_path(arch, data, recipe)
+    info_path = out.with_suffix(".json")
+    if out.is_file() and info_path.is_file() and not force:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        return PretrainResult(out, arch, info["heldout_accuracy"], info["train_seconds"], True)
+
+    images, labels = load_pretrain_set(data)
+    num_classes = int(labels.max()) + 1
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    except (RuntimeError, ValueError) as exc:
+        raise NdbenchError(f"cannot build model {arch!r}: {exc}", "pass a timm model name to --arch") from exc
+    size = model.pretrained_cfg.get("input_size", (3, 64, 64))[-1]
+    if getattr(model, "patch_embed", None) is not None:
+        size = model.patch_embed.img_size[0]
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    order = torch.randperm(len(labels), generator=generator).numpy()
+    n_hold = int(len(labels) * recipe.holdout_fraction)
+    hold, train = order[:n_hold], order[n_hold:]
+    x_train, y_train = _to_tensor(images[train], size), torch.from_numpy(labels[train]).long()
+    x_hold, y_hold = _to_tensor(images[hold], size), torch.from_numpy(labels[hold]).long()
+
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(y_train) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=recipe.peak_lr,
+        total_steps=recipe.epochs * steps_per_epoch,
+        pct_start=recipe.warmup_fraction,
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    with Progress(console=console or Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"pre-training {arch}", total=recipe.epochs * steps_per_epoch)
+        for _ in range(recipe.epochs):
+            model.train()
+            perm = torch.randperm(len(y_train), generator=generator)
+            for i in range(steps_per_epoch):
+                idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+                loss = loss_fn(model(x_train[idx].to(device)), y_train[idx].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                progress.advance(task)
+    seconds = time.perf_counter() - start
+    accuracy = evaluate(model, x_hold, y_hold, device)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, out)
+    info = {
+        "arch": arch,
+        "heldout_accuracy": accuracy,
+        "train_seconds": seconds,
+        "num_classes": num_classes,
+        "train_images": int(len(y_train)),
+        "heldout_images": int(len(y_hold)),
+        "recipe": asdict(recipe),
+        "data": asdict(data),
+    }
+    atomic_write_text(info_path, json.dumps(info, indent=1, default=str) + "\n")
+    return PretrainResult(out, arch, accuracy, seconds, False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """Top-1 accuracy of `model` on (x, y)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), 256):
+        correct += (model(x[i : i + 256].to(device)).argmax(1).cpu() == y[i : i + 256]).sum().item()
+    return correct / max(len(y), 1)
+
+
+def resolve_weights(backbone: str, weights: str | Path | None, *, console: Console | None = None) -> str | Path | None:
+    """Turn a config's `weights` into what `create_backbone` takes: "embedded" becomes the
+    cached pre-trained file of `backbone` (trained first when missing); others pass through."""
+    if weights == EMBEDDED_WEIGHTS:
+        return pretrain(backbone, console=console).weights
+    return weights

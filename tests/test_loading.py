@@ -1,0 +1,223 @@
+"""ManifestDataset and load_split: pixels, labels and ids for array sets and file sets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from array_fixtures import write_cifar10, write_mnist
+from torch.utils.data import DataLoader
+
+from datasets_builders.errors import NdbenchError
+from datasets_builders.index import DatasetIndex, IndexRow
+from datasets_builders.loading import ManifestDataset, load_split
+from datasets_builders.single_object import build_cifar_index, build_mnist_index
+from datasets_builders.splits import multi_class_split, uni_class_split
+
+CIFAR10_TRAIN = [n % 10 for n in range(20)]
+CIFAR10_TEST = [9, 0, 5, 3, 7, 4, 1, 8, 2, 6]
+
+
+def as_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """A to_tensor output (C x H x W floats in 0..1) back to H x W x C uint8."""
+    return (tensor * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@pytest.fixture
+def cifar10(tmp_path: Path) -> tuple[DatasetIndex, np.ndarray, np.ndarray]:
+    train, test = write_cifar10(tmp_path / "src", CIFAR10_TRAIN, CIFAR10_TEST)
+    return build_cifar_index(tmp_path / "src", variant="cifar10"), train, test
+
+
+def test_array_set_train_part(cifar10) -> None:
+    index, train, _ = cifar10
+    data = ManifestDataset(index, uni_class_split(index, 3), "train")
+    assert len(data) == 2
+    assert data.image_ids == ["train/3", "train/13"]
+    assert data.labels.dtype == np.int64 and data.labels.tolist() == [0, 0]
+    image, label, image_id = data[1]
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
+    assert (label, image_id) == (0, "train/13")
+    np.testing.assert_array_equal(as_uint8(image), train[13])
+    np.testing.assert_array_equal(as_uint8(data[0][0]), train[3])
+
+
+def test_array_set_test_part(cifar10) -> None:
+    index, _, test = cifar10
+    data = ManifestDataset(index, multi_class_split(index, (0, 1, 2, 3, 4)), "test")
+    assert data.image_ids == [f"test/{n}" for n in range(10)]
+    assert data.labels.tolist() == [1, 0, 1, 0, 1, 0, 0, 1, 0, 1]
+    for n in range(10):
+        image, label, image_id = data[n]
+        assert (label, image_id) == (data.labels[n], f"test/{n}")
+        np.testing.assert_array_equal(as_uint8(image), test[n])
+
+
+def test_arrays_are_read_once(cifar10, tmp_path: Path) -> None:
+    index, train, _ = cifar10
+    data = ManifestDataset(index, uni_class_split(index, 3), "train")
+    first = data[0][0]
+    shutil.rmtree(tmp_path / "src")  # the dataset keeps the pixels it needs
+    np.testing.assert_array_equal(as_uint8(data[1][0]), train[13])
+    assert torch.equal(data[0][0], first)
+    assert data._pixels.shape == (2, 32, 32, 3)  # only its own items, not all 20
+
+
+def test_array_source_missing_at_load_time(cifar10, tmp_path: Path) -> None:
+    index, _, _ = cifar10
+    data = ManifestDataset(index, uni_class_split(index, 3), "test")
+    (tmp_path / "src" / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(NdbenchError, match="expected test_batch"):
+        data[0]
+
+
+def test_mnist_gray_becomes_rgb(tmp_path: Path) -> None:
+    train, test = write_mnist(tmp_path / "raw", [5, 0, 4, 1, 9, 2], [7, 2, 1], gz=True)
+    index = build_mnist_index(tmp_path, variant="mnist")
+    data = ManifestDataset(index, uni_class_split(index, 2), "test")
+    assert data.image_ids == ["test/0", "test/1", "test/2"]
+    assert data.labels.tolist() == [1, 0, 1]
+    for n in range(3):
+        image, _, _ = data[n]
+        assert image.shape == (3, 28, 28)
+        pixels = as_uint8(image)
+        for channel in range(3):
+            np.testing.assert_array_equal(pixels[:, :, channel], test[n])
+
+
+def test_take_and_dataloader(cifar10) -> None:
+    index, _, test = cifar10
+    data = ManifestDataset(index, uni_class_split(index, 3), "test")
+    small = data.take(4)
+    assert len(small) == 4 and len(data) == 10
+    assert small.image_ids == ["test/0", "test/1", "test/2", "test/3"]
+    assert small.labels.tolist() == [1, 1, 1, 0]
+    images, labels, ids = next(iter(DataLoader(small, batch_size=4)))
+    assert images.shape == (4, 3, 32, 32)
+    assert labels.tolist() == [1, 1, 1, 0]
+    assert list(ids) == small.image_ids
+    np.testing.assert_array_equal(as_uint8(images[3]), test[3])
+    data[0]  # load the arrays, then take from the loaded dataset
+    smaller = data.take(2)
+    assert smaller._pixels.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(as_uint8(smaller[1][0]), test[1])
+
+
+def test_custom_transform(cifar10) -> None:
+    index, _, _ = cifar10
+    data = ManifestDataset(
+        index, uni_class_split(index, 3), "train", transform=lambda im: torch.tensor(im.size)
+    )
+    assert data[0][0].tolist() == [32, 32]
+
+
+def test_bad_part(cifar10) -> None:
+    index, _, _ = cifar10
+    with pytest.raises(ValueError, match="part"):
+        ManifestDataset(index, uni_class_split(index, 3), "val")
+
+
+# --- files set -----------------------------------------------------------------------------
+@pytest.fixture
+def files_set(tmp_path: Path) -> tuple[DatasetIndex, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    pixels = {
+        "a": rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
+        "b": rng.integers(0, 256, (6, 4, 3), dtype=np.uint8),
+        "c": rng.integers(0, 256, (3, 3), dtype=np.uint8),  # grayscale PNG
+        "d": rng.integers(0, 256, (4, 4, 3), dtype=np.uint8),
+    }
+    for name, array in pixels.items():
+        PIL.Image.fromarray(array).save(root / "sub" / f"{name}.png")
+    rows = [
+        IndexRow("a", "sub/a.png", "train", (1,)),
+        IndexRow("b", "sub/b.png", "train", (1, 2)),
+        IndexRow("c", "sub/c.png", "test", (1,)),
+        IndexRow("d", "sub/d.png", "test", (2,)),
+    ]
+    index = DatasetIndex("toy", root, rows, {1: "one", 2: "two"}, source_sha256="0" * 64)
+    return index, pixels
+
+
+def test_files_set_pixels_and_labels(files_set) -> None:
+    index, pixels = files_set
+    manifest = uni_class_split(index, 1)
+    train = ManifestDataset(index, manifest, "train")
+    assert train.image_ids == ["a", "b"] and train.labels.tolist() == [0, 0]
+    np.testing.assert_array_equal(as_uint8(train[0][0]), pixels["a"])
+    np.testing.assert_array_equal(as_uint8(train[1][0]), pixels["b"])
+    test = ManifestDataset(index, manifest, "test")
+    assert test.image_ids == ["c", "d"] and test.labels.tolist() == [0, 1]
+    gray, label, image_id = test[0]
+    assert (label, image_id) == (0, "c") and gray.shape == (3, 3, 3)
+    np.testing.assert_array_equal(as_uint8(gray), np.repeat(pixels["c"][:, :, None], 3, axis=2))
+    assert test[1][1:] == (1, "d")
+
+
+def test_files_set_missing_image(files_set) -> None:
+    index, _ = files_set
+    data = ManifestDataset(index, uni_class_split(index, 2), "test")
+    missing = index.root / "sub" / "d.png"
+    missing.unlink()
+    with pytest.raises(NdbenchError, match="is missing") as info:
+        data[1]
+    assert str(missing) in str(info.value)
+
+
+def test_files_set_damaged_image(files_set) -> None:
+    index, _ = files_set
+    (index.root / "sub" / "a.png").write_bytes(b"not a png")
+    data = ManifestDataset(index, uni_class_split(index, 1), "train")
+    with pytest.raises(NdbenchError, match="cannot read image .*a.png"):
+        data[0]
+
+
+def test_manifest_image_not_in_index(files_set) -> None:
+    index, _ = files_set
+    manifest = uni_class_split(index, 1)
+    manifest.train.append("zzz")
+    with pytest.raises(NdbenchError, match="'zzz'"):
+        ManifestDataset(index, manifest, "train")
+
+
+# --- load_split ----------------------------------------------------------------------------
+def test_load_split_round_trip(cifar10, tmp_path: Path) -> None:
+    index, _, _ = cifar10
+    splits = tmp_path / "splits"
+    index.write(splits / "cifar10")
+    manifest = uni_class_split(index, 3)
+    assert manifest.write(splits) == splits / "cifar10" / "uni-class" / "3.json"
+    got_index, got_manifest = load_split(splits, "cifar10/uni-class/3")
+    assert got_index.rows == index.rows and got_index.storage == "cifar10"
+    assert got_manifest == manifest
+    data = ManifestDataset(got_index, got_manifest, "train")
+    assert data.image_ids == ["train/3", "train/13"]
+
+
+def test_load_split_refuses_other_index(cifar10, tmp_path: Path) -> None:
+    index, _, _ = cifar10
+    splits = tmp_path / "splits"
+    uni_class_split(index, 3).write(splits)
+    other = DatasetIndex(
+        index.dataset, index.root, index.rows[1:], index.class_names, index.source_sha256,
+        storage=index.storage,
+    )  # fmt: skip
+    other.write(splits / "cifar10")
+    with pytest.raises(NdbenchError, match="built from another index") as info:
+        load_split(splits, "cifar10/uni-class/3")
+    assert "ndbench build-splits" in str(info.value)
+
+
+def test_load_split_bad_id_and_missing_manifest(cifar10, tmp_path: Path) -> None:
+    index, _, _ = cifar10
+    index.write(tmp_path / "cifar10")
+    with pytest.raises(NdbenchError, match="cannot read split id"):
+        load_split(tmp_path, "cifar10/3")
+    with pytest.raises(NdbenchError, match="no split manifest"):
+        load_split(tmp_path, "cifar10/uni-class/4")
