@@ -83,7 +83,7 @@ def summary_table(index: DatasetIndex, manifests: list[Manifest]) -> Table:
     """A rich table: split id, class name(s), #train, #test normal, #test novel."""
     table = Table(title=f"{index.dataset}: {len(manifests)} splits ({index.sha256[:12]})")
     for column in ("split id", "normal", "#train", "#test normal", "#test novel"):
-        table.add_column(column, justify="right" if column.startswith("#") else "left")
+        table.add_column(column, justify="right" if column.startswith("#") else "left", no_wrap=column == "split id")
     for m in manifests:
         counts = m.counts()
         if len(m.normal_classes) == 1:

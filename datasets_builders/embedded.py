@@ -99,10 +99,15 @@ class _Glyph:
 
 
 # --- cache -----------------------------------------------------------------------------------
-def cache_dir(config: EmbeddedConfig) -> Path:
-    """`$NDBENCH_CACHE` (or `~/.cache/ndbench`) / `embedded-<hash of config + generator>`."""
+def cache_root() -> Path:
+    """ndbench's cache folder: `$NDBENCH_CACHE`, else `~/.cache/ndbench`."""
     base = os.environ.get("NDBENCH_CACHE")
-    base_path = Path(base) if base else Path.home() / ".cache" / "ndbench"
+    return Path(base) if base else Path.home() / ".cache" / "ndbench"
+
+
+def cache_dir(config: EmbeddedConfig) -> Path:
+    """`cache_root()` / `embedded-<hash of config + generator>`."""
+    base_path = cache_root()
     key = json.dumps({"config": asdict(config), "generator": GENERATOR_VERSION}, sort_keys=True)
     return base_path / f"embedded-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -139,7 +144,7 @@ def ensure_embedded(config: EmbeddedConfig | None = None, console=None) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print_scene_summary(scene_statistics(root), console, title=f"embedded dataset at {root}")
+    print_scene_summary(scene_statistics(root), console, where=root)
     return root
 
 
@@ -438,12 +443,15 @@ def scene_statistics(root: Path) -> dict:
     return stats
 
 
-def print_scene_summary(stats: dict, console=None, title: str = "embedded dataset") -> None:
+def print_scene_summary(stats: dict, console=None, where: Path | None = None) -> None:
     """Print the statistics of `scene_statistics` as two rich tables."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(stderr=True)
+    title = "embedded dataset"
+    if where is not None:
+        console.print(f"{title} written to {where}")
     shape = Table(title=f"{title}: classes per image")
     shape.add_column("classes")
     for subset in stats:

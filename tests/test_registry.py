@@ -70,9 +70,13 @@ def test_entry_point_plugin_is_loaded(monkeypatch):
         return [plugin] if group == registry_module.ENTRY_POINT_GROUP else []
 
     monkeypatch.setattr(registry_module, "entry_points", fake_entry_points)
-    fresh = Registry()
-    assert "toy" in fresh.available() and "knn" in fresh.available()
-    toy = fresh.get("toy", shift=2.5)
+    registry = registry_module.REGISTRY
+    registry.load()  # the built-ins first, so the copy below holds them
+    monkeypatch.setattr(registry, "classes", dict(registry.classes))
+    monkeypatch.setattr(registry, "loaded", False)
+    assert "toy" not in registry.classes
+    assert "toy" in registry_module.available() and "knn" in registry_module.available()
+    toy = registry_module.get("toy", shift=2.5)
     assert isinstance(toy, ToyDetector) and toy.name == "toy"
     assert toy.score([0, 1, 2], device="cpu").tolist() == [2.5, 2.5, 2.5]
 

@@ -1,0 +1,233 @@
+"""The embedded digit-scene dataset: determinism, disjoint pools, scene statistics, the COCO
+round trip, the pre-training set and the cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from datasets_builders import embedded
+from datasets_builders.coco import build_coco_index
+from datasets_builders.embedded import (
+    EmbeddedConfig,
+    cache_dir,
+    ensure_embedded,
+    load_pretrain_set,
+    plan_scene_classes,
+    scene_statistics,
+)
+from datasets_builders.errors import NdbenchError
+from datasets_builders.sources import build_index
+from datasets_builders.splits import paper_protocol, uni_class_split
+
+SMALL = EmbeddedConfig(n_train_scenes=300, n_test_scenes=200, n_pretrain_images=200)
+QUIET = Console(file=io.StringIO())
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One build of SMALL shared by the tests that only read it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NDBENCH_CACHE", str(tmp_path_factory.mktemp("shared") / "cache"))
+        return ensure_embedded(SMALL, console=QUIET)
+
+
+@pytest.fixture
+def small_root(built: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NDBENCH_CACHE", str(built.parent))
+    return built
+
+
+def _json(root: Path, split: str) -> dict:
+    return json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+
+
+def test_cache_dir_follows_env_and_config(cache: Path) -> None:
+    assert cache_dir(SMALL).parent == cache
+    assert cache_dir(SMALL).name.startswith("embedded-")
+    assert cache_dir(SMALL) == cache_dir(EmbeddedConfig(n_train_scenes=300, n_test_scenes=200,
+                                                        n_pretrain_images=200))
+    assert cache_dir(SMALL) != cache_dir(EmbeddedConfig(seed=1, n_train_scenes=300,
+                                                        n_test_scenes=200, n_pretrain_images=200))
+
+
+def test_layout_and_summary(cache: Path) -> None:
+    console = Console(file=io.StringIO(), width=120)
+    root = ensure_embedded(SMALL, console=console)
+    assert root == cache_dir(SMALL)
+    assert len(list((root / "train").glob("*.png"))) == 300
+    assert len(list((root / "val").glob("*.png"))) == 200
+    image = Image.open(root / "val" / "000301.png")
+    assert (image.mode, image.size) == ("RGB", (64, 64))
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp folder left
+    text = console.file.getvalue()
+    assert "classes per image" in text and "digit-9" in text
+
+
+def test_same_config_gives_identical_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    roots = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / name))
+        roots.append(ensure_embedded(SMALL, console=QUIET))
+    a, b = roots
+    assert a != b
+    for rel in ("annotations/instances_train.json", "annotations/instances_val.json", "pools.json"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    for rel in ("train/000001.png", "train/000300.png", "val/000500.png"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+
+
+def test_digit_pools_disjoint_and_respected(small_root: Path) -> None:
+    pools = json.loads((small_root / "pools.json").read_text())
+    train, test, pretrain = (set(pools[k]) for k in ("train", "test", "pretrain"))
+    # Stratified 40/20/40 % of the 1,797 digits (per-class rounding, hand-counted).
+    assert (len(train), len(test), len(pretrain)) == (719, 359, 719)
+    assert not train & test and not train & pretrain and not test & pretrain
+    assert train | test | pretrain == set(range(1797))
+    used_train = {a["digit_index"] for a in _json(small_root, "train")["annotations"]}
+    used_test = {a["digit_index"] for a in _json(small_root, "val")["annotations"]}
+    assert used_train <= train and used_test <= test
+    load_pretrain_set(SMALL, console=QUIET)
+    with np.load(small_root / "pretrain.npz") as data:
+        assert set(data["digit_index"].tolist()) <= pretrain
+
+
+def test_classes_per_image_follow_voc_shape(small_root: Path) -> None:
+    stats = scene_statistics(small_root)
+    # 60/28/9/3 % of 300 and of 200 scenes; 10 % get a repeated instance.
+    assert stats["train"]["classes_per_image"] == {1: 180, 2: 84, 3: 27, 4: 9}
+    assert stats["test"]["classes_per_image"] == {1: 120, 2: 56, 3: 18, 4: 6}
+    assert stats["train"]["images_with_repeat"] == 30
+    assert stats["test"]["images_with_repeat"] == 20
+    n_objects = sum(stats["train"]["objects_per_class"].values())
+    assert n_objects == 180 + 2 * 84 + 3 * 27 + 4 * 9 + 30
+
+
+def test_default_plan_gives_every_uni_class_split_300_train_images() -> None:
+    config = EmbeddedConfig()
+    plans = plan_scene_classes(config, config.n_train_scenes, np.random.default_rng([0, 1]))
+    per_class = np.zeros(10, dtype=int)
+    for plan in plans:
+        per_class[sorted(set(plan))] += 1
+    assert per_class.min() >= 300
+    sizes = np.bincount([len(set(plan)) for plan in plans])
+    assert sizes.tolist() == [0, 1800, 840, 270, 90]
+
+
+def test_scene_geometry(small_root: Path) -> None:
+    data = _json(small_root, "train")
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    assert len(by_image) == 300  # every scene holds at least one digit
+    for anns in by_image.values():
+        for ann in anns:
+            x, y, w, h = ann["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
+            assert 0 < ann["area"] <= w * h and ann["iscrowd"] == 0
+        # The first object is the dominant digit: larger than every other one.
+        heights = [ann["bbox"][3] for ann in anns]
+        assert 27 <= heights[0] <= 44
+        assert all(h <= 24 for h in heights[1:])
+        for i, a in enumerate(anns):
+            for b in anns[i + 1 :]:
+                ax, ay, aw, ah = a["bbox"]
+                bx, by, bw, bh = b["bbox"]
+                inter = max(0, min(ax + aw, bx + bw) - max(ax, bx)) * max(
+                    0, min(ay + ah, by + bh) - max(ay, by)
+                )
+                assert inter <= 0.2 * min(aw * ah, bw * bh)
+
+
+def test_coco_builder_reads_what_was_written(small_root: Path) -> None:
+    index = build_coco_index(small_root, year="", dataset="embedded")
+    assert index.class_names == {c: f"digit-{c}" for c in range(10)}
+    assert len(index.subset("train")) == 300 and len(index.subset("test")) == 200
+    assert index.row("1").path == "train/000001.png"
+    assert index.row("301").path == "val/000301.png"
+    for split in ("train", "val"):
+        expected: dict[str, set[int]] = {}
+        for ann in _json(small_root, split)["annotations"]:
+            expected.setdefault(str(ann["image_id"]), set()).add(ann["category_id"])
+        for image_id, classes in expected.items():
+            assert index.row(image_id).classes == tuple(sorted(classes))
+    stats = scene_statistics(small_root)
+    zero = uni_class_split(index, 0)
+    assert len(zero.train) == stats["train"]["images_per_class"][0]
+    assert zero.counts()["test_normal"] == stats["test"]["images_per_class"][0]
+    assert len(paper_protocol(index)) == 20
+
+
+def test_sources_dispatch_builds_embedded(small_root: Path) -> None:
+    index = build_index("embedded", embedded_config=SMALL)
+    assert index.dataset == "embedded"
+    assert index.root == small_root
+    assert len(index.rows) == 500
+
+
+def test_pretrain_set(small_root: Path) -> None:
+    images, labels = load_pretrain_set(SMALL, console=QUIET)
+    assert images.shape == (200, 64, 64, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [20] * 10
+    again_images, again_labels = load_pretrain_set(SMALL, console=QUIET)  # from pretrain.npz
+    assert np.array_equal(images, again_images) and np.array_equal(labels, again_labels)
+    # Object-centric: the digit's colour differs from the border far more than the border
+    # varies, so the centre must differ from the corners.
+    centre = images[:, 24:40, 24:40].astype(float).std(axis=(1, 2)).mean()
+    corner = images[:, :6, :6].astype(float).std(axis=(1, 2)).mean()
+    assert centre > 3 * corner
+
+
+def test_cache_reused_without_regenerating(small_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stamp = (small_root / "annotations" / "instances_train.json").stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("regenerated a cached dataset")
+
+    monkeypatch.setattr(embedded, "_write_scenes", fail)
+    console = Console(file=io.StringIO())
+    assert ensure_embedded(SMALL, console=console) == small_root
+    assert (small_root / "annotations" / "instances_train.json").stat().st_mtime_ns == stamp
+    assert console.file.getvalue() == ""  # the summary is printed only when built
+
+
+def test_concurrent_builder_loses_race_cleanly(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = embedded._write_scenes
+    root = cache_dir(SMALL)
+
+    def write_then_get_overtaken(config: EmbeddedConfig, folder: Path) -> None:
+        original(config, folder)
+        shutil.copytree(folder, root)  # another process finishes first
+
+    monkeypatch.setattr(embedded, "_write_scenes", write_then_get_overtaken)
+    assert ensure_embedded(SMALL, console=QUIET) == root
+    assert sorted(p.name for p in cache.iterdir()) == [root.name]  # temp folder removed
+
+
+def test_incomplete_cache_is_refused(cache: Path) -> None:
+    root = cache_dir(SMALL)
+    (root / "annotations").mkdir(parents=True)
+    with pytest.raises(NdbenchError) as info:
+        ensure_embedded(SMALL, console=QUIET)
+    assert str(root) in str(info.value) and "delete" in str(info.value)
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(NdbenchError, match="pool_fractions must sum to 1"):
+        EmbeddedConfig(pool_fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(NdbenchError, match="classes_per_image"):
+        EmbeddedConfig(classes_per_image=(0.5, 0.2))
