@@ -10,7 +10,7 @@ import typer
 
 from datasets_builders.errors import NdbenchError
 from datasets_builders.sources import DATASETS
-from datasets_builders.splits import parse_class_list
+from datasets_builders.splits import parse_class_list, protocol_classes
 
 from .console import stderr_console, stdout_console
 from .reporting import class_names_under, print_tables, report_results
@@ -90,6 +90,10 @@ def build_splits_command(
     )
     index, manifests = build_splits(request, console=stderr_console())
     stdout_console().print(summary_table(index, manifests))
+    skipped = sorted(set(index.class_ids()) - set(protocol_classes(index)))
+    if skipped and request.classes is None and request.normal is None:
+        names = ", ".join(f"{c} {index.class_names[c]}" for c in skipped)
+        stderr_console().print(f"note: no split for classes missing from the train or test images: {names}")
     stdout_console().print(f"wrote {len(manifests)} manifests and index.csv under {out / index.dataset}")
 
 

@@ -21,6 +21,8 @@ def class_names_under(out: Path) -> dict[str, dict[int, str]]:
 def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool) -> list[Path]:
     from .tables import per_class_table, to_markdown, write_tables
 
+    if not records:
+        return []
     names = class_names_under(out)
     console = stdout_console()
     for setting in settings:

@@ -25,6 +25,7 @@ from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import ManifestDataset, load_split
 from datasets_builders.sources import check_dataset
 from datasets_builders.splits import SETTINGS
+from methods.backbones import create_backbone
 from methods.base import config_hash, resolve_device
 from methods.pretrain import resolve_weights
 from methods.registry import get_class
@@ -157,13 +158,15 @@ def prepare(jobs: list[Job], options: RunOptions) -> None:
             kind = job.split.removeprefix("except-")
             build_splits(BuildRequest(dataset=job.dataset, out=options.splits,
                                       setting=job.setting, classes=(int(kind),)))
+    # Build each distinct backbone once: missing or wrong weights fail here, in one line,
+    # before any job starts (and embedded backbones get pre-trained once, not per job).
     seen: set[tuple[str, str]] = set()
     for job in jobs:
         config = build_detector(job, options).config
         key = (getattr(config, "backbone", ""), str(getattr(config, "weights", "")))
         if key not in seen and key[0]:
             seen.add(key)
-            resolve_weights(*key)
+            create_backbone(key[0], weights=resolve_weights(*key), num_classes=0)
 
 
 def seed_everything(seed: int) -> None:

@@ -207,15 +207,23 @@ def _split(index: DatasetIndex, setting: str, name: str, normal: list[int]) -> M
     return _finish(index, manifest)
 
 
+def protocol_classes(index: DatasetIndex) -> list[int]:
+    """Classes the paper's protocol covers: those present in both train and test images
+    (every class, on the real datasets; a class absent from a subset cannot form a split)."""
+    present = [set().union(*(r.classes for r in index.subset(s))) for s in ("train", "test")]
+    return [c for c in index.class_ids() if c in present[0] and c in present[1]]
+
+
 def paper_protocol(index: DatasetIndex, settings: Iterable[str] = SETTINGS) -> list[Manifest]:
     """Every split of the paper's protocol: all uni-class and all all-vs-one splits
     (plus, for CIFAR-10 multi-class, the four half-vs-half sets of paper Table 5)."""
     settings = list(settings)
+    classes = protocol_classes(index)
     manifests: list[Manifest] = []
     if "uni-class" in settings:
-        manifests += [uni_class_split(index, c) for c in index.class_ids()]
+        manifests += [uni_class_split(index, c) for c in classes]
     if "multi-class" in settings:
-        manifests += [all_vs_one_split(index, c) for c in index.class_ids()]
+        manifests += [all_vs_one_split(index, c) for c in classes]
         if index.dataset == "cifar10":
             manifests += [multi_class_split(index, s) for s in HALF_VS_HALF_CIFAR10]
     return manifests

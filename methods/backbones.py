@@ -287,8 +287,9 @@ class ViTFeatures(nn.Module):
         qkv = attn.qkv(block.norm1(block_input))
         qkv = qkv.reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])  # only the CLS query is needed
-        logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)  # [B, H, 1, T]
-        row = logits.softmax(dim=-1)[:, :, 0, self.num_prefix_tokens :].mean(dim=1)
+        with torch.autocast(device_type=block_input.device.type, enabled=False):  # fp32 softmax
+            logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)  # [B, H, 1, T]
+            row = logits.softmax(dim=-1)[:, :, 0, self.num_prefix_tokens :].mean(dim=1)
         return row / row.sum(dim=-1, keepdim=True)
 
     def forward_kept(self, x: Tensor, keep_idx: Tensor) -> Tensor:

@@ -1,0 +1,161 @@
+"""`ndbench build-splits` end to end: written files, byte-identical rebuilds, and every
+bad-input case ending as one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from coco_fixtures import write_coco_tree
+from voc_fixtures import write_voc_tree
+
+from benchmark.cli import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ndbench: error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_voc_writes_paper_protocol_and_rebuilds_identically(tmp_path, capsys):
+    voc = write_voc_tree(tmp_path / "src")
+    out = tmp_path / "splits"
+    args = ["build-splits", "voc", "--root", str(voc), "--out", str(out), "--setting", "uni-class"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json"))
+    assert "voc/index.json" in files and (out / "voc" / "index.csv").is_file()
+    manifests = [f for f in files if f != "voc/index.json"]
+    assert manifests, files
+    first = {f: (out / f).read_bytes() for f in files}
+    assert run_cli(args, capsys)[0] == 0
+    assert {f: (out / f).read_bytes() for f in files} == first
+    manifest = json.loads((out / manifests[0]).read_text())
+    assert set(manifest) >= {"dataset", "setting", "normal_classes", "builder_version",
+                             "index_sha256", "train", "test", "sha256"}
+    assert "voc/uni-class/1" in stdout.replace("\n", " ") or "voc/uni-class" in stdout
+
+
+def test_coco_builds_through_cli(tmp_path, capsys):
+    root = write_coco_tree(tmp_path)
+    out = tmp_path / "splits"
+    code, stdout, err = run_cli(
+        ["build-splits", "coco", "--root", str(root), "--year", "2014", "--out", str(out)], capsys
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "coco" / "uni-class").glob("*.json"))
+    assert sorted(p.name for p in (out / "coco" / "multi-class").glob("except-*.json"))
+
+
+def test_custom_normal_set_is_named_after_its_classes(tmp_path, capsys):
+    root = write_coco_tree(tmp_path)
+    out = tmp_path / "splits"
+    index_meta = None
+    code, _, err = run_cli(["build-splits", "coco", "--root", str(root), "--out", str(out),
+                            "--setting", "uni-class"], capsys)
+    assert code == 0, err
+    index_meta = json.loads((out / "coco" / "index.json").read_text())
+    first = sorted(int(k) for k in index_meta["class_names"])[0]
+    code, _, err = run_cli(["build-splits", "coco", "--root", str(root), "--out", str(out),
+                            "--normal", str(first)], capsys)
+    assert code == 0, err
+    assert (out / "coco" / "multi-class" / f"normal-{first}.json").is_file()
+
+
+def test_unknown_dataset(capsys, tmp_path):
+    code, _, err = run_cli(["build-splits", "imagenet", "--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "unknown dataset 'imagenet'", "voc")
+
+
+def test_missing_root(capsys, tmp_path):
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(tmp_path / "nowhere")], capsys)
+    assert_one_line_error(code, err, "does not exist", "--root")
+
+
+def test_wrong_layout_names_what_was_expected(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(tmp_path / "empty"),
+                            "--out", str(tmp_path / "out")], capsys)
+    assert_one_line_error(code, err, "VOC2012")
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_xml_names_the_file_and_writes_nothing(capsys, tmp_path):
+    voc = write_voc_tree(tmp_path / "src")
+    test_ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    victim = voc / "Annotations" / f"{test_ids[0]}.xml"
+    victim.write_text("<annotation><object>", encoding="utf-8")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(out)], capsys)
+    assert_one_line_error(code, err, victim.name)
+    assert not out.exists()
+
+
+def test_listed_image_missing(capsys, tmp_path):
+    voc = write_voc_tree(tmp_path / "src")
+    victim = sorted((voc / "JPEGImages").glob("*.jpg"))[0]
+    victim.unlink()
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, victim.stem)
+
+
+def test_malformed_coco_json(capsys, tmp_path):
+    root = write_coco_tree(tmp_path)
+    (root / "annotations" / "instances_val2014.json").write_text("{not json", encoding="utf-8")
+    code, _, err = run_cli(["build-splits", "coco", "--root", str(root), "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "instances_val2014.json")
+
+
+def test_unknown_class_id(capsys, tmp_path):
+    voc = write_voc_tree(tmp_path / "src")
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--classes", "57",
+                            "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "unknown class id 57")
+
+
+def test_split_without_novel_test_image(capsys, tmp_path):
+    voc = write_voc_tree(tmp_path / "src")
+    every = ",".join(str(c) for c in range(20))
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--normal", every,
+                            "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "no novel test image")
+
+
+def test_unwritable_out(capsys, tmp_path):
+    voc = write_voc_tree(tmp_path / "src")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(blocker / "splits"),
+                            "--setting", "uni-class"], capsys)
+    assert_one_line_error(code, err, "cannot write", "--out")
+
+
+@pytest.mark.parametrize("args", [["build-splits", "voc", "--setting", "sideways"],
+                                  ["build-splits", "voc", "--class-order", "random"],
+                                  ["build-splits", "voc", "--bogus-flag"]])
+def test_bad_options(capsys, tmp_path, args):
+    code, _, err = run_cli([*args, "--root", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmark.cli", "build-splits", "voc", "--root", str(tmp_path / "x")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

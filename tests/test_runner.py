@@ -1,0 +1,192 @@
+"""The runner end to end on a small embedded configuration: records, resume, determinism,
+crash isolation, atomic writes, CLI errors, tables from records and the Ray executor."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.build import BuildRequest, build_splits
+from benchmark.cli import main
+from benchmark.executors import execute
+from benchmark.records import load_records
+from benchmark.runner import RunOptions, expand_jobs
+from datasets_builders.embedded import EmbeddedConfig, ensure_embedded
+from methods.knn import KNNDetector
+from methods.pretrain import PretrainRecipe, pretrain
+
+SMALL = EmbeddedConfig(n_train_scenes=400, n_test_scenes=300, n_pretrain_images=1500)
+
+
+@pytest.fixture(scope="module")
+def splits_root(tmp_path_factory) -> Path:
+    """Small embedded splits under <base>/results/splits (scenes cached inside <base>)."""
+    base = tmp_path_factory.mktemp("runner")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NDBENCH_CACHE", str(base / "cache"))
+        scenes = ensure_embedded(SMALL)
+    out = base / "results"
+    build_splits(BuildRequest(dataset="embedded", root=scenes, out=out / "splits"))
+    return out / "splits"
+
+
+@pytest.fixture(scope="module")
+def weights(splits_root) -> Path:
+    """The embedded ViT, briefly pre-trained on the small configuration's object-centric pool."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NDBENCH_CACHE", str(splits_root.parents[1] / "cache"))
+        result = pretrain("ndbench_vit_embedded", out=splits_root.parent / "vit.safetensors", data=SMALL,
+                          recipe=PretrainRecipe(epochs=4, holdout_fraction=0.2))
+    return result.weights
+
+
+@pytest.fixture
+def workspace(splits_root, weights):
+    return splits_root, weights
+
+
+def fresh_out(splits: Path | tuple, tmp_path) -> Path:
+    """A results root sharing the small splits (records start empty)."""
+    splits = splits[0] if isinstance(splits, tuple) else splits
+    mine = tmp_path / "results"
+    mine.mkdir(parents=True)
+    (mine / "splits").symlink_to(splits, target_is_directory=True)
+    return mine
+
+
+def knn_args(workspace, out: Path, *extra: str) -> list[str]:
+    _, weights = workspace
+    return ["run", "--method", "knn", "--setting", "uni-class", "--classes", "0,1",
+            "--weights", str(weights), "--out", str(out), "--device", "cpu", *extra]
+
+
+@pytest.mark.slow
+def test_knn_end_to_end_is_clearly_better_than_chance(workspace, tmp_path, capsys):
+    out = fresh_out(workspace, tmp_path)
+    assert main(knn_args(workspace, out)) == 0
+    records = load_records(out)
+    assert sorted(r.split for r in records) == ["0", "1"]
+    aurocs = [r.metrics["auroc"] for r in records]
+    assert np.mean(aurocs) > 0.6, aurocs
+    for r in records:
+        assert r.method == "knn" and r.config["k"] == 2 and r.counts["train"] > 0
+        assert r.inference_images_per_s > 0 and r.train_seconds > 0 and "torch" in r.versions
+        scores = (Path(out) / "runs" / "embedded" / "uni-class" / "knn").glob(f"{r.split}__*.scores.csv")
+        lines = next(scores).read_text().splitlines()
+        assert lines[0] == "image_id,label,score"
+        assert len(lines) - 1 == r.counts["test_normal"] + r.counts["test_novel"]
+    assert "AVG" in capsys.readouterr().out
+    assert main(["table", "--out", str(out)]) == 0
+    table = (out / "tables" / "per_class_embedded_uni-class.md").read_text()
+    assert "knn" in table and "AVG" in table and "digit-0" in table
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_jobs_and_force_reruns(workspace, tmp_path, capsys):
+    out = fresh_out(workspace, tmp_path)
+    assert main(knn_args(workspace, out, "--classes", "0")) == 0
+    record = next((out / "runs").rglob("*.json"))
+    first = json.loads(record.read_text())
+    capsys.readouterr()
+    assert main(knn_args(workspace, out, "--classes", "0")) == 0
+    assert "0 jobs ran, 1 skipped" in capsys.readouterr().err
+    assert json.loads(record.read_text()) == first
+    assert main(knn_args(workspace, out, "--classes", "0", "--force")) == 0
+    assert "1 jobs ran, 0 skipped" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_scores(workspace, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = fresh_out(workspace, tmp_path / name)
+        assert main(knn_args(workspace, out, "--classes", "1")) == 0
+        runs.append(next((out / "runs").rglob("*.scores.csv")).read_text())
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.slow
+def test_a_crashing_job_leaves_the_other_records(workspace, tmp_path, monkeypatch, capsys):
+    out = fresh_out(workspace, tmp_path)
+    original = KNNDetector.fit
+
+    def flaky_fit(self, train, **kwargs):
+        if train.split_id.endswith("/1"):
+            raise RuntimeError("simulated crash")
+        return original(self, train, **kwargs)
+
+    monkeypatch.setattr(KNNDetector, "fit", flaky_fit)
+    assert main(knn_args(workspace, out)) == 1
+    assert "simulated crash" in capsys.readouterr().err
+    assert [r.split for r in load_records(out)] == ["0"]
+
+
+def test_an_interrupted_record_write_leaves_nothing_behind(splits_root, tmp_path, monkeypatch):
+    out = fresh_out(splits_root, tmp_path)
+    monkeypatch.setattr(KNNDetector, "features", lambda self, images, **kw: np.random.default_rng(
+        len(images)).normal(size=(len(images), 4)))
+    real_replace = os.replace
+
+    def killed_replace(src, dst):
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-write
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_replace)
+    options = RunOptions(out=out, device="cpu", weights="none", progress=False)
+    jobs = expand_jobs(["knn"], settings=["uni-class"], classes=[0], seeds=[0], options=options)
+    with pytest.raises(KeyboardInterrupt):
+        from benchmark.runner import run_job
+
+        run_job(jobs[0], options)
+    leftovers = [p.name for p in (out / "runs").rglob("*")] if (out / "runs").exists() else []
+    assert not any(name.endswith(".json") or name.endswith(".tmp") for name in leftovers), leftovers
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--method", "nope"], "unknown method 'nope'"),
+        (["run", "--method", "knn", "--classes", "42"], "unknown class 42"),
+        *([] if torch.cuda.is_available() else [(["run", "--method", "knn", "--device", "cuda"], "CUDA is not")]),
+        (["run", "--method", "knn", "--weights", "/no/such/weights.pt"], "--weights"),
+        (["run", "--method", "knn", "--setting", "sideways"], "unknown setting"),
+        (["run", "--method", "knn", "--executor", "slurm"], "unknown executor"),
+    ],
+)
+def test_run_errors_are_one_line(splits_root, tmp_path, capsys, args, needle):
+    out = fresh_out(splits_root, tmp_path)
+    code = main([*args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and line.startswith("ndbench:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_wrong_shaped_weights_are_refused(splits_root, tmp_path, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    bad = tmp_path / "bad.pt"
+    torch.save({"cls_token": torch.zeros(1, 1, 7)}, bad)
+    code = main(["run", "--method", "knn", "--classes", "0", "--weights", str(bad), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cls_token" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_records(workspace, tmp_path):
+    _, weights = workspace
+    records = {}
+    for executor in ("local", "ray"):
+        out = fresh_out(workspace, tmp_path / executor)
+        options = RunOptions(out=out, device="cpu", weights=str(weights), progress=False)
+        jobs = expand_jobs(["knn"], settings=["uni-class"], classes=[0, 1], seeds=[0], options=options)
+        results = execute(jobs, options, executor)
+        assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
+        records[executor] = {(r.split, r.seed): (r.metrics, r.config_hash) for r in load_records(out)}
+    assert records["ray"] == records["local"]
