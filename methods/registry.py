@@ -15,7 +15,7 @@ from datasets_builders.errors import NdbenchError
 
 ENTRY_POINT_GROUP = "ndbench.methods"
 # Built-in method modules, imported on first use so `import methods.registry` stays cheap.
-BUILTIN_MODULES = ("methods.knn", "methods.defend")
+BUILTIN_MODULES = ("methods.knn",)
 
 
 @dataclass

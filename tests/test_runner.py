@@ -18,7 +18,6 @@ from benchmark.records import load_records
 from benchmark.runner import RunOptions, expand_jobs
 from datasets_builders.embedded import EmbeddedConfig, ensure_embedded
 from methods.knn import KNNDetector
-from methods.pretrain import PretrainRecipe, pretrain
 
 SMALL = EmbeddedConfig(n_train_scenes=400, n_test_scenes=300, n_pretrain_images=1500)
 
@@ -35,19 +34,10 @@ def splits_root(tmp_path_factory) -> Path:
     return out / "splits"
 
 
-@pytest.fixture(scope="module")
-def weights(splits_root) -> Path:
-    """The embedded ViT, briefly pre-trained on the small configuration's object-centric pool."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NDBENCH_CACHE", str(splits_root.parents[1] / "cache"))
-        result = pretrain("ndbench_vit_embedded", out=splits_root.parent / "vit.safetensors", data=SMALL,
-                          recipe=PretrainRecipe(epochs=4, holdout_fraction=0.2))
-    return result.weights
-
-
 @pytest.fixture
-def workspace(splits_root, weights):
-    return splits_root, weights
+def workspace(splits_root):
+    """Small splits and random backbone weights: enough to exercise the runner's mechanics."""
+    return splits_root, "none"
 
 
 def fresh_out(splits: Path | tuple, tmp_path) -> Path:
@@ -66,24 +56,29 @@ def knn_args(workspace, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_knn_end_to_end_is_clearly_better_than_chance(workspace, tmp_path, capsys):
-    out = fresh_out(workspace, tmp_path)
-    assert main(knn_args(workspace, out)) == 0
+def test_knn_end_to_end_is_clearly_better_than_chance(tmp_path, capsys, monkeypatch):
+    """The real default path: embedded scenes generated, splits built on the fly, the embedded
+    ViT pre-trained (cached in $NDBENCH_CACHE, which CI keeps inside the clone), then knn."""
+    if "NDBENCH_CACHE" not in os.environ:
+        monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    args = ["run", "--method", "knn", "--setting", "uni-class", "--classes", "0,9", "--out", str(out)]
+    assert main([*args, "--device", "cpu"]) == 0
     records = load_records(out)
-    assert sorted(r.split for r in records) == ["0", "1"]
+    assert sorted(r.split for r in records) == ["0", "9"]
     aurocs = [r.metrics["auroc"] for r in records]
-    assert np.mean(aurocs) > 0.6, aurocs
+    assert np.mean(aurocs) > 0.58, aurocs
     for r in records:
-        assert r.method == "knn" and r.config["k"] == 2 and r.counts["train"] > 0
+        assert r.method == "knn" and r.config["k"] == 2 and r.config["weights"] == "embedded"
+        assert r.counts["train"] >= 300 and r.counts["test_normal"] + r.counts["test_novel"] == 1000
         assert r.inference_images_per_s > 0 and r.train_seconds > 0 and "torch" in r.versions
-        scores = (Path(out) / "runs" / "embedded" / "uni-class" / "knn").glob(f"{r.split}__*.scores.csv")
+        scores = (out / "runs" / "embedded" / "uni-class" / "knn").glob(f"{r.split}__*.scores.csv")
         lines = next(scores).read_text().splitlines()
-        assert lines[0] == "image_id,label,score"
-        assert len(lines) - 1 == r.counts["test_normal"] + r.counts["test_novel"]
+        assert lines[0] == "image_id,label,score" and len(lines) == 1001
     assert "AVG" in capsys.readouterr().out
     assert main(["table", "--out", str(out)]) == 0
     table = (out / "tables" / "per_class_embedded_uni-class.md").read_text()
-    assert "knn" in table and "AVG" in table and "digit-0" in table
+    assert "knn" in table and "AVG" in table and "digit-9" in table
 
 
 @pytest.mark.slow
