@@ -269,6 +269,80 @@ def demo_command(
         raise typer.Exit(code)
 
 
+@app.command("maps")
+def maps_command(
+    method: Annotated[str, typer.Option(help="A method with anomaly maps: defend or mkd.")] = "defend",
+    dataset: Annotated[str, typer.Option(help=f"One of {', '.join(DATASETS)}.")] = "embedded",
+    split: Annotated[str, typer.Option(help="SETTING/NAME, e.g. uni-class/3 or multi-class/except-3.")] = "uni-class/0",
+    n: Annotated[int, typer.Option(help="Test images to show, half normal and half novel.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the fit and of the choice of images.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    weights: Annotated[
+        str | None, typer.Option(help="Backbone weights: a local file, 'hub' or 'none' (as in `ndbench run`).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help=OUT_HELP + " Grids go to <out>/maps.")] = Path("results"),
+) -> None:
+    """Fit a method on one split and draw its anomaly maps (paper Fig. 3): a PNG grid of test
+    images beside their per-patch novelty heat-maps, each captioned normal/novel and its score."""
+    from .maps import MapsRequest, draw_maps, parse_split
+    from .runner import RunOptions, expand_jobs, job_progress
+
+    if n < 1:
+        raise NdbenchError(f"--n {n} is too small", "ask for at least one image")
+    request = MapsRequest(method=method, dataset=dataset, split=split, n=n, seed=seed)
+    options = RunOptions(out=out, device=device, weights=weights)
+    setting, _ = parse_split(split)
+    # Validates the method and dataset, builds the splits when missing.
+    expand_jobs([method], dataset=dataset, settings=[setting], classes=[], seeds=[seed], options=options)
+    with job_progress(stderr_console()) as progress:
+        path = draw_maps(request, options, progress)
+    stdout_console().print(f"wrote {path}")
+
+
+@app.command("bench")
+def bench_command(
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    arch: Annotated[str, typer.Option(help="timm ViT to measure (random weights; only its shape matters).")] = (
+        "vit_small_patch16_224"
+    ),
+    img_size: Annotated[int, typer.Option(help="Input size in pixels.")] = 224,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    steps: Annotated[int, typer.Option(help="Timed steps per measurement (after one warm-up step).")] = 5,
+    compare: Annotated[
+        bool,
+        typer.Option(help="Also time defend vs transformaly scoring on ViT-B/16 shapes (fair 224 px and "
+                     "original 384 px presets; paper Table 10). Minutes on a CPU."),
+    ] = True,
+) -> None:
+    """Speed figures measured back to back in one run on one device: MKD training images/s
+    with 50 % of tokens dropped vs none (goal >= 1.7x), defend scoring images/s, teacher
+    passes per training image in MKD (goal: 1 per job), and defend vs transformaly scoring."""
+    from rich.table import Table
+
+    from methods.base import resolve_device
+
+    from .bench import BenchConfig, paper_comparison, run_bench
+    from .runner import describe_device
+
+    if min(img_size, batch_size, steps) < 1:
+        raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
+    torch_device = resolve_device(device)
+    config = BenchConfig(arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
+    def report(what: str) -> None:
+        stderr_console().print(f"measuring: {what}")
+
+    rows = run_bench(config, torch_device, report=report)
+    if compare:
+        rows += paper_comparison(config, torch_device, report=report)
+    table = Table(title=f"ndbench bench: {arch} at {img_size} px, batch {batch_size}, {describe_device(torch_device)}")
+    for column in ("measure", "value", "unit", "goal", "met"):
+        table.add_column(column)
+    for row in rows:
+        met = "" if row.met is None else ("yes" if row.met else "NO")
+        table.add_row(row.name, f"{row.value:.2f}", row.unit, row.target, met)
+    stdout_console().print(table)
+
+
 def _usage_error_message(exc: BaseException) -> str | None:
     """The one-line message of a click/typer usage error, or None for other exceptions.
 

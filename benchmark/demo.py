@@ -14,7 +14,7 @@ from .reporting import print_tables, report_results
 from .runner import RunOptions, expand_jobs
 
 # Methods of the default demo: those that fit its 10-minute budget on 2 CPU cores.
-DEMO_METHODS = ("knn",)
+DEMO_METHODS = ("knn", "mkd", "defend")
 SETTINGS_DEFAULT = ("uni-class",)
 SETTINGS_FULL = ("uni-class", "multi-class")
 

@@ -33,7 +33,7 @@ from .backbones import create_backbone
 
 EMBEDDED_WEIGHTS = "embedded"  # the `weights` value that means "pre-trained by ndbench"
 DEFAULT_ARCH = "ndbench_vit_embedded"
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"  # 3: initial weights seeded (2 drew them from the global RNG state)
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,21 @@ def pretrain_key(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> str
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+def cnn_recipe(recipe: PretrainRecipe) -> PretrainRecipe:
+    """The recipe of a CNN: `teacher_epochs` of plain supervised training. The ViT's dense
+    teacher and the CNN methods' embedded backbone are then one and the same cached file."""
+    return replace(recipe, epochs=recipe.teacher_epochs, dense_teacher=None)
+
+
+def default_recipe(arch: str) -> PretrainRecipe:
+    """The default recipe for `arch`: the ViT recipe for ViTs, `cnn_recipe` for the others."""
+    try:
+        is_vit = isinstance(timm.create_model(arch, pretrained=False), VisionTransformer)
+    except (RuntimeError, ValueError) as exc:
+        raise NdbenchError(f"cannot build model {arch!r}: {exc}", "pass a timm model name to --arch") from exc
+    return PretrainRecipe() if is_vit else cnn_recipe(PretrainRecipe())
+
+
 def default_weights_path(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> Path:
     """The cache file of a pre-training run."""
     return cache_root() / "pretrained" / f"{arch}-{pretrain_key(arch, data, recipe)}.safetensors"
@@ -105,7 +120,7 @@ def pretrain(
 ) -> PretrainResult:
     """Train `arch` (a timm name) to classify the object-centric pool; cache and return it."""
     data = data or EmbeddedConfig()
-    recipe = recipe or PretrainRecipe()
+    recipe = recipe or default_recipe(arch)
     device = device or torch.device("cpu")
     out = Path(out) if out is not None else default_weights_path(arch, data, recipe)
     info_path = out.with_suffix(".json")
@@ -115,6 +130,7 @@ def pretrain(
 
     images, labels = load_pretrain_set(data)
     num_classes = int(labels.max()) + 1
+    torch.manual_seed(recipe.seed)  # the initial weights too, whatever ran before in this process
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     except (RuntimeError, ValueError) as exc:
@@ -122,7 +138,7 @@ def pretrain(
     size = _input_size(model)
     teacher = None
     if isinstance(model, VisionTransformer) and recipe.dense_teacher:
-        teacher_recipe = replace(recipe, epochs=recipe.teacher_epochs, dense_teacher=None)
+        teacher_recipe = cnn_recipe(recipe)
         teacher_weights = pretrain(recipe.dense_teacher, data=data, recipe=teacher_recipe, device=device,
                                    console=console).weights
         teacher = create_backbone(recipe.dense_teacher, weights=teacher_weights, num_classes=0).to(device).eval()

@@ -15,7 +15,15 @@ from datasets_builders.errors import NdbenchError
 
 ENTRY_POINT_GROUP = "ndbench.methods"
 # Built-in method modules, imported on first use so `import methods.registry` stays cheap.
-BUILTIN_MODULES = ("methods.knn",)
+BUILTIN_MODULES = (
+    "methods.knn",
+    "methods.defend",
+    "methods.transformaly",
+    "methods.kdad",
+    "methods.msad",
+    "methods.rdad",
+    "methods.dsvdd",
+)
 
 
 @dataclass

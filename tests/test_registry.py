@@ -99,3 +99,17 @@ def test_save_load_round_trip(tmp_path):
     toy.save(tmp_path / "toy.pt")
     loaded = type(toy).load(tmp_path / "toy.pt")
     assert loaded.config == toy.config
+
+
+def test_the_papers_methods_are_all_registered_with_description_and_paper(capsys):
+    from benchmark.cli import main
+    from methods.registry import available, get_class
+
+    paper_methods = {"knn", "defend", "mkd", "transformaly", "kdad", "msad", "rdad", "dsvdd"}
+    assert paper_methods <= set(available())
+    for name in paper_methods:
+        cls = get_class(name)
+        assert cls.name == name and cls.description and cls.paper and "embedded" in cls.presets
+    assert main(["methods"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in paper_methods)

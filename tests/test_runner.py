@@ -10,43 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from small_splits import fresh_out
 
-from benchmark.build import BuildRequest, build_splits
 from benchmark.cli import main
 from benchmark.executors import execute
 from benchmark.records import load_records
 from benchmark.runner import RunOptions, expand_jobs
-from datasets_builders.embedded import EmbeddedConfig, ensure_embedded
 from methods.knn import KNNDetector
-
-SMALL = EmbeddedConfig(n_train_scenes=400, n_test_scenes=300, n_pretrain_images=1500)
-
-
-@pytest.fixture(scope="module")
-def splits_root(tmp_path_factory) -> Path:
-    """Small embedded splits under <base>/results/splits (scenes cached inside <base>)."""
-    base = tmp_path_factory.mktemp("runner")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NDBENCH_CACHE", str(base / "cache"))
-        scenes = ensure_embedded(SMALL)
-    out = base / "results"
-    build_splits(BuildRequest(dataset="embedded", root=scenes, out=out / "splits"))
-    return out / "splits"
 
 
 @pytest.fixture
 def workspace(splits_root):
     """Small splits and random backbone weights: enough to exercise the runner's mechanics."""
     return splits_root, "none"
-
-
-def fresh_out(splits: Path | tuple, tmp_path) -> Path:
-    """A results root sharing the small splits (records start empty)."""
-    splits = splits[0] if isinstance(splits, tuple) else splits
-    mine = tmp_path / "results"
-    mine.mkdir(parents=True)
-    (mine / "splits").symlink_to(splits, target_is_directory=True)
-    return mine
 
 
 def knn_args(workspace, out: Path, *extra: str) -> list[str]:
@@ -79,6 +55,27 @@ def test_knn_end_to_end_is_clearly_better_than_chance(tmp_path, capsys, monkeypa
     assert main(["table", "--out", str(out)]) == 0
     table = (out / "tables" / "per_class_embedded_uni-class.md").read_text()
     assert "knn" in table and "AVG" in table and "digit-9" in table
+
+
+@pytest.mark.slow
+def test_defend_runs_the_cards_commands_on_the_embedded_default(tmp_path, capsys, monkeypatch):
+    """`ndbench run --method defend --setting multi-class` and `... uni-class` as the README
+    writes them (one class each to keep CI short), on the real embedded default."""
+    if "NDBENCH_CACHE" not in os.environ:
+        monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    for setting in ("multi-class", "uni-class"):
+        args = ["run", "--method", "defend", "--setting", setting, "--classes", "0", "--out", str(out)]
+        assert main([*args, "--device", "cpu"]) == 0, capsys.readouterr().err
+    records = {r.setting: r for r in load_records(out)}
+    assert sorted(records) == ["multi-class", "uni-class"]
+    assert records["multi-class"].split == "except-0" and records["uni-class"].split == "0"
+    for r in records.values():
+        assert r.config["backbone"] == "ndbench_vit_embedded" and r.config["weights"] == "embedded"
+        assert r.extra["teacher_passes_per_image"] == 1.0 and r.extra["student_tokens_kept"] == 32
+        assert r.extra["num_prototypes"] == 2 * r.extra["observed_classes"]
+    assert records["multi-class"].extra["observed_classes"] == 10
+    assert records["uni-class"].counts["train"] < records["multi-class"].counts["train"]
 
 
 @pytest.mark.slow

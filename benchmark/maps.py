@@ -1,0 +1,137 @@
+"""`ndbench maps`: anomaly-map grids (paper Fig. 3) for a method with `anomaly_map`.
+
+The method is fitted on a split's training images; then `n` test images (half normal, half
+novel, drawn with the seed) are shown as image | heat-map overlay, each titled with its label
+and novelty score. One colour scale for the whole grid, so images can be compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from datasets_builders.atomic import atomic_write_bytes
+from datasets_builders.errors import NdbenchError
+from datasets_builders.loading import ManifestDataset, load_split
+from datasets_builders.splits import NOVEL
+from methods.base import resolve_device
+
+from .runner import Job, RunOptions, build_detector, seed_everything
+
+TILE = 160  # pixels per shown image side
+CAPTION = 16  # pixels of caption above each pair
+# Anchor colours of the heat scale (low -> high): dark blue, cyan, yellow, red.
+HEAT_ANCHORS = np.array([[0, 0, 128], [0, 200, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class MapsRequest:
+    """Which method, split and images to draw."""
+
+    method: str
+    dataset: str
+    split: str  # "<setting>/<name>", e.g. uni-class/3
+    n: int = 16
+    seed: int = 0
+    alpha: float = 0.5  # heat-map opacity in the overlay
+
+
+def parse_split(text: str) -> tuple[str, str]:
+    """`uni-class/3` -> ("uni-class", "3"); one clear error otherwise."""
+    setting, sep, name = text.partition("/")
+    if not sep or not name or setting not in ("uni-class", "multi-class"):
+        raise NdbenchError(f"cannot read --split {text!r}", "write it as SETTING/NAME, e.g. uni-class/3")
+    return setting, name
+
+
+def pick_images(labels: np.ndarray, n: int, seed: int) -> list[int]:
+    """Positions of up to `n` test images, half normal and half novel where both exist,
+    drawn with `seed`; normal ones first."""
+    if n < 1:
+        raise NdbenchError(f"--n {n} is too small", "ask for at least one image")
+    rng = np.random.default_rng(seed)
+    novel = np.flatnonzero(labels == NOVEL)
+    normal = np.flatnonzero(labels != NOVEL)
+    n_normal = min(len(normal), max(n - len(novel), n // 2))
+    n_novel = min(len(novel), n - n_normal)
+    chosen = [rng.choice(normal, n_normal, replace=False), rng.choice(novel, n_novel, replace=False)]
+    return [int(i) for part in chosen for i in np.sort(part)]
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB uint8 along the HEAT_ANCHORS scale."""
+    position = np.clip(values, 0, 1) * (len(HEAT_ANCHORS) - 1)
+    low = np.floor(position).astype(int).clip(max=len(HEAT_ANCHORS) - 2)
+    frac = (position - low)[..., None]
+    return (HEAT_ANCHORS[low] * (1 - frac) + HEAT_ANCHORS[low + 1] * frac).astype(np.uint8)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float) -> Image.Image:
+    """The image blended with the heat colours of `heat` (values in [0, 1], any size)."""
+    base = image.convert("RGB").resize((TILE, TILE), Image.Resampling.BILINEAR)
+    colours = Image.fromarray(heat_colours(heat)).resize((TILE, TILE), Image.Resampling.BILINEAR)
+    return Image.blend(base, colours, alpha)
+
+
+def compose_grid(pairs: list[tuple[Image.Image, Image.Image, str]], columns: int = 2) -> Image.Image:
+    """Pairs (image, overlay, caption) laid out `columns` pairs per row, captions on top."""
+    rows = -(-len(pairs) // columns)
+    width, height = columns * 2 * TILE, rows * (TILE + CAPTION)
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, heat, caption) in enumerate(pairs):
+        x, y = (i % columns) * 2 * TILE, (i // columns) * (TILE + CAPTION)
+        draw.text((x + 4, y + 2), caption, fill="black")
+        grid.paste(image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST), (x, y + CAPTION))
+        grid.paste(heat, (x + TILE, y + CAPTION))
+    return grid
+
+
+def maps_path(out: Path, request: MapsRequest) -> Path:
+    setting, name = parse_split(request.split)
+    return Path(out) / "maps" / f"{request.method}__{request.dataset}__{setting}__{name}__seed{request.seed}.png"
+
+
+def draw_maps(request: MapsRequest, options: RunOptions, progress=None) -> Path:
+    """Fit the method on the split, draw the anomaly-map grid, write it; return its path."""
+    setting, name = parse_split(request.split)
+    job = Job(request.method, request.dataset, setting, name, request.seed)
+    detector = build_detector(job, options)
+    if not hasattr(detector, "anomaly_map"):
+        raise NdbenchError(f"method {request.method!r} has no anomaly maps", "use defend or mkd")
+    path = maps_path(options.out, request)
+    device = resolve_device(options.device)
+    index, manifest = load_split(options.splits, job.split_id)
+    transform = detector.transform()
+    train = ManifestDataset(index, manifest, "train", transform=transform)
+    test = ManifestDataset(index, manifest, "test", transform=transform)
+
+    seed_everything(request.seed)
+    detector.fit(train, device=device, progress=progress)
+    chosen = pick_images(test.labels, request.n, request.seed)
+    batch = torch.stack([test[i][0] for i in chosen])
+    with torch.no_grad():
+        heat = detector.anomaly_map(batch).numpy()
+    scores = heat.reshape(len(chosen), -1).mean(axis=1)  # the map's mean: the score up to resampling
+    low, high = float(heat.min()), float(heat.max())
+    scaled = (heat - low) / max(high - low, 1e-12)
+    pairs = []
+    for k, i in enumerate(chosen):
+        kind = "novel" if test.labels[i] == NOVEL else "normal"
+        image = test.image(i)
+        pairs.append((image, overlay(image, scaled[k], request.alpha), f"{kind}  score {scores[k]:.4f}"))
+    grid = compose_grid(pairs)
+    atomic_write_bytes(path, _png_bytes(grid))
+    return path
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,362 @@
+"""Transformaly: Cohen & Avidan, "Transformaly - Two (Feature Spaces) Are Better Than One",
+CVPR Workshops 2022 (original code: github.com/MatanCohen1/Transformaly).
+
+A frozen pre-trained ViT is the teacher. Each of its blocks gets a randomly initialised student
+block, trained on the normal images to map the teacher block's input to that block's output.
+An image is scored in two feature spaces: the teacher's CLS feature (PCA-whitened, Gaussian
+log-likelihood) and the per-block distillation errors (Gaussian log-likelihood); the two
+log-likelihoods are added, and negated so that higher = more novel.
+
+Error blocks: the original scores blocks 2..11 (0-based) of its 12-block ViT, i.e. every block
+but the first two. ndbench applies that rule to any depth: blocks `first_error_block`..depth-1
+(2..5 for the depth-6 embedded ViT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from datasets_builders.errors import NdbenchError
+
+from .backbones import ViTFeatures, create_backbone
+from .base import BaseDetector, autocast, tracked
+from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
+from .registry import register
+
+PAPER = "Cohen & Avidan, Transformaly - Two (Feature Spaces) Are Better Than One, CVPR Workshops 2022"
+# ndbench choice: cached teacher states lose < 1e-3 relative in half precision, and take half the memory.
+CACHE_DTYPE = torch.float16
+
+
+@dataclass(frozen=True)
+class TransformalyConfig:
+    """Transformaly hyper-parameters (file names are the original repository's)."""
+
+    # "Redefining Normal" runs every ViT baseline on supervised IN-21k ViT-B/16 at 224 (its copy of
+    # Transformaly, Multiobject_bench/Transformaly/train.py, uses the IN-21k B_16 at 224 too). The
+    # original's own teacher (train.py: B_16_imagenet1k, 384 px) is the "original" preset.
+    backbone: str = "vit_base_patch16_224.augreg_in21k"
+    weights: str = "hub"  # "hub", a local file, "none" (random, on request) or "embedded"
+    img_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # utils.py get_transforms: Normalize(0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # README.md training command: --epochs 30. utils.py train() keeps the epoch with the lowest loss
+    # on normal *test* images; ndbench cannot look at test images when fitting, so it keeps the last.
+    epochs: int = 30
+    batch_size: int = 32  # README.md training command: --batch_size 32
+    lr: float = 1e-4  # train.py --lr 0.0001; utils.py train(): torch.optim.Adam, nn.MSELoss
+    # pytorch_pretrained_vit/configs.py: dropout_rate 0.1, applied by transformer.py's Block to the
+    # attention probabilities and to the attention / MLP outputs of the student blocks (timm's
+    # blocks also drop after the MLP's hidden layer). The original also left dropout on in its
+    # frozen teacher (the whole model in train mode); ndbench's teacher is deterministic, which is
+    # what lets its states be cached.
+    student_dropout: float = 0.1
+    first_error_block: int = 2  # train.py / eval.py: use_layer_outputs = range(2, 12) of 12 blocks
+    # utils.py train() trains every student, but eval.py scores only blocks >= first_error_block.
+    # The students are independent and Adam is invariant to the loss scale, so False (train
+    # only the scored students) gives the same scored students (up to Adam's eps and dropout
+    # draws) for less compute.
+    train_unscored_students: bool = True
+    # README.md / eval.py: --whitening_threshold 0.9, PCA(whiten=True). eval.py counts components
+    # with its own loop, which stops one short of the 90 % point; ndbench keeps the fewest that
+    # reach it (sklearn's PCA(n_components=0.9)).
+    pca_variance: float = 0.9
+    gmm_components: int = 1  # eval.py: mixture.GaussianMixture(n_components=1) for both spaces
+    gmm_max_iter_features: int = 1000  # eval.py: max_iter=1000 for the CLS features
+    gmm_max_iter_errors: int = 500  # eval.py: max_iter=500 for the distillation errors
+    # ndbench choice (as MKD's): teacher block states are cached once per job up to this size,
+    # else recomputed every epoch.
+    max_cache_gb: float = 16.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.pca_variance < 1.0:
+            raise NdbenchError(f"pca_variance {self.pca_variance} is out of range", "use a value in (0, 1)")
+        if self.first_error_block < 0:
+            raise NdbenchError(f"first_error_block {self.first_error_block} is negative", "use 0 or more")
+
+
+# The embedded preset: ndbench's offline ViT (depth 6, 64 px) on ~470 train / 1000 test images,
+# within ~12 s per split on 2 CPU cores. Measured (1 thread, shared machine, uni-class 0 and 9):
+# fit 5.5-6 / 7.3-7.9 / 9.1-10 s at 2 / 3 / 4 epochs with AUROC 0.679-0.683 (class 0) and
+# 0.615-0.622 (class 9) alike; scoring ~4.4 s; dropout 0.1 adds ~4 s at 3 epochs (its CPU RNG
+# is slow) and changed the AUROC by <= 0.004; training the two unscored students adds a third.
+EMBEDDED = {"backbone": "ndbench_vit_embedded", "weights": EMBEDDED_WEIGHTS, "img_size": 64, "epochs": 3,
+            "student_dropout": 0.0, "train_unscored_students": False}
+# The original repository's teacher: pytorch_pretrained_vit B_16_imagenet1k (IN-21k pre-trained,
+# IN-1k fine-tuned, 384 px, mean/std 0.5) = timm's orig_in21k_ft_in1k weights.
+ORIGINAL = {"backbone": "vit_base_patch16_384.orig_in21k_ft_in1k", "img_size": 384}
+
+
+def error_blocks(depth: int, first: int) -> list[int]:
+    """The 0-based blocks whose distillation errors are scored: `first`..depth-1."""
+    if depth <= first:
+        raise NdbenchError(
+            f"the ViT has {depth} blocks, so no block from {first} on is left to score",
+            "use a deeper backbone or a smaller first_error_block",
+        )
+    return list(range(first, depth))
+
+
+class BlockStudents(nn.Module):
+    """One student block per teacher block; student i maps teacher state i (block i's input)
+    to a prediction of teacher state i+1 (block i's output). `blocks` (default: all) picks
+    the students that run."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, states: Tensor, blocks: list[int] | None = None) -> Tensor:
+        """Teacher states [B, L+1, T, D] -> predicted block outputs [B, len(blocks), T, D]."""
+        chosen = range(len(self.blocks)) if blocks is None else blocks
+        return torch.stack([self.blocks[i](states[:, i]) for i in chosen], dim=1)
+
+    def targets(self, states: Tensor, blocks: list[int] | None = None) -> Tensor:
+        """The teacher's block outputs [B, len(blocks), T, D] float32."""
+        return (states[:, 1:] if blocks is None else states[:, [i + 1 for i in blocks]]).float()
+
+    def loss(self, states: Tensor, blocks: list[int] | None = None) -> Tensor:
+        """Mean squared error over the blocks, tokens and channels (utils.py: nn.MSELoss on the
+        stacked block outputs)."""
+        return F.mse_loss(self(states, blocks).float(), self.targets(states, blocks))
+
+    def errors(self, states: Tensor, blocks: list[int] | None = None) -> Tensor:
+        """Per-block distillation error [B, len(blocks)] float32: squared error averaged over
+        every token (CLS and patches) and channel (utils.py get_finetuned_features: mean over
+        dims 2, 3)."""
+        return (self(states, blocks).float() - self.targets(states, blocks)).pow(2).mean(dim=(2, 3))
+
+
+def teacher_states(teacher: ViTFeatures, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The teacher's block states [B, L+1, T, D] (block 0's input, then each block's output) and
+    its final-normed CLS feature [B, D] (utils.py get_features: ViT with fc = Identity)."""
+    inputs, outputs = teacher.per_block_io(x)
+    states = torch.stack([inputs[0], *outputs], dim=1)
+    return states, teacher.model.norm(outputs[-1])[:, 0]
+
+
+class _Indexed(Dataset):
+    """A dataset's images with their positions."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        return self.data[item][0], item
+
+
+@register("transformaly")
+class TransformalyDetector(BaseDetector):
+    """Frozen ViT teacher, per-block student blocks, Gaussian likelihoods in two feature spaces."""
+
+    Config = TransformalyConfig
+    description = "Transformaly: GMM likelihood of ViT CLS features plus of per-block distillation errors"
+    paper = PAPER
+    presets = {"embedded": EMBEDDED, "original": ORIGINAL}
+
+    def __init__(self, config: TransformalyConfig | None = None, **overrides):
+        super().__init__(config, **overrides)
+        self.teacher: ViTFeatures | None = None
+        self.students: BlockStudents | None = None
+        self.pca: PCA | None = None
+        self.feature_gmm: GaussianMixture | None = None
+        self.error_gmm: GaussianMixture | None = None
+        self.extra: dict = {}
+        self.teacher_images = 0  # images passed through the teacher during fit
+
+    # --- models ----------------------------------------------------------------------------
+    def _new_teacher(self, weights) -> ViTFeatures:
+        model = create_backbone(self.config.backbone, weights=weights, num_classes=0, img_size=self.config.img_size)
+        return ViTFeatures(model).eval().requires_grad_(False)
+
+    def _new_students(self) -> BlockStudents:
+        """Fresh blocks of the teacher's architecture with xavier-uniform weights, as the original's
+        cloned blocks (pytorch_pretrained_vit/model.py init_weights; its q, k, v are separate
+        layers, so timm's fused qkv matrix is initialised one third at a time)."""
+        d = self.config.student_dropout
+        vit = create_backbone(self.config.backbone, weights="none", num_classes=0, img_size=self.config.img_size,
+                              weight_init="jax", proj_drop_rate=d, attn_drop_rate=d)
+        with torch.no_grad():
+            for block in vit.blocks:
+                qkv = getattr(getattr(block, "attn", None), "qkv", None)
+                if isinstance(qkv, nn.Linear):
+                    for part in qkv.weight.chunk(3):
+                        nn.init.xavier_uniform_(part)
+        return BlockStudents(vit.blocks)
+
+    # --- training --------------------------------------------------------------------------
+    def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
+        """Train the student blocks on the teacher's states, then fit PCA and both Gaussians."""
+        c = self.config
+        if len(train) == 0:
+            raise NdbenchError(f"{self.name} got no training images", "check the split's train part")
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self.teacher = self._new_teacher(resolve_weights(c.backbone, c.weights)).to(device)
+        blocks = error_blocks(self.teacher.depth, c.first_error_block)
+        self.students = self._new_students().to(device)
+        self.teacher_images = 0
+        cache = self._cache_states(train, device, progress)
+
+        optimizer = torch.optim.Adam(self.students.parameters(), lr=c.lr)
+        self.students.train()
+        trained = None if c.train_unscored_students else blocks
+        loss_sum, steps = 0.0, 0
+        for epoch in range(c.epochs):
+            loss_sum, steps = 0.0, 0
+            for states, _ in self._train_states(train, cache, device, generator, progress,
+                                                f"{self.name}: epoch {epoch + 1}/{c.epochs}"):
+                with autocast(device):
+                    loss = self.students.loss(states, trained)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
+        self.students.eval()
+
+        errors, features = [], []
+        for states, cls in self._train_states(train, cache, device, None, progress, f"{self.name}: train errors"):
+            errors.append(self._errors(states, blocks, device))
+            features.append(cls)
+        self.fit_densities(torch.cat(features).numpy(), torch.cat(errors).numpy())
+        self.fitted = True
+        self.extra = {
+            "teacher_passes_per_image": self.teacher_images / len(train),
+            "train_states_cached": cache is not None,
+            "loss_last_epoch": loss_sum / max(steps, 1),
+            "error_blocks": blocks,
+            "pca_components": int(self.pca.n_components_),
+            "pca_explained_variance": float(self.pca.explained_variance_ratio_.sum()),
+        }
+
+    def _teacher_pass(self, x: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        with torch.no_grad(), autocast(device):
+            states, cls = teacher_states(self.teacher, x.to(device))
+        return states, cls.float()
+
+    def _cache_states(self, train: Dataset, device: torch.device,
+                      progress: Progress | None) -> tuple[Tensor, Tensor] | None:
+        """Every training image's teacher states and CLS feature (one teacher pass each), or
+        None when the states would exceed `max_cache_gb`."""
+        t = self.teacher
+        shape = (t.depth + 1, t.num_prefix_tokens + t.num_patches, t.embed_dim)
+        size = len(train) * int(np.prod(shape)) * CACHE_DTYPE.itemsize
+        if size > self.config.max_cache_gb * 2**30:
+            return None
+        store = _cache_device(size, device)
+        states = torch.empty((len(train), *shape), dtype=CACHE_DTYPE, device=store)
+        features = torch.empty((len(train), t.embed_dim), device=store)
+        loader = self.loader(_Indexed(train))
+        for x, idx in tracked(loader, progress, f"{self.name}: teacher states"):
+            batch, cls = self._teacher_pass(x, device)
+            self.teacher_images += len(x)
+            states[idx.to(store)] = batch.to(store, CACHE_DTYPE)
+            features[idx.to(store)] = cls.to(store)
+        return states, features
+
+    def _train_states(self, train: Dataset, cache: tuple[Tensor, Tensor] | None, device: torch.device,
+                      generator: torch.Generator | None, progress: Progress | None,
+                      description: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """(teacher states float32 on `device`, CLS features on the CPU) per batch, shuffled by
+        `generator` or in dataset order without one; from the cache, else from the teacher."""
+        if cache is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator else 0
+            loader = self.loader(_Indexed(train), shuffle=generator is not None, seed=seed)
+            for x, _ in tracked(loader, progress, description):
+                states, cls = self._teacher_pass(x, device)
+                self.teacher_images += len(x)
+                yield states.float(), cls.cpu()
+            return
+        n = len(train)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        chunks = order.split(self.config.batch_size)
+        for idx in tracked(chunks, progress, description, total=len(chunks)):
+            idx = idx.to(cache[0].device)
+            yield cache[0][idx].to(device, torch.float32), cache[1][idx].cpu()
+
+    def _errors(self, states: Tensor, blocks: list[int], device: torch.device) -> Tensor:
+        with torch.no_grad(), autocast(device):
+            return self.students.errors(states, blocks).float().cpu()
+
+    # --- densities -------------------------------------------------------------------------
+    def fit_densities(self, features: np.ndarray, errors: np.ndarray) -> None:
+        """Fit the whitening PCA and Gaussian mixture on the training CLS features, and the
+        Gaussian mixture on the training errors of the scored blocks (eval.py)."""
+        c = self.config
+        self.pca = PCA(n_components=c.pca_variance, whiten=True, svd_solver="full")
+        whitened = self.pca.fit_transform(features.astype(np.float64))
+        self.feature_gmm = GaussianMixture(c.gmm_components, max_iter=c.gmm_max_iter_features, random_state=0)
+        self.feature_gmm.fit(whitened)
+        self.error_gmm = GaussianMixture(c.gmm_components, max_iter=c.gmm_max_iter_errors, random_state=0)
+        self.error_gmm.fit(errors.astype(np.float64))
+
+    def novelty(self, features: np.ndarray, errors: np.ndarray) -> np.ndarray:
+        """Negated sum of the two log-likelihoods (eval.py adds them): higher = more novel.
+        `errors` holds the scored blocks' errors only."""
+        features_ll = self.feature_gmm.score_samples(self.pca.transform(features.astype(np.float64)))
+        errors_ll = self.error_gmm.score_samples(errors.astype(np.float64))
+        return -(features_ll + errors_ll)
+
+    # --- scoring ---------------------------------------------------------------------------
+    def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
+        """Transformaly's novelty score per image (see `novelty`)."""
+        self._require_fitted()
+        self.teacher.to(device).eval()
+        self.students.to(device).eval()
+        blocks = error_blocks(self.teacher.depth, self.config.first_error_block)
+        errors, features = [], []
+        for x, _, _ in tracked(self.loader(images), progress, f"{self.name}: scoring"):
+            states, cls = self._teacher_pass(x, device)
+            errors.append(self._errors(states.float(), blocks, device))
+            features.append(cls.cpu())
+        if not errors:
+            return np.zeros(0)
+        return self.novelty(torch.cat(features).numpy(), torch.cat(errors).numpy())
+
+    def _require_fitted(self) -> None:
+        if not self.fitted or self.teacher is None or self.students is None or self.pca is None:
+            raise NdbenchError(f"{self.name} is not fitted", "call fit() (or load a saved model) first")
+
+    def record_extra(self) -> dict:
+        """What the run record stores besides the metrics (teacher passes per image, loss, PCA)."""
+        return dict(self.extra)
+
+    # --- persistence -----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "teacher": {k: v.cpu() for k, v in self.teacher.model.state_dict().items()},
+            "students": {k: v.cpu() for k, v in self.students.state_dict().items()},
+            "pca": self.pca,
+            "feature_gmm": self.feature_gmm,
+            "error_gmm": self.error_gmm,
+            "extra": dict(self.extra),
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.teacher = self._new_teacher("none")
+        self.teacher.model.load_state_dict(state["teacher"])
+        self.students = self._new_students().eval()
+        self.students.load_state_dict(state["students"])
+        self.pca, self.feature_gmm, self.error_gmm = state["pca"], state["feature_gmm"], state["error_gmm"]
+        self.extra = dict(state.get("extra", {}))
+
+
+def _cache_device(size: int, device: torch.device) -> torch.device:
+    """Keep the cache on the GPU when it takes at most a quarter of the free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if size <= free / 4:
+            return device
+    return torch.device("cpu")

@@ -1,0 +1,95 @@
+"""`ndbench maps` (anomaly-map grids) and `ndbench bench` (speed figures) on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from defend_fixtures import TINY_VIT
+from PIL import Image
+from small_splits import fresh_out
+
+from benchmark.bench import BenchConfig, paper_comparison, run_bench
+from benchmark.cli import main
+from benchmark.maps import CAPTION, HEAT_ANCHORS, TILE, heat_colours, pick_images
+from datasets_builders.splits import NOVEL
+
+
+def test_pick_images_halves_normal_and_novel_and_is_seeded():
+    labels = np.array([0] * 10 + [1] * 30)
+    chosen = pick_images(labels, 8, seed=0)
+    assert len(chosen) == 8 == len(set(chosen))
+    assert [int(labels[i]) for i in chosen] == [0] * 4 + [NOVEL] * 4
+    assert chosen == pick_images(labels, 8, seed=0) and chosen != pick_images(labels, 8, seed=1)
+    few_normal = pick_images(np.array([0, 1, 1, 1, 1, 1]), 4, seed=0)
+    assert [int(i) for i in few_normal[:1]] == [0] and len(few_normal) == 4  # novel fills the gap
+    assert len(pick_images(np.array([0, 1]), 16, seed=0)) == 2
+
+
+def test_heat_colours_span_the_scale():
+    colours = heat_colours(np.array([[0.0, 1.0, 0.5, -3.0, 7.0]]))
+    assert colours.dtype == np.uint8 and colours.shape == (1, 5, 3)
+    assert colours[0, 0].tolist() == HEAT_ANCHORS[0].tolist() == colours[0, 3].tolist()
+    assert colours[0, 1].tolist() == HEAT_ANCHORS[-1].tolist() == colours[0, 4].tolist()
+
+
+def test_maps_writes_a_grid_of_image_and_heat_pairs(splits_root, tmp_path, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    code = main(["maps", "--method", "mkd", "--split", "uni-class/3", "--n", "4", "--weights", "none",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    path = out / "maps" / "mkd__embedded__uni-class__3__seed0.png"
+    assert f"wrote {path}" in capsys.readouterr().out.replace("\n", "")
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    assert grid.shape == (2 * (TILE + CAPTION), 2 * 2 * TILE, 3)  # 4 pairs, 2 per row
+    image_tile = grid[CAPTION:CAPTION + TILE, :TILE]
+    heat_tile = grid[CAPTION:CAPTION + TILE, TILE:2 * TILE]
+    assert not np.array_equal(image_tile, heat_tile)  # the overlay is not the bare image
+    assert heat_tile.std() > 0 and not (grid[:CAPTION] == 255).all()  # heat varies; captions drawn
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--method", "knn"], "no anomaly maps"), (["--split", "uni-class"], "--split"),
+     (["--split", "sideways/3"], "--split"), (["--n", "0"], "--n 0")],
+)
+def test_maps_errors_are_one_line(splits_root, tmp_path, capsys, args, needle):
+    out = fresh_out(splits_root, tmp_path)
+    code = main(["maps", "--weights", "none", "--device", "cpu", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert not (out / "maps").exists() or not any((out / "maps").iterdir())
+
+
+def test_bench_measures_every_figure_on_a_tiny_vit():
+    config = BenchConfig(arch=TINY_VIT, img_size=32, batch_size=4, steps=1, count_images=4)
+    rows = {row.name: row for row in run_bench(config, torch.device("cpu"), report=lambda _: None)}
+    masked, full = rows["MKD train step, 50% tokens dropped"], rows["MKD train step, no tokens dropped"]
+    assert masked.value > 0 and full.value > 0 and rows["defend scoring"].value > 0
+    ratio = rows["MKD speed-up from token dropping"]
+    assert ratio.value == pytest.approx(masked.value / full.value) and ratio.met == (ratio.value >= 1.7)
+    passes = rows["teacher passes per training image in MKD"]
+    assert passes.value == 1.0 and passes.met
+
+
+def test_bench_cli_prints_the_table_and_refuses_bad_sizes(capsys):
+    args = ["bench", "--no-compare", "--arch", TINY_VIT, "--img-size", "32", "--batch-size", "2", "--steps", "1",
+            "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "MKD speed-up from token dropping" in printed and "teacher passes" in printed
+    assert main([*args[:-4], "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+
+
+def test_paper_comparison_times_defend_against_each_transformaly_case():
+    config = BenchConfig(batch_size=2, steps=1, count_images=8)
+    tiny = {"backbone": TINY_VIT, "img_size": 32}
+    cases = (("all blocks", None, {**tiny, "first_error_block": 0}),
+             ("last block", None, {**tiny, "first_error_block": 1}))
+    rows = {r.name: r for r in paper_comparison(config, torch.device("cpu"), report=lambda _: None,
+                                                 defend_options=tiny, cases=cases)}
+    defend = rows["defend scoring, 32 px"].value
+    for label, _, _ in cases:
+        speed = rows[f"transformaly scoring, {label}"].value
+        assert speed > 0 and rows[f"defend / transformaly ({label})"].value == pytest.approx(defend / speed)
