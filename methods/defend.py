@@ -9,7 +9,6 @@ untuned teacher (the Table 3 ablation). The torch parts live in `methods.defend_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +23,11 @@ from datasets_builders.errors import NdbenchError
 from . import defend_model as dm
 from .backbones import ViTFeatures, create_backbone
 from .base import BaseDetector, autocast, tracked
+from .memory import CACHE_DTYPE, TrainImages, cache_device
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
 PAPER = "Salehi et al., Redefining Normal: A Novel Object-Level Approach for Multi-Object Novelty Detection, ACCV 2024"
-# ndbench choice: cached images and unit-length targets lose < 1e-3 (under 1/8 of an 8-bit grey
-# level for images) in half precision, and take half the memory.
-CACHE_DTYPE = torch.float16
 
 
 @dataclass(frozen=True)
@@ -101,65 +98,6 @@ class DefendConfig(MKDConfig):
 EMBEDDED_BASE = {"backbone": "ndbench_vit_embedded", "weights": EMBEDDED_WEIGHTS, "img_size": 64}
 EMBEDDED_MKD = {**EMBEDDED_BASE, "epochs": 8, "lr": 1e-3}
 EMBEDDED_DEFEND = {**EMBEDDED_MKD, "dense_epochs": 2}
-
-
-class _Indexed(Dataset):
-    """A dataset's images with their positions, so cached targets can be looked up."""
-
-    def __init__(self, data: Dataset):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, item: int) -> tuple[Tensor, int]:
-        return self.data[item][0], item
-
-
-class TrainImages:
-    """The training images with their positions, decoded once per job and kept in memory
-    (float16, on the GPU when they fit there) when they fit in `budget` bytes; else read
-    through a DataLoader each epoch."""
-
-    def __init__(self, dataset: Dataset, detector: BaseDetector, images: Tensor | None):
-        self.dataset = dataset
-        self.detector = detector
-        self.images = images
-
-    @classmethod
-    def load(cls, dataset: Dataset, detector: BaseDetector, *, device: torch.device, budget: float,
-             progress: Progress | None) -> TrainImages:
-        """Decode `dataset` once into memory, unless it exceeds `budget` bytes."""
-        first = dataset[0][0]
-        size = len(dataset) * first.numel() * CACHE_DTYPE.itemsize
-        if size > budget:
-            return cls(dataset, detector, None)
-        store = _cache_device(size, device)
-        images = torch.empty((len(dataset), *first.shape), dtype=CACHE_DTYPE, device=store)
-        loader = detector.loader(_Indexed(dataset), batch_size=64)
-        for x, idx in tracked(loader, progress, f"{detector.name}: loading training images"):
-            images[idx.to(store)] = x.to(store, CACHE_DTYPE)
-        return cls(dataset, detector, images)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def batches(self, batch_size: int, *, device: torch.device, generator: torch.Generator | None = None,
-                progress: Progress | None = None, description: str = "") -> Iterator[tuple[Tensor, Tensor]]:
-        """(images [B, C, H, W] float32 on `device`, positions [B]) in a shuffled order drawn
-        from `generator`, or in dataset order without one."""
-        n = len(self.dataset)
-        if self.images is None:
-            loader = self.detector.loader(_Indexed(self.dataset), batch_size=batch_size,
-                                          shuffle=generator is not None,
-                                          seed=_draw(generator) if generator is not None else 0)
-            for x, idx in tracked(loader, progress, description):
-                yield x.to(device), idx
-            return
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        chunks = order.split(batch_size)
-        for idx in tracked(chunks, progress, description, total=len(chunks)):
-            yield self.images[idx.to(self.images.device)].to(device, torch.float32), idx
 
 
 @register("mkd")
@@ -235,7 +173,7 @@ class MKDDetector(BaseDetector):
         size = n * layers * self.teacher.num_patches * self.teacher.embed_dim * CACHE_DTYPE.itemsize
         if size > c.max_cache_gb * 2**30:
             return None
-        store = _cache_device(size, device)
+        store = cache_device(size, device)
         targets = torch.empty((n, layers, self.teacher.num_patches, self.teacher.embed_dim),
                               dtype=CACHE_DTYPE, device=store)
         attention = torch.empty((n, self.teacher.num_patches), device=store)
@@ -426,17 +364,3 @@ def dense_epochs(config: DefendConfig, train: Dataset) -> int:
         return config.dense_epochs
     split = str(getattr(train, "split_id", ""))
     return 10 if split.split("/")[0] == "coco" else 3
-
-
-def _draw(generator: torch.Generator) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
-
-
-def _cache_device(size: int, device: torch.device) -> torch.device:
-    """Keep the cache on the GPU when it takes at most a quarter of the free memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if size <= free / 4:
-            return device
-    return torch.device("cpu")
-

@@ -26,6 +26,7 @@ from datasets_builders.errors import NdbenchError
 
 from .backbones import create_backbone
 from .base import BaseDetector, autocast, tracked
+from .memory import Indexed
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
@@ -380,19 +381,6 @@ class KDADDetector(BaseDetector):
 
 
 # --- training data in memory -----------------------------------------------------------------
-class _Indexed(Dataset):
-    """A dataset's images with their positions (to look cached maps up)."""
-
-    def __init__(self, data: Dataset):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, item: int) -> tuple[Tensor, int]:
-        return self.data[item][0], item
-
-
 def _images_in_memory(detector: BaseDetector, data: Dataset, *, device: torch.device, budget: float,
                       progress: Progress | None) -> Tensor | None:
     """Every image of `data` decoded once (float32, [n, 3, H, W]), or None over `budget` bytes."""
@@ -402,7 +390,7 @@ def _images_in_memory(detector: BaseDetector, data: Dataset, *, device: torch.de
         return None
     store = _store_device(size, device)
     images = torch.empty((len(data), *first.shape), device=store)
-    for x, idx in tracked(detector.loader(_Indexed(data)), progress, f"{detector.name}: loading images"):
+    for x, idx in tracked(detector.loader(Indexed(data)), progress, f"{detector.name}: loading images"):
         images[idx.to(store)] = x.to(store)
     return images
 
@@ -416,7 +404,7 @@ def _batches(data: Dataset, images: Tensor | None, batch_size: int, device: torc
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     chunks = order.split(batch_size)
     if images is None:
-        loader = DataLoader(Subset(_Indexed(data), order.tolist()), batch_size=batch_size, num_workers=0)
+        loader = DataLoader(Subset(Indexed(data), order.tolist()), batch_size=batch_size, num_workers=0)
         for x, idx in tracked(loader, progress, description):
             yield x.to(device), idx
         return

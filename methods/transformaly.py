@@ -30,6 +30,7 @@ from datasets_builders.errors import NdbenchError
 
 from .backbones import ViTFeatures, create_backbone
 from .base import BaseDetector, autocast, tracked
+from .memory import Indexed, cache_device
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
@@ -145,19 +146,6 @@ def teacher_states(teacher: ViTFeatures, x: Tensor) -> tuple[Tensor, Tensor]:
     return states, teacher.model.norm(outputs[-1])[:, 0]
 
 
-class _Indexed(Dataset):
-    """A dataset's images with their positions."""
-
-    def __init__(self, data: Dataset):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, item: int) -> tuple[Tensor, int]:
-        return self.data[item][0], item
-
-
 @register("transformaly")
 class TransformalyDetector(BaseDetector):
     """Frozen ViT teacher, per-block student blocks, Gaussian likelihoods in two feature spaces."""
@@ -255,10 +243,10 @@ class TransformalyDetector(BaseDetector):
         size = len(train) * int(np.prod(shape)) * CACHE_DTYPE.itemsize
         if size > self.config.max_cache_gb * 2**30:
             return None
-        store = _cache_device(size, device)
+        store = cache_device(size, device)
         states = torch.empty((len(train), *shape), dtype=CACHE_DTYPE, device=store)
         features = torch.empty((len(train), t.embed_dim), device=store)
-        loader = self.loader(_Indexed(train))
+        loader = self.loader(Indexed(train))
         for x, idx in tracked(loader, progress, f"{self.name}: teacher states"):
             batch, cls = self._teacher_pass(x, device)
             self.teacher_images += len(x)
@@ -273,7 +261,7 @@ class TransformalyDetector(BaseDetector):
         `generator` or in dataset order without one; from the cache, else from the teacher."""
         if cache is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator else 0
-            loader = self.loader(_Indexed(train), shuffle=generator is not None, seed=seed)
+            loader = self.loader(Indexed(train), shuffle=generator is not None, seed=seed)
             for x, _ in tracked(loader, progress, description):
                 states, cls = self._teacher_pass(x, device)
                 self.teacher_images += len(x)
@@ -351,12 +339,3 @@ class TransformalyDetector(BaseDetector):
         self.students.load_state_dict(state["students"])
         self.pca, self.feature_gmm, self.error_gmm = state["pca"], state["feature_gmm"], state["error_gmm"]
         self.extra = dict(state.get("extra", {}))
-
-
-def _cache_device(size: int, device: torch.device) -> torch.device:
-    """Keep the cache on the GPU when it takes at most a quarter of the free memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if size <= free / 4:
-            return device
-    return torch.device("cpu")

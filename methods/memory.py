@@ -1,0 +1,94 @@
+"""Training data kept in memory for a job: images decoded once (and frozen-network outputs
+cached once) instead of every epoch, as DESIGN.md's performance principles ask.
+
+Shared by the training detectors (defend/mkd, transformaly, kdad).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from rich.progress import Progress
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .base import BaseDetector, tracked
+
+# ndbench choice: cached images and unit-length targets lose < 1e-3 (under 1/8 of an 8-bit grey
+# level for images) in half precision, and take half the memory.
+CACHE_DTYPE = torch.float16
+
+
+class Indexed(Dataset):
+    """A dataset's images with their positions, so cached targets can be looked up."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        return self.data[item][0], item
+
+
+class TrainImages:
+    """The training images with their positions, decoded once per job and kept in memory
+    (float16, on the GPU when they fit there) when they fit in `budget` bytes; else read
+    through a DataLoader each epoch."""
+
+    def __init__(self, dataset: Dataset, detector: BaseDetector, images: Tensor | None):
+        self.dataset = dataset
+        self.detector = detector
+        self.images = images
+
+    @classmethod
+    def load(cls, dataset: Dataset, detector: BaseDetector, *, device: torch.device, budget: float,
+             progress: Progress | None) -> TrainImages:
+        """Decode `dataset` once into memory, unless it exceeds `budget` bytes."""
+        first = dataset[0][0]
+        size = len(dataset) * first.numel() * CACHE_DTYPE.itemsize
+        if size > budget:
+            return cls(dataset, detector, None)
+        store = cache_device(size, device)
+        images = torch.empty((len(dataset), *first.shape), dtype=CACHE_DTYPE, device=store)
+        loader = detector.loader(Indexed(dataset), batch_size=64)
+        for x, idx in tracked(loader, progress, f"{detector.name}: loading training images"):
+            images[idx.to(store)] = x.to(store, CACHE_DTYPE)
+        return cls(dataset, detector, images)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, batch_size: int, *, device: torch.device, generator: torch.Generator | None = None,
+                progress: Progress | None = None, description: str = "") -> Iterator[tuple[Tensor, Tensor]]:
+        """(images [B, C, H, W] float32 on `device`, positions [B]) in a shuffled order drawn
+        from `generator`, or in dataset order without one."""
+        n = len(self.dataset)
+        if self.images is None:
+            loader = self.detector.loader(Indexed(self.dataset), batch_size=batch_size,
+                                          shuffle=generator is not None,
+                                          seed=draw_seed(generator) if generator is not None else 0)
+            for x, idx in tracked(loader, progress, description):
+                yield x.to(device), idx
+            return
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        chunks = order.split(batch_size)
+        for idx in tracked(chunks, progress, description, total=len(chunks)):
+            yield self.images[idx.to(self.images.device)].to(device, torch.float32), idx
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A seed for a DataLoader shuffle, drawn from `generator`."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def cache_device(size: int, device: torch.device) -> torch.device:
+    """Keep the cache on the GPU when it takes at most a quarter of the free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if size <= free / 4:
+            return device
+    return torch.device("cpu")
+
