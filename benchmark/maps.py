@@ -16,11 +16,10 @@ from PIL import Image, ImageDraw
 
 from datasets_builders.atomic import atomic_write_bytes
 from datasets_builders.errors import NdbenchError
-from datasets_builders.loading import ManifestDataset, load_split
 from datasets_builders.splits import NOVEL
 from methods.base import resolve_device
 
-from .runner import Job, RunOptions, build_detector, seed_everything
+from .runner import Job, RunOptions, build_detector, job_data, seed_everything
 
 TILE = 160  # pixels per shown image side
 CAPTION = 16  # pixels of caption above each pair
@@ -105,11 +104,7 @@ def draw_maps(request: MapsRequest, options: RunOptions, progress=None) -> Path:
         raise NdbenchError(f"method {request.method!r} has no anomaly maps", "use defend or mkd")
     path = maps_path(options.out, request)
     device = resolve_device(options.device)
-    index, manifest = load_split(options.splits, job.split_id)
-    transform = detector.transform()
-    train = ManifestDataset(index, manifest, "train", transform=transform)
-    test = ManifestDataset(index, manifest, "test", transform=transform)
-
+    _, train, test = job_data(job, detector, options)
     seed_everything(request.seed)
     detector.fit(train, device=device, progress=progress)
     chosen = pick_images(test.labels, request.n, request.seed)

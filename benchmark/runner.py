@@ -24,7 +24,7 @@ from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import ManifestDataset, load_split
 from datasets_builders.sources import check_dataset
-from datasets_builders.splits import SETTINGS
+from datasets_builders.splits import SETTINGS, Manifest
 from methods.backbones import create_backbone
 from methods.base import config_hash, resolve_device
 from methods.pretrain import resolve_weights
@@ -194,6 +194,14 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def job_data(job: Job, detector, options: RunOptions) -> tuple[Manifest, ManifestDataset, ManifestDataset]:
+    """The job's manifest and its train and test images, in the detector's input transform."""
+    index, manifest = load_split(options.splits, job.split_id)
+    transform = detector.transform()
+    train = ManifestDataset(index, manifest, "train", transform=transform)
+    return manifest, train, ManifestDataset(index, manifest, "test", transform=transform)
+
+
 def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
     """Run one job unless its record exists (or `force`); write the record atomically."""
     detector = build_detector(job, options)
@@ -201,11 +209,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
     if path.is_file() and not options.force:
         return JobResult(job, "skipped", path, Record.from_json(path.read_text()).metrics["auroc"])
     device = resolve_device(options.device)
-    index, manifest = load_split(options.splits, job.split_id)
-    transform = detector.transform()
-    train = ManifestDataset(index, manifest, "train", transform=transform)
-    test = ManifestDataset(index, manifest, "test", transform=transform)
-
+    manifest, train, test = job_data(job, detector, options)
     seed_everything(job.seed)
     start = time.perf_counter()
     detector.fit(train, device=device, progress=progress)
