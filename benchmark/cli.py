@@ -271,7 +271,7 @@ def demo_command(
 
 @app.command("maps")
 def maps_command(
-    method: Annotated[str, typer.Option(help="A method with anomaly maps: defend or mkd.")] = "defend",
+    method: Annotated[str, typer.Option(help="A method with anomaly maps: defend, mkd or rdad.")] = "defend",
     dataset: Annotated[str, typer.Option(help=f"One of {', '.join(DATASETS)}.")] = "embedded",
     split: Annotated[str, typer.Option(help="SETTING/NAME, e.g. uni-class/3 or multi-class/except-3.")] = "uni-class/0",
     n: Annotated[int, typer.Option(help="Test images to show, half normal and half novel.")] = 16,

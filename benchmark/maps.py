@@ -18,6 +18,7 @@ from datasets_builders.atomic import atomic_write_bytes
 from datasets_builders.errors import NdbenchError
 from datasets_builders.splits import NOVEL
 from methods.base import resolve_device
+from methods.registry import available, get_class
 
 from .runner import Job, RunOptions, build_detector, job_data, seed_everything
 
@@ -101,7 +102,8 @@ def draw_maps(request: MapsRequest, options: RunOptions, progress=None) -> Path:
     job = Job(request.method, request.dataset, setting, name, request.seed)
     detector = build_detector(job, options)
     if not hasattr(detector, "anomaly_map"):
-        raise NdbenchError(f"method {request.method!r} has no anomaly maps", "use defend or mkd")
+        with_maps = [m for m in available() if hasattr(get_class(m), "anomaly_map")]
+        raise NdbenchError(f"method {request.method!r} has no anomaly maps", f"use one of {', '.join(with_maps)}")
     path = maps_path(options.out, request)
     device = resolve_device(options.device)
     _, train, test = job_data(job, detector, options)
