@@ -132,13 +132,13 @@ def expand_jobs(
 
 
 def build_detector(job: Job, options: RunOptions):
-    """The job's detector: paper defaults, the embedded preset on the embedded dataset,
-    then the job's overrides and `--weights`."""
+    """The job's detector: paper defaults, the embedded preset (and its per-setting layer) on
+    the embedded dataset, then the job's overrides and `--weights`."""
     cls = get_class(job.method)
     overrides = dict(job.overrides)
     if options.weights is not None:
         overrides["weights"] = options.weights
-    return cls.with_preset(EMBEDDED if job.dataset == EMBEDDED else None, **overrides)
+    return cls.with_preset(f"{EMBEDDED}/{job.setting}" if job.dataset == EMBEDDED else None, **overrides)
 
 
 def job_record_path(job: Job, options: RunOptions, detector=None) -> Path:

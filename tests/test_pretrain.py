@@ -45,3 +45,26 @@ def test_pretraining_is_reproducible_whatever_ran_before(tmp_path, monkeypatch):
         weights.append(load_file(str(result.weights)))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_vit_patch_tokens_are_trained_to_predict_the_image_label():
+    """Token labelling: each patch token, through the classifier head, is scored against the
+    image's label, so the teacher's patch features carry the object's class."""
+    import timm
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    from methods.pretrain import training_loss
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                            depth=1, num_classes=10)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 3, 9])
+    tokens = vit.forward_features(x)
+    plain = cross_entropy(vit.forward_head(tokens), y)
+    per_token = torch.stack([cross_entropy(vit.head(tokens[i, 1:]), y[i].repeat(16)) for i in range(4)]).mean()
+    labelled = PretrainRecipe(dense_teacher=None, token_label_weight=0.5)
+    assert torch.allclose(training_loss(vit, None, x, y, labelled), plain + 0.5 * per_token)
+    off = PretrainRecipe(dense_teacher=None, token_label_weight=0.0)
+    assert torch.allclose(training_loss(vit, None, x, y, off), plain)
+    assert cnn_recipe(PretrainRecipe()).token_label_weight == 0.0  # CNNs have no tokens

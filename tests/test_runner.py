@@ -15,7 +15,7 @@ from small_splits import fresh_out
 from benchmark.cli import main
 from benchmark.executors import execute
 from benchmark.records import load_records
-from benchmark.runner import RunOptions, expand_jobs
+from benchmark.runner import Job, RunOptions, build_detector, expand_jobs
 from methods.knn import KNNDetector
 
 
@@ -182,3 +182,19 @@ def test_ray_executor_gives_the_local_records(workspace, tmp_path):
         assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
         records[executor] = {(r.split, r.seed): (r.metrics, r.config_hash) for r in load_records(out)}
     assert records["ray"] == records["local"]
+
+
+def test_embedded_presets_are_layered_by_setting(tmp_path):
+    """Embedded jobs get the "embedded" preset, then its "embedded/<setting>" layer, then the
+    job's overrides; other datasets keep the paper defaults."""
+    options = RunOptions(out=tmp_path)
+
+    def config(dataset: str, setting: str, overrides=()):
+        return build_detector(Job("defend", dataset, setting, "0", 0, overrides), options).config
+
+    uni, multi = config("embedded", "uni-class"), config("embedded", "multi-class")
+    assert (uni.epochs, uni.dense_epochs, uni.lr) == (8, 2, 1e-3)
+    assert (multi.epochs, multi.dense_epochs, multi.lr) == (2, 1, 1e-3)  # lr from the base layer
+    assert config("embedded", "multi-class", (("epochs", 5),)).epochs == 5
+    paper = config("voc", "multi-class")
+    assert (paper.epochs, paper.lr, paper.backbone) == (10, 1e-5, "vit_base_patch16_224.augreg_in21k")
