@@ -18,6 +18,7 @@ from methods import defend_model as dm
 from methods.backbones import ViTFeatures, create_backbone
 from methods.base import autocast
 from methods.defend import DefendDetector
+from methods.registry import get_class
 from methods.transformaly import TransformalyDetector
 
 # The paper's ablation backbone, ViT-S/16 at 224 px (issue 5); random weights (speed only).
@@ -178,6 +179,57 @@ def paper_comparison(config: BenchConfig, device: torch.device, report: Callable
         speed = scoring_throughput(_fitted(detector, config, device, size), config, device, size)
         rows.append(BenchRow(f"transformaly scoring, {label}", speed, "images/s"))
         rows.append(BenchRow(f"defend / transformaly ({label})", base / speed, "x", "paper: 1.64"))
+    return rows
+
+
+# The baselines whose training speed the bench reports (issue 6), each at its paper shapes
+# (backbone, input size) with random weights, at the bench's batch size so rows compare.
+# `epoch_fields` names the config fields that count epochs (dsvdd has two training phases).
+BASELINES: tuple[tuple[str, dict], ...] = (
+    ("transformaly", {}),
+    ("kdad", {}),
+    ("msad", {}),
+    ("rdad", {}),
+    ("dsvdd", {}),
+)
+EPOCH_FIELDS = {"dsvdd": ("ae_epochs", "epochs")}
+BATCH_FIELDS = {"dsvdd": ("ae_batch_size", "batch_size")}
+
+
+def training_throughput(method: str, overrides: dict, config: BenchConfig, device: torch.device,
+                        extra_epochs: int = 2) -> tuple[float, int]:
+    """Training images/s of `method` and its input size: `fit` on one batch of random images
+    with 1 and with 1 + `extra_epochs` epochs, so fixed costs (feature caches, PCA, centres)
+    cancel and only the epochs are timed. NaN when the extra epochs took no measurable time."""
+    cls = get_class(method)
+    timings = []
+    for epochs in (1, 1 + extra_epochs):
+        values = {"weights": "none", **dict.fromkeys(BATCH_FIELDS.get(method, ("batch_size",)), config.batch_size),
+                  **dict.fromkeys(EPOCH_FIELDS.get(method, ("epochs",)), epochs), **overrides}
+        if "weights" not in cls.Config.__dataclass_fields__:  # a from-scratch model (dsvdd)
+            del values["weights"]
+        detector = cls(**values)
+        size = detector.config.img_size
+        images = _RandomImages(config.batch_size, size, seed=2)
+        torch.manual_seed(0)
+        _sync(device)
+        start = time.perf_counter()
+        detector.fit(images, device=device)
+        _sync(device)
+        timings.append(time.perf_counter() - start)
+    extra_seconds = timings[1] - timings[0]
+    per_second = config.batch_size * extra_epochs / extra_seconds if extra_seconds > 0 else float("nan")
+    return per_second, size
+
+
+def baseline_training(config: BenchConfig, device: torch.device, report: Callable[[str], None] = print,
+                      baselines: tuple[tuple[str, dict], ...] = BASELINES) -> list[BenchRow]:
+    """Training images/s of each baseline, measured back to back on one device."""
+    rows = []
+    for method, overrides in baselines:
+        report(f"{method} training")
+        speed, size = training_throughput(method, overrides, config, device)
+        rows.append(BenchRow(f"{method} training, {size} px", speed, "images/s"))
     return rows
 
 

@@ -313,15 +313,21 @@ def bench_command(
         typer.Option(help="Also time defend vs transformaly scoring on ViT-B/16 shapes (fair 224 px and "
                      "original 384 px presets; paper Table 10). Minutes on a CPU."),
     ] = True,
+    baselines: Annotated[
+        bool,
+        typer.Option(help="Also time the training images/s of each baseline (transformaly, kdad, msad, "
+                     "rdad, dsvdd) at its paper backbone and input size, at --batch-size. Minutes on a CPU."),
+    ] = True,
 ) -> None:
     """Speed figures measured back to back in one run on one device: MKD training images/s
     with 50 % of tokens dropped vs none (goal >= 1.7x), defend scoring images/s, teacher
-    passes per training image in MKD (goal: 1 per job), and defend vs transformaly scoring."""
+    passes per training image in MKD (goal: 1 per job), defend vs transformaly scoring, and
+    each baseline's training images/s."""
     from rich.table import Table
 
     from methods.base import resolve_device
 
-    from .bench import BenchConfig, paper_comparison, run_bench
+    from .bench import BenchConfig, baseline_training, paper_comparison, run_bench
     from .runner import describe_device
 
     if min(img_size, batch_size, steps) < 1:
@@ -334,6 +340,8 @@ def bench_command(
     rows = run_bench(config, torch_device, report=report)
     if compare:
         rows += paper_comparison(config, torch_device, report=report)
+    if baselines:
+        rows += baseline_training(config, torch_device, report=report)
     table = Table(title=f"ndbench bench: {arch} at {img_size} px, batch {batch_size}, {describe_device(torch_device)}")
     for column in ("measure", "value", "unit", "goal", "met"):
         table.add_column(column)

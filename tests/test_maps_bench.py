@@ -9,7 +9,7 @@ from defend_fixtures import TINY_VIT
 from PIL import Image
 from small_splits import fresh_out
 
-from benchmark.bench import BenchConfig, paper_comparison, run_bench
+from benchmark.bench import BenchConfig, baseline_training, paper_comparison, run_bench
 from benchmark.cli import main
 from benchmark.maps import CAPTION, HEAT_ANCHORS, TILE, heat_colours, pick_images
 from datasets_builders.splits import NOVEL
@@ -73,8 +73,8 @@ def test_bench_measures_every_figure_on_a_tiny_vit():
 
 
 def test_bench_cli_prints_the_table_and_refuses_bad_sizes(capsys):
-    args = ["bench", "--no-compare", "--arch", TINY_VIT, "--img-size", "32", "--batch-size", "2", "--steps", "1",
-            "--device", "cpu"]
+    args = ["bench", "--no-compare", "--no-baselines", "--arch", TINY_VIT, "--img-size", "32", "--batch-size", "2",
+            "--steps", "1", "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "MKD speed-up from token dropping" in printed and "teacher passes" in printed
@@ -93,3 +93,14 @@ def test_paper_comparison_times_defend_against_each_transformaly_case():
     for label, _, _ in cases:
         speed = rows[f"transformaly scoring, {label}"].value
         assert speed > 0 and rows[f"defend / transformaly ({label})"].value == pytest.approx(defend / speed)
+
+
+def test_baseline_training_times_each_method_through_fit():
+    """One row per baseline, named with its input size; the epochs are timed apart from
+    fit's fixed costs (dsvdd's two phases both count)."""
+    config = BenchConfig(batch_size=8)
+    baselines = (("dsvdd", {"img_size": 32, "rep_dim": 32}),
+                 ("transformaly", {"backbone": TINY_VIT, "img_size": 32, "first_error_block": 1}))
+    rows = baseline_training(config, torch.device("cpu"), report=lambda _: None, baselines=baselines)
+    assert [r.name for r in rows] == ["dsvdd training, 32 px", "transformaly training, 32 px"]
+    assert all(r.unit == "images/s" and r.value > 0 for r in rows)
