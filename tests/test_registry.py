@@ -11,7 +11,7 @@ import pytest
 import methods.registry as registry_module
 from datasets_builders.errors import NdbenchError
 from methods.base import BaseDetector, config_hash
-from methods.registry import Registry
+from methods.registry import Registry, available
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,10 @@ def test_the_papers_methods_are_all_registered_with_description_and_paper(capsys
     assert main(["methods"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in paper_methods)
+
+
+def test_the_demo_runs_the_paper_method_its_ablation_and_the_quick_baselines():
+    from benchmark.demo import demo_methods
+
+    assert demo_methods(full=False) == ["knn", "mkd", "defend", "transformaly"]
+    assert demo_methods(full=True) == available() and len(available()) == 8
