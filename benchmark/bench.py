@@ -184,7 +184,8 @@ def paper_comparison(config: BenchConfig, device: torch.device, report: Callable
 
 # The baselines whose training speed the bench reports (issue 6), each at its paper shapes
 # (backbone, input size) with random weights, at the bench's batch size so rows compare.
-# `epoch_fields` names the config fields that count epochs (dsvdd has two training phases).
+# EPOCH_FIELDS and BATCH_FIELDS name the config fields that count epochs and set batch sizes
+# where they are not `epochs` and `batch_size` (dsvdd trains in two phases).
 BASELINES: tuple[tuple[str, dict], ...] = (
     ("transformaly", {}),
     ("kdad", {}),
