@@ -26,7 +26,7 @@ from datasets_builders.errors import NdbenchError
 
 from .backbones import create_backbone
 from .base import BaseDetector, autocast, tracked
-from .memory import Indexed
+from .memory import Indexed, cache_device
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
@@ -334,7 +334,7 @@ class KDADDetector(BaseDetector):
         size = len(train) * sum(math.prod(s) for s in shapes) * CACHE_DTYPE.itemsize
         if size > budget:
             return None
-        store = _store_device(size, device)
+        store = cache_device(size, device)
         targets = [torch.empty((len(train), *s), dtype=CACHE_DTYPE, device=store) for s in shapes]
         for x, idx in _batches(train, images, self.config.batch_size, device, None, progress,
                                "kdad: teacher maps"):
@@ -390,7 +390,7 @@ def _images_in_memory(detector: BaseDetector, data: Dataset, *, device: torch.de
     size = len(data) * first.numel() * 4
     if size > budget:
         return None
-    store = _store_device(size, device)
+    store = cache_device(size, device)
     images = torch.empty((len(data), *first.shape), device=store)
     for x, idx in tracked(detector.loader(Indexed(data)), progress, f"{detector.name}: loading images"):
         images[idx.to(store)] = x.to(store)
@@ -413,11 +413,3 @@ def _batches(data: Dataset, images: Tensor | None, batch_size: int, device: torc
     for idx in tracked(chunks, progress, description, total=len(chunks)):
         yield images[idx.to(images.device)].to(device), idx
 
-
-def _store_device(size: int, device: torch.device) -> torch.device:
-    """Keep a cache on the GPU when it takes at most a quarter of the free memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if size <= free / 4:
-            return device
-    return torch.device("cpu")

@@ -45,3 +45,10 @@ class ToyImages(Dataset):
 
     def __getitem__(self, item: int):
         return self.images[item], self.labels[item], self.image_ids[item]
+
+
+def stripes_vs_columns() -> tuple[ToyImages, ToyImages]:
+    """(train, test): horizontal stripes are normal, vertical stripes novel (same pixel
+    statistics, other structure); 32 normal train images, 16 + 16 test images."""
+    kinds = dict(normal_kind="stripes", novel_kind="columns")
+    return ToyImages(32, 0, seed=1, **kinds), ToyImages(16, 16, seed=2, **kinds)

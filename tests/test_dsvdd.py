@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cnn_fixtures import ToyImages
+from cnn_fixtures import ToyImages, stripes_vs_columns
 from torch import nn
 
 from datasets_builders.errors import NdbenchError
@@ -29,9 +29,7 @@ TINY = dict(ae_epochs=4, epochs=4, ae_batch_size=16, batch_size=16)
 
 @pytest.fixture(scope="module")
 def toy():
-    # Normal: horizontal stripes; novel: vertical stripes (same pixel statistics, other structure).
-    kinds = dict(normal_kind="stripes", novel_kind="columns")
-    return ToyImages(32, 0, seed=1, **kinds), ToyImages(16, 16, seed=2, **kinds)
+    return stripes_vs_columns()
 
 
 @pytest.fixture(scope="module")

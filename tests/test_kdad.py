@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cnn_fixtures import ToyImages
+from cnn_fixtures import ToyImages, stripes_vs_columns
 from torch import nn
 
 from datasets_builders.errors import NdbenchError
@@ -24,9 +24,7 @@ TINY = dict(backbone="ndbench_resnet_embedded", weights="none", img_size=32, mea
 
 @pytest.fixture(scope="module")
 def toy():
-    # Normal: horizontal stripes; novel: vertical stripes (same pixel statistics, other structure).
-    kinds = dict(normal_kind="stripes", novel_kind="columns")
-    return ToyImages(32, 0, seed=1, **kinds), ToyImages(16, 16, seed=2, **kinds)
+    return stripes_vs_columns()
 
 
 @pytest.fixture(scope="module")
