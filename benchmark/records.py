@@ -37,6 +37,12 @@ class Record:
     versions: dict[str, str]
     created: str  # ISO 8601 UTC
     extra: dict = field(default_factory=dict)
+    # The named preset chain the detector was built with ("" = the method's defaults), e.g.
+    # "embedded/uni-class" or "paper"; tables mark columns whose preset is not the paper's.
+    preset: str = ""
+    # How a multi-class training set was weighted: "per-class" (each image once per normal
+    # class it holds, as the authors' released code) or "unique"; "" for uni-class splits.
+    multi_class_weighting: str = ""
     schema: int = RECORD_SCHEMA
 
     @property
