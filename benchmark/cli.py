@@ -136,6 +136,12 @@ def run_command(
         list[str] | None,
         typer.Option("--set", help="Override a method option, NAME=VALUE (repeatable), e.g. --set epochs=1."),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="A named preset of the methods (see `ndbench methods`), applied before --set. "
+                     "'paper' picks, for each method, the recipe behind the paper's numbers "
+                     "(docs/FIDELITY.md); on the embedded dataset it goes on top of the embedded preset."),
+    ] = None,
 ) -> None:
     """Run methods on splits (fit on the normal train images, score the test images), one
     record per (method, split, seed); existing records are skipped, so a re-run resumes."""
@@ -154,6 +160,7 @@ def run_command(
         seeds=_seeds(seeds),
         options=options,
         overrides=_parse_overrides(option or []),
+        preset=preset or "",
     )
     results = execute(jobs, options, executor, ray_address, console=stderr_console())
     records = load_records_at([r.record for r in results if r.record is not None])
@@ -220,11 +227,13 @@ def methods_command() -> None:
     from methods.registry import available, get_class
 
     table = Table(title="ndbench methods")
-    for column in ("name", "what", "paper"):
+    for column in ("name", "what", "paper", "presets (--preset)"):
         table.add_column(column)
     for name in available():
         cls = get_class(name)
-        table.add_row(name, cls.description, cls.paper)
+        presets = ", ".join(p + (f" (= {cls.paper_preset or 'defaults'})" if p == "paper" else "")
+                            for p in cls.preset_names())
+        table.add_row(name, cls.description, cls.paper, presets)
     stdout_console().print(table)
 
 

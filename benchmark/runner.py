@@ -47,6 +47,7 @@ class Job:
     split: str  # name inside the setting: "3", "except-3", "normal-0-1"
     seed: int
     overrides: tuple[tuple[str, Any], ...] = ()
+    preset: str = ""  # a named preset given with --preset ("paper" = each method's paper recipe)
 
     @property
     def split_id(self) -> str:
@@ -107,11 +108,14 @@ def expand_jobs(
     seeds: list[int],
     options: RunOptions,
     overrides: dict[str, Any] | None = None,
+    preset: str = "",
 ) -> list[Job]:
     """Every (method, split, seed) job of a request, in a stable order."""
     check_dataset(dataset)
     for method in methods:
-        get_class(method)  # unknown names fail before any work
+        cls = get_class(method)  # unknown names fail before any work
+        if preset:
+            cls.resolve_preset(preset)
     for setting in settings:
         if setting not in SETTINGS:
             raise NdbenchError(f"unknown setting {setting!r}", "use uni-class or multi-class")
@@ -123,7 +127,7 @@ def expand_jobs(
             raise NdbenchError(f"unknown class {c} for {dataset}", f"use ids {known[0]}..{known[-1]}")
     frozen = tuple(sorted((overrides or {}).items()))
     return [
-        Job(method, dataset, setting, split_name(setting, c), seed, frozen)
+        Job(method, dataset, setting, split_name(setting, c), seed, frozen, preset)
         for method in methods
         for setting in settings
         for c in chosen
@@ -131,14 +135,25 @@ def expand_jobs(
     ]
 
 
+def preset_chain(job: Job) -> str:
+    """The presets a job's detector is built with, "+"-joined: the embedded preset and its
+    per-setting layer on the embedded dataset, then the resolved `--preset` ("" = defaults)."""
+    chain = [f"{EMBEDDED}/{job.setting}"] if job.dataset == EMBEDDED else []
+    if job.preset:
+        resolved = get_class(job.method).resolve_preset(job.preset)
+        if resolved:
+            chain.append(resolved)
+    return "+".join(chain)
+
+
 def build_detector(job: Job, options: RunOptions):
-    """The job's detector: paper defaults, the embedded preset (and its per-setting layer) on
-    the embedded dataset, then the job's overrides and `--weights`."""
+    """The job's detector: paper defaults, its preset chain (`preset_chain`), then the job's
+    overrides and `--weights`."""
     cls = get_class(job.method)
     overrides = dict(job.overrides)
     if options.weights is not None:
         overrides["weights"] = options.weights
-    return cls.with_preset(f"{EMBEDDED}/{job.setting}" if job.dataset == EMBEDDED else None, **overrides)
+    return cls.with_preset(preset_chain(job), **overrides)
 
 
 def job_record_path(job: Job, options: RunOptions, detector=None) -> Path:
@@ -237,6 +252,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
         versions=versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         extra=getattr(detector, "record_extra", lambda: {})(),
+        preset=preset_chain(job),
     )
     write_record(path, record, test.image_ids, test.labels, scores)
     return JobResult(job, "done", path, metrics["auroc"])

@@ -114,6 +114,31 @@ def select_records(records: Iterable[Record]) -> tuple[list[Record], list[str]]:
     return kept, notes
 
 
+def user_preset(record: Record) -> str:
+    """The part of a record's preset chain chosen with `--preset` (embedded layers dropped)."""
+    return "+".join(p for p in record.preset.split("+") if p and not p.startswith("embedded"))
+
+
+def measured_label(method: str, records: list[Record], notes: list[str]) -> str:
+    """The measured column's name beside a paper column: the method name when its records
+    used the preset behind the paper's numbers, else `<method> (preset <name>)` and a note."""
+    from methods.registry import get_class
+
+    try:
+        expected = get_class(method).paper_preset or ""
+    except NdbenchError:  # a method this installation does not know: nothing to compare
+        return method
+    used = sorted({user_preset(r) for r in records})
+    if used == [expected]:
+        return method
+    shown = "+".join(p or "defaults" for p in used)
+    notes.append(
+        f"{method}: measured with preset {shown}; the paper's numbers came from "
+        f"{expected or 'the defaults'} (`ndbench run --preset paper`; see docs/FIDELITY.md)"
+    )
+    return f"{method} (preset {shown})"
+
+
 def _check_metric(metric: str, paper: bool) -> None:
     if metric not in METRICS:
         raise NdbenchError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
@@ -235,14 +260,17 @@ def _per_class_frame(
             class_names.get(r, "") if isinstance(r, int) else "" for r in block.rows
         ] + [""]
     for method in block.methods:
-        columns[method] = [block.mean.get((r, method), math.nan) for r in block.rows] + [
+        name = paper_ref.paper_method(method)
+        key = method
+        if table is not None and name in paper_values.columns:
+            key = measured_label(method, [r for r in chosen if r.method == method], notes)
+        columns[key] = [block.mean.get((r, method), math.nan) for r in block.rows] + [
             block.avg_mean[method]
         ]
         if method in block.seeded:
-            columns[method + STD_SUFFIX] = [
+            columns[key + STD_SUFFIX] = [
                 block.std.get((r, method), math.nan) for r in block.rows
             ] + [block.avg_std[method]]
-        name = paper_ref.paper_method(method)
         if table is not None and name in paper_values.columns:
             columns[paper_ref.paper_column(method, table)] = [
                 float(paper_values.at[r, name])
@@ -309,11 +337,14 @@ def _summary_frame(
     paper_values = paper_ref.paper_summary(setting) if paper else None
     columns: dict[str, list[float]] = {}
     for method in methods:
-        columns[method] = [blocks[(d, setting)].avg_mean.get(method, math.nan) for d in datasets]
+        name = paper_ref.paper_method(method)
+        key = method
+        if table is not None and name in paper_values.columns:
+            key = measured_label(method, [r for r in records if r.method == method], notes)
+        columns[key] = [blocks[(d, setting)].avg_mean.get(method, math.nan) for d in datasets]
         stds = [blocks[(d, setting)].avg_std.get(method, math.nan) for d in datasets]
         if any(method in blocks[(d, setting)].seeded for d in datasets):
-            columns[method + STD_SUFFIX] = stds
-        name = paper_ref.paper_method(method)
+            columns[key + STD_SUFFIX] = stds
         if table is not None and name in paper_values.columns:
             columns[paper_ref.paper_column(method, table)] = [
                 float(paper_values.at[d, name]) if d in paper_values.index else math.nan

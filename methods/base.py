@@ -24,6 +24,9 @@ from torchvision import transforms
 
 from datasets_builders.errors import NdbenchError
 
+# The preset name that stands for "the recipe behind the paper's numbers" of every method.
+PAPER_PRESET = "paper"
+
 
 @runtime_checkable
 class Detector(Protocol):
@@ -70,20 +73,42 @@ class BaseDetector(ABC):
     # offline dataset; "embedded/<setting>" is layered on top of it for that setting. The
     # embedded multi-class splits hold ~6x the training images of the uni-class ones (~2,800 vs
     # ~470), so their layer cuts epochs to keep the images seen per job close to the uni-class
-    # preset's and `ndbench demo --full` within its 60 minutes on 2 CPU cores (issue 6).
+    # preset's. Other names (e.g. "original", "paper") are chosen with `ndbench run --preset`.
     presets: ClassVar[dict[str, dict]] = {}
+    # The preset whose recipe produced the paper's numbers for this method (None: the defaults).
+    # `--preset paper` resolves to it for every method; tables mark other presets.
+    paper_preset: ClassVar[str | None] = None
 
     def __init__(self, config: Any | None = None, **overrides: Any):
         self.config = build_config(self.Config, config, overrides)
         self.fitted = False
 
     @classmethod
+    def preset_names(cls) -> list[str]:
+        """The presets `--preset` accepts for this method ("paper" always)."""
+        return sorted({*cls.presets, PAPER_PRESET})
+
+    @classmethod
+    def resolve_preset(cls, name: str) -> str | None:
+        """The preset a user-given name stands for: "paper" is this method's `paper_preset`
+        (None = its defaults); other names must be presets of this method."""
+        if name == PAPER_PRESET:
+            return cls.paper_preset
+        if name not in cls.presets:
+            raise NdbenchError(
+                f"method {cls.name!r} has no preset {name!r}",
+                f"use --preset with one of: {', '.join(cls.preset_names())}",
+            )
+        return name
+
+    @classmethod
     def with_preset(cls, preset: str | None, **overrides: Any) -> BaseDetector:
-        """Build with a named preset under explicit overrides. A path-like name such as
-        "embedded/multi-class" applies "embedded", then "embedded/multi-class" (each if defined)."""
+        """Build with a preset chain under explicit overrides. The chain is "+"-joined; each
+        path-like element such as "embedded/multi-class" applies "embedded", then
+        "embedded/multi-class" (each if defined)."""
         values: dict[str, Any] = {}
-        if preset:
-            parts = preset.split("/")
+        for element in (preset or "").split("+"):
+            parts = element.split("/") if element else []
             for depth in range(1, len(parts) + 1):
                 values.update(cls.presets.get("/".join(parts[:depth]), {}))
         values.update(overrides)
