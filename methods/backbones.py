@@ -13,6 +13,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, resample_abs_pos_embed
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -47,6 +48,19 @@ def create_backbone(
         return model
     load_weights(model, Path(weights), name=name)
     return model
+
+
+def pretrained_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std that timm records for the weights `name` (architecture and
+    pretrained tag, e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k; the architecture's default
+    tag when none is given)."""
+    _check_name(name)
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    if cfg is None:
+        model = timm.create_model(name, pretrained=False)
+        cfg_dict = getattr(model, "pretrained_cfg", {}) or {}
+        return tuple(cfg_dict.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg_dict.get("std", IMAGENET_DEFAULT_STD))
+    return tuple(cfg.mean), tuple(cfg.std)
 
 
 def _check_name(name: str) -> None:

@@ -115,14 +115,26 @@ class BaseDetector(ABC):
         return cls(**values)
 
     # --- input ---------------------------------------------------------------------------
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The input mean and std: the config's, or (when it leaves them None) those of the
+        backbone's pretrained config in timm, so they always match the weights."""
+        c = self.config
+        if c.mean is not None and c.std is not None:
+            return tuple(c.mean), tuple(c.std)
+        from .backbones import pretrained_normalisation
+
+        mean, std = pretrained_normalisation(c.backbone)
+        return tuple(c.mean or mean), tuple(c.std or std)
+
     def transform(self) -> Callable:
         """PIL image -> normalised tensor at the method's input size."""
         c = self.config
+        mean, std = self.normalisation()
         return transforms.Compose(
             [
                 transforms.Resize((c.img_size, c.img_size), antialias=True),
                 transforms.ToTensor(),
-                transforms.Normalize(c.mean, c.std),
+                transforms.Normalize(mean, std),
             ]
         )
 
