@@ -117,7 +117,7 @@ def _untrained_defend(config: BenchConfig, device: torch.device) -> DefendDetect
     detector = DefendDetector(backbone=config.arch, weights="none", img_size=config.img_size,
                               batch_size=config.batch_size, num_prototypes=5)
     detector.teacher = detector._new_teacher("none").to(device).eval()
-    detector.student = detector._new_student("none").to(device).eval()
+    detector.student = detector._new_student().to(device).eval()
     detector.fitted = True
     return detector
 

@@ -7,6 +7,7 @@ atomically. Jobs are independent, so executors only map `run_job` over them.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import random
 import time
@@ -35,6 +36,14 @@ from .metrics import novelty_metrics
 from .records import Record, record_path, write_record
 
 EMBEDDED = "embedded"
+# How a multi-class training set is weighted. The authors' released code concatenates one image
+# set per normal class (SMSD75/Redefining_Normal_ACCV24:DeFeND/data.py:161-166, the per-class
+# folders written at :120-137), so an image holding two normal classes is seen twice per epoch:
+# "per-class" reproduces that (the default); "unique" sees each image once. Manifests always
+# list each image once; this is a run option (`--set multi_class_weighting=unique`).
+WEIGHTING_OPTION = "multi_class_weighting"
+WEIGHTINGS = ("per-class", "unique")
+DEFAULT_WEIGHTING = "per-class"
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ def expand_jobs(
 ) -> list[Job]:
     """Every (method, split, seed) job of a request, in a stable order."""
     check_dataset(dataset)
+    check_weighting(overrides or {})
     for method in methods:
         cls = get_class(method)  # unknown names fail before any work
         if preset:
@@ -146,11 +156,35 @@ def preset_chain(job: Job) -> str:
     return "+".join(chain)
 
 
+def weighting(job: Job) -> str:
+    """The job's multi-class training weighting ("" for uni-class jobs, where it has no effect)."""
+    if job.setting != "multi-class":
+        return ""
+    return str(dict(job.overrides).get(WEIGHTING_OPTION, DEFAULT_WEIGHTING))
+
+
+def check_weighting(overrides: dict[str, Any]) -> None:
+    """Refuse an unknown `--set multi_class_weighting=...` before any work."""
+    value = overrides.get(WEIGHTING_OPTION, DEFAULT_WEIGHTING)
+    if value not in WEIGHTINGS:
+        raise NdbenchError(f"unknown {WEIGHTING_OPTION} {value!r}",
+                           f"use --set {WEIGHTING_OPTION}=per-class (the released code's) or =unique")
+
+
+def job_hash(job: Job, detector) -> str:
+    """The job key's method part: the config hash, extended by a non-default weighting."""
+    base = config_hash(detector.config)
+    chosen = weighting(job)
+    if chosen in ("", DEFAULT_WEIGHTING):
+        return base
+    return hashlib.sha256(f"{base}/{WEIGHTING_OPTION}={chosen}".encode()).hexdigest()[:10]
+
+
 def build_detector(job: Job, options: RunOptions):
     """The job's detector: paper defaults, its preset chain (`preset_chain`), then the job's
-    overrides and `--weights`."""
+    overrides (less the run option `multi_class_weighting`) and `--weights`."""
     cls = get_class(job.method)
-    overrides = dict(job.overrides)
+    overrides = {k: v for k, v in job.overrides if k != WEIGHTING_OPTION}
     if options.weights is not None:
         overrides["weights"] = options.weights
     return cls.with_preset(preset_chain(job), **overrides)
@@ -160,7 +194,7 @@ def job_record_path(job: Job, options: RunOptions, detector=None) -> Path:
     """Where a job's record goes (it depends on the config hash)."""
     detector = detector or build_detector(job, options)
     return record_path(options.out, job.method, job.dataset, job.setting, job.split,
-                       config_hash(detector.config), job.seed)
+                       job_hash(job, detector), job.seed)
 
 
 def prepare(jobs: list[Job], options: RunOptions) -> None:
@@ -210,10 +244,13 @@ def describe_device(device: torch.device) -> str:
 
 
 def job_data(job: Job, detector, options: RunOptions) -> tuple[Manifest, ManifestDataset, ManifestDataset]:
-    """The job's manifest and its train and test images, in the detector's input transform."""
+    """The job's manifest and its train and test images, in the detector's input transform;
+    multi-class training images repeated per normal class under the "per-class" weighting."""
     index, manifest = load_split(options.splits, job.split_id)
     transform = detector.transform()
     train = ManifestDataset(index, manifest, "train", transform=transform)
+    if weighting(job) == "per-class":
+        train = train.per_class_repeats(manifest.normal_classes)
     return manifest, train, ManifestDataset(index, manifest, "test", transform=transform)
 
 
@@ -236,7 +273,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
 
     record = Record(
         method=job.method,
-        config_hash=config_hash(detector.config),
+        config_hash=job_hash(job, detector),
         config=asdict(detector.config),
         dataset=job.dataset,
         setting=job.setting,
@@ -245,7 +282,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
         normal_classes=list(manifest.normal_classes),
         seed=job.seed,
         metrics=metrics,
-        counts=manifest.counts(),
+        counts={**manifest.counts(), "train_items": len(train)},
         train_seconds=train_seconds,
         inference_images_per_s=len(test) / max(infer_seconds, 1e-9),
         device=describe_device(device),
@@ -253,6 +290,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         extra=getattr(detector, "record_extra", lambda: {})(),
         preset=preset_chain(job),
+        multi_class_weighting=weighting(job),
     )
     write_record(path, record, test.image_ids, test.labels, scores)
     return JobResult(job, "done", path, metrics["auroc"])

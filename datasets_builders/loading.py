@@ -75,6 +75,19 @@ class ManifestDataset(Dataset):
             return self._open_file(self._rows[item])
         return PIL.Image.fromarray(self._array_pixels()[item]).convert("RGB")
 
+    def per_class_repeats(self, normal_classes) -> ManifestDataset:
+        """The same images, each listed once per class of `normal_classes` it holds (at least
+        once): the weighting of a training set built by concatenating per-class image sets."""
+        normal = set(normal_classes)
+        counts = [max(1, len(normal.intersection(row.classes))) for row in self._rows]
+        order = [i for i, count in enumerate(counts) for _ in range(count)]
+        repeated = copy.copy(self)
+        repeated.image_ids = [self.image_ids[i] for i in order]
+        repeated.labels = self.labels[order].copy()
+        repeated._rows = [self._rows[i] for i in order]
+        repeated._pixels = None if self._pixels is None else self._pixels[order].copy()
+        return repeated
+
     def take(self, n: int) -> ManifestDataset:
         """The same dataset over its first `n` items only."""
         smaller = copy.copy(self)

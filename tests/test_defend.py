@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from defend_fixtures import TINY_CONFIG, TINY_VIT, ToyDataset, no_index
+from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
@@ -14,6 +17,7 @@ from datasets_builders.errors import NdbenchError
 from methods import defend_model as dm
 from methods.backbones import ViTFeatures, create_backbone
 from methods.defend import DefendDetector, MKDDetector, dense_epochs, num_prototypes
+from methods.multicrop import MultiCropSpec, MultiCropViews, relative_boxes, sample_crop_boxes
 from methods.registry import get
 
 CPU = torch.device("cpu")
@@ -32,7 +36,7 @@ def toy():
 @pytest.fixture(scope="module")
 def fitted_defend(toy):
     torch.manual_seed(0)
-    detector = get("defend", **TINY_CONFIG, epochs=5, lr=1e-3, dense_epochs=2)
+    detector = get("defend", **TINY_CONFIG, epochs=5, lr=1e-3, dense_epochs=2, num_prototypes="2x-observed")
     detector.fit(toy[0], device=CPU)
     return detector
 
@@ -52,59 +56,163 @@ def test_sinkhorn_marginals_and_determinism():
     torch.testing.assert_close(dm.sinkhorn(torch.zeros(6, 4)), torch.full((6, 4), 0.25))
 
 
-# --- alpha(Q) and crops -----------------------------------------------------------------------
-def test_alpha_full_crop_and_aligned_crop():
-    qmap = torch.stack([torch.arange(16.0).reshape(4, 4), 100 + torch.arange(16.0).reshape(4, 4)])
-    q = qmap.flatten(1).t()[None]  # [1, N=16, K=2], raster order
-    full = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
-    same = dm.align_assignments(q, (4, 4), 8, full, (4, 4))
-    torch.testing.assert_close(same, q, atol=1e-5, rtol=0)  # full image, same grid: Q itself
-    half = dm.align_assignments(q, (4, 4), 8, full, (2, 2))  # full image, 2x2 grid: 2x2 block means
-    torch.testing.assert_close(half[0, :, 0], torch.tensor([2.5, 4.5, 10.5, 12.5]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(half[0], F.avg_pool2d(qmap[None], 2)[0].flatten(1).t(), atol=1e-5, rtol=0)
-    aligned = dm.align_assignments(q, (4, 4), 8, torch.tensor([[8.0, 8.0, 24.0, 24.0]]), (2, 2))
-    torch.testing.assert_close(aligned[0, :, 0], torch.tensor([5.0, 6.0, 9.0, 10.0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(aligned[0, :, 1], torch.tensor([105.0, 106.0, 109.0, 110.0]), atol=1e-5, rtol=0)
+# --- multi-crop views -------------------------------------------------------------------------
+def test_crop_boxes_counts_sizes_scales_and_overlaps():
+    spec = MultiCropSpec()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        boxes = sample_crop_boxes(375, 500, spec, g)
+        assert boxes.shape == (6, 4)
+        assert bool((boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 500).all() and (boxes[:, 3] <= 375).all())
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (375 * 500)
+        assert bool((area[:2] >= 0.3 - 0.01).all() and (area[:2] <= 1.0).all()), area
+        assert bool((area[2:] >= 0.1 - 0.01).all() and (area[2:] <= 0.3 + 0.01).all()), area
+        for v in range(1, 6):  # every crop overlaps every earlier global crop
+            for k in range(min(v, 2)):
+                lt = torch.maximum(boxes[v, :2], boxes[k, :2])
+                rb = torch.minimum(boxes[v, 2:], boxes[k, 2:])
+                inter = float((rb - lt).clamp(min=0).prod())
+                assert inter > int(0.01 * 375 * 500) * (2 if v < 2 else 1)
 
 
-def test_crops_and_boxes():
-    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    full = dm.resized_crops(image, torch.tensor([[0.0, 0.0, 32.0, 32.0]]), 32)
-    torch.testing.assert_close(full, image, atol=1e-5, rtol=0)
-    quarter = dm.resized_crops(image, torch.tensor([[16.0, 0.0, 32.0, 16.0]]), 16)
-    torch.testing.assert_close(quarter, image[:, :, :16, 16:], atol=1e-5, rtol=0)
-    boxes = dm.random_boxes(200, (32, 32), (0.05, 0.4), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 1024
-    assert bool((boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 32).all())
-    assert bool((area >= 0.05 - 1e-6).all() and (area <= 0.4 + 1e-6).all())
-    assert [dm.crop_grid(s, p, 96, 224) for s, p in ((224, 16), (64, 8), (32, 8), (16, 8))] == [6, 3, 2, 2]
+def test_relative_boxes_are_the_overlap_in_each_crops_pixels():
+    spec = MultiCropSpec(global_size=224, local_size=96, global_count=2, local_count=1)
+    boxes = torch.tensor([[0.0, 0.0, 200.0, 100.0], [100.0, 0.0, 300.0, 100.0], [150.0, 50.0, 250.0, 100.0]])
+    gc, other = relative_boxes(boxes, spec)
+    assert gc.shape == (2, 3, 4) and other.shape == (3, 2, 4)
+    # global 0 with global 1: overlap x 100..200, y 0..100 -> in crop 0 (200x100 -> 224x224)
+    torch.testing.assert_close(gc[0, 1], torch.tensor([112.0, 0.0, 224.0, 224.0]))
+    torch.testing.assert_close(gc[0, 0], torch.tensor([0.0, 0.0, 224.0, 224.0]))  # itself: whole crop
+    # local 2 with global 1: overlap x 150..250, y 50..100 = the whole local crop (100x50 -> 96x96)
+    torch.testing.assert_close(other[2, 1], torch.tensor([0.0, 0.0, 96.0, 96.0]))
+    torch.testing.assert_close(gc[1, 2], torch.tensor([56.0, 112.0, 168.0, 224.0]))
 
 
-# --- DEFEND step: which parameters learn ------------------------------------------------------
-def test_defend_step_trains_only_last_blocks_norm_and_head():
-    detector = DefendDetector(**TINY_CONFIG, num_prototypes=4)
-    vit = tiny_vit(depth=3, dynamic_img_size=True)
-    head = dm.DenseHead(vit.embed_dim, 4, hidden=64, out_dim=16)
-    tuned = dm.trainable_for_defend(vit, 2)
-    optimizer = torch.optim.AdamW([{"params": tuned, "lr": 1e-2}, {"params": head.parameters(), "lr": 1e-2}])
-    before = {k: v.clone() for k, v in vit.model.state_dict().items()}
-    x = ToyDataset(4, 4, seed=0).images
-    loss = detector.dense_step(vit, head, torch.stack(x), 2, torch.Generator().manual_seed(0), CPU)
+class PILImages(torch.utils.data.Dataset):
+    """Images known only as PIL files of their own size (like ManifestDataset.image)."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def __len__(self):
+        return len(self.arrays)
+
+    def image(self, item):
+        return Image.fromarray(self.arrays[item])
+
+    def __getitem__(self, item):
+        raise AssertionError("DEFEND's crops must come from the original image")
+
+
+def test_views_are_cut_from_the_original_resolution():
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    spec = MultiCropSpec(global_size=32, local_size=16)
+    views = MultiCropViews(PILImages(arrays), spec, (0.5,) * 3, (0.5,) * 3, seed=1)
+    crops, gc, other = views[0]
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4
+    assert gc.shape == (2, 6, 4) and other.shape == (6, 2, 4)
+    # Pixels come from the 64x48 original: the first crop equals a resize of its box's pixels.
+    boxes = sample_crop_boxes(48, 64, spec, torch.Generator().manual_seed(views.item_seed(0)))
+    x1, y1, x2, y2 = boxes[0].int().tolist()
+    source = torch.from_numpy(arrays[0]).permute(2, 0, 1).float() / 255
+    expected = F.interpolate(source[None, :, y1:y2, x1:x2], size=(32, 32), mode="bilinear",
+                             antialias=True, align_corners=False)[0]
+    torch.testing.assert_close(crops[0], (expected - 0.5) / 0.5, atol=2e-2, rtol=0)
+    again, _, _ = views[0]
+    assert all(torch.equal(a, b) for a, b in zip(crops, again, strict=True))  # same (seed, epoch, item)
+    views.epoch = 1
+    assert not torch.equal(views[0][0][0], crops[0])
+
+
+# --- DEFEND: which parameters learn, the EMA teacher, the queue --------------------------------
+def dense_networks(depth: int = 3, k: int = 4):
+    torch.manual_seed(0)
+    vit = tiny_vit(depth=depth, dynamic_img_size=True, drop_path_rate=0.1)
+    names = dm.freeze_for_defend(vit, 2)
+    ema = dm.DenseNetwork(copy.deepcopy(vit).requires_grad_(False).eval(), dm.ProjectionHead(32, k, 64, 16),
+                          frozen_blocks=depth)
+    ema.head.requires_grad_(False)
+    online = dm.DenseNetwork(vit, dm.ProjectionHead(32, k, 64, 16), frozen_blocks=depth - 2)
+    return online, ema, names
+
+
+def dense_batch(n: int = 4, seed: int = 0):
+    spec = MultiCropSpec(global_size=32, local_size=16)
+    views = MultiCropViews(ToyDataset(n, 0, seed=seed), spec, (0.5,) * 3, (0.5,) * 3, seed=seed)
+    return torch.utils.data.default_collate([views[i] for i in range(n)])
+
+
+def dense_loss(online, ema, batch, queue=None):
+    crops, gc, other = batch
+    with torch.no_grad():
+        targets = ema(crops[:2])
+    return dm.leopart_loss(targets, online(crops), gc, other, patch=8, eps=0.05, iters=3, temperature=0.1,
+                           roi_size=7, queue=queue, student_prototypes=online.head.prototypes.weight.detach(),
+                           queue_per_image=10, generator=torch.Generator().manual_seed(0))
+
+
+def test_defend_trains_exactly_the_last_two_blocks_head_and_prototypes():
+    online, ema, names = dense_networks(depth=3)
+    assert {n.split(".")[1] for n in names} == {"1", "2"} and all(n.startswith("blocks.") for n in names)
+    optimizer = torch.optim.AdamW(dm.dense_param_groups(online, 1e-2, 1e-2, 0.04))
+    before = {k: v.clone() for k, v in online.state_dict().items()}
+    online.train()
+    loss = dense_loss(online, ema, dense_batch())
+    assert torch.isfinite(loss) and loss.requires_grad
     loss.backward()
-
-    def trains(name: str) -> bool:
-        return name.startswith(("blocks.1.", "blocks.2.", "norm."))
-
-    for name, p in vit.model.named_parameters():
-        assert (p.grad is not None) == trains(name), name
-    assert all(p.grad is not None for p in head.parameters())
+    trains = {n for n, p in online.named_parameters() if p.grad is not None}
+    head = {n for n, _ in online.named_parameters() if n.startswith("head.")}
+    expected = {f"vit.model.{n}" for n in names} | head
+    assert trains == expected and "head.prototypes.weight" in head
+    assert not any(n.startswith("vit.model.norm.") for n in trains)  # the final norm stays frozen
+    assert all(p.grad is None for p in ema.parameters())
     optimizer.step()
-    after = vit.model.state_dict()
-    for name in before:
-        assert torch.equal(before[name], after[name]) != trains(name), name
-    assert {n for n, _ in vit.model.named_parameters() if trains(n)} == {
-        n for n, p in vit.model.named_parameters() if p.requires_grad
-    }
+    after = online.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == expected
+    # Optimiser groups: backbone decay / no decay, head decay / no decay; no-decay = biases and 1-D.
+    groups = dm.dense_param_groups(online, 1e-5, 1e-4, 0.04)
+    assert [g["lr"] for g in groups] == [1e-5, 1e-5, 1e-4, 1e-4]
+    assert [g["weight_decay"] for g in groups] == [0.04, 0.0, 0.04, 0.0]
+    named = dict(online.named_parameters())
+    grouped = 0
+    for group, wants_decay in zip(groups, (True, False, True, False), strict=True):
+        for p in group["params"]:
+            name = next(n for n, q in named.items() if q is p)
+            assert (name.endswith(".bias") or p.ndim == 1) != wants_decay, name
+            grouped += 1
+    assert grouped == len(expected)
+
+
+def test_ema_teacher_moves_by_the_momentum_rule_only():
+    online, ema, _ = dense_networks()
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    old = [p.clone() for p in ema.parameters()]
+    dm.ema_update(ema, online, 0.9)
+    for p_ema, p_old, p_online in zip(ema.parameters(), old, online.parameters(), strict=True):
+        torch.testing.assert_close(p_ema, 0.9 * p_old + 0.1 * p_online)
+        assert not p_ema.requires_grad
+    schedule = dm.cosine_schedule(0.9995, 1.0, 10)
+    assert schedule[0] == pytest.approx(0.9995) and np.all(np.diff(schedule) > 0) and schedule[-1] < 1.0
+
+
+def test_queue_fills_then_joins_the_assignment():
+    queue = dm.AssignmentQueue(2, 20, 16, CPU)
+    prototypes = F.normalize(torch.randn(4, 16), dim=1)
+    g = torch.Generator().manual_seed(0)
+    assert queue.scores(0, prototypes) is None
+    queue.push(0, F.normalize(torch.randn(40, 16), dim=1), 12, g)
+    assert queue.scores(0, prototypes) is None  # 12 of 20 slots filled
+    queue.push(0, F.normalize(torch.randn(40, 16), dim=1), 12, g)
+    scores = queue.scores(0, prototypes)
+    assert scores is not None and scores.shape == (20, 4) and queue.in_use
+    online, ema, _ = dense_networks()
+    full = dm.AssignmentQueue(2, 8, 16, CPU)
+    full.embeddings.normal_()
+    full.in_use = True
+    assert torch.isfinite(dense_loss(online, ema, dense_batch(), queue=full))
 
 
 # --- MKD: guided masking, kept tokens, teacher passes -----------------------------------------
@@ -164,8 +272,8 @@ def test_teacher_targets_once_per_image(monkeypatch, toy):
 # --- the tuned teacher reaches MKD ------------------------------------------------------------
 def test_defend_teacher_reaches_mkd_and_mkd_teacher_is_untuned(tmp_path, monkeypatch):
     weights = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_vit(seed=5).model.state_dict().items()}, str(weights))
-    untuned = tiny_vit(seed=5).model.state_dict()
+    save_file({k: v.contiguous() for k, v in tiny_vit(seed=5, depth=3).model.state_dict().items()}, str(weights))
+    untuned = tiny_vit(seed=5, depth=3).model.state_dict()
     used = {}
     original = MKDDetector.distill
 
@@ -175,16 +283,20 @@ def test_defend_teacher_reaches_mkd_and_mkd_teacher_is_untuned(tmp_path, monkeyp
 
     monkeypatch.setattr(MKDDetector, "distill", spy)
     train = ToyDataset(16, 0, seed=4)
-    config = {**TINY_CONFIG, "weights": str(weights), "epochs": 1}
+    config = {**TINY_CONFIG, "weights": str(weights), "epochs": 1, "depth": 3}
+    monkeypatch.setattr(MKDDetector, "_vit", lambda self, w, **kw: ViTFeatures(create_backbone(
+        TINY_VIT, weights=w, num_classes=0, depth=3, **kw)))
+    config.pop("depth")
     get("mkd", **config).fit(train, device=CPU)
     defend = get("defend", **config, dense_epochs=1, dense_lr_backbone=1e-3)
     defend.fit(train, device=CPU)
     assert all(torch.equal(used["mkd"][k], untuned[k]) for k in untuned)
     changed = {k for k in untuned if not torch.equal(used["defend"][k], untuned[k])}
-    assert changed and all(k.startswith(("blocks.", "norm.")) for k in changed)
-    assert any(k.startswith("blocks.0.") for k in changed) and any(k.startswith("norm.") for k in changed)
-    assert {k for k in untuned if k.startswith(("cls_token", "pos_embed", "patch_embed"))}.isdisjoint(changed)
+    # Only the last two of the three blocks were tuned; the final norm and the rest stay as loaded.
+    assert changed and {k.split(".")[1] for k in changed} == {"1", "2"}
+    assert all(k.startswith("blocks.") for k in changed)
     assert all(torch.equal(used["defend"][k], v) for k, v in defend.teacher.model.state_dict().items())
+    assert defend.record_extra()["dense_steps"] == 1 and defend.record_extra()["crop_px"] == [32, 16]
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -193,7 +305,7 @@ def test_defend_separates_toy_normal_from_novel(fitted_defend, toy):
     assert scores.shape == (48,) and np.isfinite(scores).all()
     assert roc_auc_score(toy[1].labels, scores) > 0.8
     extra = fitted_defend.record_extra()
-    assert extra["num_prototypes"] == 4 and extra["observed_classes"] == 2
+    assert extra["num_prototypes"] == 4 and extra["observed_classes"] == 2  # 2 x {3, 7}
     assert extra["teacher_passes_per_image"] == 1.0 and extra["student_tokens_kept"] == 8
     maps = fitted_defend.anomaly_map(torch.stack(toy[1].images[:3]))
     assert maps.shape == (3, 32, 32)
@@ -215,7 +327,7 @@ def test_save_load_round_trip(fitted_defend, toy, tmp_path):
 @pytest.mark.parametrize(
     "options, kept",
     [({"guidance": "random"}, 8), ({"guidance": "none"}, 16), ({"distill_layers": "all"}, 8),
-     ({"normalise": False, "mask_ratio": 0.75}, 4)],
+     ({"normalise": False, "mask_ratio": 0.75}, 4), ({"student_init": "timm"}, 8)],
 )
 def test_ablation_options_run(options, kept):
     detector = get("mkd", **TINY_CONFIG, epochs=1, **options)
@@ -225,35 +337,47 @@ def test_ablation_options_run(options, kept):
 
 
 # --- configuration ----------------------------------------------------------------------------
-def test_registered_configs_carry_paper_defaults():
+def test_registered_configs_carry_the_released_defaults():
     c = get("defend").config
     assert (c.backbone, c.weights, c.img_size, c.mean, c.std) == (
-        "vit_base_patch16_224.augreg_in21k", "hub", 224, (0.5,) * 3, (0.5,) * 3)
-    assert (c.tuned_blocks, c.head_hidden, c.head_out, c.num_prototypes, c.temperature) == (2, 2048, 256, None, 0.1)
-    assert (c.sinkhorn_eps, c.sinkhorn_iters, c.crop_px, c.crop_reference_px) == (0.05, 3, 96, 224)
-    assert (c.dense_lr_backbone, c.dense_lr_head, c.dense_epochs) == (1e-5, 1e-4, None)
+        "vit_base_patch16_224.augreg2_in21k_ft_in1k", "hub", 224, None, None)
+    assert get("defend").normalisation() == ((0.5,) * 3, (0.5,) * 3)  # from timm's pretrained config
+    assert (c.tuned_blocks, c.head_hidden, c.head_out, c.head_layers, c.num_prototypes, c.temperature) == (
+        2, 2048, 256, 3, 20, 0.1)
+    assert (c.sinkhorn_eps, c.sinkhorn_iters, c.queue_length, c.roi_size) == (0.05, 3, 8192, 7)
+    assert (c.global_crops, c.local_crops, c.global_scale, c.local_scale, c.local_crop_px) == (
+        2, 4, (0.3, 1.0), (0.1, 0.3), 96)
+    assert (c.momentum_teacher, c.momentum_teacher_end, c.dense_drop_path) == (0.9995, 1.0, 0.1)
+    assert (c.dense_lr_backbone, c.dense_lr_head, c.dense_final_lr, c.dense_epochs) == (1e-5, 1e-4, 0.0, None)
+    assert (c.dense_weight_decay, c.dense_weight_decay_end, c.dense_batch_size) == (0.04, 0.5, 32)
     mkd = get("mkd").config
     for config in (c, mkd):
         assert (config.mask_ratio, config.guidance, config.distill_layers, config.normalise) == (
             0.5, "teacher", "last", True)
-        assert (config.student_drop_path, config.lr, config.betas, config.weight_decay) == (
-            0.1, 1e-5, (0.9, 0.95), 0.05)
+        assert (config.student_init, config.student_drop_path, config.lr, config.betas, config.weight_decay) == (
+            "mae", 0.1, 1e-5, (0.9, 0.95), 0.05)
         assert (config.epochs, config.batch_size) == (10, 32)
     assert not hasattr(mkd, "num_prototypes")
+    assert get("knn").config.backbone == c.backbone
     for cls in (DefendDetector, MKDDetector):
         preset = cls.with_preset("embedded").config
         assert (preset.backbone, preset.weights, preset.img_size) == ("ndbench_vit_embedded", "embedded", 64)
+        assert cls.with_preset("paper-text").config.backbone == "vit_base_patch16_224.augreg_in21k"
+    assert DefendDetector.with_preset("paper-text").config.num_prototypes == "2x-observed"
     with pytest.raises(NdbenchError, match="guidance"):
         get("mkd", guidance="attention")
+    with pytest.raises(NdbenchError, match="num_prototypes"):
+        get("defend", num_prototypes="3x")
 
 
 def test_prototype_count_and_dense_epochs(toy):
     train = toy[0]
-    assert num_prototypes(get("defend").config, train) == (4, 2)  # 2 x {3, 7}
+    assert num_prototypes(get("defend").config, train) == (20, 2)  # the released default
+    assert num_prototypes(get("defend", num_prototypes="2x-observed").config, train) == (4, 2)  # 2 x {3, 7}
     assert num_prototypes(get("defend", num_prototypes=5).config, train) == (5, 2)
     assert num_prototypes(get("defend", num_prototypes=5).config, no_index(train)) == (5, None)
     with pytest.raises(NdbenchError, match="num_prototypes"):
-        num_prototypes(get("defend").config, no_index(train))
+        num_prototypes(get("defend", num_prototypes="2x-observed").config, no_index(train))
 
     class Split:
         def __init__(self, split_id):
@@ -262,3 +386,45 @@ def test_prototype_count_and_dense_epochs(toy):
     config = get("defend").config
     assert [dense_epochs(config, Split(s)) for s in ("coco/uni-class/1", "voc/uni-class/14")] == [10, 3]
     assert dense_epochs(get("defend", dense_epochs=1).config, Split("coco/uni-class/1")) == 1
+
+
+# --- the MKD student as released ------------------------------------------------------------------
+def reference_sincos(dim: int, side: int) -> np.ndarray:
+    """MAE's 2-D sin-cos table, written out from its definition: raster positions; the first half
+    of the channels from the column, the second from the row; [sin | cos] of pos / 10000^(2i/(dim/2))."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    rows = []
+    for r in range(side):
+        for col in range(side):
+            rows.append(np.concatenate([np.sin(col * freq), np.cos(col * freq),
+                                        np.sin(r * freq), np.cos(r * freq)]))
+    return np.vstack([np.zeros((1, dim)), np.array(rows)])
+
+
+def test_student_position_embedding_is_frozen_sincos_and_decay_skips_biases():
+    mkd = get("mkd", **TINY_CONFIG)
+    torch.manual_seed(0)
+    student = mkd._new_student()
+    pos = student.model.pos_embed
+    assert not pos.requires_grad and pos.shape == (1, 17, 32)
+    np.testing.assert_allclose(pos[0].numpy(), reference_sincos(32, 4), atol=1e-6)
+    linear = student.model.blocks[0].attn.qkv
+    assert float(linear.bias.detach().abs().max()) == 0.0
+    bound = float(np.sqrt(6.0 / (linear.in_features + linear.out_features)))  # xavier-uniform
+    weight = linear.weight.detach()
+    assert float(weight.abs().max()) <= bound and float(weight.std()) > bound / 3
+    assert float(student.model.cls_token.detach().std()) == pytest.approx(0.02, rel=0.6)
+    timm_student = get("mkd", **TINY_CONFIG, student_init="timm")._new_student()
+    assert timm_student.model.pos_embed.requires_grad
+    # MKD's AdamW groups (timm's param_groups_weight_decay): no decay on exactly biases and 1-D tensors.
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(student, 0.05)
+    no_decay, decay = sorted(groups, key=lambda g: g["weight_decay"])
+    named = dict(student.named_parameters())
+    names = {id(p): n for n, p in named.items()}
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        n for n, p in named.items() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))}
+    assert "model.pos_embed" not in {names[id(p)] for p in decay["params"] + no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05

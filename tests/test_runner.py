@@ -197,4 +197,4 @@ def test_embedded_presets_are_layered_by_setting(tmp_path):
     assert (multi.epochs, multi.dense_epochs, multi.lr) == (2, 1, 1e-3)  # lr from the base layer
     assert config("embedded", "multi-class", (("epochs", 5),)).epochs == 5
     paper = config("voc", "multi-class")
-    assert (paper.epochs, paper.lr, paper.backbone) == (10, 1e-5, "vit_base_patch16_224.augreg_in21k")
+    assert (paper.epochs, paper.lr, paper.backbone) == (10, 1e-5, "vit_base_patch16_224.augreg2_in21k_ft_in1k")
