@@ -21,7 +21,7 @@ from methods.defend import DefendDetector
 from methods.registry import get_class
 from methods.transformaly import TransformalyDetector
 
-# The paper's ablation backbone, ViT-S/16 at 224 px (issue 5); random weights (speed only).
+# The paper's ablation backbone, ViT-S/16 at 224 px (paper sec. 4.3); random weights (speed only).
 BENCH_ARCH = "vit_small_patch16_224"
 # The paper's main backbone shape, for the DEFEND vs Transformaly comparison (paper Table 10).
 PAPER_ARCH = "vit_base_patch16_224"
@@ -182,7 +182,7 @@ def paper_comparison(config: BenchConfig, device: torch.device, report: Callable
     return rows
 
 
-# The baselines whose training speed the bench reports (issue 6), each at its paper shapes
+# The baselines whose training speed the bench reports, each at its paper shapes
 # (backbone, input size) with random weights, at the bench's batch size so rows compare.
 # EPOCH_FIELDS and BATCH_FIELDS name the config fields that count epochs and set batch sizes
 # where they are not `epochs` and `batch_size` (dsvdd trains in two phases).

@@ -14,7 +14,7 @@ from .reporting import print_tables, report_results
 from .runner import RunOptions, expand_jobs
 
 # Methods of the default demo: those that fit its 10-minute budget on 2 CPU cores. Measured per
-# uni-class split on 2 idle cores (issue 6): knn 2.1 s, mkd 10.4 s, defend 15.2 s, transformaly
+# uni-class split on 2 idle cores: knn 2.1 s, mkd 10.4 s, defend 15.2 s, transformaly
 # 6.5 s, rdad 6.9 s, msad 5.7 s, kdad 8.5 s, dsvdd 10.8 s, plus ~3.5 min of pre-training; the
 # first three took 8 min 15 s cold, so one ~1-minute baseline fits: transformaly, the paper's
 # strongest competitor.

@@ -1,6 +1,6 @@
 """COCO instances JSON (train + val) -> dataset index.
 
-Rules (DESIGN.md "Dataset index"): class ids are the COCO category ids and names come from
+Rules (docs/ARCHITECTURE.md, "Datasets and splits"): class ids are the COCO category ids and names come from
 the JSON. Every train image is a train row (classes = its annotations' category ids, crowd
 annotations included, no area filter; an image without annotations has no classes). Every
 val image is a test row; one without annotations has no classes, so it is novel in every

@@ -1,4 +1,4 @@
-"""Split rules (DESIGN.md "Settings and split manifests"): dataset index -> split manifests.
+"""Split rules (docs/ARCHITECTURE.md, "Datasets and splits"): dataset index -> split manifests.
 
 - uni-class (one-vs-all): normal class c. Train = train images holding c (other objects may
   appear too). Test = all test images, label 0 if c is present, else 1.

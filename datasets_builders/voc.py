@@ -1,6 +1,6 @@
 """PASCAL VOC (2012 or 2007) -> dataset index.
 
-Follows the paper's released code (DESIGN.md "Where the paper's released code fixes a detail"):
+Follows the paper's released code (docs/FIDELITY.md, "Datasets and splits"):
 - VOC2012: train = the `trainaug` segmentation list (falls back to `Segmentation/train.txt`),
   classes from the `SegmentationClassAug` masks when that folder exists, else from the XML;
   test = `Segmentation/val.txt`, classes from the XML (every object, difficult or not).

@@ -30,7 +30,7 @@ PAPER_PRESET = "paper"
 
 @runtime_checkable
 class Detector(Protocol):
-    """The method contract (DESIGN.md, "Method interface")."""
+    """The method contract (docs/ARCHITECTURE.md, "The method contract")."""
 
     name: ClassVar[str]
     config: Any
@@ -206,7 +206,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (DESIGN.md performance principles); a no-op elsewhere."""
+    """bf16 autocast on CUDA; a no-op elsewhere."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

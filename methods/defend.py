@@ -76,7 +76,7 @@ class MKDConfig:
     weight_decay: float = 0.05
     # Paper 4.3: 10 epochs (RN:DeFeND/leo_tuning.py:250 runs 11, scoring after the 10th: main.py:353-358).
     epochs: int = 10
-    batch_size: int = 32  # RN:README.md:16 (--batch_size 32, also for DEFEND)
+    batch_size: int = 32  # RN:README.md:11, 20 (--batch_size 32, also for DEFEND)
     # ndbench choice: teacher targets are cached once per job up to this size, else recomputed.
     max_cache_gb: float = 16.0
 
@@ -131,7 +131,7 @@ class DefendConfig(MKDConfig):
     dense_weight_decay_end: float = 0.5  # ... RN:DeFeND/leo_tuning.py:163 (RN:DeFeND/leo.py:164)
     dense_drop_path: float = 0.1  # RN:DeFeND/leo.py:185 (the tuned network trains with drop-path)
     dense_epochs: int | None = None  # paper 4.3: 3 epochs, COCO 10; None picks by dataset
-    dense_batch_size: int = 32  # RN:README.md:16 (--batch_size 32)
+    dense_batch_size: int = 32  # RN:README.md:11, 20 (--batch_size 32)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,5 +1,5 @@
 """Training data kept in memory for a job: images decoded once (and frozen-network outputs
-cached once) instead of every epoch, as DESIGN.md's performance principles ask.
+cached once) instead of every epoch.
 
 Shared by the training detectors (defend/mkd, transformaly, kdad).
 """
