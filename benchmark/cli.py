@@ -169,6 +169,69 @@ def _build_coco_format(
                            f"run them with `ndbench run --dataset {index.dataset} --method ...`")
 
 
+@app.command("download")
+def download_command(
+    dataset: Annotated[str, typer.Argument(help="voc, coco, cifar10, cifar100, mnist or fmnist.")],
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Where the files go, laid out as `build-splits` reads them. Default: "
+                     "$NDBENCH_DATA/<dataset>, else data/<dataset> (the build-splits default)."),
+    ] = None,
+    year: Annotated[
+        int | None,
+        typer.Option(help="VOC: 2012 (default: trainval, SegmentationClassAug masks and the trainaug list) "
+                     "or 2007 (trainval + test). COCO: 2014 (default, as the paper) or 2017."),
+    ] = None,
+    mirror: Annotated[
+        str | None,
+        typer.Option(envvar="NDBENCH_MIRROR",
+                     help="Fetch every file from this host instead of the official ones: a file is read from "
+                     "<mirror>/<dataset>/<file name>, e.g. <mirror>/voc/VOCtrainval_11-May-2012.tar "
+                     "(`--list` shows the names). http(s):// or file://. Checksums are still checked."),
+    ] = None,
+    only: Annotated[
+        str | None, typer.Option(help="'annotations': COCO's instance annotations without the images.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Download and extract again what is already in place.")] = False,
+    keep_archives: Annotated[
+        bool, typer.Option(help="Keep the archives (in <root>/.ndbench-download/) after extracting them.")
+    ] = False,
+    list_files: Annotated[
+        bool, typer.Option("--list", help="Only show each file's name, size, checksum, URL and destination.")
+    ] = False,
+) -> None:
+    """Download a dataset's published files, check their checksums and lay them out exactly as
+    `ndbench build-splits DATASET` reads them. Interrupted downloads resume; what is in place is
+    skipped, so a re-run is instant."""
+    from datasets_builders.download import DownloadRequest, build_splits_hint, download_dataset, plan_download
+
+    request = DownloadRequest(dataset=dataset, root=root, year=year, mirror=mirror, only=only, force=force,
+                              keep_archives=keep_archives)
+    if list_files:
+        stdout_console().print(_download_listing(plan_download(request)), soft_wrap=True, markup=False)
+        return
+    result = download_dataset(request, console=stderr_console())
+    plan = result.plan
+    if plan.files != tuple(f for f in plan.files if f.annotations):
+        stdout_console().print(f"{plan.dataset} is ready under {plan.root}; next: {build_splits_hint(plan)}",
+                               soft_wrap=True)
+    else:
+        stdout_console().print(f"{plan.dataset} annotations are under {plan.root}; build-splits also needs the "
+                               "images: run again without --only", soft_wrap=True)
+
+
+def _download_listing(plan) -> str:
+    """Each file of a download plan: name, size, checksum, where it goes, then its URL (on a
+    line of its own, so that it can be copied whole)."""
+    lines = [f"{plan.dataset}{f' {plan.year}' if plan.year else ''} -> {plan.root}"]
+    for file in plan.files:
+        size = f"{file.size:,} bytes" if file.size else "size not published"
+        checksum = f"{file.checksum[0]} {file.checksum[1]}" if file.checksum else "no checksum published"
+        goes_to = f"extracted into {file.target or '.'}/" if file.archive else f"saved as {file.target}"
+        lines += [f"{file.name} ({size}, {checksum}): {goes_to}", f"    {plan.url(file)}"]
+    return "\n".join(lines)
+
+
 def _list(text: str | None) -> list[str] | None:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
