@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from rich.console import Console
+from rich.filesize import decimal
 
 from . import download_table
 from .archives import extract
@@ -140,7 +141,7 @@ def download_dataset(
     result = DownloadResult(plan)
     where = f" from the mirror {plan.mirror}" if plan.mirror else ""
     year = f" {plan.year}" if plan.year else ""
-    console.print(f"{plan.dataset}{year}: {len(plan.files)} file(s) into {plan.root}{where}")
+    _say(console, f"{plan.dataset}{year}: {len(plan.files)} file(s) into {plan.root}{where}")
     try:
         plan.root.mkdir(parents=True, exist_ok=True)
         (plan.root / STATE_FOLDER).mkdir(exist_ok=True)
@@ -149,6 +150,11 @@ def download_dataset(
     for file in plan.files:
         result.outcomes.append((file, _ensure(file, plan, request, console)))
     return result
+
+
+def _say(console: Console, text: str) -> None:
+    """One status line, never wrapped (URLs stay whole) and never read as rich markup."""
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
 def _marker(plan: Plan, file: RemoteFile) -> Path:
@@ -178,40 +184,46 @@ def _ensure(file: RemoteFile, plan: Plan, request: DownloadRequest, console: Con
     if file.archive:
         marker = _marker(plan, file)
         if not request.force and _marker_matches(marker, file) and in_place:
-            console.print(f"{file.name}: already downloaded and extracted, skipped")
+            _say(console, f"{file.name}: already downloaded and extracted, skipped")
             return "present"
         if not request.force and file.provides and in_place and not marker.exists():
-            console.print(f"{file.name}: {', '.join(file.provides)} already there (not checked; --force "
+            _say(console, f"{file.name}: {', '.join(file.provides)} already there (not checked; --force "
                           "downloads it again), skipped")
             return "found"
         archive = plan.root / STATE_FOLDER / file.name
-        _obtain(file, url, archive, console)
-        count = extract(archive, plan.root / file.target, skip=file.skip, console=console)
+        _obtain(file, url, archive, console, reuse=not request.force)
+        try:
+            count = extract(archive, plan.root / file.target, skip=file.skip, console=console)
+        except NdbenchError:
+            if file.checksum is None:  # unverified: never reuse an archive that does not extract
+                archive.unlink(missing_ok=True)
+            raise
         atomic_write_text(marker, json.dumps(_marker_body(file, url, count), indent=1) + "\n")
-        console.print(f"{file.name}: extracted {count} files into {plan.root / file.target}")
+        _say(console, f"{file.name}: extracted {count} files into {plan.root / file.target}")
         if not request.keep_archives:
             archive.unlink()
         return "downloaded"
     dest = plan.root / file.target
     if not request.force and dest.is_file():
         if _problem(file, dest, console) is None:
-            console.print(f"{file.name}: already in place and {_verified(file)}, skipped")
+            _say(console, f"{file.name}: already in place and {_verified(file)}, skipped")
             return "present"
-        console.print(f"{file.name}: {dest} fails its check, downloading it again")
-    _obtain(file, url, dest, console)
+        _say(console, f"{file.name}: {dest} fails its check, downloading it again")
+    _obtain(file, url, dest, console, reuse=False)  # checked above already
     return "downloaded"
 
 
-def _obtain(file: RemoteFile, url: str, dest: Path, console: Console) -> None:
-    """`dest` holds the checked file afterwards: kept from an earlier run if it passes its
-    check, else downloaded (a failing download is deleted and ends the command)."""
-    if dest.is_file():
+def _obtain(file: RemoteFile, url: str, dest: Path, console: Console, reuse: bool) -> None:
+    """`dest` holds the checked file afterwards: with `reuse`, the one an earlier run left if
+    it passes its check; else a new download, which replaces `dest` only once it passes (a
+    failing download is deleted and ends the command)."""
+    if reuse and dest.is_file():
         if _problem(file, dest, console) is None:
-            console.print(f"{file.name}: found a complete download ({_verified(file)})")
+            _say(console, f"{file.name}: found a complete download ({_verified(file)})")
             return
         dest.unlink()
-    size = f"{file.size / 1e6:,.1f} MB" if file.size else "size not published"
-    console.print(f"{file.name}: {size} from {url}")
+    size = decimal(file.size) if file.size else "(size not published)"
+    _say(console, f"{file.name}: downloading {size} from {url}")
     algorithm = file.checksum[0] if file.checksum else None
     fetched = fetch(url, dest, algorithm=algorithm, expected_size=file.size, console=console, label=file.name)
     problem = _mismatch(file, fetched.digest, fetched.size)
@@ -223,7 +235,7 @@ def _obtain(file: RemoteFile, url: str, dest: Path, console: Console) -> None:
             "file: fetch it by hand into the layout of README 'Datasets'",
         )
     os.replace(fetched.path, dest)
-    console.print(f"{file.name}: {_verified(file)}")
+    _say(console, f"{file.name}: {_verified(file)}")
 
 
 def _problem(file: RemoteFile, path: Path, console: Console) -> str | None:

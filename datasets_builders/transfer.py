@@ -90,8 +90,9 @@ def fetch(
     part = part_path(dest)
     part.parent.mkdir(parents=True, exist_ok=True)
     resumes = 0
-    with progress_bar(console) as progress:
-        task = progress.add_task(label, total=expected_size)
+    progress = progress_bar(console)
+    task = None  # the bar starts once the host answers: an unreachable host prints only the error
+    try:
         while True:
             offset = part.stat().st_size if part.exists() else 0
             _check_free_space(part.parent, expected_size, offset)
@@ -103,6 +104,9 @@ def fetch(
                 part.unlink()
                 continue
             with response:
+                if task is None:
+                    progress.start()
+                    task = progress.add_task(label, total=expected_size)
                 hasher, start, total = _start(response, part, offset, algorithm, progress, task)
                 progress.update(task, total=total if total is not None else expected_size, completed=start)
                 received, broke = _stream(response, part, start, hasher, progress, task)
@@ -116,7 +120,10 @@ def fetch(
                     f"download of {url} broke off at {size} bytes ({why})",
                     "run the same command again: it resumes where it stopped",
                 )
-            progress.console.print(f"{label}: connection broke at {size} bytes ({why}); resuming")
+            progress.console.print(f"{label}: connection broke at {size} bytes ({why}); resuming", markup=False)
+    finally:
+        if task is not None:
+            progress.stop()
 
 
 def _open(url: str, offset: int, resumes: int):

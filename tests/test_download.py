@@ -21,6 +21,7 @@ from datasets_builders import download_table, transfer
 from datasets_builders.coco import build_coco_index
 from datasets_builders.download import STATE_FOLDER
 from datasets_builders.index import DatasetIndex
+from datasets_builders.single_object import build_mnist_index
 from datasets_builders.voc import build_voc_index
 
 
@@ -302,3 +303,33 @@ def test_markers_record_what_was_extracted(server, serve, tmp_path, monkeypatch,
     assert marker["md5"] == table[0].md5 and marker["files"] == 7
     with tarfile.open(root / STATE_FOLDER / "cifar-10-python.tar.gz") as tar:  # kept, and complete
         assert len([m for m in tar.getmembers() if m.isfile()]) == 7
+
+
+def test_an_unverifiable_zip_that_does_not_extract_is_not_kept(server, serve, tmp_path, monkeypatch, capsys):
+    """The masks zip has no published checksum: a host serving an HTML page instead must not
+    leave that page behind to be reused by the next run."""
+    table = publish(serve, "voc", 2012, server.url)
+    use_table(monkeypatch, {("voc", 2012): table})
+    masks = serve / "voc" / "SegmentationClassAug.zip"
+    good = masks.read_bytes()
+    masks.write_bytes(b"<html>quota exceeded</html>")
+    root = tmp_path / "voc"
+    code, _, err = run(["download", "voc", "--root", str(root)], capsys)
+    one_line_error(code, err, "SegmentationClassAug.zip", "not a readable zip archive")
+    assert not (root / STATE_FOLDER / "SegmentationClassAug.zip").exists()
+    masks.write_bytes(good)
+    code, _, err = run(["download", "voc", "--root", str(root)], capsys)
+    assert code == 0, err
+    assert [p for p, _ in server.state.requests].count("voc/SegmentationClassAug.zip") == 2
+    assert [p for p, _ in server.state.requests].count("voc/VOCtrainval_11-May-2012.tar") == 1
+
+
+def test_a_damaged_plain_file_in_place_is_fetched_again(server, serve, tmp_path, monkeypatch, capsys):
+    use_table(monkeypatch, {("mnist", None): publish(serve, "mnist", None, server.url)})
+    root = tmp_path / "mnist"
+    assert run(["download", "mnist", "--root", str(root)], capsys)[0] == 0
+    (root / "train-labels-idx1-ubyte.gz").write_bytes(b"damaged")
+    code, _, err = run(["download", "mnist", "--root", str(root)], capsys)
+    assert code == 0 and "fails its check" in err, err
+    assert [p for p, _ in server.state.requests][4:] == ["mnist/train-labels-idx1-ubyte.gz"]
+    assert len(build_mnist_index(root, variant="mnist").rows) == 22
