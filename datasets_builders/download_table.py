@@ -7,9 +7,10 @@ Checksums are copied from where they were published, never computed here from a 
 - COCO publishes no checksums; TensorFlow Datasets records the sha256 and size of each COCO
   zip and checks them on every download (tensorflow/datasets,
   tensorflow_datasets/url_checksums/coco2014.txt and coco2017.txt), and those are used;
-- sizes are informational (progress, free space) where a checksum decides; they come from the
-  same records (TFDS url_checksums voc.txt, mnist.txt, fashion_mnist.txt) or, for the CIFAR
-  python tarballs, from the Content-Length the Toronto host serves.
+- where a checksum decides, sizes only feed the progress bar and the free-space check; they
+  are TFDS's records of the same files (url_checksums voc.txt, for the pjreddie.com copies of
+  the VOC tarballs; mnist.txt; fashion_mnist.txt) and, for the CIFAR python tarballs, the
+  Content-Length the Toronto host serves (170498071 and 169001437 bytes).
 The VOC2012 `trainaug` extras (paper: 10,582 training images) have no official home:
 - the list is DeepLabV3Plus-Pytorch's `datasets/data/train_aug.txt`, fetched from a pinned
   commit so its bytes cannot change; its sha256 is that of the blob at that commit (git blob

@@ -5,7 +5,8 @@ Written here rather than taken from a library: torchvision's `download_url` and 
 resume a partial file nor report through rich, and the datasets here are gigabytes (COCO
 train2014 is 13.5 GB), where restarting from zero after a dropped connection is the failure
 this module exists to avoid. The transfer itself is the standard library's urllib (which
-also follows redirects and reads `file://` mirrors); checksums are hashlib's.
+also follows redirects and reads `file://` mirrors); checksums are hashlib's (torchvision's
+`check_integrity` knows only md5, and the COCO and trainaug checksums are sha256).
 """
 
 from __future__ import annotations
