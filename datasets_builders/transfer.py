@@ -121,7 +121,8 @@ def fetch(
                     f"download of {url} broke off at {size} bytes ({why})",
                     "run the same command again: it resumes where it stopped",
                 )
-            progress.console.print(f"{label}: connection broke at {size} bytes ({why}); resuming", markup=False)
+            progress.console.print(f"{label}: connection broke at {size} bytes ({why}); resuming", markup=False,
+                                   soft_wrap=True)
     finally:
         if task is not None:
             progress.stop()
