@@ -7,6 +7,7 @@ atomically. Jobs are independent, so executors only map `run_job` over them.
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import time
@@ -111,9 +112,19 @@ def _custom_split_missing(dataset: str, options: RunOptions, what: str, options_
 
 
 def _built_classes(index: DatasetIndex, setting: str, options: RunOptions) -> list[int]:
-    """Classes of a custom dataset whose split of `setting` was built."""
+    """Classes of a custom dataset whose split of `setting` was built from its current index
+    (a manifest left by an earlier build of other files is not run)."""
     folder = options.splits / index.dataset / setting
-    return [c for c in index.class_ids() if (folder / f"{split_name(setting, c)}.json").is_file()]
+    built = []
+    for c in index.class_ids():
+        path = folder / f"{split_name(setting, c)}.json"
+        try:
+            current = json.loads(path.read_text(encoding="utf-8")).get("index_sha256") == index.sha256
+        except (OSError, ValueError, AttributeError):
+            current = False
+        if current:
+            built.append(c)
+    return built
 
 
 def expand_jobs(

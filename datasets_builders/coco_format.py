@@ -26,7 +26,7 @@ from pathlib import Path
 from .atomic import atomic_write_text
 from .coco import CocoSubset, index_from_instances
 from .errors import NdbenchError
-from .index import DatasetIndex
+from .index import DatasetIndex, IndexRow
 from .sources import DATASETS
 from .splits import protocol_classes
 
@@ -120,18 +120,32 @@ def build_coco_format_index(source: CocoFormatSource) -> DatasetIndex:
 
 
 def _check_disjoint(index: DatasetIndex, name: str, annotations: dict[str, Path]) -> None:
-    """No image file may be both a train and a test image (train ∩ test = ∅)."""
-    train_files = {os.path.realpath(index.root / row.path): row for row in index.subset("train")}
-    for row in index.subset("test"):
-        twin = train_files.get(os.path.realpath(index.root / row.path))
-        if twin is not None:
-            alias = f" (as {index.root / row.path})" if twin.path != row.path else ""
-            raise NdbenchError(
-                f"{name}: image file {index.root / twin.path} is listed for training ({annotations['train']}, "
-                f"image {twin.image_id.partition('/')[2]}) and testing{alias} ({annotations['test']}, image "
-                f"{row.image_id.partition('/')[2]})",
-                "train and test must not share an image; remove it from one of the two files",
-            )
+    """Each image file appears once: not twice in one file, never in both train and test
+    (train ∩ test = ∅). Files are compared by their real path on disk."""
+    first: dict[str, dict[str, IndexRow]] = {"train": {}, "test": {}}
+    for subset in ("train", "test"):
+        for row in index.subset(subset):
+            real = os.path.realpath(index.root / row.path)
+            twin = first[subset].get(real)
+            if twin is not None:
+                raise NdbenchError(
+                    f"{name}: {annotations[subset]} lists the image file {index.root / row.path} twice "
+                    f"(images {_coco_id(twin)} and {_coco_id(row)})",
+                    "keep one entry per image file (merge their annotations)",
+                )
+            first[subset][real] = row
+            twin = first["train"].get(real) if subset == "test" else None
+            if twin is not None:
+                alias = f" (as {index.root / row.path})" if twin.path != row.path else ""
+                raise NdbenchError(
+                    f"{name}: image file {index.root / twin.path} is listed for training ({annotations['train']}, "
+                    f"image {_coco_id(twin)}) and testing{alias} ({annotations['test']}, image {_coco_id(row)})",
+                    "train and test must not share an image; remove it from one of the two files",
+                )
+
+
+def _coco_id(row: IndexRow) -> str:
+    return row.image_id.partition("/")[2]
 
 
 def train_image_counts(index: DatasetIndex) -> Counter[int]:

@@ -153,6 +153,26 @@ def test_an_image_file_in_train_and_test_is_refused(source, tmp_path, capsys):
     assert "training" in line and "testing" in line
 
 
+def test_an_image_file_listed_twice_in_one_file_is_refused(source, tmp_path, capsys):
+    edit(source["train_annotations"], lambda d: d["images"][1].update(file_name=d["images"][0]["file_name"]))
+    one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err,
+                   "img_001.jpg twice", "images 1 and 2")
+
+
+def test_a_rebuild_with_fewer_classes_runs_only_the_current_splits(source, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(build_args(source, out / "splits", "--setting", "uni-class")) == 0
+    def drop_birds(data):
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 9]
+
+    edit(source["train_annotations"], drop_birds)
+    assert main(build_args(source, out / "splits", "--setting", "uni-class")) == 0
+    capsys.readouterr()
+    assert (out / "splits" / "mylab" / "uni-class" / "9.json").is_file()  # stale: built from the old files
+    assert main(["run", "--dataset", "mylab", "--method", "knn", "--out", str(out), *TINY_KNN]) == 0
+    assert sorted(r.split for r in load_records(out)) == ["11", "2", "5"]
+
+
 def test_the_same_file_through_a_symlink_is_the_same_image(source, tmp_path, capsys):
     alias = source["images"] / "test" / "alias.jpg"
     alias.symlink_to(source["images"] / "train" / "a" / "img_001.jpg")
