@@ -7,7 +7,6 @@ atomically. Jobs are independent, so executors only map `run_job` over them.
 
 from __future__ import annotations
 
-import json
 import platform
 import random
 import time
@@ -119,11 +118,10 @@ def _built_classes(index: DatasetIndex, setting: str, options: RunOptions) -> li
     for c in index.class_ids():
         path = folder / f"{split_name(setting, c)}.json"
         try:
-            current = json.loads(path.read_text(encoding="utf-8")).get("index_sha256") == index.sha256
-        except (OSError, ValueError, AttributeError):
-            current = False
-        if current:
-            built.append(c)
+            if path.is_file() and Manifest.read(path).index_sha256 == index.sha256:
+                built.append(c)
+        except (NdbenchError, KeyError, TypeError):
+            continue  # a damaged manifest: not a split to run
     return built
 
 
