@@ -35,7 +35,13 @@ def _classes(text: str | None) -> tuple[int, ...] | None:
 
 @app.command("build-splits")
 def build_splits_command(
-    dataset: Annotated[str, typer.Argument(help=f"Dataset to read: {', '.join(DATASETS)}.")],
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help=f"Dataset to read: {', '.join(DATASETS)}, or coco-format for your own COCO-format "
+            "data (with --name, --train-annotations and --test-annotations)."
+        ),
+    ],
     root: Annotated[
         Path | None,
         typer.Option(
@@ -72,10 +78,47 @@ def build_splits_command(
             "per-class tables) or 'alphabetical'."
         ),
     ] = "paper",
+    name: Annotated[
+        str | None,
+        typer.Option(help="coco-format: the dataset's name; splits go to <out>/NAME/ and `ndbench run "
+                     "--dataset NAME` runs on them."),
+    ] = None,
+    train_annotations: Annotated[
+        Path | None, typer.Option(help="coco-format: COCO instances JSON of the training images.")
+    ] = None,
+    test_annotations: Annotated[
+        Path | None, typer.Option(help="coco-format: COCO instances JSON of the test images.")
+    ] = None,
+    train_images: Annotated[
+        Path | None,
+        typer.Option(help="coco-format: folder the train file_name entries are relative to (sub-folders "
+                     "allowed). Default: the folder holding --train-annotations."),
+    ] = None,
+    test_images: Annotated[
+        Path | None,
+        typer.Option(help="coco-format: folder the test file_name entries are relative to. Default: the "
+                     "folder holding --test-annotations."),
+    ] = None,
+    min_train_images: Annotated[
+        int,
+        typer.Option(help="coco-format: give no split to classes held by fewer training images than this "
+                     "(they stay in the other classes' normal sets)."),
+    ] = 0,
 ) -> None:
     """Read a dataset's annotations and write its split manifests (the paper's protocol by default)."""
     from .build import BuildRequest, build_splits, summary_table
 
+    custom = (name, train_annotations, test_annotations, train_images, test_images)
+    if dataset == "coco-format":
+        if root is not None or year is not None:
+            raise NdbenchError("coco-format takes no --root or --year",
+                               "give --train-annotations, --test-annotations (and --train-images, --test-images)")
+        _build_coco_format(custom, out=out, setting=setting, normal=normal, classes=classes,
+                           min_train_images=min_train_images)
+        return
+    if any(value is not None for value in custom) or min_train_images:
+        raise NdbenchError(f"--name, --train/test-annotations, --train/test-images and --min-train-images "
+                           f"are coco-format options, not {dataset}'s", "drop them, or build coco-format")
     if class_order not in ("paper", "alphabetical"):
         raise NdbenchError(f"unknown class order {class_order!r}", "use paper or alphabetical")
     request = BuildRequest(
@@ -97,6 +140,98 @@ def build_splits_command(
     stdout_console().print(f"wrote {len(manifests)} manifests and index.csv under {out / index.dataset}")
 
 
+def _build_coco_format(
+    custom: tuple, *, out: Path, setting: str, normal: str | None, classes: str | None, min_train_images: int
+) -> None:
+    """build-splits for a user's COCO-format dataset: validate, index, write, summarise."""
+    from datasets_builders.coco_format import CocoFormatSource, check_name
+
+    from .build import BuildRequest, summary_table
+    from .build_coco_format import build_coco_format_splits
+
+    name, train_annotations, test_annotations, train_images, test_images = custom
+    check_name(name)
+    for option, value in (("--train-annotations", train_annotations), ("--test-annotations", test_annotations)):
+        if value is None:
+            raise NdbenchError(f"coco-format needs {option}", f"pass {option} FILE.json (a COCO instances file)")
+    source = CocoFormatSource(name, train_annotations, test_annotations, train_images, test_images)
+    request = BuildRequest(dataset=name, out=out, setting=setting, normal=_classes(normal), classes=_classes(classes))
+    built = build_coco_format_splits(source, request, min_train_images=min_train_images)
+    index = built.index
+    stdout_console().print(summary_table(index, built.manifests))
+    if built.missing:
+        names = ", ".join(f"{c} {index.class_names[c]}" for c in built.missing)
+        stderr_console().print(f"note: no split for classes missing from the train or test images: {names}")
+    if built.rare:
+        names = ", ".join(f"{c} {index.class_names[c]}" for c in built.rare)
+        stderr_console().print(f"note: no split for classes in fewer than {min_train_images} training images: {names}")
+    stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}; "
+                           f"run them with `ndbench run --dataset {index.dataset} --method ...`", soft_wrap=True)
+
+
+@app.command("download")
+def download_command(
+    dataset: Annotated[str, typer.Argument(help="voc, coco, cifar10, cifar100, mnist or fmnist.")],
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Where the files go, laid out as `build-splits` reads them. Default: "
+                     "$NDBENCH_DATA/<dataset>, else data/<dataset> (the build-splits default)."),
+    ] = None,
+    year: Annotated[
+        int | None,
+        typer.Option(help="VOC: 2012 (default: trainval, SegmentationClassAug masks and the trainaug list) "
+                     "or 2007 (trainval + test). COCO: 2014 (default, as the paper) or 2017."),
+    ] = None,
+    mirror: Annotated[
+        str | None,
+        typer.Option(envvar="NDBENCH_MIRROR",
+                     help="Fetch every file from this host instead of the official ones: a file is read from "
+                     "<mirror>/<dataset>/<file name>, e.g. <mirror>/voc/VOCtrainval_11-May-2012.tar "
+                     "(`--list` shows the names). http(s):// or file://. Checksums are still checked."),
+    ] = None,
+    only: Annotated[
+        str | None, typer.Option(help="'annotations': COCO's instance annotations without the images.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Download and extract again what is already in place.")] = False,
+    keep_archives: Annotated[
+        bool, typer.Option(help="Keep the archives (in <root>/.ndbench-download/) after extracting them.")
+    ] = False,
+    list_files: Annotated[
+        bool, typer.Option("--list", help="Only show each file's name, size, checksum, URL and destination.")
+    ] = False,
+) -> None:
+    """Download a dataset's published files, check their checksums and lay them out exactly as
+    `ndbench build-splits DATASET` reads them. Interrupted downloads resume; what is in place is
+    skipped, so a re-run is instant."""
+    from datasets_builders.download import DownloadRequest, build_splits_hint, download_dataset, plan_download
+
+    request = DownloadRequest(dataset=dataset, root=root, year=year, mirror=mirror, only=only, force=force,
+                              keep_archives=keep_archives)
+    if list_files:
+        stdout_console().print(_download_listing(plan_download(request)), soft_wrap=True, markup=False)
+        return
+    result = download_dataset(request, console=stderr_console())
+    plan = result.plan
+    if plan.files != tuple(f for f in plan.files if f.annotations):
+        stdout_console().print(f"{plan.dataset} is ready under {plan.root}; next: {build_splits_hint(plan)}",
+                               soft_wrap=True)
+    else:
+        stdout_console().print(f"{plan.dataset} annotations are under {plan.root}; build-splits also needs the "
+                               "images: run again without --only", soft_wrap=True)
+
+
+def _download_listing(plan) -> str:
+    """Each file of a download plan: name, size, checksum, where it goes, then its URL (on a
+    line of its own, so that it can be copied whole)."""
+    lines = [f"{plan.dataset}{f' {plan.year}' if plan.year else ''} -> {plan.root}"]
+    for file in plan.files:
+        size = f"{file.size:,} bytes" if file.size else "size not published"
+        checksum = f"{file.checksum[0]} {file.checksum[1]}" if file.checksum else "no checksum published"
+        goes_to = f"extracted into {file.target or '.'}/" if file.archive else f"saved as {file.target}"
+        lines += [f"{file.name} ({size}, {checksum}): {goes_to}", f"    {plan.url(file)}"]
+    return "\n".join(lines)
+
+
 def _list(text: str | None) -> list[str] | None:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
@@ -111,7 +246,11 @@ OUT_HELP = "Results root: records go to <out>/runs, tables to <out>/tables, spli
 @app.command("run")
 def run_command(
     method: Annotated[str, typer.Option(help="Method name(s), comma-separated (see `ndbench methods`).")],
-    dataset: Annotated[str, typer.Option(help=f"One of {', '.join(DATASETS)}.")] = "embedded",
+    dataset: Annotated[
+        str,
+        typer.Option(help=f"One of {', '.join(DATASETS)}, or the --name of a dataset built with "
+                     "`build-splits coco-format`."),
+    ] = "embedded",
     setting: Annotated[
         str, typer.Option(help="uni-class (one-vs-all), multi-class (all-vs-one) or all.")
     ] = "uni-class",

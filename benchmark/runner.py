@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import ManifestDataset, load_split
-from datasets_builders.sources import check_dataset
+from datasets_builders.sources import check_dataset, is_builtin
 from datasets_builders.splits import SETTINGS, Manifest
 from methods.backbones import create_backbone
 from methods.base import config_hash, resolve_device
@@ -101,11 +101,38 @@ def split_name(setting: str, class_id: int) -> str:
 
 
 def ensure_index(dataset: str, options: RunOptions) -> DatasetIndex:
-    """The dataset's index under the splits root, building every split when it is missing."""
+    """The dataset's index under the splits root, building every split when it is missing
+    (built-in datasets only: a custom dataset's sources are the user's to name)."""
     folder = options.splits / dataset
     if not (folder / "index.json").is_file():
+        if not is_builtin(dataset):
+            raise _custom_split_missing(dataset, options, f"no index {folder / 'index.json'}")
         build_splits(BuildRequest(dataset=dataset, out=options.splits))
     return DatasetIndex.read(folder)
+
+
+def _custom_split_missing(dataset: str, options: RunOptions, what: str, options_text: str = "") -> NdbenchError:
+    """The error for a custom dataset's missing index or split: ndbench cannot rebuild it."""
+    from datasets_builders.coco_format import build_command_for
+
+    command = f"{build_command_for(options.splits / dataset, dataset)} --out {options.splits}{options_text}"
+    return NdbenchError(f"{dataset}: {what}; ndbench cannot build a custom dataset by itself",
+                        f"build it with `{command}`")
+
+
+def _built_classes(index: DatasetIndex, setting: str, options: RunOptions) -> list[int]:
+    """Classes of a custom dataset whose split of `setting` was built from its current index
+    (a manifest left by an earlier build of other files is not run)."""
+    folder = options.splits / index.dataset / setting
+    built = []
+    for c in index.class_ids():
+        path = folder / f"{split_name(setting, c)}.json"
+        try:
+            if path.is_file() and Manifest.read(path).index_sha256 == index.sha256:
+                built.append(c)
+        except (NdbenchError, KeyError, TypeError):
+            continue  # a damaged manifest: not a split to run
+    return built
 
 
 def expand_jobs(
@@ -120,7 +147,7 @@ def expand_jobs(
     preset: str = "",
 ) -> list[Job]:
     """Every (method, split, seed) job of a request, in a stable order."""
-    check_dataset(dataset)
+    check_dataset(dataset, options.splits)
     check_weighting(overrides or {})
     for method in methods:
         cls = get_class(method)  # unknown names fail before any work
@@ -135,12 +162,19 @@ def expand_jobs(
     for c in chosen:
         if c not in known:
             raise NdbenchError(f"unknown class {c} for {dataset}", f"use ids {known[0]}..{known[-1]}")
+    per_setting = {setting: chosen for setting in settings}
+    if classes is None and not is_builtin(dataset):
+        # A custom dataset runs the splits it was built with (rare classes may have none).
+        per_setting = {setting: _built_classes(index, setting, options) for setting in settings}
+        for setting, built in per_setting.items():
+            if not built:
+                raise _custom_split_missing(dataset, options, f"no {setting} split was built")
     frozen = tuple(sorted((overrides or {}).items()))
     return [
         Job(method, dataset, setting, split_name(setting, c), seed, frozen, preset)
         for method in methods
         for setting in settings
-        for c in chosen
+        for c in per_setting[setting]
         for seed in seeds
     ]
 
@@ -204,6 +238,9 @@ def prepare(jobs: list[Job], options: RunOptions) -> None:
         ensure_index(dataset, options)
     for job in jobs:
         if not Path(options.splits / job.dataset / job.setting / f"{job.split}.json").is_file():
+            if not is_builtin(job.dataset):
+                raise _custom_split_missing(job.dataset, options, f"no split {job.setting}/{job.split}",
+                                            f" --setting {job.setting} --classes {job.split.removeprefix('except-')}")
             kind = job.split.removeprefix("except-")
             build_splits(BuildRequest(dataset=job.dataset, out=options.splits,
                                       setting=job.setting, classes=(int(kind),)))
