@@ -204,7 +204,7 @@ class MoCoV2Augment:
     def __init__(self, config: MSADConfig, mean: Sequence[float], std: Sequence[float]):
         c = config
         size = c.img_size
-        sigma = tuple(s * size / 224 for s in c.blur_sigma)  # the original blurs 224 px views
+        sigma = tuple(s * size / 224 for s in c.blur_sigma)  # official utils.py:53, 58: it blurs 224 px views
         kernel = 2 * int(np.ceil(3 * sigma[1])) + 1
         self.mean = torch.tensor(tuple(mean)).view(3, 1, 1)
         self.std = torch.tensor(tuple(std)).view(3, 1, 1)

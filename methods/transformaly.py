@@ -45,7 +45,7 @@ class TransformalyConfig:
     """Transformaly hyper-parameters. Sources: "official" = MatanCohen1/Transformaly (commit
     09d226b), "copy" = SMSD75/Redefining_Normal_ACCV24:Multiobject_bench/Transformaly (commit 13736a9)."""
 
-    # The paper's fair setting (paper section 4.2: "supervised pretraining on ImageNet-21k with an
+    # The paper's fair setting (paper section 4.3: "supervised pretraining on ImageNet-21k with an
     # input size of 224 ... we apply the same modification to ... Transformaly, which uses a
     # different pretraining and input size 384"). The official teacher (official train.py:36,
     # 142, 147: B_16_imagenet1k, 384 px) is the "original" preset; the copy's is the "paper" one.
