@@ -12,3 +12,12 @@ class NdbenchError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} ({fix})" if fix else problem)
+
+    def __reduce__(self):
+        # Keep problem and fix apart when the error crosses a process boundary (Ray workers).
+        return type(self), (self.problem, self.fix)
+
+
+class WriteFailure(NdbenchError):
+    """An output could not be written (disk full, file too large, read-only folder). Every
+    later write would fail too, so a run stops at once instead of failing job after job."""
