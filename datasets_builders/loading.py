@@ -94,7 +94,9 @@ class ManifestDataset(Dataset):
         try:
             with PIL.Image.open(path) as image:
                 return image.convert("RGB")
-        except (OSError, PIL.UnidentifiedImageError) as exc:
+        # Decoding damaged bytes raises OSError, SyntaxError (PNG chunks), ValueError, struct
+        # errors, DecompressionBombError...: all mean the same to the user.
+        except Exception as exc:  # noqa: BLE001
             raise NdbenchError(
                 f"cannot read image {path}: {exc}", "the file is damaged; replace it"
             ) from exc
