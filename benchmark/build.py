@@ -1,4 +1,4 @@
-"""`ndbench build-splits`: dataset index + every requested split manifest, written atomically."""
+"""`ndbench build-splits DATASET`: dataset index + every requested split manifest, written atomically."""
 
 from __future__ import annotations
 

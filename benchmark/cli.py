@@ -358,8 +358,8 @@ def bench_command(
     if min(img_size, batch_size, steps) < 1:
         raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
     torch_device = resolve_device(device)
-    try:  # --arch must name a timm ViT that takes --img-size
-        ViTFeatures(create_backbone(arch, weights="none", num_classes=0, img_size=img_size))
+    try:  # --arch must name a timm ViT
+        ViTFeatures(create_backbone(arch, weights="none", num_classes=0))
     except NdbenchError as exc:
         raise NdbenchError(f"--arch {arch}: {exc.problem}", exc.fix) from exc
     config = BenchConfig(arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)

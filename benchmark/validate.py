@@ -66,7 +66,7 @@ def check_executor(executor: str, ray_address: str | None, retries: int) -> None
 
 
 def check_maps_method(method: str) -> None:
-    """`ndbench maps --method`: a method with anomaly maps."""
+    """The --method of ndbench maps: a method with anomaly maps."""
     from methods.registry import available, get_class
 
     if not hasattr(get_class(method), "anomaly_map"):
