@@ -17,7 +17,7 @@ from rich.progress import Progress
 from datasets_builders.errors import NdbenchError, WriteFailure
 
 from .console import stderr_console
-from .interrupts import Interrupted
+from .interrupts import Interrupted, signals_raise_keyboard_interrupt
 from .runner import DONE, FAILED, SKIPPED, Job, JobResult, RunOptions, job_progress, prepare, safe_run_job
 
 EXECUTORS = ("local", "ray")
@@ -104,49 +104,61 @@ def run_ray(jobs: list[Job], options: RunOptions, address: str | None = None,
             signal.signal(signal.SIGTERM, sigterm)  # ray.init installs a plain exit; keep the clean stop
     pending: dict = {}
     results: dict[Job, JobResult] = {}
-    try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        # max_retries: Ray runs a job again when its worker process dies.
-        remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=options.retries)(_ray_task)
-        pending = {remote.remote(job, options): job for job in jobs}
-        progress = job_progress(console) if options.progress else None
-        if progress is not None:
-            progress.start()
+    # Ray's blocking calls only stop cleanly for KeyboardInterrupt, so signals raise that here.
+    with signals_raise_keyboard_interrupt() as received:
         try:
-            task = progress.add_task(f"jobs on ray ({int(gpus)} GPUs)", total=len(jobs)) if progress else None
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    job = pending.pop(ref)
-                    result = _ray_result(ray, ref, job)
-                    results[job] = result
-                    _print_notes(result, progress, console)
-                    if on_result:
-                        on_result(result)
-                    if progress is not None:
-                        progress.advance(task)
-        finally:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            # max_retries: Ray runs a job again when its worker process dies.
+            remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=options.retries)(_ray_task)
+            pending = {remote.remote(job, options): job for job in jobs}
+            progress = job_progress(console) if options.progress else None
             if progress is not None:
-                progress.stop()
-        return [results[job] for job in jobs]
-    except Interrupted as exc:
-        _cancel(ray, pending)
-        raise _interrupted(exc, results.values(), len(jobs)) from None
-    except WriteFailure:
-        _cancel(ray, pending)
-        raise
-    finally:
-        if started_here:
-            ray.shutdown()
+                progress.start()
+            try:
+                task = progress.add_task(f"jobs on ray ({int(gpus)} GPUs)", total=len(jobs)) if progress else None
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in ready:
+                        job = pending.pop(ref)
+                        result = _ray_result(ray, ref, job)
+                        results[job] = result
+                        _print_notes(result, progress, console)
+                        if on_result:
+                            on_result(result)
+                        if progress is not None:
+                            progress.advance(task)
+            finally:
+                if progress is not None:
+                    progress.stop()
+            return [results[job] for job in jobs]
+        except (KeyboardInterrupt, Interrupted) as exc:
+            late = _cancel(ray, pending)
+            signum = exc.signum if isinstance(exc, Interrupted) else received[-1] if received else signal.SIGINT
+            raise _interrupted(Interrupted(signum), [*results.values(), *late], len(jobs)) from None
+        except WriteFailure:
+            _cancel(ray, pending)
+            raise
+        finally:
+            if started_here:
+                ray.shutdown()
 
 
-def _cancel(ray, pending: dict) -> None:
+def _cancel(ray, pending: dict) -> list[JobResult]:
     """Cancel unfinished Ray jobs and give them a moment to remove their locks and temporary
-    files (a cancelled job gets a KeyboardInterrupt, so its `finally` blocks run)."""
+    files (a cancelled job gets a KeyboardInterrupt, so its `finally` blocks run). Returns the
+    results of jobs that finished all the same."""
     for ref in pending:
         ray.cancel(ref)
-    if pending:
-        ray.wait(list(pending), num_returns=len(pending), timeout=RAY_CANCEL_GRACE_S)
+    if not pending:
+        return []
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=RAY_CANCEL_GRACE_S)
+    finished = []
+    for ref in ready:
+        try:
+            finished.append(ray.get(ref, timeout=0))
+        except Exception:  # noqa: BLE001 - cancelled or failed: not finished
+            pass
+    return finished
 
 
 def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_address: str | None = None,

@@ -61,3 +61,27 @@ def signals_raise_interrupted() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextmanager
+def signals_raise_keyboard_interrupt() -> Iterator[list[int]]:
+    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt (what blocking calls of
+    libraries such as Ray expect); the yielded list receives the numbers of the signals that
+    arrived, so the caller can tell the two apart."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.getsignal(signum) for signum in HANDLED}
+    for signum in HANDLED:
+        signal.signal(signum, handler)
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
