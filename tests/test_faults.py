@@ -228,12 +228,23 @@ def test_a_failing_method_fails_its_job_alone(splits_root, tmp_path, faulty, cap
     assert leftovers(out) == []
 
 
-def test_a_crash_and_a_user_error_together_exit_1(splits_root, tmp_path, faulty, capsys):
+def test_exit_code_is_2_when_only_bad_input_failed_and_1_when_a_job_crashed(splits_root, tmp_path, faulty,
+                                                                             capsys, monkeypatch):
     out = fresh_out(splits_root, tmp_path)
-    assert main(faulty_args(out, "0", "fault=user-error")) == 2
     assert main(faulty_args(out, "0,1", "fault=user-error", "fault_split=0")) == 2
-    assert main(faulty_args(out, "0", "fault=raise")) == 1
-    capsys.readouterr()
+
+    def crash_on_1_bad_input_on_2(self, train, **kwargs):
+        split = train.split_id.rsplit("/", 1)[1]
+        if split == "1":
+            raise RuntimeError("simulated crash")
+        if split == "2":
+            raise NdbenchError("simulated bad input")
+        self.fitted = True
+
+    monkeypatch.setattr(faulty, "fit", crash_on_1_bad_input_on_2)
+    assert main(faulty_args(out, "1,2")) == 1
+    err = capsys.readouterr().err
+    assert "simulated crash" in err and "simulated bad input" in err
 
 
 def test_retries_run_a_crashed_job_again(splits_root, tmp_path, faulty, capsys, monkeypatch):
