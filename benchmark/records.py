@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import sys
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -99,16 +100,21 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _type_problem(name: str, value, hint) -> str | None:
-    """Why `value` does not fit the field's annotation `hint` (None when it fits)."""
+def _fits(value, hint) -> bool:
+    """Whether a JSON value fits a Record field's annotation (unions and Optional included;
+    annotations it cannot judge fit)."""
     origin = typing.get_origin(hint) or hint
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if not isinstance(origin, type):
+        return True
     if isinstance(value, bool) and origin is not bool:
-        return f"{name} is {value!r}, not a {getattr(origin, '__name__', origin)}"
+        return False
     if origin is float:
-        ok = isinstance(value, int | float) and math.isfinite(value)
-    else:
-        ok = isinstance(value, origin)
-    return None if ok else f"{name} is {value!r:.40}, not a {origin.__name__}"
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, origin)
 
 
 def _record_problem(data, scores_file: Path) -> str | None:
@@ -123,9 +129,9 @@ def _record_problem(data, scores_file: Path) -> str | None:
     for name in sorted(set(data) - names):
         return f"it has an unknown field {name!r}"
     for name, value in data.items():
-        problem = _type_problem(name, value, hints[name])
-        if problem:
-            return problem
+        if not _fits(value, hints[name]):
+            hint = hints[name]
+            return f"{name} is {value!r:.40}, not {hint.__name__ if isinstance(hint, type) else hint}"
     for metric, value in data["metrics"].items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             return f"metric {metric} is {value!r}, not a number in [0, 1]"
@@ -145,7 +151,7 @@ def _scores_problem(data: dict, scores_file: Path) -> str | None:
     expected = data.get("scores_sha256", "")
     if expected:
         return None if _sha256(content) == expected else f"its scores file {scores_file.name} was changed or truncated"
-    # Records older than `scores_sha256`: at least one line per test image.
+    # Records older than `scores_sha256`: one line per test image, and whole lines.
     n_test = data["counts"].get("test_normal", 0) + data["counts"].get("test_novel", 0)
     lines = content.decode("utf-8", errors="replace").splitlines()
     if len(lines) != n_test + 1 or not content.endswith(b"\n"):
@@ -172,8 +178,8 @@ def read_record(path: Path) -> Record:
 
 def warn_skipped(error: NdbenchError) -> None:
     """The one warning line of a record that is skipped."""
-    print(f"ndbench: warning: skipping {error.problem}; the ndbench run command that made it re-runs "
-          "its job", file=sys.stderr)
+    print(f"ndbench: warning: {error.problem}; skipped (the ndbench run command that made it re-runs its job)",
+          file=sys.stderr)
 
 
 def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:
