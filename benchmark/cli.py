@@ -201,7 +201,7 @@ def table_command(
 
     records = load_records(out)
     if not records:
-        raise NdbenchError(f"no records under {out / 'runs'}", NO_RECORDS_FIX)
+        raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
     pairs = sorted({(r.dataset, r.setting) for r in records})
     paths = []
     for dataset in sorted({d for d, _ in pairs}):
@@ -219,7 +219,7 @@ def leaderboard_command(
 
     records = load_records(out)
     if not records:
-        raise NdbenchError(f"no records under {out / 'runs'}", NO_RECORDS_FIX)
+        raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
     stdout_console().print(to_markdown(leaderboard(records)), markup=False)
     write_tables(records, Path(out) / "tables", class_names=class_names_under(out))
 

@@ -17,7 +17,7 @@ def write_error(path: Path, exc: OSError) -> WriteFailure:
     """The one-line error for an OSError raised while writing `path`."""
     reason = exc.strerror or str(exc)
     if exc.errno in NO_ROOM:
-        fix = "free disk space (or raise the file-size limit) or choose another --out, then run the same command again"
+        fix = "free disk space or raise the file-size limit, or choose another --out; then run the same command again"
     else:
         fix = "choose a writable output folder with --out"
     return WriteFailure(f"cannot write {path}: {reason}", fix)

@@ -54,7 +54,8 @@ def build_index(
         raise NdbenchError(
             f"{dataset} root {root} does not exist",
             f"get the files with `ndbench download {dataset}`, or build the splits from where they are "
-            f"with `ndbench build-splits {dataset} --root DIR` (or set NDBENCH_DATA; README, 'Datasets')",
+            f"with `ndbench build-splits {dataset} --root DIR`, or set NDBENCH_DATA to the folder holding "
+            f"{dataset}/",
         )
     if dataset == "voc":
         from .voc import build_voc_index
