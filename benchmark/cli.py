@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,10 +11,12 @@ import typer
 
 from datasets_builders.errors import NdbenchError
 from datasets_builders.sources import DATASETS
-from datasets_builders.splits import parse_class_list, protocol_classes
+from datasets_builders.splits import protocol_classes
 
 from .console import stderr_console, stdout_console
+from .interrupts import Interrupted, signals_raise_interrupted
 from .reporting import class_names_under, print_tables, report_results
+from .validate import parse_ids
 
 app = typer.Typer(
     name="ndbench",
@@ -29,8 +32,9 @@ def _root() -> None:
     """ndbench: splits, runs, tables and benchmarks for multi-object novelty detection."""
 
 
-def _classes(text: str | None) -> tuple[int, ...] | None:
-    return None if text is None else tuple(parse_class_list(text))
+def _classes(text: str | None, option: str) -> tuple[int, ...] | None:
+    ids = parse_ids(text, option)
+    return None if ids is None else tuple(ids)
 
 
 @app.command("build-splits")
@@ -106,7 +110,7 @@ def build_splits_command(
     ] = 0,
 ) -> None:
     """Read a dataset's annotations and write its split manifests (the paper's protocol by default)."""
-    from .build import BuildRequest, build_splits, summary_table
+    from .build import BuildRequest, build_splits, check_request, summary_table
 
     custom = (name, train_annotations, test_annotations, train_images, test_images)
     if dataset == "coco-format":
@@ -119,18 +123,17 @@ def build_splits_command(
     if any(value is not None for value in custom) or min_train_images:
         raise NdbenchError(f"--name, --train/test-annotations, --train/test-images and --min-train-images "
                            f"are coco-format options, not {dataset}'s", "drop them, or build coco-format")
-    if class_order not in ("paper", "alphabetical"):
-        raise NdbenchError(f"unknown class order {class_order!r}", "use paper or alphabetical")
     request = BuildRequest(
         dataset=dataset,
         root=root,
         out=out,
         setting=setting,
-        normal=_classes(normal),
-        classes=_classes(classes),
+        normal=_classes(normal, "--normal"),
+        classes=_classes(classes, "--classes"),
         year=year,
         class_order=class_order,
     )
+    check_request(request)
     index, manifests = build_splits(request, console=stderr_console())
     stdout_console().print(summary_table(index, manifests))
     skipped = sorted(set(index.class_ids()) - set(protocol_classes(index)))
@@ -155,7 +158,8 @@ def _build_coco_format(
         if value is None:
             raise NdbenchError(f"coco-format needs {option}", f"pass {option} FILE.json (a COCO instances file)")
     source = CocoFormatSource(name, train_annotations, test_annotations, train_images, test_images)
-    request = BuildRequest(dataset=name, out=out, setting=setting, normal=_classes(normal), classes=_classes(classes))
+    request = BuildRequest(dataset=name, out=out, setting=setting, normal=_classes(normal, "--normal"),
+                           classes=_classes(classes, "--classes"))
     built = build_coco_format_splits(source, request, min_train_images=min_train_images)
     index = built.index
     stdout_console().print(summary_table(index, built.manifests))
@@ -232,15 +236,8 @@ def _download_listing(plan) -> str:
     return "\n".join(lines)
 
 
-def _list(text: str | None) -> list[str] | None:
-    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _seeds(text: str) -> list[int]:
-    return list(parse_class_list(text)) if text else [0]
-
-
 OUT_HELP = "Results root: records go to <out>/runs, tables to <out>/tables, splits to <out>/splits."
+NO_RECORDS_FIX = "run `ndbench run --method knn` first, or pass the --out your runs used"
 
 
 @app.command("run")
@@ -281,24 +278,40 @@ def run_command(
                      "'paper' picks, for each method, the recipe behind the paper's numbers "
                      "(docs/FIDELITY.md); on the embedded dataset it goes on top of the embedded preset."),
     ] = None,
+    retries: Annotated[
+        int,
+        typer.Option(help="Try a crashed job again up to this many times (with --executor ray, also a job "
+                     "whose worker process died)."),
+    ] = 0,
 ) -> None:
     """Run methods on splits (fit on the normal train images, score the test images), one
-    record per (method, split, seed); existing records are skipped, so a re-run resumes."""
+    record per (method, split, seed); existing records are skipped, so a re-run resumes.
+    A job another run is working on (its .lock file beside the record) is left to that run."""
+    from methods.base import resolve_device
+
     from .build import requested_settings
     from .executors import execute
     from .records import load_records_at
     from .runner import RunOptions, expand_jobs
+    from .validate import check_executor, check_weights, parse_methods, parse_seeds
 
-    options = RunOptions(out=out, device=device, weights=weights, force=force)
+    methods = parse_methods(method)
     settings = list(requested_settings(setting))
+    class_ids = parse_ids(classes, "--classes")
+    seed_list = parse_seeds(seeds)
+    resolve_device(device)
+    check_weights(weights)
+    check_executor(executor, ray_address, retries)
+    overrides = _parse_overrides(option or [])
+    options = RunOptions(out=out, device=device, weights=weights, force=force, retries=retries)
     jobs = expand_jobs(
-        _list(method) or [],
+        methods,
         dataset=dataset,
         settings=settings,
-        classes=list(parse_class_list(classes)) if classes else None,
-        seeds=_seeds(seeds),
+        classes=class_ids,
+        seeds=seed_list,
         options=options,
-        overrides=_parse_overrides(option or []),
+        overrides=overrides,
         preset=preset or "",
     )
     results = execute(jobs, options, executor, ray_address, console=stderr_console())
@@ -335,7 +348,7 @@ def table_command(
 
     records = load_records(out)
     if not records:
-        raise NdbenchError(f"no records under {out / 'runs'}", "run `ndbench run` first")
+        raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
     pairs = sorted({(r.dataset, r.setting) for r in records})
     paths = []
     for dataset in sorted({d for d, _ in pairs}):
@@ -353,7 +366,7 @@ def leaderboard_command(
 
     records = load_records(out)
     if not records:
-        raise NdbenchError(f"no records under {out / 'runs'}", "run `ndbench run` first")
+        raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
     stdout_console().print(to_markdown(leaderboard(records)), markup=False)
     write_tables(records, Path(out) / "tables", class_names=class_names_under(out))
 
@@ -392,6 +405,8 @@ def pretrain_command(
     from methods.base import resolve_device
     from methods.pretrain import pretrain
 
+    if out is not None and out.suffix != ".safetensors":
+        raise NdbenchError(f"--out {out} does not end in .safetensors", "name the weights file *.safetensors")
     result = pretrain(arch, out=out, device=resolve_device(device), console=stderr_console(), force=force)
     state = "cached" if result.cached else f"trained in {result.train_seconds:.0f} s"
     stdout_console().print(
@@ -410,8 +425,11 @@ def demo_command(
 ) -> None:
     """Offline demo on the embedded dataset: build splits, pre-train (or reuse) backbones, run
     the methods on all 10 uni-class splits and print a per-class table like paper Table 6."""
+    from methods.base import resolve_device
+
     from .demo import run_demo
 
+    resolve_device(device)
     code = run_demo(full=full, out=out, device=device, force=force)
     if code:
         raise typer.Exit(code)
@@ -426,17 +444,24 @@ def maps_command(
     seed: Annotated[int, typer.Option(help="Seed of the fit and of the choice of images.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     weights: Annotated[
-        str | None, typer.Option(help="Backbone weights: a local file, 'hub' or 'none' (as in `ndbench run`).")
+        str | None, typer.Option(help="Backbone weights: a local file, 'hub' or 'none' (as in ndbench run).")
     ] = None,
     out: Annotated[Path, typer.Option(help=OUT_HELP + " Grids go to <out>/maps.")] = Path("results"),
 ) -> None:
     """Fit a method on one split and draw its anomaly maps (paper Fig. 3): a PNG grid of test
     images beside their per-patch novelty heat-maps, each captioned normal/novel and its score."""
+    from methods.base import resolve_device
+
     from .maps import MapsRequest, draw_maps, parse_split
     from .runner import RunOptions, expand_jobs, job_progress
+    from .validate import check_maps_method, check_seed, check_weights
 
     if n < 1:
         raise NdbenchError(f"--n {n} is too small", "ask for at least one image")
+    check_maps_method(method)
+    check_seed(seed)
+    resolve_device(device)
+    check_weights(weights)
     request = MapsRequest(method=method, dataset=dataset, split=split, n=n, seed=seed)
     options = RunOptions(out=out, device=device, weights=weights)
     setting, _ = parse_split(split)
@@ -473,6 +498,7 @@ def bench_command(
     each baseline's training images/s."""
     from rich.table import Table
 
+    from methods.backbones import ViTFeatures, create_backbone
     from methods.base import resolve_device
 
     from .bench import BenchConfig, baseline_training, paper_comparison, run_bench
@@ -481,6 +507,10 @@ def bench_command(
     if min(img_size, batch_size, steps) < 1:
         raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
     torch_device = resolve_device(device)
+    try:  # --arch must name a timm ViT
+        ViTFeatures(create_backbone(arch, weights="none", num_classes=0))
+    except NdbenchError as exc:
+        raise NdbenchError(f"--arch {arch}: {exc.problem}", exc.fix) from exc
     config = BenchConfig(arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
     def report(what: str) -> None:
         stderr_console().print(f"measuring: {what}")
@@ -509,18 +539,34 @@ def _usage_error_message(exc: BaseException) -> str | None:
     return None
 
 
+# Write errors that a user fixes by freeing space or choosing another folder, wherever they arise.
+USER_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app; turn user errors into one line on stderr and exit code 2."""
+    """Entry point: run the app; turn user errors into one line on stderr and exit code 2, an
+    interrupt (Ctrl-C, SIGTERM) into one line and exit code 130 / 143."""
     try:
-        result = app(args=argv, prog_name="ndbench", standalone_mode=False)
+        with signals_raise_interrupted():
+            result = app(args=argv, prog_name="ndbench", standalone_mode=False)
     except NdbenchError as exc:
         print(f"ndbench: error: {exc}", file=sys.stderr)
         return 2
     except typer.Exit as exc:
         return exc.exit_code
+    except Interrupted as exc:
+        print(f"ndbench: {exc.message()}", file=sys.stderr)
+        return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         print("ndbench: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in USER_WRITE_ERRORS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"ndbench: error: cannot write{where}: {exc.strerror} (free disk space or choose another "
+              "output folder, then run the same command again)", file=sys.stderr)
+        return 2
     except Exception as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # typer has already shown the help
             return 0

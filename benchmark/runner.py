@@ -1,8 +1,8 @@
 """Jobs: (method + config, split, seed) -> fitted detector -> scores -> metrics -> record.
 
 `expand_jobs` turns the CLI's lists into jobs, `prepare` builds whatever the jobs share once
-(splits, pre-trained embedded backbones), `run_job` runs one job and writes its record
-atomically. Jobs are independent, so executors only map `run_job` over them.
+(splits, pre-trained embedded backbones), `run_job` runs one job under its lock file and
+writes its record atomically. Jobs are independent, so executors only map `run_job` over them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from datasets_builders.errors import NdbenchError
+from datasets_builders.errors import NdbenchError, WriteFailure
 from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import ManifestDataset, load_split
 from datasets_builders.sources import check_dataset, is_builtin
@@ -32,8 +32,9 @@ from methods.pretrain import resolve_weights
 from methods.registry import get_class
 
 from .build import BuildRequest, build_splits
+from .locks import try_lock
 from .metrics import novelty_metrics
-from .records import Record, record_path, write_record
+from .records import Record, read_record, record_path, write_record
 
 EMBEDDED = "embedded"
 # How a multi-class training set is weighted. The authors' released code concatenates one image
@@ -76,23 +77,34 @@ class RunOptions:
     weights: str | None = None  # overrides every method's `weights`
     force: bool = False
     progress: bool = True
+    retries: int = 0  # times a crashed job (or, on Ray, a job whose worker died) is tried again
 
     @property
     def splits(self) -> Path:
         return self.splits_root if self.splits_root is not None else Path(self.out) / "splits"
 
 
+# JobResult.status values. RUNNING_ELSEWHERE: another run holds the job's lock; not a failure.
+DONE, SKIPPED, FAILED, RUNNING_ELSEWHERE = "done", "skipped", "failed", "running elsewhere"
+
+
+class MethodFailure(Exception):
+    """A method misbehaved (NaN or infinite scores, one score per image not kept): the job
+    fails like a crash, and no record is written."""
+
+
 @dataclass
 class JobResult:
-    """What happened to a job: done, skipped (record existed) or failed."""
+    """What happened to a job: done, skipped (record existed), running elsewhere or failed."""
 
     job: Job
     status: str
     record: Path | None = None
     auroc: float | None = None
-    error: str | None = None
+    error: str | None = None  # why it failed; who runs it, when running elsewhere
     user_error: bool = False
     extra: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # warning lines for the user (a stale lock taken over, ...)
 
 
 def split_name(setting: str, class_id: int) -> str:
@@ -149,6 +161,8 @@ def expand_jobs(
     """Every (method, split, seed) job of a request, in a stable order."""
     check_dataset(dataset, options.splits)
     check_weighting(overrides or {})
+    # Lists (e.g. --set mean=[0.5,0.5,0.5]) become tuples, so jobs stay hashable.
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (overrides or {}).items()))
     for method in methods:
         cls = get_class(method)  # unknown names fail before any work
         if preset:
@@ -156,6 +170,8 @@ def expand_jobs(
     for setting in settings:
         if setting not in SETTINGS:
             raise NdbenchError(f"unknown setting {setting!r}", "use uni-class or multi-class")
+        for method in methods:  # unknown or mistyped --set options, too
+            build_detector(Job(method, dataset, setting, "", 0, frozen, preset), options)
     index = ensure_index(dataset, options)
     known = index.class_ids()
     chosen = known if classes is None else classes
@@ -169,14 +185,14 @@ def expand_jobs(
         for setting, built in per_setting.items():
             if not built:
                 raise _custom_split_missing(dataset, options, f"no {setting} split was built")
-    frozen = tuple(sorted((overrides or {}).items()))
-    return [
+    jobs = (
         Job(method, dataset, setting, split_name(setting, c), seed, frozen, preset)
         for method in methods
         for setting in settings
         for c in per_setting[setting]
         for seed in seeds
-    ]
+    )
+    return list(dict.fromkeys(jobs))  # a class or seed given twice is one job
 
 
 def preset_chain(job: Job) -> str:
@@ -291,12 +307,53 @@ def job_data(job: Job, detector, options: RunOptions) -> tuple[Manifest, Manifes
     return manifest, train, ManifestDataset(index, manifest, "test", transform=transform)
 
 
+def finished_record(path: Path) -> tuple[Record | None, tuple[str, ...]]:
+    """The job's record when it exists whole; a damaged one counts as absent (with a note)."""
+    if not path.is_file():
+        return None, ()
+    try:
+        return read_record(path), ()
+    except NdbenchError as exc:
+        return None, (f"ndbench: warning: {exc.problem}; re-running its job",)
+
+
+def check_scores(job: Job, scores: np.ndarray, image_ids: list[str]) -> np.ndarray:
+    """The scores, unless the method returned other than one finite score per test image."""
+    if scores.shape != (len(image_ids),):
+        raise MethodFailure(f"{job.method} returned scores of shape {scores.shape} for "
+                            f"{len(image_ids)} test images; no record written")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise MethodFailure(f"{job.method} returned {len(bad)} NaN or infinite scores of {len(scores)} "
+                            f"(first for image {image_ids[bad[0]]!r}); no record written")
+    return scores
+
+
 def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
-    """Run one job unless its record exists (or `force`); write the record atomically."""
+    """Run one job unless its record exists (or `force`) or another run holds its lock;
+    write the record atomically."""
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
-    if path.is_file() and not options.force:
-        return JobResult(job, "skipped", path, Record.from_json(path.read_text()).metrics["auroc"])
+    record, notes = (None, ()) if options.force else finished_record(path)
+    if record is not None:
+        return JobResult(job, SKIPPED, path, record.metrics["auroc"])
+    attempt = try_lock(path)
+    notes += attempt.notes
+    if attempt.lock is None:
+        return JobResult(job, RUNNING_ELSEWHERE, error=attempt.holder, notes=notes)
+    try:
+        if not options.force:
+            record, _ = finished_record(path)  # finished by another run since the check above
+            if record is not None:
+                return JobResult(job, SKIPPED, path, record.metrics["auroc"], notes=notes)
+        result = _run_locked(job, options, detector, path, progress)
+    finally:
+        attempt.lock.release()
+    result.notes = notes + result.notes
+    return result
+
+
+def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: Progress | None) -> JobResult:
     device = resolve_device(options.device)
     manifest, train, test = job_data(job, detector, options)
     seed_everything(job.seed)
@@ -306,6 +363,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
     start = time.perf_counter()
     scores = np.asarray(detector.score(test, device=device, progress=progress), dtype=np.float64)
     infer_seconds = time.perf_counter() - start
+    scores = check_scores(job, scores, test.image_ids)
     metrics = novelty_metrics(test.labels, scores)
 
     record = Record(
@@ -330,17 +388,26 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
         multi_class_weighting=weighting(job),
     )
     write_record(path, record, test.image_ids, test.labels, scores)
-    return JobResult(job, "done", path, metrics["auroc"])
+    return JobResult(job, DONE, path, metrics["auroc"])
 
 
 def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
-    """`run_job` that turns a failure into a failed result, so other jobs go on."""
-    try:
-        return run_job(job, options, progress)
-    except NdbenchError as exc:
-        return JobResult(job, "failed", error=str(exc), user_error=True)
-    except Exception as exc:  # noqa: BLE001 - one job's crash must not lose the others
-        return JobResult(job, "failed", error=f"{type(exc).__name__}: {exc}")
+    """`run_job` that turns a failure into a failed result, so other jobs go on; a crash is
+    tried again up to `options.retries` times. A write failure (disk full, read-only folder)
+    is raised: every later job would hit it too."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return run_job(job, options, progress)
+        except WriteFailure:
+            raise
+        except NdbenchError as exc:
+            return JobResult(job, FAILED, error=str(exc), user_error=True)
+        except Exception as exc:  # noqa: BLE001 - one job's crash must not lose the others
+            if tries > options.retries:
+                note = f" (tried {tries} times)" if tries > 1 else ""
+                return JobResult(job, FAILED, error=f"{type(exc).__name__}: {exc}{note}")
 
 
 def job_progress(console) -> Progress:

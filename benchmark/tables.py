@@ -243,7 +243,7 @@ def _per_class_frame(
         have = sorted({f"{r.dataset} {r.setting}" for r in records})
         raise NdbenchError(
             f"no run records for {dataset} {setting}",
-            f"records exist for: {', '.join(have)}" if have else "run `ndbench run` first",
+            f"records exist for: {', '.join(have)}" if have else "run `ndbench run --method knn` first",
         )
     block = _block(chosen, dataset, setting, metric)
     notes += block.notes
@@ -329,7 +329,7 @@ def _summary_frame(
     _check_metric(metric, paper)
     records = [r for r in records if r.setting == setting]
     if not records:
-        raise NdbenchError(f"no run records for setting {setting}", "run `ndbench run` first")
+        raise NdbenchError(f"no run records for setting {setting}", "run `ndbench run --method knn` first")
     blocks, notes = _blocks(records, metric)
     datasets = [d for d, _ in blocks]
     methods = method_order(m for b in blocks.values() for m in b.methods)
@@ -369,7 +369,7 @@ def _leaderboard_frame(records: Iterable[Record], metric: str) -> tuple[pd.DataF
     _check_metric(metric, False)
     blocks, notes = _blocks(records, metric)
     if not blocks:
-        raise NdbenchError("no run records to rank", "run `ndbench run` first")
+        raise NdbenchError("no run records to rank", "run `ndbench run --method knn` first")
     methods = method_order(m for b in blocks.values() for m in b.methods)
     columns = {
         f"{d} {s}": [blocks[(d, s)].avg_mean.get(m, math.nan) for m in methods]
@@ -449,7 +449,7 @@ def write_tables(
     _check_metric(metric, paper)
     records = list(records)
     if not records:
-        raise NdbenchError("no run records to tabulate", "run `ndbench run` first")
+        raise NdbenchError("no run records to tabulate", "run `ndbench run --method knn` first")
     out_dir = Path(out_dir)
     label = f"{METRIC_LABELS[metric]} (%)"
     seeds_note = "mean ± std over seeds where there are several"

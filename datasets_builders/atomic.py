@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
-from .errors import NdbenchError
+from .errors import WriteFailure
+
+# Errors that mean "no room": the fix is to free space, not to pick another folder.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def write_error(path: Path, exc: OSError) -> WriteFailure:
+    """The one-line error for an OSError raised while writing `path`."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in NO_ROOM:
+        fix = "free disk space or raise the file-size limit, or choose another --out; then run the same command again"
+    else:
+        fix = "choose a writable output folder with --out"
+    return WriteFailure(f"cannot write {path}: {reason}", fix)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -16,16 +30,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise NdbenchError(
-            f"cannot write to {path.parent}: {exc.strerror or exc}",
-            "choose a writable output folder with --out",
-        ) from exc
+        raise write_error(path.parent, exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

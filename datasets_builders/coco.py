@@ -50,8 +50,8 @@ def build_coco_index(root: Path, *, year: str = "2014", dataset: str = "coco") -
     if not ann_dir.is_dir():
         raise NdbenchError(
             f"{dataset}: no annotations folder at {ann_dir}",
-            f"point --root at the folder holding annotations/, train{year}/ and val{year}/"
-            f"{year_hint}",
+            f"the {dataset} root must hold annotations/, train{year}/ and val{year}/; give it with "
+            f"`ndbench build-splits {dataset} --root DIR`{year_hint}",
         )
     subsets = {
         subset: CocoSubset(ann_dir / f"instances_{split}{year}.json", root / f"{split}{year}", f"{split}{year}")

@@ -126,7 +126,10 @@ class DatasetIndex:
         csv_path, meta_path = folder / "index.csv", folder / "index.json"
         for p in (csv_path, meta_path):
             if not p.is_file():
-                raise NdbenchError(f"no dataset index at {p}", "run `ndbench build-splits` first")
+                raise NdbenchError(
+                    f"no dataset index at {p}",
+                    f"run `ndbench build-splits {folder.name} --out {folder.parent}` first",
+                )
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         with csv_path.open(newline="", encoding="utf-8") as handle:
             rows = [

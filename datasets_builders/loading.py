@@ -60,7 +60,7 @@ class ManifestDataset(Dataset):
             raise NdbenchError(
                 f"split {self.split_id} names image {image_id!r}, which the "
                 f"{self.index.dataset} index does not hold",
-                "rebuild the splits with `ndbench build-splits`",
+                f"rebuild the splits with `ndbench build-splits {self.index.dataset}`",
             ) from None
 
     def __len__(self) -> int:
@@ -107,7 +107,9 @@ class ManifestDataset(Dataset):
         try:
             with PIL.Image.open(path) as image:
                 return image.convert("RGB")
-        except (OSError, PIL.UnidentifiedImageError) as exc:
+        # Decoding damaged bytes raises OSError, SyntaxError (PNG chunks), ValueError, struct
+        # errors, DecompressionBombError...: all mean the same to the user.
+        except Exception as exc:  # noqa: BLE001
             raise NdbenchError(
                 f"cannot read image {path}: {exc}", "the file is damaged; replace it"
             ) from exc
@@ -119,7 +121,7 @@ class ManifestDataset(Dataset):
 
     def _load_pixels(self) -> np.ndarray:
         """Read each needed subset once and keep only the rows of this dataset's items."""
-        positions = np.asarray([_position(row) for row in self._rows], dtype=np.int64)
+        positions = np.asarray([_position(row, self.index.dataset) for row in self._rows], dtype=np.int64)
         subsets = np.asarray([row.subset for row in self._rows])
         pixels: np.ndarray | None = None
         for subset in dict.fromkeys(subsets.tolist()):
@@ -130,7 +132,7 @@ class ManifestDataset(Dataset):
                 raise NdbenchError(
                     f"the {self.index.dataset} index names image {subset}/{wanted.max()} but "
                     f"the source has {len(source)} {subset} images",
-                    "rebuild the index and splits with `ndbench build-splits`",
+                    f"rebuild the index and splits with `ndbench build-splits {self.index.dataset}`",
                 )
             if pixels is None:
                 pixels = np.empty((len(self._rows),) + source.shape[1:], dtype=source.dtype)
@@ -140,12 +142,12 @@ class ManifestDataset(Dataset):
         return pixels
 
 
-def _position(row: IndexRow) -> int:
+def _position(row: IndexRow, dataset: str) -> int:
     subset, _, number = row.path.partition("/")
     if subset != row.subset or not number.isdigit():
         raise NdbenchError(
             f"array image path {row.path!r} is not '<subset>/<n>'",
-            "rebuild the index with `ndbench build-splits`",
+            f"rebuild the index with `ndbench build-splits {dataset}`",
         )
     return int(number)
 
@@ -169,6 +171,6 @@ def load_split(splits_root: Path, split_id: str) -> tuple[DatasetIndex, Manifest
     if manifest.index_sha256 != index.sha256:
         raise NdbenchError(
             f"manifest {manifest_path} built from another index than {index_dir / 'index.csv'}",
-            "rebuild with ndbench build-splits",
+            f"rebuild with `ndbench build-splits {dataset} --out {splits_root}`",
         )
     return index, manifest

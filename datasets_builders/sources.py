@@ -68,7 +68,9 @@ def build_index(
     if not root.exists():
         raise NdbenchError(
             f"{dataset} root {root} does not exist",
-            "pass --root DIR or set NDBENCH_DATA (see README, 'Datasets')",
+            f"get the files with `ndbench download {dataset}`, or build the splits from where they are "
+            f"with `ndbench build-splits {dataset} --root DIR`, or set NDBENCH_DATA to the folder holding "
+            f"{dataset}/",
         )
     if dataset == "voc":
         from .voc import build_voc_index

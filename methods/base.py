@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, fields, replace
@@ -57,9 +59,57 @@ def build_config(config_cls: type, base: Any | None, overrides: dict) -> Any:
             f"{config_cls.__qualname__} has no option {unknown[0]!r}",
             f"options are: {', '.join(sorted(names))}",
         )
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: nothing to check against
+        hints = {}
+    overrides = dict(overrides)
+    for name, value in overrides.items():
+        if name in hints and not _fits(value, hints[name]) and _fits("", hints[name]) \
+                and isinstance(value, int | float):
+            # A text option given a number-looking value (fault_split=1, weights=123): its text.
+            overrides[name] = value = json.dumps(value)
+        if name in hints and not _fits(value, hints[name]):
+            raise NdbenchError(
+                f"{config_cls.__qualname__} option {name!r} takes {_describe_type(hints[name])}, not {value!r}",
+                f"give {name} a value of that type",
+            )
     config = base if base is not None else config_cls()
     coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return replace(config, **coerced)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (as parsed from NAME=VALUE) fits the type annotation `hint`; types it
+    cannot judge fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint in (int, float, bool, str):
+        if isinstance(value, bool):
+            return hint is bool
+        return isinstance(value, int | float) if hint is float else isinstance(value, hint)
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(item, args[0]) for item in value)
+        return not args or (len(args) == len(value) and all(map(_fits, value, args)))
+    return True
+
+
+def _describe_type(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
 
 
 class BaseDetector(ABC):

@@ -21,3 +21,16 @@ def splits_root(tmp_path_factory) -> Path:
     out = base / "results"
     build_splits(BuildRequest(dataset="embedded", root=scenes, out=out / "splits"))
     return out / "splits"
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    """The test-only "faulty" method (tests/fault_methods.py), registered for one test."""
+    from fault_methods import NAME, FaultyDetector
+
+    from methods.registry import REGISTRY
+
+    REGISTRY.load()
+    monkeypatch.setitem(REGISTRY.classes, NAME, FaultyDetector)
+    monkeypatch.setattr(FaultyDetector, "name", NAME)
+    return FaultyDetector
