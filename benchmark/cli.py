@@ -170,7 +170,7 @@ def _build_coco_format(
         names = ", ".join(f"{c} {index.class_names[c]}" for c in built.rare)
         stderr_console().print(f"note: no split for classes in fewer than {min_train_images} training images: {names}")
     stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}; "
-                           f"run them with `ndbench run --dataset {index.dataset} --method ...`", soft_wrap=True)
+                           f"run them with `ndbench run --dataset {index.dataset} --method knn`", soft_wrap=True)
 
 
 @app.command("download")

@@ -134,7 +134,7 @@ def measured_label(method: str, records: list[Record], notes: list[str]) -> str:
     shown = "+".join(p or "defaults" for p in used)
     notes.append(
         f"{method}: measured with preset {shown}; the paper's numbers came from "
-        f"{expected or 'the defaults'} (`ndbench run --preset paper`; see docs/FIDELITY.md)"
+        f"{expected or 'the defaults'} (`ndbench run --method {method} --preset paper`; see docs/FIDELITY.md)"
     )
     return f"{method} (preset {shown})"
 

@@ -55,7 +55,7 @@ class CocoFormatSource:
         return Path(images) if images is not None else Path(annotations).parent
 
     def command(self) -> str:
-        """The `ndbench build-splits` command line that builds this dataset."""
+        """The build-splits command line that builds this dataset."""
         parts = [
             f"ndbench build-splits {COCO_FORMAT} --name {self.name}",
             f"--train-annotations {self.train_annotations}",

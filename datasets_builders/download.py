@@ -1,4 +1,4 @@
-"""`ndbench download`: fetch a dataset's published files, check them, and lay them out exactly
+"""ndbench download: fetch a dataset's published files, check them, and lay them out exactly
 as `build-splits` reads them by default.
 
 Per file of the dataset's table (`download_table`): skip it when it is already in place,
@@ -75,7 +75,7 @@ class DownloadResult:
 
 
 def downloadable(table: Table | None = None) -> tuple[str, ...]:
-    """The datasets `ndbench download` knows, in table order."""
+    """The datasets the download command knows, in table order."""
     return tuple(dict.fromkeys(dataset for dataset, _ in (table or download_table.TABLE)))
 
 

@@ -1,4 +1,4 @@
-"""What `ndbench download` fetches: every file's URL, size and published checksum, and where
+"""What the download command fetches: every file's URL, size and published checksum, and where
 it lands so that `build-splits` reads the result with no other step.
 
 Checksums are copied from where they were published, never computed here from a download:

@@ -30,7 +30,8 @@ def check_dataset(dataset: str, splits_root: Path | None = None) -> str:
     raise NdbenchError(
         f"unknown dataset {dataset!r}{where}",
         f"use one of {', '.join(DATASETS)}, or build your own COCO-format data with "
-        "`ndbench build-splits coco-format --name NAME ...` (README, 'Your own data')",
+        "`ndbench build-splits coco-format --name NAME --train-annotations A.json --test-annotations B.json` "
+        "(README, 'Your own data')",
     )
 
 

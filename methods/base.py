@@ -123,7 +123,7 @@ class BaseDetector(ABC):
     # offline dataset; "embedded/<setting>" is layered on top of it for that setting. The
     # embedded multi-class splits hold ~6x the training images of the uni-class ones (~2,800 vs
     # ~470), so their layer cuts epochs to keep the images seen per job close to the uni-class
-    # preset's. Other names (e.g. "original", "paper") are chosen with `ndbench run --preset`.
+    # preset's. Other names (e.g. "original", "paper") are chosen with the run option --preset.
     presets: ClassVar[dict[str, dict]] = {}
     # The preset whose recipe produced the paper's numbers for this method (None: the defaults).
     # `--preset paper` resolves to it for every method; tables mark other presets.

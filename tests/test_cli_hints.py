@@ -28,6 +28,8 @@ SAMPLES = {
     "folder.parent": "results/splits",
     "splits_root": "results/splits",
     "self.index.dataset": "voc",
+    "index.dataset": "voc",
+    "method": "knn",
 }
 FIELD = re.compile(r"\{([^{}]+)\}")
 
