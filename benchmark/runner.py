@@ -32,6 +32,7 @@ from methods.registry import get_class
 
 from .build import BuildRequest, build_splits
 from .metrics import novelty_metrics
+from .models import model_path, save_model
 from .records import Record, record_path, write_record
 
 EMBEDDED = "embedded"
@@ -66,6 +67,7 @@ class RunOptions:
     weights: str | None = None  # overrides every method's `weights`
     force: bool = False
     progress: bool = True
+    save_models: bool = False  # keep each job's fitted detector beside its record
 
     @property
     def splits(self) -> Path:
@@ -206,7 +208,9 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
     """Run one job unless its record exists (or `force`); write the record atomically."""
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
-    if path.is_file() and not options.force:
+    # With --save-models a job is finished only once its model is saved too.
+    missing_model = options.save_models and not model_path(path).is_file()
+    if path.is_file() and not options.force and not missing_model:
         return JobResult(job, "skipped", path, Record.from_json(path.read_text()).metrics["auroc"])
     device = resolve_device(options.device)
     manifest, train, test = job_data(job, detector, options)
@@ -238,6 +242,8 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         extra=getattr(detector, "record_extra", lambda: {})(),
     )
+    if options.save_models:
+        save_model(model_path(path), detector, record, test.labels, scores)
     write_record(path, record, test.image_ids, test.labels, scores)
     return JobResult(job, "done", path, metrics["auroc"])
 
