@@ -21,6 +21,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from .metrics import roc_points
 from .tables import PREFERRED_METHODS
@@ -145,19 +146,46 @@ def _grid(n: int, columns: int) -> tuple[int, int]:
     return -(-n // columns), columns
 
 
+def _fixed_grid(rows: int, columns: int, panel: tuple[float, float], gap: tuple[float, float],
+                margins: tuple[float, float, float, float], **subplot_options) -> tuple[Figure, np.ndarray]:
+    """A figure of rows x columns panels of `panel` inches (width, height) with `gap` inches
+    between them and `margins` inches (left, right, top, bottom) around them. Fixed margins
+    instead of a layout engine, which grows slow with many panels."""
+    left, right, top, bottom = margins
+    width = left + right + columns * panel[0] + (columns - 1) * gap[0]
+    height = top + bottom + rows * panel[1] + (rows - 1) * gap[1]
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    spacing = {"left": left / width, "right": 1 - right / width, "top": 1 - top / height,
+               "bottom": bottom / height, "wspace": gap[0] / panel[0], "hspace": gap[1] / panel[1]}
+    axes = figure.subplots(rows, columns, squeeze=False, gridspec_kw=spacing, **subplot_options)
+    return figure, axes
+
+
+def _legend_rows(entries: int, width: float, entry_width: float) -> tuple[int, int]:
+    """(columns, rows) of a legend of `entries` across `width` inches."""
+    columns = max(1, min(entries, int(width // entry_width)))
+    return columns, -(-entries // columns)
+
+
 def roc_figure(panels: list[SplitScores], methods: list[str], colours: dict[str, str],
                columns: int = 5) -> Figure:
     """One ROC panel per split (shared axes), one curve per method that has scores there, the
     chance diagonal dashed; panels say which methods were not run."""
     rows, columns = _grid(len(panels), columns)
+    side = 1.75
+    width = 0.9 + columns * side + (columns - 1) * 0.22
+    legend_columns, legend_rows = _legend_rows(len(methods), width - 0.4, 1.15)
     with _style():
-        figure = _figure(max(4.8, 0.5 + 2.0 * columns), max(3.2, 0.8 + 2.0 * rows))
-        axes = np.atleast_1d(figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)).ravel()
+        figure, axes = _fixed_grid(rows, columns, (side, side), (0.22, 0.42),
+                                   (0.75, 0.15, 0.45 + 0.2 * legend_rows, 0.55), sharex=True, sharey=True)
+        axes = axes.ravel()
         for ax, panel in zip(axes, panels, strict=False):
             ax.set_title(panel.title)
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.01)
-            ax.set_aspect("equal")
+            ax.set_xticks([0, 0.5, 1], ["0", ".5", "1"])
+            ax.set_yticks([0, 0.5, 1], ["0", ".5", "1"])
             ax.plot([0, 1], [0, 1], linestyle="--", color="#aaaaaa", linewidth=0.8)
             for method in methods:
                 if method in panel.scores:
@@ -170,10 +198,10 @@ def roc_figure(panels: list[SplitScores], methods: list[str], colours: dict[str,
                         color="#666666", style="italic", wrap=True)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
-        figure.supxlabel("false-positive rate")
-        figure.supylabel("true-positive rate")
-        figure.legend(handles=_method_handles(methods, colours), loc="outside upper center",
-                      ncols=min(len(methods), 8), frameon=False)
+        figure.supxlabel("false-positive rate", y=0.02, va="bottom")
+        figure.supylabel("true-positive rate", x=0.02, ha="left")
+        figure.legend(handles=_method_handles(methods, colours), loc="upper center", bbox_to_anchor=(0.5, 0.995),
+                      ncols=legend_columns, frameon=False, handlelength=1.6, columnspacing=1.2)
     return figure
 
 
@@ -183,10 +211,11 @@ def histogram_figure(panels: list[SplitScores], methods: list[str], colours: dic
     bins, spanning HIST_RANGE percentiles of all its scores (the rest fall in the end bins)."""
     edges = {m: _bin_edges([p.scores[m][1] for p in panels if m in p.scores]) for m in methods}
     rows, columns = len(panels), len(methods)
-    label_w = 0.065 * max(len(p.title) for p in panels)
+    label_w = 0.2 + 0.062 * max(len(p.title) for p in panels)
     with _style():
-        figure = _figure(max(4.6, label_w + 0.4 + 1.55 * columns), 0.8 + 0.78 * rows)
-        axes = figure.subplots(rows, columns, squeeze=False, sharex="col")
+        panel_w = max(1.45, (4.6 - label_w - 0.12 - 0.14 * (columns - 1)) / columns)  # room for the legend
+        figure, axes = _fixed_grid(rows, columns, (panel_w, 0.62), (0.14, 0.1), (label_w, 0.12, 0.62, 0.62),
+                                   sharex="col")
         for i, panel in enumerate(panels):
             for j, method in enumerate(methods):
                 ax = axes[i, j]
@@ -195,24 +224,26 @@ def histogram_figure(panels: list[SplitScores], methods: list[str], colours: dic
                 if j == 0:
                     ax.set_ylabel(panel.title, rotation=0, ha="right", va="center")
                 ax.set_yticks([])
+                ax.xaxis.set_major_locator(MaxNLocator(3))
+                ax.tick_params(axis="x", labelbottom=i == rows - 1, labelsize=7)
+                for side in ("top", "right", "left"):
+                    ax.spines[side].set_visible(False)
                 if method not in panel.scores or edges[method] is None:
                     _not_run(ax)
                     continue
                 labels, scores = panel.scores[method]
                 bins = edges[method]
                 clipped = np.clip(scores, bins[0], bins[-1])
-                ax.hist(clipped[labels == 1], bins=bins, density=True, color=colours[method], alpha=0.6,
-                        linewidth=0)
-                ax.hist(clipped[labels != 1], bins=bins, density=True, histtype="step", color=NORMAL_COLOUR,
-                        linewidth=1.0)
+                novel, _ = np.histogram(clipped[labels == 1], bins=bins, density=True)
+                normal, _ = np.histogram(clipped[labels != 1], bins=bins, density=True)
+                ax.stairs(novel, bins, fill=True, color=colours[method], alpha=0.6, linewidth=0)
+                ax.stairs(normal, bins, color=NORMAL_COLOUR, linewidth=1.0)
                 ax.set_xlim(bins[0], bins[-1])
-                ax.tick_params(axis="x", labelbottom=i == rows - 1)
-                for side in ("top", "right", "left"):
-                    ax.spines[side].set_visible(False)
+                ax.set_ylim(0, 1.05 * max(novel.max(), normal.max()))
         handles = [Line2D([], [], color=NORMAL_COLOUR, linewidth=1.2, label="normal"),
                    Patch(facecolor="#9a9a9a", alpha=0.8, label="novel (method's colour)")]
-        figure.legend(handles=handles, loc="outside upper center", ncols=2, frameon=False)
-        figure.supxlabel("novelty score (higher = more novel)")
+        figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.998), ncols=2, frameon=False)
+        figure.supxlabel("novelty score (higher = more novel)", y=0.01, va="bottom")
     return figure
 
 
