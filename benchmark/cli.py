@@ -309,7 +309,9 @@ def maps_command(
 def report_command(
     out: Annotated[Path, typer.Option(help=OUT_HELP + " The report goes to <out>/report.")] = Path("results"),
     report_dir: Annotated[
-        Path | None, typer.Option(help="Write the page and its figures here instead of <out>/report.")
+        Path | None,
+        typer.Option(help="Write the page (index.html) and its figures (img/) here instead of <out>/report; "
+                     "PNGs in img/ that the new page does not show are removed."),
     ] = None,
 ) -> None:
     """Write one HTML page of everything under --out: the leaderboard, per-class tables beside

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,7 +57,7 @@ Warn = Callable[[str], None]
 
 
 @dataclass
-class Figure:
+class PageFigure:
     """A written figure: its path relative to the page, alt text and caption."""
 
     src: str
@@ -93,7 +92,7 @@ class Block:
     runs: pd.DataFrame  # one row per run: its metadata
     common: dict[str, str]  # metadata equal in every run of the block
     configs: list[tuple[str, str, dict]]  # (method, config hash, config)
-    figures: list[Figure] = field(default_factory=list)
+    figures: list[PageFigure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -292,7 +291,7 @@ def read_scores(path: Path, warn: Warn) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _block_figures(block: Block, paths: dict[int, Path], colours: dict[str, str], limit: float,
-                   writer: _ImageWriter, warn: Warn) -> list[Figure]:
+                   writer: _ImageWriter, warn: Warn) -> list[PageFigure]:
     name = f"{block.dataset} {block.setting}"
     rows = "normal class" if block.setting == "uni-class" else "abnormal class (all-vs-one)"
     figures = []
@@ -300,7 +299,7 @@ def _block_figures(block: Block, paths: dict[int, Path], colours: dict[str, str]
     values.index = [block.titles[r] for r in block.titles]
     average = block.table.loc[AVG, block.methods].astype(float)
     src = writer.write(f"heatmap_{block.key}.png", plots.heatmap_figure(values, limit, average))
-    figures.append(Figure(src, f"AUROC heat map, {name}",
+    figures.append(PageFigure(src, f"AUROC heat map, {name}",
                           f"AUROC (%) per method and {rows}, AVG last; one colour scale for every heat map "
                           f"(white = 50 %, chance); grey = not run."))
     panels = split_scores(block, paths, warn)
@@ -309,13 +308,13 @@ def _block_figures(block: Block, paths: dict[int, Path], colours: dict[str, str]
     chunks = _chunks(panels, ROC_PANELS_PER_FIGURE)
     for k, part in enumerate(chunks):
         src = writer.write(f"roc_{block.key}_{k + 1}.png", plots.roc_figure(part, block.methods, colours))
-        figures.append(Figure(src, f"ROC curves, {name}, part {k + 1}",
+        figures.append(PageFigure(src, f"ROC curves, {name}, part {k + 1}",
                               f"ROC curves per split ({rows}; novel = positive), one colour per method, dashed = "
                               f"chance.{seed_note}" + _part(k, len(chunks)), open=k == 0))
     chunks = _chunks(panels, HIST_SPLITS_PER_FIGURE)
     for k, part in enumerate(chunks):
         src = writer.write(f"hist_{block.key}_{k + 1}.png", plots.histogram_figure(part, block.methods, colours))
-        figures.append(Figure(src, f"score histograms, {name}, part {k + 1}",
+        figures.append(PageFigure(src, f"score histograms, {name}, part {k + 1}",
                               f"Test-score densities per split ({rows}, rows) and method (columns): normal "
                               f"images as a dark outline, novel ones filled. Each column shares its x axis; "
                               f"it spans the {plots.HIST_RANGE[0]}–{plots.HIST_RANGE[1]} percentiles of the "
@@ -402,8 +401,7 @@ class _ImageWriter:
 
     def copy(self, source: Path, name: str) -> str:
         path = self.folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
+        atomic_write_bytes(path, source.read_bytes())
         self.written.append(path)
         return f"{IMAGE_DIR}/{name}"
 

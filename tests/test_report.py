@@ -282,3 +282,20 @@ def test_report_shows_cost_counters_and_drops_stale_figures(knn_results, splits_
     text = read_page(out / "report" / "index.html").text
     assert "cost: teacher_forward_images" in text and "1234" in text
     assert not stale.exists()
+
+
+@pytest.mark.slow
+def test_the_demo_ends_by_writing_the_report(knn_results, splits_root, tmp_path, monkeypatch, capsys):
+    """The demo's last step, on records it would have made (its jobs replaced by knn's)."""
+    from benchmark import demo
+    from benchmark.runner import Job, JobResult
+
+    out = fresh_out(splits_root, tmp_path)
+    shutil.copytree(knn_results / "runs", out / "runs", ignore=shutil.ignore_patterns("*.model.pt"))
+    finished = [JobResult(Job("knn", "embedded", "uni-class", "0", 0), "done", path)
+                for path in sorted((out / "runs").rglob("*.json"))]
+    monkeypatch.setattr(demo, "execute", lambda *args, **kwargs: finished)
+    assert demo.run_demo(full=False, out=out, device="cpu", force=False) == 0
+    index = out / "report" / "index.html"
+    assert index.resolve().as_uri() in capsys.readouterr().out.replace("\n", "")
+    check_images(read_page(index), index.parent)
