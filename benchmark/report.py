@@ -34,6 +34,7 @@ from methods.base import tracked
 
 from . import plots, tables
 from .models import ndbench_version
+from .paper import PAPER_DATASETS
 from .records import Record, read_record_files, scores_path
 from .report_html import render_page
 from .reporting import class_names_under
@@ -122,6 +123,7 @@ class Results:
     paths: dict[int, Path]  # id(record) -> its record file
     blocks: list[Block]
     leaderboard: pd.DataFrame
+    paper_summaries: dict[str, pd.DataFrame]  # setting -> summary table beside the paper's (datasets it has)
     names: dict[str, dict[int, str]]  # dataset -> class id -> name
     skipped: list[str]  # unreadable record files, with the reason
 
@@ -146,9 +148,10 @@ def gather(out: Path, warn: Warn | None = None) -> Results:
     with _collect_table_notes(notes):
         blocks = [_block(records, dataset, setting, names.get(dataset)) for dataset, setting in _pairs(records)]
         board = _leaderboard(records)
+        summaries = paper_summaries(records)
     for note in dict.fromkeys(notes):
         warn(f"note: {note}")
-    return Results(out, records, {id(r): p for p, r in found}, blocks, board, names, skipped)
+    return Results(out, records, {id(r): p for p, r in found}, blocks, board, summaries, names, skipped)
 
 
 def build_report(out: Path, report_dir: Path | None = None, warn: Warn | None = None,
@@ -172,6 +175,7 @@ def build_report(out: Path, report_dir: Path | None = None, warn: Warn | None = 
         version=ndbench_version(),
         out=results.out,
         leaderboard=results.leaderboard,
+        paper_summaries=results.paper_summaries,
         blocks=blocks,
         colours=colours,
         maps=maps,
@@ -329,6 +333,17 @@ def _part(k: int, n: int) -> str:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
+
+
+def paper_summaries(records: list[Record]) -> dict[str, pd.DataFrame]:
+    """Per setting, the summary table (paper Table 4 / 2 layout) with the paper's numbers
+    beside, over the datasets the paper reports; settings with none of them are left out."""
+    found = {}
+    for setting in SETTING_ORDER:
+        chosen = [r for r in records if r.setting == setting and r.dataset in PAPER_DATASETS]
+        if chosen:
+            found[setting] = summary_table(chosen, setting, paper=True)
+    return found
 
 
 def _leaderboard(records: list[Record]) -> pd.DataFrame:

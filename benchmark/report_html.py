@@ -55,8 +55,9 @@ _HEADERS = {"normal_class": "normal class", "abnormal_class": "abnormal class", 
             "name": "name", "dataset": "dataset"}
 
 
-def render_page(*, title: str, generated: str, version: str, out: Path, leaderboard: pd.DataFrame, blocks,
-                colours: dict[str, str], maps, skipped: list[str]) -> str:
+def render_page(*, title: str, generated: str, version: str, out: Path, leaderboard: pd.DataFrame,
+                paper_summaries: dict[str, pd.DataFrame], blocks, colours: dict[str, str], maps,
+                skipped: list[str]) -> str:
     """The whole page as one HTML string."""
     n_runs = sum(len(b.records) for b in blocks)
     methods = sorted({m for b in blocks for m in b.methods})
@@ -90,6 +91,11 @@ def render_page(*, title: str, generated: str, version: str, out: Path, leaderbo
                  "averages the columns a method has. Best per column in bold.</p>")
     parts.append(table_html(leaderboard, colours=colours, best=_column_best(leaderboard), swatch_index=True))
     parts.append(_notes(leaderboard.attrs.get("notes", [])))
+    for setting, summary in paper_summaries.items():
+        number = "4" if setting == "uni-class" else "2"
+        methods = [c for c in summary.columns if c in colours]
+        parts.append(f"<h3>{escape(setting)}: per dataset, beside the paper's Table {number}</h3>")
+        parts.append(table_html(summary, colours=colours, best=_row_best(summary, methods)))
 
     for block in blocks:
         parts.append(_block_html(block, colours))

@@ -168,6 +168,21 @@ def test_heatmap_limit_holds_every_value_in_steps_of_five():
     assert plots.heatmap_limit([12.0, 71.0]) == 40.0
 
 
+def test_summaries_sit_beside_the_papers_tables_for_its_datasets():
+    from dataclasses import replace
+
+    from benchmark.paper import paper_summary
+    from benchmark.report import paper_summaries
+
+    voc = [replace(synthetic("defend", str(c), 0, auroc=0.7), dataset="voc") for c in (0, 1)]
+    summaries = paper_summaries([*voc, synthetic("knn", "0", 0)])  # embedded: not in the paper
+    assert list(summaries) == ["uni-class"]
+    frame = summaries["uni-class"]
+    assert list(frame.index) == ["voc"] and frame.at["voc", "defend"] == pytest.approx(70.0)
+    assert frame.at["voc", "defend (paper T4)"] == paper_summary("uni-class").at["voc", "DEFEND+MKD"]
+    assert paper_summaries([synthetic("knn", "0", 0)]) == {}
+
+
 def test_map_captions_name_the_split():
     names = {"embedded": {3: "digit-3"}}
     assert map_caption("defend__embedded__uni-class__3__seed0", names) == (
