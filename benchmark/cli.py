@@ -337,7 +337,7 @@ def report_command(
 def score_command(
     images: Annotated[
         list[Path], typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
-                                   "sorted by name).", show_default=False)
+                                   "sorted by name).", show_default=False, metavar="IMAGES")
     ],
     model: Annotated[Path, typer.Option(help="A .model.pt written by `ndbench run --save-models`.")],
     output: Annotated[
