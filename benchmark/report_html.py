@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
@@ -51,13 +52,31 @@ dl.common dt{color:#666} dl.common dd{margin:0}
 pre{font-size:12px;background:#f7f7f7;padding:8px 12px;border-radius:4px;overflow-x:auto}
 """
 
+@dataclass
+class PageFigure:
+    """A written figure: its path relative to the page, alt text and caption."""
+
+    src: str
+    alt: str
+    caption: str
+    open: bool = True  # shown at once; later parts of a long series start folded
+
+
+@dataclass
+class MapGrid:
+    """An anomaly-map grid copied beside the page."""
+
+    src: str
+    caption: str
+
+
 _HEADERS = {"normal_class": "normal class", "abnormal_class": "abnormal class", "split": "split", "method": "method",
             "name": "name", "dataset": "dataset"}
 
 
 def render_page(*, title: str, generated: str, version: str, out: Path, leaderboard: pd.DataFrame,
-                paper_summaries: dict[str, pd.DataFrame], blocks, colours: dict[str, str], maps,
-                skipped: list[str]) -> str:
+                paper_summaries: dict[str, pd.DataFrame], blocks, figures: dict[str, list[PageFigure]],
+                colours: dict[str, str], maps: list[MapGrid], skipped: list[str]) -> str:
     """The whole page as one HTML string."""
     n_runs = sum(len(b.records) for b in blocks)
     methods = sorted({m for b in blocks for m in b.methods})
@@ -98,7 +117,7 @@ def render_page(*, title: str, generated: str, version: str, out: Path, leaderbo
         parts.append(table_html(summary, colours=colours, best=_row_best(summary, methods)))
 
     for block in blocks:
-        parts.append(_block_html(block, colours))
+        parts.append(_block_html(block, figures.get(block.key, []), colours))
 
     parts.append('<h2 id="maps">Anomaly maps</h2>')
     if maps:
@@ -114,7 +133,7 @@ def render_page(*, title: str, generated: str, version: str, out: Path, leaderbo
     return "\n".join(parts)
 
 
-def _block_html(block, colours: dict[str, str]) -> str:
+def _block_html(block, figures: list[PageFigure], colours: dict[str, str]) -> str:
     rows = "normal class" if block.setting == "uni-class" else "abnormal class (all-vs-one)"
     seeds = sorted({r.seed for r in block.records})
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (mean ± std)"
@@ -130,7 +149,7 @@ def _block_html(block, colours: dict[str, str]) -> str:
                      "(table number in the header), beside the measured ones.</p>")
     parts.append(_notes(block.notes))
     parts.append(_missing_html(block.missing))
-    for figure in block.figures:
+    for figure in figures:
         image = (f'<figure><img src="{escape(figure.src)}" alt="{escape(figure.alt)}" loading="lazy">'
                  f"<figcaption>{escape(figure.caption)}</figcaption></figure>")
         parts.append(image if figure.open else f"<details><summary>{escape(figure.alt)}</summary>{image}</details>")

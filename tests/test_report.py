@@ -19,7 +19,7 @@ from benchmark import plots
 from benchmark.cli import main
 from benchmark.metrics import fpr_at_tpr, roc_points, threshold_at_tpr
 from benchmark.records import Record, read_record_files, write_record
-from benchmark.report import gather, map_caption, missing_jobs, split_scores
+from benchmark.report_data import gather, map_caption, missing_jobs, split_scores
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -172,7 +172,7 @@ def test_summaries_sit_beside_the_papers_tables_for_its_datasets():
     from dataclasses import replace
 
     from benchmark.paper import paper_summary
-    from benchmark.report import paper_summaries
+    from benchmark.report_data import paper_summaries
 
     voc = [replace(synthetic("defend", str(c), 0, auroc=0.7), dataset="voc") for c in (0, 1)]
     summaries = paper_summaries([*voc, synthetic("knn", "0", 0)])  # embedded: not in the paper
