@@ -102,7 +102,7 @@ def heatmap_figure(values: pd.DataFrame, limit: float, average: pd.Series | None
         cell_w = 0.55 if len(columns) <= 12 else 0.42
         cell_h = 0.32 if len(rows) <= TRANSPOSE_ABOVE else 0.2
         label_w = 0.09 * max(len(r) for r in rows)
-        figure = _figure(min(18.0, label_w + 1.6 + cell_w * len(columns)), 1.3 + cell_h * len(rows))
+        figure = _figure(min(18.0, label_w + 1.6 + cell_w * len(columns)), max(2.2, 1.3 + cell_h * len(rows)))
         ax = figure.add_subplot()
         norm = Normalize(50.0 - limit, 50.0 + limit)
         cmap = _cmap()
@@ -131,7 +131,7 @@ def heatmap_figure(values: pd.DataFrame, limit: float, average: pd.Series | None
                     ax.text(j, i, NOT_RUN, ha="center", va="center", fontsize=6, color="#555555",
                             style="italic")
         bar = figure.colorbar(image, ax=ax, shrink=0.9 if len(rows) > 4 else 1.0, aspect=15, pad=0.02)
-        bar.set_label("AUROC (%), 50 = chance")
+        bar.set_label("AUROC (%)")
     return figure
 
 

@@ -263,6 +263,7 @@ def runs_frame(records: list[Record], titles: dict[object, str], setting: str) -
             "seed": r.seed,
             "config": r.config_hash,
             "train s": round(r.train_seconds, 1),
+            "score s": round(_test_images(r) / r.inference_images_per_s, 1) if r.inference_images_per_s else None,
             "score img/s": round(r.inference_images_per_s, 1),
             "train imgs": r.counts.get("train"),
             "test normal / novel": f"{r.counts.get('test_normal')} / {r.counts.get('test_novel')}",
@@ -285,6 +286,10 @@ def runs_frame(records: list[Record], titles: dict[object, str], setting: str) -
             common[column] = str(values[0])
             frame = frame.drop(columns=column)
     return frame, common
+
+
+def _test_images(record: Record) -> int:
+    return int(record.counts.get("test_normal", 0)) + int(record.counts.get("test_novel", 0))
 
 
 def configs(records: list[Record]) -> list[tuple[str, str, dict]]:

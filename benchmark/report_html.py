@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -139,8 +140,9 @@ def _block_html(block, figures: list[PageFigure], colours: dict[str, str]) -> st
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (mean ± std)"
     parts = [
         f'<h2 id="{escape(block.key)}">{escape(block.dataset)} {escape(block.setting)}</h2>',
-        f'<p class="meta">{len(block.titles)} splits (one per {rows}) × {len(block.methods)} methods, '
-        f"{seed_text}; {len(block.records)} runs.</p>",
+        f'<p class="meta">{_count(len(block.titles), "split")} (one per {rows}) × '
+        f'{_count(len(block.methods), "method")}, '
+        f"{seed_text}; {_count(len(block.records), 'run')}.</p>",
         "<h3>AUROC (%) per class</h3>",
         table_html(block.table, colours=colours, best=_row_best(block.table, block.methods)),
     ]
@@ -252,12 +254,16 @@ def _plain_table(frame: pd.DataFrame) -> str:
     for _, row in frame.iterrows():
         cells = []
         for value in row:
-            number = isinstance(value, int | float) and not isinstance(value, bool)
+            number = isinstance(value, numbers.Number) and not isinstance(value, bool)
             blank = value is None or (isinstance(value, float) and math.isnan(value))
             text = "" if blank else (f"{value:g}" if isinstance(value, float) else str(value))
             cells.append(f'<td class="{"" if number else "l"}">{escape(text)}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _swatch(colour: str) -> str:
