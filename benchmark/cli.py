@@ -139,8 +139,8 @@ def run_command(
     save_models: Annotated[
         bool,
         typer.Option(help="Keep each job's fitted detector beside its record (<record>.model.pt), with its "
-                     "config, weights, split and a decision threshold, for `ndbench score`. Jobs whose "
-                     "record exists but whose model does not are run again."),
+                     "config, weights, split and a decision threshold, for `ndbench score`. Jobs skipped "
+                     "because their record exists get no model: add --force to fit them again."),
     ] = False,
 ) -> None:
     """Run methods on splits (fit on the normal train images, score the test images), one
@@ -165,8 +165,21 @@ def run_command(
     records = load_records_at([r.record for r in results if r.record is not None])
     print_tables(out, records, dataset, settings, paper=False)
     code = report_results(results, stderr_console())
+    if save_models:
+        _note_missing_models(results)
     if code:
         raise typer.Exit(code)
+
+
+def _note_missing_models(results) -> None:
+    """Say which skipped jobs have no saved model (their records were made without one)."""
+    from .models import model_path
+
+    missing = [r for r in results if r.status == "skipped" and r.record is not None
+               and not model_path(r.record).is_file()]
+    if missing:
+        stderr_console().print(f"note: {len(missing)} skipped job(s) have no saved model (their records were made "
+                               "without --save-models); add --force to fit them again and save their models")
 
 
 def _parse_overrides(items: list[str]) -> dict:

@@ -8,7 +8,6 @@ has finished; the runner skips jobs whose record exists.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,21 +89,3 @@ def load_records(out: Path) -> list[Record]:
 def load_records_at(paths: list[Path]) -> list[Record]:
     """The records stored at the given paths."""
     return [Record.from_json(Path(p).read_text(encoding="utf-8")) for p in paths]
-
-
-def read_record_files(out: Path, on_unreadable: Callable[[Path, str], None]) -> list[tuple[Path, Record]]:
-    """Every readable record under `<out>/runs` with its path, in path order. A file that is
-    not a record (bad JSON, missing fields, no AUROC) is passed to `on_unreadable` with the
-    reason and left out, so a partly damaged results folder still reads."""
-    runs = Path(out) / "runs"
-    found: list[tuple[Path, Record]] = []
-    for path in sorted(runs.rglob("*.json")) if runs.is_dir() else []:
-        try:
-            record = Record.from_json(path.read_text(encoding="utf-8"))
-            if "auroc" not in record.metrics:
-                raise ValueError("no AUROC in its metrics")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as exc:
-            on_unreadable(path, f"{type(exc).__name__}: {exc}".splitlines()[0])
-            continue
-        found.append((path, record))
-    return found

@@ -61,7 +61,7 @@ def build_report(out: Path, report_dir: Path | None = None, warn: Warn | None = 
     blocks = results.blocks
     colours = plots.method_colours({r.method for r in results.records})
     writer = _ImageWriter(report_dir / IMAGE_DIR)
-    limit = plots.heatmap_limit(np.concatenate([b.table[b.methods].to_numpy(dtype=float).ravel() for b in blocks]))
+    limit = plots.heatmap_limit(np.concatenate([b.measured().to_numpy().ravel() for b in blocks]))
     figures = {block.key: _block_figures(block, results.paths, colours, limit, writer, warn)
                for block in tracked(blocks, progress, "report: figures")}
     maps = _copy_maps(results.out / "maps", writer, results.names, warn)
@@ -91,9 +91,10 @@ def _block_figures(block: Block, paths: dict[int, Path], colours: dict[str, str]
     name = f"{block.dataset} {block.setting}"
     rows = "normal class" if block.setting == "uni-class" else "abnormal class (all-vs-one)"
     figures = []
-    values = block.table.loc[list(block.titles), block.methods].astype(float)
+    measured = block.measured()
+    values = measured.loc[list(block.titles)]
     values.index = [block.titles[r] for r in block.titles]
-    average = block.table.loc[AVG, block.methods].astype(float)
+    average = measured.loc[AVG]
     src = writer.write(f"heatmap_{block.key}.png", plots.heatmap_figure(values, limit, average))
     figures.append(PageFigure(src, f"AUROC heat map, {name}",
                               f"AUROC (%) per method and {rows}, AVG last; one colour scale for every heat map "

@@ -4,6 +4,7 @@ from the grid of what exists, each split's stored test scores, and each run's me
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from datasets_builders.sources import DATASETS
 from . import tables
 from .paper import PAPER_DATASETS
 from .plots import SplitScores
-from .records import Record, read_record_files, scores_path
+from .records import Record, scores_path
 from .reporting import class_names_under
 from .tables import (
     AVG,
@@ -69,6 +70,33 @@ class Block:
     def key(self) -> str:
         return f"{self.dataset}_{self.setting}"
 
+    @property
+    def columns(self) -> dict[str, str]:
+        """Method -> its measured column in the per-class table."""
+        return measured_columns(self.table, self.methods)
+
+    def measured(self) -> pd.DataFrame:
+        """The per-class table's measured values (AVG row included), one column per method."""
+        frame = self.table[[self.columns[m] for m in self.methods]].astype(float)
+        frame.columns = list(self.methods)
+        return frame
+
+
+def measured_columns(table: pd.DataFrame, methods) -> dict[str, str]:
+    """Method -> the column of a results table holding its measured values: its name, or the
+    longer name the tables give it (`<method> (preset ...)`) when they mark a preset other
+    than the paper's. Methods without a column are left out."""
+    found = {}
+    for method in methods:
+        if method in table.columns:
+            found[method] = method
+            continue
+        marked = [c for c in table.columns if str(c).startswith(f"{method} (") and "(paper T" not in str(c)
+                  and not str(c).endswith(STD_SUFFIX)]
+        if marked:
+            found[method] = marked[0]
+    return found
+
 
 @dataclass
 class Results:
@@ -82,6 +110,24 @@ class Results:
     paper_summaries: dict[str, pd.DataFrame]  # setting -> summary table beside the paper's (datasets it has)
     names: dict[str, dict[int, str]]  # dataset -> class id -> name
     skipped: list[str]  # unreadable record files, with the reason
+
+
+def read_record_files(out: Path, on_unreadable: Callable[[Path, str], None]) -> list[tuple[Path, Record]]:
+    """Every readable record under `<out>/runs` with its path, in path order. A file that is
+    not a record (bad JSON, missing fields, no AUROC) is passed to `on_unreadable` with the
+    reason and left out, so a partly damaged results folder still reads."""
+    runs = Path(out) / "runs"
+    found: list[tuple[Path, Record]] = []
+    for path in sorted(runs.rglob("*.json")) if runs.is_dir() else []:
+        try:
+            record = Record.from_json(path.read_text(encoding="utf-8"))
+            if not isinstance(record.metrics, dict) or "auroc" not in record.metrics:
+                raise ValueError("no AUROC in its metrics")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as exc:
+            on_unreadable(path, f"{type(exc).__name__}: {exc}".splitlines()[0])
+            continue
+        found.append((path, record))
+    return found
 
 
 def gather(out: Path, warn: Warn | None = None) -> Results:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .report_data import measured_columns
 from .tables import AVG, STD_SUFFIX, display_frame
 
 CSS = """
@@ -113,9 +114,10 @@ def render_page(*, title: str, generated: str, version: str, out: Path, leaderbo
     parts.append(_notes(leaderboard.attrs.get("notes", [])))
     for setting, summary in paper_summaries.items():
         number = "4" if setting == "uni-class" else "2"
-        methods = [c for c in summary.columns if c in colours]
+        columns = measured_columns(summary, colours)
         parts.append(f"<h3>{escape(setting)}: per dataset, beside the paper's Table {number}</h3>")
-        parts.append(table_html(summary, colours=colours, best=_row_best(summary, methods)))
+        parts.append(table_html(summary, colours={c: colours[m] for m, c in columns.items()},
+                                best=_row_best(summary, list(columns.values()))))
 
     for block in blocks:
         parts.append(_block_html(block, figures.get(block.key, []), colours))
@@ -144,7 +146,8 @@ def _block_html(block, figures: list[PageFigure], colours: dict[str, str]) -> st
         f'{_count(len(block.methods), "method")}, '
         f"{seed_text}; {_count(len(block.records), 'run')}.</p>",
         "<h3>AUROC (%) per class</h3>",
-        table_html(block.table, colours=colours, best=_row_best(block.table, block.methods)),
+        table_html(block.table, colours={c: colours[m] for m, c in block.columns.items()},
+                   best=_row_best(block.table, list(block.columns.values()))),
     ]
     if any("(paper T" in str(c) for c in block.table.columns):
         parts.append('<p class="meta"><span class="paper">Grey italic</span> columns are the paper\'s own numbers '
@@ -191,14 +194,14 @@ def _notes(notes: list[str]) -> str:
     return '<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>"
 
 
-def _row_best(frame: pd.DataFrame, methods: list[str]) -> set[tuple[int, str]]:
-    """(row position, column) of the highest measured value in each row."""
+def _row_best(frame: pd.DataFrame, columns: list[str]) -> set[tuple[int, str]]:
+    """(row position, column) of the highest value among `columns` in each row."""
     best = set()
-    for i, (_, row) in enumerate(frame[methods].iterrows()):
+    for i, (_, row) in enumerate(frame[columns].iterrows()):
         values = row.astype(float)
-        if values.notna().any() and values.notna().sum() > 1:
+        if values.notna().sum() > 1:
             top = values.max()
-            best |= {(i, m) for m in methods if values[m] == top}
+            best |= {(i, c) for c in columns if values[c] == top}
     return best
 
 
@@ -216,8 +219,9 @@ def _column_best(frame: pd.DataFrame) -> set[tuple[int, str]]:
 
 def table_html(frame: pd.DataFrame, *, colours: dict[str, str], best: set[tuple[int, str]],
                swatch_index: bool = False) -> str:
-    """A results table (the tables' own text cells: mean ± std, "–" when missing): method
-    headers with their plot colour, paper columns grey italic, AVG row set apart, best bold."""
+    """A results table (the tables' own text cells: mean ± std, "–" when missing): headers
+    (with `swatch_index`, index labels) named in `colours` get their plot colour, paper
+    columns are grey italic, the AVG row set apart, the `best` cells bold."""
     shown, align = display_frame(frame)
     index_name = frame.index.name
     head = []

@@ -32,7 +32,6 @@ from methods.registry import get_class
 
 from .build import BuildRequest, build_splits
 from .metrics import novelty_metrics
-from .models import model_path, save_model
 from .records import Record, record_path, write_record
 
 EMBEDDED = "embedded"
@@ -65,9 +64,9 @@ class RunOptions:
     splits_root: Path | None = None  # default: <out>/splits
     device: str = "auto"
     weights: str | None = None  # overrides every method's `weights`
+    save_models: bool = False  # keep each job's fitted detector beside its record
     force: bool = False
     progress: bool = True
-    save_models: bool = False  # keep each job's fitted detector beside its record
 
     @property
     def splits(self) -> Path:
@@ -208,9 +207,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
     """Run one job unless its record exists (or `force`); write the record atomically."""
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
-    # With --save-models a job is finished only once its model is saved too.
-    missing_model = options.save_models and not model_path(path).is_file()
-    if path.is_file() and not options.force and not missing_model:
+    if path.is_file() and not options.force:
         return JobResult(job, "skipped", path, Record.from_json(path.read_text()).metrics["auroc"])
     device = resolve_device(options.device)
     manifest, train, test = job_data(job, detector, options)
@@ -243,6 +240,8 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
         extra=getattr(detector, "record_extra", lambda: {})(),
     )
     if options.save_models:
+        from .models import model_path, save_model
+
         save_model(model_path(path), detector, record, test.labels, scores)
     write_record(path, record, test.image_ids, test.labels, scores)
     return JobResult(job, "done", path, metrics["auroc"])

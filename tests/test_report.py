@@ -18,8 +18,8 @@ from small_splits import fresh_out
 from benchmark import plots
 from benchmark.cli import main
 from benchmark.metrics import fpr_at_tpr, roc_points, threshold_at_tpr
-from benchmark.records import Record, read_record_files, write_record
-from benchmark.report_data import gather, map_caption, missing_jobs, split_scores
+from benchmark.records import Record, write_record
+from benchmark.report_data import gather, map_caption, missing_jobs, read_record_files, split_scores
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -181,6 +181,15 @@ def test_summaries_sit_beside_the_papers_tables_for_its_datasets():
     assert list(frame.index) == ["voc"] and frame.at["voc", "defend"] == pytest.approx(70.0)
     assert frame.at["voc", "defend (paper T4)"] == paper_summary("uni-class").at["voc", "DEFEND+MKD"]
     assert paper_summaries([synthetic("knn", "0", 0)]) == {}
+
+
+def test_measured_columns_find_methods_under_a_marked_name():
+    import pandas as pd
+
+    from benchmark.report_data import measured_columns
+
+    table = pd.DataFrame(columns=["name", "knn", "knn_std", "defend (preset defaults)", "defend (paper T6)"])
+    assert measured_columns(table, ["knn", "defend", "mkd"]) == {"knn": "knn", "defend": "defend (preset defaults)"}
 
 
 def test_map_captions_name_the_split():

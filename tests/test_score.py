@@ -211,18 +211,20 @@ def test_score_reproduces_a_jobs_test_scores_exactly(knn_results, tmp_path):
 
 
 @pytest.mark.slow
-def test_save_models_resumes_only_jobs_without_a_model(knn_results, splits_root, tmp_path, capsys):
+def test_skipped_jobs_without_a_model_are_named_and_force_saves_them(knn_results, splits_root, tmp_path, capsys):
     import shutil
 
     from small_splits import fresh_out
 
     out = fresh_out(splits_root, tmp_path)
     shutil.copytree(knn_results / "runs", out / "runs")
-    next((out / "runs" / "embedded" / "uni-class" / "knn").glob("1__*__seed0.model.pt")).unlink()
+    folder = out / "runs" / "embedded" / "uni-class" / "knn"
+    next(folder.glob("1__*__seed0.model.pt")).unlink()
     args = ["run", "--method", "knn", "--classes", "0,1", "--weights", "none", "--device", "cpu",
-            "--out", str(out)]
-    assert main([*args, "--save-models"]) == 0
-    assert "1 jobs ran, 1 skipped" in capsys.readouterr().err
-    assert len(list((out / "runs" / "embedded" / "uni-class" / "knn").glob("*__seed0.model.pt"))) == 2
-    assert main(args) == 0  # without --save-models the records alone make a job finished
-    assert "0 jobs ran, 2 skipped" in capsys.readouterr().err
+            "--out", str(out), "--save-models"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "0 jobs ran, 2 skipped" in err and "1 skipped job(s) have no saved model" in err
+    assert main([*args, "--classes", "1", "--force"]) == 0
+    assert "1 jobs ran" in capsys.readouterr().err
+    assert len(list(folder.glob("*__seed0.model.pt"))) == 2
