@@ -34,4 +34,3 @@ def splits_root(tmp_path_factory) -> Path:
     out = base / "results"
     build_splits(BuildRequest(dataset="embedded", root=scenes, out=out / "splits"))
     return out / "splits"
-
