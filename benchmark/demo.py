@@ -31,7 +31,7 @@ def demo_methods(full: bool) -> list[str]:
 
 
 def run_demo(*, full: bool, out: Path, device: str, force: bool) -> int:
-    """Run the demo; print and write per-class tables; return the exit code."""
+    """Run the demo; print and write per-class tables, write the HTML report; return the exit code."""
     start = time.perf_counter()
     options = RunOptions(out=out, device=device, force=force)
     settings = list(SETTINGS_FULL if full else SETTINGS_DEFAULT)
