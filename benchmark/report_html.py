@@ -72,6 +72,8 @@ class MapGrid:
     caption: str
 
 
+FOLD_RUNS_ABOVE = 12  # a longer table of runs starts folded
+
 _HEADERS = {"normal_class": "normal class", "abnormal_class": "abnormal class", "split": "split", "method": "method",
             "name": "name", "dataset": "dataset"}
 
@@ -163,7 +165,7 @@ def _block_html(block, figures: list[PageFigure], colours: dict[str, str]) -> st
     if common:
         items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in common.items())
         parts.append(f'<dl class="common">{items}</dl>')
-    folded = len(frame) > 40
+    folded = len(frame) > FOLD_RUNS_ABOVE
     table = _plain_table(frame)
     parts.append(f"<details{'' if folded else ' open'}><summary>{len(frame)} runs: times, counts, config "
                  f"hashes{', cost counters' if any(c.startswith('cost:') for c in frame.columns) else ''}"
