@@ -283,6 +283,12 @@ def run_command(
         typer.Option(help="Try a crashed job again up to this many times (with --executor ray, also a job "
                      "whose worker process died)."),
     ] = 0,
+    save_models: Annotated[
+        bool,
+        typer.Option(help="Keep each job's fitted detector beside its record (<record>.model.pt), with its "
+                     "config, weights, split and a decision threshold, for `ndbench score`. Jobs skipped "
+                     "because their record exists get no model: add --force to fit them again."),
+    ] = False,
 ) -> None:
     """Run methods on splits (fit on the normal train images, score the test images), one
     record per (method, split, seed); existing records are skipped, so a re-run resumes.
@@ -303,7 +309,8 @@ def run_command(
     check_weights(weights)
     check_executor(executor, ray_address, retries)
     overrides = _parse_overrides(option or [])
-    options = RunOptions(out=out, device=device, weights=weights, force=force, retries=retries)
+    options = RunOptions(out=out, device=device, weights=weights, force=force, retries=retries,
+                         save_models=save_models)
     jobs = expand_jobs(
         methods,
         dataset=dataset,
@@ -318,8 +325,21 @@ def run_command(
     records = load_records_at([r.record for r in results if r.record is not None])
     print_tables(out, records, dataset, settings, paper=False)
     code = report_results(results, stderr_console())
+    if save_models:
+        _note_missing_models(results)
     if code:
         raise typer.Exit(code)
+
+
+def _note_missing_models(results) -> None:
+    """Say which skipped jobs have no saved model (their records were made without one)."""
+    from .models import model_path
+
+    missing = [r for r in results if r.status == "skipped" and r.record is not None
+               and not model_path(r.record).is_file()]
+    if missing:
+        stderr_console().print(f"note: {len(missing)} skipped job(s) have no saved model (their records were made "
+                               "without --save-models); add --force to fit them again and save their models")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -470,6 +490,74 @@ def maps_command(
     with job_progress(stderr_console()) as progress:
         path = draw_maps(request, options, progress)
     stdout_console().print(f"wrote {path}")
+
+
+@app.command("report")
+def report_command(
+    out: Annotated[Path, typer.Option(help=OUT_HELP + " The report goes to <out>/report.")] = Path("results"),
+    report_dir: Annotated[
+        Path | None,
+        typer.Option(help="Write the page (index.html) and its figures (img/) here instead of <out>/report; "
+                     "PNGs in img/ that the new page does not show are removed."),
+    ] = None,
+) -> None:
+    """Write one HTML page of everything under --out: the leaderboard, per-class tables beside
+    the paper's numbers, AUROC heat maps, ROC curves and score histograms per split, what was
+    not run, the anomaly-map grids and each run's metadata. Opens from disk, no network."""
+    from .report import build_report
+
+    def warn(message: str) -> None:
+        print(f"ndbench: warning: {message}", file=sys.stderr)
+
+    from .runner import job_progress
+
+    with job_progress(stderr_console()) as progress:
+        result = build_report(out, report_dir, warn=warn, progress=progress)
+    stdout_console().print(
+        f"wrote {result.path} ({result.records} runs, {result.figures} figures, "
+        f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); open {result.path.resolve().as_uri()}",
+        soft_wrap=True,
+    )
+
+
+@app.command("score")
+def score_command(
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
+                                   "sorted by name).", show_default=False, metavar="IMAGES")
+    ],
+    model: Annotated[Path, typer.Option(help="A .model.pt written by `ndbench run --save-models`.")],
+    output: Annotated[
+        Path | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default: print it.")
+    ] = None,
+    maps: Annotated[
+        Path | None,
+        typer.Option(help="Folder for one heat-map overlay PNG per image (methods with anomaly maps: defend, mkd, "
+                     "rdad); one colour scale for all images of the call."),
+    ] = None,
+    threshold: Annotated[
+        bool,
+        typer.Option(help="Add a label column (normal/novel) from the model's stored threshold: the score at "
+                     "95% TPR on its split's test set."),
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+) -> None:
+    """Score your own images with a saved detector: one CSV row per image, in the order given,
+    higher = more novel. Images go through the detector's own input transform, as in the run."""
+    from .runner import job_progress
+    from .score import ScoreRequest, prepare_scoring, run_scoring
+
+    request = ScoreRequest(model=model, images=tuple(images), output=output, maps=maps, threshold=threshold,
+                           device=device)
+    scoring = prepare_scoring(request)
+    with job_progress(stderr_console()) as progress:
+        result = run_scoring(scoring, progress)
+    if output is None:
+        sys.stdout.write(result.csv_text())
+    else:
+        stderr_console().print(f"wrote {len(result.images)} scores to {output}")
+    if maps is not None:
+        stderr_console().print(f"wrote {len(result.images)} heat-map overlays under {maps}")
 
 
 @app.command("bench")

@@ -75,6 +75,7 @@ class RunOptions:
     splits_root: Path | None = None  # default: <out>/splits
     device: str = "auto"
     weights: str | None = None  # overrides every method's `weights`
+    save_models: bool = False  # keep each job's fitted detector beside its record
     force: bool = False
     progress: bool = True
     retries: int = 0  # times a crashed job (or, on Ray, a job whose worker died) is tried again
@@ -387,6 +388,10 @@ def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: P
         preset=preset_chain(job),
         multi_class_weighting=weighting(job),
     )
+    if options.save_models:
+        from .models import model_path, save_model
+
+        save_model(model_path(path), detector, record, test.labels, scores)
     write_record(path, record, test.image_ids, test.labels, scores)
     return JobResult(job, DONE, path, metrics["auroc"])
 

@@ -398,9 +398,10 @@ def _cell(value, std, decimals: int) -> str:
     return text
 
 
-def to_markdown(df: pd.DataFrame, decimals: int = 1) -> str:
-    """A GitHub pipe table: numbers with `decimals` decimals, "mean ± std" where a
-    `<column>_std` holds a value, "–" for missing values."""
+def display_frame(df: pd.DataFrame, decimals: int = 1) -> tuple[pd.DataFrame, list[str]]:
+    """The table as text cells (index as the first column): numbers with `decimals`
+    decimals, "mean ± std" where a `<column>_std` holds a value, "–" for missing values;
+    with each shown column's alignment ("right" for numbers, else "left")."""
     std_columns = {
         c for c in df.columns if c.endswith(STD_SUFFIX) and c[: -len(STD_SUFFIX)] in df.columns
     }
@@ -421,6 +422,13 @@ def to_markdown(df: pd.DataFrame, decimals: int = 1) -> str:
         else:
             out[column] = ["" if pd.isna(v) else str(v) for v in values]
             align.append("left")
+    return out, align
+
+
+def to_markdown(df: pd.DataFrame, decimals: int = 1) -> str:
+    """A GitHub pipe table: numbers with `decimals` decimals, "mean ± std" where a
+    `<column>_std` holds a value, "–" for missing values."""
+    out, align = display_frame(df, decimals)
     text = out.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, colalign=align)
     return text + "\n"
 

@@ -24,6 +24,7 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from datasets_builders.atomic import atomic_open
 from datasets_builders.errors import NdbenchError
 
 # The preset name that stands for "the recipe behind the paper's numbers" of every method.
@@ -218,21 +219,26 @@ class BaseDetector(ABC):
     def set_state(self, state: dict) -> None:
         """Restore what `state()` returned."""
 
-    def save(self, path: Path) -> None:
-        """Save config and fitted state to one file."""
+    def save(self, path: Path, metadata: dict | None = None) -> None:
+        """Save config and fitted state to one file, atomically; `metadata` (plain values)
+        is stored beside them under its own keys."""
         if not self.fitted:
             raise NdbenchError(f"{self.name} is not fitted", "call fit() before save()")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"method": self.name, "config": asdict(self.config), "state": self.state()}, path)
+        payload = {**(metadata or {}), "method": self.name, "config": asdict(self.config), "state": self.state()}
+        with atomic_open(Path(path)) as handle:
+            torch.save(payload, handle)
 
     @classmethod
     def load(cls, path: Path) -> BaseDetector:
         """Load a detector saved with `save`."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+        return cls.from_saved(torch.load(Path(path), map_location="cpu", weights_only=False), path)
+
+    @classmethod
+    def from_saved(cls, payload: dict, source: Path | str) -> BaseDetector:
+        """The fitted detector held by what `save` wrote (already read from the file `source`)."""
         if payload.get("method") != cls.name:
             raise NdbenchError(
-                f"{path} holds a {payload.get('method')!r} model, not {cls.name!r}",
+                f"{source} holds a {payload.get('method')!r} model, not {cls.name!r}",
                 f"load it with the {payload.get('method')} method",
             )
         detector = cls(**payload["config"])

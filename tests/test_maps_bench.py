@@ -13,7 +13,7 @@ from small_splits import fresh_out
 
 from benchmark.bench import BenchConfig, baseline_training, paper_comparison, run_bench
 from benchmark.cli import main
-from benchmark.maps import CAPTION, HEAT_ANCHORS, TILE, heat_colours, pick_images
+from benchmark.maps import CAPTION, HEAT_COLORMAP, TILE, heat_colours, pick_images
 from datasets_builders.splits import NOVEL
 
 
@@ -29,10 +29,14 @@ def test_pick_images_halves_normal_and_novel_and_is_seeded():
 
 
 def test_heat_colours_span_the_scale():
+    from matplotlib import colormaps
+
     colours = heat_colours(np.array([[0.0, 1.0, 0.5, -3.0, 7.0]]))
     assert colours.dtype == np.uint8 and colours.shape == (1, 5, 3)
-    assert colours[0, 0].tolist() == HEAT_ANCHORS[0].tolist() == colours[0, 3].tolist()
-    assert colours[0, 1].tolist() == HEAT_ANCHORS[-1].tolist() == colours[0, 4].tolist()
+    low, high = (colormaps[HEAT_COLORMAP](v, bytes=True)[:3] for v in (0.0, 1.0))
+    assert colours[0, 0].tolist() == list(low) == colours[0, 3].tolist()  # clipped below
+    assert colours[0, 1].tolist() == list(high) == colours[0, 4].tolist()  # clipped above
+    assert colours[0, 0, 2] > colours[0, 0, 0] and colours[0, 1, 0] > colours[0, 1, 2]  # blue -> red
 
 
 def test_maps_writes_a_grid_of_image_and_heat_pairs(splits_root, tmp_path, capsys):
