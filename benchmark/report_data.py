@@ -4,7 +4,6 @@ from the grid of what exists, each split's stored test scores, and each run's me
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from datasets_builders.sources import DATASETS
 from . import tables
 from .paper import PAPER_DATASETS
 from .plots import SplitScores
-from .records import Record, scores_path
+from .records import Record, read_record, scores_path
 from .reporting import class_names_under
 from .tables import (
     AVG,
@@ -113,20 +112,16 @@ class Results:
 
 
 def read_record_files(out: Path, on_unreadable: Callable[[Path, str], None]) -> list[tuple[Path, Record]]:
-    """Every readable record under `<out>/runs` with its path, in path order. A file that is
-    not a record (bad JSON, missing fields, no AUROC) is passed to `on_unreadable` with the
-    reason and left out, so a partly damaged results folder still reads."""
+    """Every whole record under `<out>/runs` with its path, in path order. A file that
+    `records.read_record` refuses (bad JSON, missing fields, a changed scores file) is passed to
+    `on_unreadable` with the reason and left out, so a partly damaged results folder still reads."""
     runs = Path(out) / "runs"
     found: list[tuple[Path, Record]] = []
     for path in sorted(runs.rglob("*.json")) if runs.is_dir() else []:
         try:
-            record = Record.from_json(path.read_text(encoding="utf-8"))
-            if not isinstance(record.metrics, dict) or "auroc" not in record.metrics:
-                raise ValueError("no AUROC in its metrics")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as exc:
-            on_unreadable(path, f"{type(exc).__name__}: {exc}".splitlines()[0])
-            continue
-        found.append((path, record))
+            found.append((path, read_record(path)))
+        except NdbenchError as exc:
+            on_unreadable(path, exc.problem)
     return found
 
 

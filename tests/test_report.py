@@ -120,7 +120,7 @@ def test_unreadable_record_files_are_skipped_with_their_reason(tmp_path):
     found = read_record_files(tmp_path, lambda path, reason: skipped.append((path.name, reason)))
     assert [(p.name, r.split) for p, r in found] == [("0__c0ffee__seed0.json", "0")]
     assert [name for name, _ in skipped] == ["1__c0ffee__seed0.json", "2__c0ffee__seed0.json"]
-    assert "JSONDecodeError" in skipped[0][1] and "TypeError" in skipped[1][1]
+    assert "not valid JSON" in skipped[0][1] and "damaged" in skipped[1][1]
     assert read_record_files(tmp_path / "nothing", lambda *a: None) == []
 
 
