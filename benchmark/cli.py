@@ -142,15 +142,49 @@ def run_command(
                      "'paper' picks, for each method, the recipe behind the paper's numbers "
                      "(docs/FIDELITY.md); on the embedded dataset it goes on top of the embedded preset."),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="DataLoader worker processes that decode image files (0: decode in the main "
+                     "process). Default: one per CPU but one, at most 8."),
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(help="Keep decoded images and frozen-network outputs in the on-disk store under "
+                     "$NDBENCH_CACHE/store, shared by every job and later runs (see `ndbench cache info`)."),
+    ] = True,
+    cache_budget_gb: Annotated[
+        float | None,
+        typer.Option(help="Most gigabytes the store may take; past it, images and features are "
+                     "recomputed instead of stored. Default: half the free disk space, at most 50."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="List the jobs and, per method, the images to decode and the frozen and trained "
+                     "forward passes with and without the caches; run nothing."),
+    ] = False,
+    ray_cpus_per_job: Annotated[
+        float | None,
+        typer.Option(help="--executor ray: CPUs each job reserves (its torch threads). Default: with GPUs, "
+                     "the cluster's CPUs per GPU; without, 1."),
+    ] = None,
+    ray_gpus_per_job: Annotated[
+        float | None,
+        typer.Option(help="--executor ray: GPUs each job reserves; fractions (0.25) pack small jobs on a "
+                     "big GPU. Default: 1 when the cluster has GPUs, else 0."),
+    ] = None,
 ) -> None:
     """Run methods on splits (fit on the normal train images, score the test images), one
     record per (method, split, seed); existing records are skipped, so a re-run resumes."""
+    from methods.runtime import CacheSettings
+
     from .build import requested_settings
-    from .executors import execute
+    from .executors import RayResources, execute
     from .records import load_records_at
     from .runner import RunOptions, expand_jobs
 
-    options = RunOptions(out=out, device=device, weights=weights, force=force)
+    caching = CacheSettings(enabled=cache, budget_gb=cache_budget_gb, workers=workers)
+    resources = RayResources(ray_cpus_per_job, ray_gpus_per_job)
+    options = RunOptions(out=out, device=device, weights=weights, force=force, caching=caching)
     settings = list(requested_settings(setting))
     jobs = expand_jobs(
         _list(method) or [],
@@ -162,7 +196,12 @@ def run_command(
         overrides=_parse_overrides(option or []),
         preset=preset or "",
     )
-    results = execute(jobs, options, executor, ray_address, console=stderr_console())
+    if dry_run:
+        from .plan import plan_run, print_plan
+
+        print_plan(plan_run(jobs, options), stdout_console())
+        return
+    results = execute(jobs, options, executor, ray_address, console=stderr_console(), resources=resources)
     records = load_records_at([r.record for r in results if r.record is not None])
     print_tables(out, records, dataset, settings, paper=False)
     code = report_results(results, stderr_console())
@@ -358,6 +397,47 @@ def bench_command(
         met = "" if row.met is None else ("yes" if row.met else "NO")
         table.add_row(row.name, f"{row.value:.2f}", row.unit, row.target, met)
     stdout_console().print(table)
+
+
+cache_app = typer.Typer(help="The on-disk store of decoded images and frozen-network outputs.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info_command() -> None:
+    """Where the store is and what each kind of entry (images, features) takes on disk."""
+    from rich.table import Table
+
+    from datasets_builders.array_store import ArrayStore, default_budget_bytes
+    from methods.runtime import store_root
+
+    root = store_root()
+    table = Table(title=f"ndbench cache: {root} (default budget {default_budget_bytes(root) / 1e9:.1f} GB)")
+    for column in ("kind", "entries", "shards", "allocated GB", "on disk GB"):
+        table.add_column(column)
+    for usage in ArrayStore(root).usage():
+        table.add_row(usage.kind, str(usage.entries), str(usage.shards), f"{usage.allocated_bytes / 1e9:.3f}",
+                      f"{usage.disk_bytes / 1e9:.3f}")
+    stdout_console().print(table)
+
+
+@cache_app.command("clear")
+def cache_clear_command(
+    kind: Annotated[
+        str | None, typer.Option(help="Only this kind of entry: images or features. Default: everything.")
+    ] = None,
+) -> None:
+    """Delete stored images and features (they are recomputed when next needed)."""
+    from datasets_builders.array_store import ArrayStore
+    from datasets_builders.image_store import IMAGES_KIND
+    from methods.features import FEATURES_KIND
+    from methods.runtime import store_root
+
+    if kind is not None and kind not in (IMAGES_KIND, FEATURES_KIND):
+        raise NdbenchError(f"unknown cache kind {kind!r}", f"use {IMAGES_KIND} or {FEATURES_KIND}")
+    freed = ArrayStore(store_root()).clear(kind)
+    stdout_console().print(f"freed {freed / 1e9:.3f} GB under {store_root()}")
 
 
 def _usage_error_message(exc: BaseException) -> str | None:

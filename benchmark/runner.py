@@ -26,9 +26,10 @@ from datasets_builders.loading import ManifestDataset, load_split
 from datasets_builders.sources import check_dataset
 from datasets_builders.splits import SETTINGS, Manifest
 from methods.backbones import create_backbone
-from methods.base import config_hash, resolve_device
+from methods.base import BaseDetector, config_hash, resolve_device
 from methods.pretrain import resolve_weights
 from methods.registry import get_class
+from methods.runtime import CacheSettings, JobRuntime
 
 from .build import BuildRequest, build_splits
 from .metrics import novelty_metrics
@@ -67,6 +68,7 @@ class RunOptions:
     weights: str | None = None  # overrides every method's `weights`
     force: bool = False
     progress: bool = True
+    caching: CacheSettings = CacheSettings()  # image store, feature cache, DataLoader workers
 
     @property
     def splits(self) -> Path:
@@ -210,20 +212,38 @@ def describe_device(device: torch.device) -> str:
 
 
 def job_data(job: Job, detector, options: RunOptions) -> tuple[Manifest, ManifestDataset, ManifestDataset]:
-    """The job's manifest and its train and test images, in the detector's input transform."""
+    """The job's manifest and its train and test images, in the detector's input transform,
+    decoded through the detector's runtime (image store, counters) for its `store_parts`."""
     index, manifest = load_split(options.splits, job.split_id)
     transform = detector.transform()
-    train = ManifestDataset(index, manifest, "train", transform=transform)
-    return manifest, train, ManifestDataset(index, manifest, "test", transform=transform)
+    runtime = detector.runtime
+
+    def part(name: str) -> ManifestDataset:
+        store = runtime.images if name in detector.store_parts else None
+        return ManifestDataset(index, manifest, name, transform=transform, store=store, counts=runtime.counts)
+
+    return manifest, part("train"), part("test")
 
 
-def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
-    """Run one job unless its record exists (or `force`); write the record atomically."""
+def job_cost(detector, runtime: JobRuntime) -> dict[str, int]:
+    """What the job computed, counted as it happened: decodes and image-store reads always;
+    frozen and trained passes for methods with a cost model (they count them)."""
+    names = ("decodes", "image_reads")
+    if type(detector).cost_model is not BaseDetector.cost_model:
+        names += ("frozen_passes", "frozen_reads", "trained_passes")
+    return runtime.counts.as_dict(names)
+
+
+def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpus: int | None = None) -> JobResult:
+    """Run one job unless its record exists (or `force`); write the record atomically.
+    `cpus`: the CPUs reserved for the job (sets the DataLoader workers' default)."""
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
     if path.is_file() and not options.force:
         return JobResult(job, "skipped", path, Record.from_json(path.read_text()).metrics["auroc"])
     device = resolve_device(options.device)
+    runtime = JobRuntime.open(options.caching, device, cpus)
+    detector.use_runtime(runtime)
     manifest, train, test = job_data(job, detector, options)
     seed_everything(job.seed)
     start = time.perf_counter()
@@ -251,17 +271,18 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
         device=describe_device(device),
         versions=versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra=getattr(detector, "record_extra", lambda: {})(),
+        extra={**getattr(detector, "record_extra", lambda: {})(), "cost": job_cost(detector, runtime)},
         preset=preset_chain(job),
     )
     write_record(path, record, test.image_ids, test.labels, scores)
     return JobResult(job, "done", path, metrics["auroc"])
 
 
-def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
+def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None,
+                 cpus: int | None = None) -> JobResult:
     """`run_job` that turns a failure into a failed result, so other jobs go on."""
     try:
-        return run_job(job, options, progress)
+        return run_job(job, options, progress, cpus)
     except NdbenchError as exc:
         return JobResult(job, "failed", error=str(exc), user_error=True)
     except Exception as exc:  # noqa: BLE001 - one job's crash must not lose the others
