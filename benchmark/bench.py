@@ -40,6 +40,19 @@ class BenchConfig:
     count_images: int = 8  # training images of the small fit that counts teacher passes
 
 
+# What `ndbench bench` runs with when --batch-size / --steps are not given: the GPU-sized
+# configuration (BenchConfig's defaults) on CUDA or with --full; on a CPU a smaller one that
+# keeps the whole bench within 10 minutes on 2 cores (the GPU-sized one took 23 min and 11 GB).
+CPU_BENCH = {"batch_size": 16, "steps": 3}
+
+
+def bench_config(device: torch.device, full: bool = False, **given) -> BenchConfig:
+    """The bench configuration for `device`: `given` values (those not None) over the defaults
+    of the device (`CPU_BENCH` on a CPU unless `full`)."""
+    sized = {} if full or device.type == "cuda" else CPU_BENCH
+    return BenchConfig(**{**sized, **{k: v for k, v in given.items() if v is not None}})
+
+
 @dataclass(frozen=True)
 class BenchRow:
     """One measured figure, with the goal it is checked against (if any)."""

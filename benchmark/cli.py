@@ -354,8 +354,19 @@ def bench_command(
         "vit_small_patch16_224"
     ),
     img_size: Annotated[int, typer.Option(help="Input size in pixels.")] = 224,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    steps: Annotated[int, typer.Option(help="Timed steps per measurement (after one warm-up step).")] = 5,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step. Default: 32 on CUDA or with --full, 16 on a CPU.")
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Timed steps per measurement (after one warm-up step). Default: 5 on CUDA or "
+                     "with --full, 3 on a CPU."),
+    ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(help="The GPU-sized configuration (batch 32, 5 steps) on any device; on a 2-core CPU "
+                     "it takes over 20 minutes and ~11 GB."),
+    ] = False,
     compare: Annotated[
         bool,
         typer.Option(help="Also time defend vs transformaly scoring on ViT-B/16 shapes (fair 224 px and "
@@ -366,22 +377,43 @@ def bench_command(
         typer.Option(help="Also time the training images/s of each baseline (transformaly, kdad, msad, "
                      "rdad, dsvdd) at its paper backbone and input size, at --batch-size. Minutes on a CPU."),
     ] = True,
+    runs: Annotated[
+        bool,
+        typer.Option(help="Also run the 10 embedded uni-class knn jobs with the caches off, cold and warm "
+                     "(random weights, a throw-away store): wall times, decodes and frozen passes per "
+                     "distinct image."),
+    ] = True,
+    loader: Annotated[
+        bool,
+        typer.Option(help="Also time decoding 1,000 generated 500x375 JPEGs to --img-size with 0, 1 and "
+                     "--workers DataLoader workers, and reading them back from the image store."),
+    ] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="DataLoader workers of the loader and run figures (default: CPUs - 1, at most 8)."),
+    ] = None,
 ) -> None:
     """Speed figures measured back to back in one run on one device: MKD training images/s
     with 50 % of tokens dropped vs none (goal >= 1.7x), defend scoring images/s, teacher
-    passes per training image in MKD (goal: 1 per job), defend vs transformaly scoring, and
-    each baseline's training images/s."""
+    passes per training image in MKD (goal: 1 per job), defend vs transformaly scoring, each
+    baseline's training images/s, knn runs with the caches off/cold/warm and image loading."""
+    import tempfile
+
     from rich.table import Table
 
     from methods.base import resolve_device
 
-    from .bench import BenchConfig, baseline_training, paper_comparison, run_bench
+    from .bench import baseline_training, bench_config, paper_comparison, run_bench
+    from .bench_data import knn_run_level, loader_speed
     from .runner import describe_device
 
-    if min(img_size, batch_size, steps) < 1:
+    if min(img_size, batch_size or 1, steps or 1) < 1:
         raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
+    if workers is not None and workers < 0:
+        raise NdbenchError(f"--workers {workers} is negative", "give 0 or more")
     torch_device = resolve_device(device)
-    config = BenchConfig(arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
+    config = bench_config(torch_device, full, arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
+
     def report(what: str) -> None:
         stderr_console().print(f"measuring: {what}")
 
@@ -390,7 +422,14 @@ def bench_command(
         rows += paper_comparison(config, torch_device, report=report)
     if baselines:
         rows += baseline_training(config, torch_device, report=report)
-    table = Table(title=f"ndbench bench: {arch} at {img_size} px, batch {batch_size}, {describe_device(torch_device)}")
+    with tempfile.TemporaryDirectory(prefix="ndbench-bench-") as work:
+        if runs:
+            rows += knn_run_level(Path(work) / "runs", str(torch_device), report=report, workers=workers)
+        if loader:
+            rows += loader_speed(Path(work) / "loader", report=report, img_size=img_size, workers=workers)
+    title = (f"ndbench bench: {arch} at {img_size} px, batch {config.batch_size}, {config.steps} steps, "
+             f"{describe_device(torch_device)}")
+    table = Table(title=title)
     for column in ("measure", "value", "unit", "goal", "met"):
         table.add_column(column)
     for row in rows:

@@ -22,6 +22,7 @@ Numpy only (no torch), so light processes can share the store.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -168,9 +169,9 @@ class Shard:
         self._open()
         return self._filled[rows].astype(bool)
 
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(records of `rows`, which are valid). Rows that fail their crc are marked unfilled,
-        with one warning, so they get recomputed."""
+    def read(self, rows: np.ndarray, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(records of `rows`, which are valid). With `check`, rows that fail their crc are
+        marked unfilled, with one warning, so they get recomputed."""
         self._open()
         fcntl.flock(self._fd, fcntl.LOCK_SH)
         try:
@@ -179,7 +180,7 @@ class Shard:
             ok = self._filled[rows].astype(bool)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-        bad = [i for i in np.flatnonzero(ok) if row_crc(records[i:i + 1]) != crcs[i]]
+        bad = [i for i in np.flatnonzero(ok) if check and row_crc(records[i:i + 1]) != crcs[i]]
         if bad:
             LOG.warning("ndbench: cache shard %s: %d row(s) failed their checksum; recomputing them",
                         self.path, len(bad))
@@ -286,7 +287,11 @@ class Entry:
                         path.unlink()
                     if not create or not self.store.reserve(shard.layout.size, self.folder):
                         return None
-                    _create_file(path, shard.header(), shard.layout.size)
+                    try:
+                        _create_file(path, shard.header(), shard.layout.size)
+                    except OSError as exc:  # the disk filled up meanwhile: recompute instead
+                        LOG.warning("ndbench: cannot make cache shard %s (%s); recomputing instead", path, exc)
+                        return None
         self._shards[k] = shard
         return shard
 
@@ -302,9 +307,9 @@ class Entry:
                 found[where] = shard.filled(rows)
         return found
 
-    def read(self, positions: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def read(self, positions: np.ndarray, check: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """(records at `positions`, which of them are valid); (None, all False) when the entry
-        holds nothing yet."""
+        holds nothing yet. `check`: verify each row's crc (skip it only for rows checked before)."""
         positions = np.asarray(positions, dtype=np.int64)
         schema = self.schema()
         ok = np.zeros(len(positions), dtype=bool)
@@ -314,7 +319,7 @@ class Entry:
         for k, where, rows in self._groups(positions):
             shard = self._shard(k, create=False)
             if shard is not None:
-                records[where], ok[where] = shard.read(rows)
+                records[where], ok[where] = shard.read(rows, check)
         return records, ok
 
     def write(self, positions: np.ndarray, records: np.ndarray) -> np.ndarray:
@@ -359,12 +364,18 @@ class _FileLock:
 
 
 def _create_file(path: Path, header: bytes, size: int) -> None:
-    """A zero-filled (sparse) file of `size` bytes starting with `header`, renamed into place."""
+    """A zero-filled file of `size` bytes starting with `header`, its blocks reserved on disk
+    (so writing rows through the memory map can never hit a full disk), renamed into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(header)
             handle.truncate(size)
+            try:
+                os.posix_fallocate(handle.fileno(), 0, size)
+            except (AttributeError, OSError) as exc:  # a file system without fallocate: sparse it stays
+                if getattr(exc, "errno", None) == errno.ENOSPC:
+                    raise
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -443,9 +454,19 @@ class ArrayStore:
 
 
 def default_budget_bytes(root: Path) -> int:
-    """Half the free space where the store lives, at most `DEFAULT_BUDGET_CAP`."""
+    """Half of the space the store could use (the free space where it lives plus what it holds
+    already), at most `DEFAULT_BUDGET_CAP`."""
     probe = Path(root)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(probe).free + ArrayStore(root).allocated_bytes()
     return int(min(DEFAULT_BUDGET_CAP, DEFAULT_BUDGET_FRACTION * free))
+
+
+def writable_root(root: Path) -> bool:
+    """Whether the store's root can be created and written to."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(root, os.W_OK)

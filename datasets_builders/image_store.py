@@ -64,7 +64,7 @@ class Normalise:
 
     def __call__(self, pixels: np.ndarray) -> Tensor:
         x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
-        return TF.normalize(x, list(self.mean), list(self.std))
+        return TF.normalize(x, list(self.mean), list(self.std), inplace=True)  # x is ours: no copy
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,9 @@ class FeatureTable:
         out: dict[str, np.ndarray] = {}
         from_store = self.stored[items]
         if from_store.any():
-            records, _ = self.entry.read(self.positions[items[from_store]])
+            records, ok = self.entry.read(self.positions[items[from_store]], check=False)  # checked on open
+            if not ok.all():
+                raise RuntimeError(f"feature cache entry {self.entry.folder} lost rows while in use")
             for name in records.dtype.names:
                 out[name] = np.empty((len(items), *records.dtype[name].shape), dtype=records.dtype[name].base)
                 out[name][from_store] = records[name]
@@ -212,7 +214,8 @@ class FeatureCache:
         n = len(images)
         entry, positions = self._entry_for(part, images, dtype)
         stored = np.zeros(n, dtype=bool)
-        if entry is not None and entry.schema() is not None and n:
+        schema = None if entry is None else entry.schema()
+        if schema is not None and n:
             _, stored = entry.read(positions)  # checks every row once (crc); bad rows come back False
         self.counts.add("frozen_reads", int(stored.sum()))
         missing = np.flatnonzero(~stored)
@@ -248,6 +251,10 @@ class FeatureCache:
                         chunks.setdefault(name, []).append(a[keep])
                     memory_rows[items[keep]] = np.arange(kept, kept + int(keep.sum()))
                     kept += int(keep.sum())
+        if schema is not None and entry.schema() != schema and stored.any():
+            # The outputs changed shape under the same key, so the entry was emptied: once more.
+            return self.get_or_compute(part, images, compute, loader=loader, dtype=dtype, memory_limit=memory_limit,
+                                       progress=progress, description=description)
         memory = {name: np.concatenate(parts) for name, parts in chunks.items()}
         return FeatureTable(n, entry, positions, stored, memory, memory_rows)
 

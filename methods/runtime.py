@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from datasets_builders.array_store import ArrayStore, default_budget_bytes
+from datasets_builders.array_store import LOG, ArrayStore, default_budget_bytes, writable_root
 from datasets_builders.counts import Counts
 from datasets_builders.embedded import cache_root
 from datasets_builders.errors import NdbenchError
@@ -28,6 +28,7 @@ class CacheSettings:
     enabled: bool = True
     budget_gb: float | None = None  # None: `default_budget_bytes` (half the free disk, at most 50 GB)
     workers: int | None = None  # None: `default_workers`
+    root: Path | None = None  # None: `store_root()` (a benchmark's throw-away store sets one)
 
     def __post_init__(self) -> None:
         if self.budget_gb is not None and self.budget_gb < 0:
@@ -42,10 +43,14 @@ def store_root() -> Path:
 
 
 def open_store(settings: CacheSettings) -> ArrayStore | None:
-    """The on-disk store under `store_root()` with the settings' budget (None when caching is off)."""
+    """The on-disk store (under `store_root()` unless the settings name a root) with the
+    settings' budget; None when caching is off."""
     if not settings.enabled:
         return None
-    root = store_root()
+    root = settings.root if settings.root is not None else store_root()
+    if not writable_root(root):
+        LOG.warning("ndbench: cannot write the cache under %s; running without it (set NDBENCH_CACHE)", root)
+        return None
     budget = default_budget_bytes(root) if settings.budget_gb is None else settings.budget_gb * 1e9
     return ArrayStore(root, budget)
 
