@@ -155,7 +155,8 @@ def run_command(
     cache_budget_gb: Annotated[
         float | None,
         typer.Option(help="Most gigabytes the store may take; past it, images and features are "
-                     "recomputed instead of stored. Default: half the free disk space, at most 50."),
+                     "recomputed instead of stored. Default: half of the free disk space plus what the "
+                     "store holds, at most 50."),
     ] = None,
     dry_run: Annotated[
         bool,
@@ -407,7 +408,7 @@ def bench_command(
     from .bench_data import knn_run_level, loader_speed
     from .runner import describe_device
 
-    if min(img_size, batch_size or 1, steps or 1) < 1:
+    if min(img_size, *(v for v in (batch_size, steps) if v is not None)) < 1:
         raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
     if workers is not None and workers < 0:
         raise NdbenchError(f"--workers {workers} is negative", "give 0 or more")

@@ -214,8 +214,8 @@ class FeatureCache:
         n = len(images)
         entry, positions = self._entry_for(part, images, dtype)
         stored = np.zeros(n, dtype=bool)
-        schema = None if entry is None else entry.schema()
-        if schema is not None and n:
+        opened_with = None if entry is None else entry.schema()
+        if opened_with is not None and n:
             _, stored = entry.read(positions)  # checks every row once (crc); bad rows come back False
         self.counts.add("frozen_reads", int(stored.sum()))
         missing = np.flatnonzero(~stored)
@@ -251,7 +251,7 @@ class FeatureCache:
                         chunks.setdefault(name, []).append(a[keep])
                     memory_rows[items[keep]] = np.arange(kept, kept + int(keep.sum()))
                     kept += int(keep.sum())
-        if schema is not None and entry.schema() != schema and stored.any():
+        if opened_with is not None and entry.schema() != opened_with and stored.any():
             # The outputs changed shape under the same key, so the entry was emptied: once more.
             return self.get_or_compute(part, images, compute, loader=loader, dtype=dtype, memory_limit=memory_limit,
                                        progress=progress, description=description)

@@ -240,6 +240,22 @@ def test_feature_cache_stores_several_outputs_and_reads_them_back(splits_root, t
     assert torch.equal(cold.rows([3])["grid"], warm.rows([3])["grid"])
 
 
+def test_outputs_of_another_shape_under_one_key_are_recomputed(splits_root, tmp_path, caplog):
+    store, data = ArrayStore(tmp_path / "store"), dataset(splits_root, n=10)
+    part = FrozenPart("sha256:abc", "changing", "fp32")
+
+    def load(d):
+        return DataLoader(d, batch_size=4)
+
+    FeatureCache(store, Counts()).get_or_compute(part, data.take(6), lambda x: {"v": x.mean(dim=(2, 3))}, loader=load)
+    counts = Counts()
+    with caplog.at_level(logging.WARNING, logger="ndbench.cache"):
+        table = FeatureCache(store, counts).get_or_compute(part, data, lambda x: {"v": x[:, :, 0, :2].flatten(1)},
+                                                           loader=load)
+    assert table.all()["v"].shape == (10, 6) and counts.get("frozen_passes") == 10
+    assert len([r for r in caplog.records if "other fields" in r.message]) == 1
+
+
 def test_weights_identity_follows_file_contents(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.zeros(3)}, path)
