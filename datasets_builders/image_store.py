@@ -63,7 +63,13 @@ class Normalise:
         return f"normalise-{list(self.mean)}-{list(self.std)}"
 
     def __call__(self, pixels: np.ndarray) -> Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
+        return self.batch(pixels[None])[0]
+
+    def batch(self, pixels: np.ndarray) -> Tensor:
+        """uint8 [B, H, W, 3] -> float [B, 3, H, W], image by image as `__call__`."""
+        # Channels first in memory before the float work (as ToTensor does): the float ops and the
+        # DataLoader's batching run several times faster on contiguous tensors.
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous().float().div_(255)
         return TF.normalize(x, list(self.mean), list(self.std), inplace=True)  # x is ours: no copy
 
 

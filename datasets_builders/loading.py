@@ -89,6 +89,14 @@ class ManifestDataset(Dataset):
             tensor = self.transform(self._decode_source(item))
         return tensor, int(self.labels[item]), self.image_ids[item]
 
+    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, int, str]]:
+        """Several items at once (a DataLoader fetches a batch this way): with a staged
+        transform, stored pixels are read and normalised together."""
+        if not isinstance(self.transform, StagedTransform):
+            return [self[item] for item in items]
+        tensors = self.transform.finish.batch(self.decoded_batch(items))
+        return [(tensors[k], int(self.labels[item]), self.image_ids[item]) for k, item in enumerate(items)]
+
     # --- decode once -------------------------------------------------------------------------
     def stores_decoded(self, store: ImageStore | None) -> bool:
         """Whether this dataset keeps decoded images in `store`: file images and a staged transform."""
@@ -130,6 +138,21 @@ class ManifestDataset(Dataset):
             entry.write(position, record)
         return pixels
 
+    def decoded_batch(self, items: list[int]) -> np.ndarray:
+        """`decoded` for several items: uint8 [len(items), H, W, 3]."""
+        entry = self._store_entry()
+        if entry is None:
+            return np.stack([self.decoded(item) for item in items])
+        positions = self._positions[list(items)]
+        records, ok = entry.read(positions)
+        self._count("image_reads", int(ok.sum()))
+        pixels = records[PIXELS]
+        if not ok.all():
+            for k in np.flatnonzero(~ok):
+                pixels[k] = self.transform.decode(self._decode_source(items[k]))
+            entry.write(positions[~ok], records[~ok])
+        return pixels
+
     def pending(self, items: list[int] | None = None) -> int:
         """How many of `items` (default: all) must be decoded from files to be read."""
         if self.index.storage != "files":
@@ -146,9 +169,9 @@ class ManifestDataset(Dataset):
             self._count("decodes")
         return image
 
-    def _count(self, name: str) -> None:
-        if self.counts is not None:
-            self.counts.add(name)
+    def _count(self, name: str, n: int = 1) -> None:
+        if self.counts is not None and n:
+            self.counts.add(name, n)
 
     def image(self, item: int) -> PIL.Image.Image:
         """The item's image as an RGB PIL image, before the transform."""
@@ -225,6 +248,12 @@ def base_items(data: Dataset) -> tuple[ManifestDataset, list[int]] | None:
         else:
             return None
     return data, list(range(len(data))) if items is None else items
+
+
+def fetch_items(data: Dataset, items: list[int]) -> list:
+    """`data`'s items, fetched together when it can (`__getitems__`), else one by one."""
+    batched = getattr(data, "__getitems__", None)
+    return batched(list(items)) if batched is not None else [data[item] for item in items]
 
 
 def decodes_files(data: Dataset) -> bool:

@@ -42,6 +42,7 @@ from datasets_builders.atomic import atomic_write_text
 from datasets_builders.counts import Counts
 from datasets_builders.embedded import cache_root
 from datasets_builders.image_store import ImageKey
+from datasets_builders.loading import fetch_items
 
 FEATURES_KIND = "features"
 # Bump when a change to ndbench alters cached outputs for unchanged keys.
@@ -124,6 +125,9 @@ class _Items(Dataset):
 
     def __getitem__(self, item: int) -> tuple[Tensor, int]:
         return self.data[item][0], item
+
+    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, int]]:
+        return [(got[0], item) for got, item in zip(fetch_items(self.data, items), items, strict=True)]
 
 
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}

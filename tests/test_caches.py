@@ -76,6 +76,8 @@ def test_images_are_decoded_once_per_machine(splits_root, tmp_path):
     assert again.pending() == 0 and not decodes_files(again)
     assert torch.equal(read_all(again), plain)
     assert again_counts.as_dict(("decodes", "image_reads")) == {"decodes": 0, "image_reads": 40}
+    batched = torch.cat([x for x, _, _ in DataLoader(again, batch_size=16)])  # fetched a batch at a time
+    assert torch.equal(batched, plain) and again_counts.get("image_reads") == 80
     bigger = dataset(splits_root, store=store, size=48)  # another decode signature: new rows
     assert bigger.pending() == 40
 
