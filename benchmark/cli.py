@@ -408,7 +408,7 @@ def bench_command(
     from .bench_data import knn_run_level, loader_speed
     from .runner import describe_device
 
-    if min(img_size, *(v for v in (batch_size, steps) if v is not None)) < 1:
+    if min([img_size, *(v for v in (batch_size, steps) if v is not None)]) < 1:
         raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
     if workers is not None and workers < 0:
         raise NdbenchError(f"--workers {workers} is negative", "give 0 or more")

@@ -82,6 +82,8 @@ def test_bench_cli_prints_the_table_and_refuses_bad_sizes(capsys):
     assert "MKD speed-up from token dropping" in printed and "teacher passes" in printed
     assert main([*args[:-4], "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert main(["bench", "--img-size", "0"]) == 2  # refused before any work, batch and steps left to the device
+    assert "--img-size" in capsys.readouterr().err
 
 
 def test_paper_comparison_times_defend_against_each_transformaly_case():
