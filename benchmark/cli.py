@@ -356,7 +356,7 @@ def bench_command(
     ),
     img_size: Annotated[int, typer.Option(help="Input size in pixels.")] = 224,
     batch_size: Annotated[
-        int | None, typer.Option(help="Images per step. Default: 32 on CUDA or with --full, 16 on a CPU.")
+        int | None, typer.Option(help="Images per step. Default: 32 on CUDA or with --full, 8 on a CPU.")
     ] = None,
     steps: Annotated[
         int | None,
