@@ -43,8 +43,9 @@ class BenchConfig:
 # What `ndbench bench` runs with when --batch-size / --steps are not given: the GPU-sized
 # configuration (BenchConfig's defaults) on CUDA or with --full; on a CPU a smaller one meant to
 # keep the whole bench within 10 minutes on 2 cores. Measured on 2 cores: batch 32 / 5 steps took
-# 23 min and 11 GB; batch 16 / 3 steps 4 min 49 s without the data figures, but peaked at 12.6 GB
-# (msad's ResNet-152 trains on two views of every image), so a CPU gets batch 8.
+# 23 min and 11 GB; batch 16 / 3 steps 4 min 49 s without the data figures, but one such run
+# reached 12.6 GB of resident memory before its data figures (msad's fit alone: 4.7 GB at batch
+# 16, 3.1 GB at 8), so a CPU gets batch 8.
 CPU_BENCH = {"batch_size": 8, "steps": 3}
 
 
