@@ -289,14 +289,46 @@ def run_command(
                      "config, weights, split and a decision threshold, for `ndbench score`. Jobs skipped "
                      "because their record exists get no model: add --force to fit them again."),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="DataLoader worker processes that decode image files (0: decode in the main "
+                     "process). Default: one per CPU but one, at most 8."),
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(help="Keep decoded images and frozen-network outputs in the on-disk store under "
+                     "$NDBENCH_CACHE/store, shared by every job and later runs (see `ndbench cache info`)."),
+    ] = True,
+    cache_budget_gb: Annotated[
+        float | None,
+        typer.Option(help="Most gigabytes the store may take; past it, images and features are "
+                     "recomputed instead of stored. Default: half of the free disk space plus what the "
+                     "store holds, at most 50."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="List the jobs and, per method, the images to decode and the frozen and trained "
+                     "forward passes with and without the caches; run nothing."),
+    ] = False,
+    ray_cpus_per_job: Annotated[
+        float | None,
+        typer.Option(help="--executor ray: CPUs each job reserves (its torch threads). Default: with GPUs, "
+                     "the cluster's CPUs per GPU; without, 1."),
+    ] = None,
+    ray_gpus_per_job: Annotated[
+        float | None,
+        typer.Option(help="--executor ray: GPUs each job reserves; fractions (0.25) pack small jobs on a "
+                     "big GPU. Default: 1 when the cluster has GPUs, else 0."),
+    ] = None,
 ) -> None:
     """Run methods on splits (fit on the normal train images, score the test images), one
     record per (method, split, seed); existing records are skipped, so a re-run resumes.
     A job another run is working on (its .lock file beside the record) is left to that run."""
     from methods.base import resolve_device
+    from methods.runtime import CacheSettings
 
     from .build import requested_settings
-    from .executors import execute
+    from .executors import RayResources, execute
     from .records import load_records_at
     from .runner import RunOptions, expand_jobs
     from .validate import check_executor, check_weights, parse_methods, parse_seeds
@@ -309,8 +341,10 @@ def run_command(
     check_weights(weights)
     check_executor(executor, ray_address, retries)
     overrides = _parse_overrides(option or [])
+    caching = CacheSettings(enabled=cache, budget_gb=cache_budget_gb, workers=workers)
+    resources = RayResources(ray_cpus_per_job, ray_gpus_per_job)
     options = RunOptions(out=out, device=device, weights=weights, force=force, retries=retries,
-                         save_models=save_models)
+                         save_models=save_models, caching=caching)
     jobs = expand_jobs(
         methods,
         dataset=dataset,
@@ -321,7 +355,12 @@ def run_command(
         overrides=overrides,
         preset=preset or "",
     )
-    results = execute(jobs, options, executor, ray_address, console=stderr_console())
+    if dry_run:
+        from .plan import plan_run, print_plan
+
+        print_plan(plan_run(jobs, options), stdout_console())
+        return
+    results = execute(jobs, options, executor, ray_address, console=stderr_console(), resources=resources)
     records = load_records_at([r.record for r in results if r.record is not None])
     print_tables(out, records, dataset, settings, paper=False)
     code = report_results(results, stderr_console())
@@ -567,8 +606,19 @@ def bench_command(
         "vit_small_patch16_224"
     ),
     img_size: Annotated[int, typer.Option(help="Input size in pixels.")] = 224,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    steps: Annotated[int, typer.Option(help="Timed steps per measurement (after one warm-up step).")] = 5,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step. Default: 32 on CUDA or with --full, 8 on a CPU.")
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Timed steps per measurement (after one warm-up step). Default: 5 on CUDA or "
+                     "with --full, 3 on a CPU."),
+    ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(help="The GPU-sized configuration (batch 32, 5 steps) on any device; on a 2-core CPU "
+                     "it takes over 20 minutes and ~11 GB."),
+    ] = False,
     compare: Annotated[
         bool,
         typer.Option(help="Also time defend vs transformaly scoring on ViT-B/16 shapes (fair 224 px and "
@@ -579,27 +629,48 @@ def bench_command(
         typer.Option(help="Also time the training images/s of each baseline (transformaly, kdad, msad, "
                      "rdad, dsvdd) at its paper backbone and input size, at --batch-size. Minutes on a CPU."),
     ] = True,
+    runs: Annotated[
+        bool,
+        typer.Option(help="Also run the 10 embedded uni-class knn jobs with the caches off, cold and warm "
+                     "(random weights, a throw-away store): wall times, decodes and frozen passes per "
+                     "distinct image."),
+    ] = True,
+    loader: Annotated[
+        bool,
+        typer.Option(help="Also time decoding 1,000 generated 500x375 JPEGs to --img-size with 0, 1 and "
+                     "--workers DataLoader workers, and reading them back from the image store."),
+    ] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="DataLoader workers of the loader and run figures (default: CPUs - 1, at most 8)."),
+    ] = None,
 ) -> None:
     """Speed figures measured back to back in one run on one device: MKD training images/s
     with 50 % of tokens dropped vs none (goal >= 1.7x), defend scoring images/s, teacher
-    passes per training image in MKD (goal: 1 per job), defend vs transformaly scoring, and
-    each baseline's training images/s."""
+    passes per training image in MKD (goal: 1 per job), defend vs transformaly scoring, each
+    baseline's training images/s, knn runs with the caches off/cold/warm and image loading."""
+    import tempfile
+
     from rich.table import Table
 
     from methods.backbones import ViTFeatures, create_backbone
     from methods.base import resolve_device
 
-    from .bench import BenchConfig, baseline_training, paper_comparison, run_bench
+    from .bench import baseline_training, bench_config, paper_comparison, run_bench
+    from .bench_data import knn_run_level, loader_speed
     from .runner import describe_device
 
-    if min(img_size, batch_size, steps) < 1:
+    if min([img_size, *(v for v in (batch_size, steps) if v is not None)]) < 1:
         raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
+    if workers is not None and workers < 0:
+        raise NdbenchError(f"--workers {workers} is negative", "give 0 or more")
     torch_device = resolve_device(device)
     try:  # --arch must name a timm ViT
         ViTFeatures(create_backbone(arch, weights="none", num_classes=0))
     except NdbenchError as exc:
         raise NdbenchError(f"--arch {arch}: {exc.problem}", exc.fix) from exc
-    config = BenchConfig(arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
+    config = bench_config(torch_device, full, arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
+
     def report(what: str) -> None:
         stderr_console().print(f"measuring: {what}")
 
@@ -608,13 +679,61 @@ def bench_command(
         rows += paper_comparison(config, torch_device, report=report)
     if baselines:
         rows += baseline_training(config, torch_device, report=report)
-    table = Table(title=f"ndbench bench: {arch} at {img_size} px, batch {batch_size}, {describe_device(torch_device)}")
+    with tempfile.TemporaryDirectory(prefix="ndbench-bench-") as work:
+        if runs:
+            rows += knn_run_level(Path(work) / "runs", str(torch_device), report=report, workers=workers)
+        if loader:
+            rows += loader_speed(Path(work) / "loader", report=report, img_size=img_size, workers=workers)
+    title = (f"ndbench bench: {arch} at {img_size} px, batch {config.batch_size}, {config.steps} steps, "
+             f"{describe_device(torch_device)}")
+    table = Table(title=title)
     for column in ("measure", "value", "unit", "goal", "met"):
         table.add_column(column)
     for row in rows:
         met = "" if row.met is None else ("yes" if row.met else "NO")
         table.add_row(row.name, f"{row.value:.2f}", row.unit, row.target, met)
     stdout_console().print(table)
+
+
+cache_app = typer.Typer(help="The on-disk store of decoded images and frozen-network outputs.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info_command() -> None:
+    """Where the store is and what each kind of entry (images, features) takes on disk."""
+    from rich.table import Table
+
+    from datasets_builders.array_store import ArrayStore, default_budget_bytes
+    from methods.runtime import store_root
+
+    root = store_root()
+    table = Table(title=f"ndbench cache: {root} (default budget {default_budget_bytes(root) / 1e9:.1f} GB)")
+    for column in ("kind", "entries", "shards", "allocated GB", "on disk GB"):
+        table.add_column(column)
+    for usage in ArrayStore(root).usage():
+        table.add_row(usage.kind, str(usage.entries), str(usage.shards), f"{usage.allocated_bytes / 1e9:.3f}",
+                      f"{usage.disk_bytes / 1e9:.3f}")
+    stdout_console().print(table)
+
+
+@cache_app.command("clear")
+def cache_clear_command(
+    kind: Annotated[
+        str | None, typer.Option(help="Only this kind of entry: images or features. Default: everything.")
+    ] = None,
+) -> None:
+    """Delete stored images and features (they are recomputed when next needed)."""
+    from datasets_builders.array_store import ArrayStore
+    from datasets_builders.image_store import IMAGES_KIND
+    from methods.features import FEATURES_KIND
+    from methods.runtime import store_root
+
+    if kind is not None and kind not in (IMAGES_KIND, FEATURES_KIND):
+        raise NdbenchError(f"unknown cache kind {kind!r}", f"use {IMAGES_KIND} or {FEATURES_KIND}")
+    freed = ArrayStore(store_root()).clear(kind)
+    stdout_console().print(f"freed {freed / 1e9:.3f} GB under {store_root()}")
 
 
 def _usage_error_message(exc: BaseException) -> str | None:

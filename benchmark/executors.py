@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import Progress
@@ -64,8 +65,51 @@ def run_local(jobs: list[Job], options: RunOptions, console: Console | None = No
     return results
 
 
-def _ray_task(job: Job, options: RunOptions) -> JobResult:
-    return safe_run_job(job, options, None)
+@dataclass(frozen=True)
+class RayResources:
+    """What each Ray task reserves; None picks by cluster: with GPUs, one GPU and the CPUs that
+    come with it (cluster CPUs / GPUs); without, one CPU. Fractions pack small jobs on a GPU."""
+
+    cpus_per_job: float | None = None
+    gpus_per_job: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_job is not None and self.cpus_per_job <= 0:
+            raise NdbenchError(f"--ray-cpus-per-job {self.cpus_per_job} is not positive", "give e.g. 1 or 0.5")
+        if self.gpus_per_job is not None and self.gpus_per_job < 0:
+            raise NdbenchError(f"--ray-gpus-per-job {self.gpus_per_job} is negative", "give e.g. 1, 0.25 or 0")
+
+    def resolve(self, cluster: dict) -> tuple[float, float]:
+        """(CPUs, GPUs) per task on a cluster with resources `cluster`."""
+        gpus_total, cpus_total = cluster.get("GPU", 0), cluster.get("CPU", 1)
+        gpus = self.gpus_per_job if self.gpus_per_job is not None else (1.0 if gpus_total else 0.0)
+        if self.cpus_per_job is not None:
+            cpus = self.cpus_per_job
+        elif gpus_total and gpus:
+            cpus = max(1.0, float(int(cpus_total / (gpus_total / gpus))))
+        else:
+            cpus = 1.0
+        if gpus > gpus_total:
+            raise NdbenchError(f"each job asks for {gpus:g} GPUs but the Ray cluster has {gpus_total:g}",
+                               "lower --ray-gpus-per-job (fractions such as 0.5 share a GPU)")
+        if cpus > cpus_total:
+            raise NdbenchError(f"each job asks for {cpus:g} CPUs but the Ray cluster has {cpus_total:g}",
+                               "lower --ray-cpus-per-job")
+        return cpus, gpus
+
+
+def task_threads(cpus: float) -> int:
+    """Torch threads of a task that reserved `cpus` CPUs: as many as it reserved, at least one
+    (more would make tasks sharing a node slow each other down)."""
+    return max(1, int(cpus))
+
+
+def _ray_task(job: Job, options: RunOptions, cpus: float) -> JobResult:
+    import torch
+
+    threads = task_threads(cpus)
+    torch.set_num_threads(threads)
+    return safe_run_job(job, options, None, cpus=threads)
 
 
 def _ray_result(ray, ref, job: Job) -> JobResult:
@@ -84,9 +128,12 @@ def _ray_result(ray, ref, job: Job) -> JobResult:
 
 def run_ray(jobs: list[Job], options: RunOptions, address: str | None = None,
             console: Console | None = None,
-            on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
-    """Fan jobs out over a Ray cluster: one job per GPU when the cluster has GPUs, else one
-    per CPU slot. Every node needs ndbench installed and the results folder shared."""
+            on_result: Callable[[JobResult], None] | None = None,
+            resources: RayResources = RayResources()) -> list[JobResult]:
+    """Fan jobs out over a Ray cluster, each task reserving `resources` (by default one job per
+    GPU when the cluster has GPUs, else one per CPU) and running torch on as many threads as
+    CPUs it reserved. Every node needs ndbench installed and the results folder shared; the
+    image store and feature cache are per node, shared by its tasks."""
     try:
         import ray
     except ImportError as exc:
@@ -107,10 +154,13 @@ def run_ray(jobs: list[Job], options: RunOptions, address: str | None = None,
     # Ray's blocking calls only stop cleanly for KeyboardInterrupt, so signals raise that here.
     with signals_raise_keyboard_interrupt() as received:
         try:
-            gpus = ray.cluster_resources().get("GPU", 0)
+            cluster = ray.cluster_resources()
+            gpus = cluster.get("GPU", 0)
+            cpus_per_job, gpus_per_job = resources.resolve(cluster)
             # max_retries: Ray runs a job again when its worker process dies.
-            remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=options.retries)(_ray_task)
-            pending = {remote.remote(job, options): job for job in jobs}
+            remote = ray.remote(num_gpus=gpus_per_job, num_cpus=cpus_per_job,
+                                max_retries=options.retries)(_ray_task)
+            pending = {remote.remote(job, options, cpus_per_job): job for job in jobs}
             progress = job_progress(console) if options.progress else None
             if progress is not None:
                 progress.start()
@@ -163,11 +213,12 @@ def _cancel(ray, pending: dict) -> list[JobResult]:
 
 def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_address: str | None = None,
             console: Console | None = None,
-            on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+            on_result: Callable[[JobResult], None] | None = None,
+            resources: RayResources = RayResources()) -> list[JobResult]:
     """Prepare shared work once, then run the jobs with the chosen executor."""
     if executor not in EXECUTORS:
         raise NdbenchError(f"unknown executor {executor!r}", "use local or ray")
     prepare(jobs, options)
     if executor == "ray":
-        return run_ray(jobs, options, ray_address, console, on_result)
+        return run_ray(jobs, options, ray_address, console, on_result, resources)
     return run_local(jobs, options, console, on_result)

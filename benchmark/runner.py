@@ -27,9 +27,10 @@ from datasets_builders.loading import ManifestDataset, load_split
 from datasets_builders.sources import check_dataset, is_builtin
 from datasets_builders.splits import SETTINGS, Manifest
 from methods.backbones import create_backbone
-from methods.base import config_hash, resolve_device
+from methods.base import BaseDetector, config_hash, resolve_device
 from methods.pretrain import resolve_weights
 from methods.registry import get_class
+from methods.runtime import CacheSettings, JobRuntime
 
 from .build import BuildRequest, build_splits
 from .locks import try_lock
@@ -79,6 +80,7 @@ class RunOptions:
     force: bool = False
     progress: bool = True
     retries: int = 0  # times a crashed job (or, on Ray, a job whose worker died) is tried again
+    caching: CacheSettings = CacheSettings()  # image store, feature cache, DataLoader workers
 
     @property
     def splits(self) -> Path:
@@ -298,14 +300,30 @@ def describe_device(device: torch.device) -> str:
 
 
 def job_data(job: Job, detector, options: RunOptions) -> tuple[Manifest, ManifestDataset, ManifestDataset]:
-    """The job's manifest and its train and test images, in the detector's input transform;
+    """The job's manifest and its train and test images, in the detector's input transform,
+    decoded through the detector's runtime (image store, counters) for its `store_parts`;
     multi-class training images repeated per normal class under the "per-class" weighting."""
     index, manifest = load_split(options.splits, job.split_id)
     transform = detector.transform()
-    train = ManifestDataset(index, manifest, "train", transform=transform)
+    runtime = detector.runtime
+
+    def part(name: str) -> ManifestDataset:
+        store = runtime.images if name in detector.store_parts else None
+        return ManifestDataset(index, manifest, name, transform=transform, store=store, counts=runtime.counts)
+
+    train = part("train")
     if weighting(job) == "per-class":
         train = train.per_class_repeats(manifest.normal_classes)
-    return manifest, train, ManifestDataset(index, manifest, "test", transform=transform)
+    return manifest, train, part("test")
+
+
+def job_cost(detector, runtime: JobRuntime) -> dict[str, int]:
+    """What the job computed, counted as it happened: decodes and image-store reads always;
+    frozen and trained passes for methods with a cost model (they count them)."""
+    names = ("decodes", "image_reads")
+    if type(detector).cost_model is not BaseDetector.cost_model:
+        names += ("frozen_passes", "frozen_reads", "trained_passes")
+    return runtime.counts.as_dict(names)
 
 
 def finished_record(path: Path) -> tuple[Record | None, tuple[str, ...]]:
@@ -330,9 +348,10 @@ def check_scores(job: Job, scores: np.ndarray, image_ids: list[str]) -> np.ndarr
     return scores
 
 
-def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
+def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpus: int | None = None) -> JobResult:
     """Run one job unless its record exists (or `force`) or another run holds its lock;
-    write the record atomically."""
+    write the record atomically. `cpus`: the CPUs reserved for the job (sets the DataLoader
+    workers' default)."""
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
     record, notes = (None, ()) if options.force else finished_record(path)
@@ -347,15 +366,18 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
             record, _ = finished_record(path)  # finished by another run since the check above
             if record is not None:
                 return JobResult(job, SKIPPED, path, record.metrics["auroc"], notes=notes)
-        result = _run_locked(job, options, detector, path, progress)
+        result = _run_locked(job, options, detector, path, progress, cpus)
     finally:
         attempt.lock.release()
     result.notes = notes + result.notes
     return result
 
 
-def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: Progress | None) -> JobResult:
+def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: Progress | None,
+                cpus: int | None) -> JobResult:
     device = resolve_device(options.device)
+    runtime = JobRuntime.open(options.caching, device, cpus)
+    detector.use_runtime(runtime)
     manifest, train, test = job_data(job, detector, options)
     seed_everything(job.seed)
     start = time.perf_counter()
@@ -384,7 +406,7 @@ def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: P
         device=describe_device(device),
         versions=versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra=getattr(detector, "record_extra", lambda: {})(),
+        extra={**getattr(detector, "record_extra", lambda: {})(), "cost": job_cost(detector, runtime)},
         preset=preset_chain(job),
         multi_class_weighting=weighting(job),
     )
@@ -396,7 +418,8 @@ def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: P
     return JobResult(job, DONE, path, metrics["auroc"])
 
 
-def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
+def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None,
+                 cpus: int | None = None) -> JobResult:
     """`run_job` that turns a failure into a failed result, so other jobs go on; a crash is
     tried again up to `options.retries` times. A write failure (disk full, read-only folder)
     is raised: every later job would hit it too."""
@@ -404,7 +427,7 @@ def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None
     while True:
         tries += 1
         try:
-            return run_job(job, options, progress)
+            return run_job(job, options, progress, cpus)
         except WriteFailure:
             raise
         except NdbenchError as exc:

@@ -22,10 +22,14 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
 from datasets_builders.atomic import atomic_open
 from datasets_builders.errors import NdbenchError
+from datasets_builders.image_store import Normalise, ResizeDecode, StagedTransform
+from datasets_builders.loading import decodes_files
+
+from .cost import CostModel
+from .runtime import JobRuntime
 
 # The preset name that stands for "the recipe behind the paper's numbers" of every method.
 PAPER_PRESET = "paper"
@@ -129,10 +133,35 @@ class BaseDetector(ABC):
     # The preset whose recipe produced the paper's numbers for this method (None: the defaults).
     # `--preset paper` resolves to it for every method; tables mark other presets.
     paper_preset: ClassVar[str | None] = None
+    # The manifest parts whose images the runner serves from the decoded-image store (with a
+    # `StagedTransform`). A method whose views of a part are random crops of the *original*
+    # image (not of the resized input) leaves that part out, so its dataset yields the
+    # original decode path; a `transform()` that is not a `StagedTransform` bypasses the store
+    # altogether (e.g. msad's resize + centre crop) unless the method opts in with one.
+    store_parts: ClassVar[frozenset[str]] = frozenset({"train", "test"})
 
     def __init__(self, config: Any | None = None, **overrides: Any):
         self.config = build_config(self.Config, config, overrides)
         self.fitted = False
+        self._runtime: JobRuntime | None = None
+
+    # --- run-time services -----------------------------------------------------------------
+    @property
+    def runtime(self) -> JobRuntime:
+        """The job's stores, counters and loading settings (on their own: in memory, no workers)."""
+        if self._runtime is None:
+            self._runtime = JobRuntime.in_memory()
+        return self._runtime
+
+    def use_runtime(self, runtime: JobRuntime) -> None:
+        """Use a job's runtime (the runner calls this before `fit`)."""
+        self._runtime = runtime
+
+    def cost_model(self, device: torch.device) -> CostModel | None:
+        """The forward passes this method makes per image (frozen parts with their cache keys,
+        trained passes), for `ndbench run --dry-run` and the record's counts; None when the
+        method declares none (then only decodes are counted and predicted)."""
+        return None
 
     @classmethod
     def preset_names(cls) -> list[str]:
@@ -178,27 +207,26 @@ class BaseDetector(ABC):
         return tuple(c.mean or mean), tuple(c.std or std)
 
     def transform(self) -> Callable:
-        """PIL image -> normalised tensor at the method's input size."""
-        c = self.config
+        """PIL image -> normalised tensor at the method's input size: Resize((s, s)), ToTensor,
+        Normalize, staged so that the resized uint8 pixels can be kept in the image store."""
         mean, std = self.normalisation()
-        return transforms.Compose(
-            [
-                transforms.Resize((c.img_size, c.img_size), antialias=True),
-                transforms.ToTensor(),
-                transforms.Normalize(mean, std),
-            ]
-        )
+        return StagedTransform(ResizeDecode(self.config.img_size, "bilinear", antialias=True), Normalise(mean, std))
 
     def loader(self, data: Dataset, *, shuffle: bool = False, batch_size: int | None = None,
                seed: int = 0, drop_last: bool = False) -> DataLoader:
-        """A DataLoader over `data` with the method's batch size and a seeded shuffle."""
+        """A DataLoader over `data` with the method's batch size and a seeded shuffle; it decodes
+        in the runtime's worker processes when `data` still has image files to decode (in-memory
+        and stored images load in this process), into pinned memory on CUDA."""
         generator = torch.Generator().manual_seed(seed)
+        workers = self.runtime.workers if self.runtime.workers and decodes_files(data) else 0
         return DataLoader(
             data,
             batch_size=batch_size or self.config.batch_size,
             shuffle=shuffle,
             generator=generator,
-            num_workers=0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.runtime.pin_memory,
             drop_last=drop_last,
         )
 
