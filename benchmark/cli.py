@@ -286,7 +286,7 @@ def run_command(
     save_models: Annotated[
         bool,
         typer.Option(help="Keep each job's fitted detector beside its record (<record>.model.pt), with its "
-                     "config, weights, split and a decision threshold, for `ndbench score`. Jobs skipped "
+                     "config, weights, split and a decision threshold, for ndbench score. Jobs skipped "
                      "because their record exists get no model: add --force to fit them again."),
     ] = False,
     workers: Annotated[
@@ -565,7 +565,7 @@ def score_command(
         list[Path], typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
                                    "sorted by name).", show_default=False, metavar="IMAGES")
     ],
-    model: Annotated[Path, typer.Option(help="A .model.pt written by `ndbench run --save-models`.")],
+    model: Annotated[Path, typer.Option(help="A .model.pt written by ndbench run --save-models.")],
     output: Annotated[
         Path | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default: print it.")
     ] = None,

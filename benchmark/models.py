@@ -1,6 +1,6 @@
 """Saved detectors: a job's fitted detector kept beside its record, and read back to score.
 
-`ndbench run --save-models` writes `<record stem>.model.pt` next to each record: the
+ndbench run --save-models writes `<record stem>.model.pt` next to each record: the
 detector's own `save` file (method, config, fitted state) plus what it takes to trust and use
 it later: a format version, the ndbench version, the weights it started from (with the file's
 sha256 when they are a file), the split and its sha256, the seed, and a decision threshold.
@@ -122,17 +122,19 @@ def load_model(path: Path) -> SavedModel:
     ndbench model, of another format version, or of a method this installation lacks."""
     path = Path(path)
     if not path.is_file():
-        raise NdbenchError(f"no model file at {path}", "pass a .model.pt written by `ndbench run --save-models`")
+        raise NdbenchError(f"no model file at {path}",
+                           "pass a .model.pt written by `ndbench run --method METHOD --save-models`")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except _READ_ERRORS as exc:
         raise NdbenchError(
             f"cannot read model file {path}: {_first_line(exc)}",
-            "the file is damaged or not a model; save it again with `ndbench run --save-models`",
+            "the file is damaged or not a model; save it again with "
+            "`ndbench run --method METHOD --save-models --force`",
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise NdbenchError(f"{path} is not an ndbench model file",
-                           "pass a .model.pt written by `ndbench run --save-models`")
+                           "pass a .model.pt written by `ndbench run --method METHOD --save-models`")
     found = payload.get("format_version")
     if found != MODEL_FORMAT_VERSION:
         raise NdbenchError(

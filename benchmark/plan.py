@@ -1,4 +1,4 @@
-"""`ndbench run --dry-run`: what a run will compute, per method, with and without the caches,
+"""ndbench run --dry-run: what a run will compute, per method, with and without the caches,
 before anything runs.
 
 The jobs are walked in the order the local executor runs them, tracking which decoded images

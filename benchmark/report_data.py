@@ -138,7 +138,8 @@ def gather(out: Path, warn: Warn | None = None) -> Results:
 
     found = read_record_files(out, unreadable)
     if not found:
-        raise NdbenchError(f"no readable records under {out / 'runs'}", "run `ndbench run` (or `ndbench demo`) first")
+        raise NdbenchError(f"no readable records under {out / 'runs'}",
+                           "run `ndbench run --method METHOD` (or `ndbench demo`) first")
     records = [record for _, record in found]
     names = _class_names(out, warn)
     notes: list[str] = []

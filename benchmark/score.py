@@ -1,4 +1,4 @@
-"""`ndbench score`: run a saved detector on one's own images.
+"""ndbench score: run a saved detector on one's own images.
 
 Images pass through the detector's own `transform()` and are scored in the given order with
 the detector's batch size, exactly as the run scored its test images, so a run's test images

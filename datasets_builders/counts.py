@@ -1,6 +1,6 @@
 """What a job actually computed, counted where it happens (also inside DataLoader workers).
 
-Records carry these counts in `extra["cost"]`; `ndbench run --dry-run` predicts the same
+Records carry these counts in `extra["cost"]`; ndbench run --dry-run predicts the same
 numbers before a run.
 """
 

@@ -159,7 +159,7 @@ class BaseDetector(ABC):
 
     def cost_model(self, device: torch.device) -> CostModel | None:
         """The forward passes this method makes per image (frozen parts with their cache keys,
-        trained passes), for `ndbench run --dry-run` and the record's counts; None when the
+        trained passes), for ndbench run --dry-run and the record's counts; None when the
         method declares none (then only decodes are counted and predicted)."""
         return None
 

@@ -1,5 +1,5 @@
 """A method's cost model: the forward passes it makes per image, so a run's cost can be
-counted before it starts (`ndbench run --dry-run`) and checked against what records count.
+counted before it starts (ndbench run --dry-run) and checked against what records count.
 
 A frozen pass is keyed by its `FrozenPart` (the feature-cache key): with the caches, each
 distinct image goes through it once per machine; without, once per job. Trained passes
