@@ -30,8 +30,8 @@ from datasets_builders.atomic import atomic_write_text
 from datasets_builders.embedded import EmbeddedConfig, cache_root, load_pretrain_set
 from datasets_builders.errors import NdbenchError
 
-from . import embedded_archs  # noqa: F401  (registers the embedded architectures in timm)
 from .backbones import create_backbone
+from .embedded_archs import CNNStemPatchEmbed  # importing it registers the embedded archs in timm
 
 EMBEDDED_WEIGHTS = "embedded"  # the `weights` value that means "pre-trained by ndbench"
 DEFAULT_ARCH = "ndbench_vit_embedded"
@@ -61,6 +61,8 @@ class PretrainRecipe:
     holdout_fraction: float = 0.05
     seed: int = 0
     dense_teacher: str | None = DEFAULT_CNN  # None: plain supervised training
+    # A ViT with the CNN stem (embedded_archs.CNNStemPatchEmbed) starts it from the teacher's.
+    stem_from_teacher: bool = True
     dense_weight: float = 1.0
     distill_weight: float = 1.0  # cross-entropy to the dense teacher's softmax (CLS logits)
     # Token labelling (Jiang et al. 2021, "All Tokens Matter"): patch tokens, through the
@@ -103,8 +105,8 @@ def pretrain_key(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> str
 def cnn_recipe(recipe: PretrainRecipe) -> PretrainRecipe:
     """The recipe of a CNN: `teacher_epochs` of plain supervised training. The ViT's dense
     teacher and the CNN methods' embedded backbone are then one and the same file."""
-    return replace(recipe, epochs=recipe.teacher_epochs, dense_teacher=None, distill_weight=0.0,
-                   token_labels="none", token_label_weight=0.0)
+    return replace(recipe, epochs=recipe.teacher_epochs, dense_teacher=None, stem_from_teacher=False,
+                   distill_weight=0.0, token_labels="none", token_label_weight=0.0)
 
 
 def default_recipe(arch: str) -> PretrainRecipe:
@@ -187,6 +189,8 @@ def pretrain(
         teacher = create_backbone(recipe.dense_teacher, weights=teacher_weights,
                                   num_classes=len(head_classes(pool.class_names, teacher_recipe)))
         teacher = teacher.to(device).eval()
+        if recipe.stem_from_teacher and isinstance(model.patch_embed, CNNStemPatchEmbed):
+            model.patch_embed.load_cnn_stem(teacher.state_dict())
 
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)

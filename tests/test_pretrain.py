@@ -132,3 +132,35 @@ def test_warmup_then_cosine():
     assert values[:2] == [0.5, 1.0]
     assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False)) and values[-1] < 0.05
     assert warmup_cosine(total_steps=3, warmup_fraction=0.01)(0) == 1.0  # at least one warm-up step
+
+
+def test_the_vits_cnn_stem_is_the_cnns_first_two_stages():
+    import timm
+
+    torch.manual_seed(0)
+    cnn = timm.create_model(CNN, num_classes=0).eval()
+    vit = timm.create_model(VIT, num_classes=0).eval()
+    assert tuple(vit.patch_embed.patch_size) == (8, 8) and tuple(vit.patch_embed.grid_size) == (8, 8)
+    vit.patch_embed.load_cnn_stem(cnn.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    stride8 = cnn.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+    with torch.no_grad():
+        assert torch.allclose(vit.patch_embed.backbone(x), stride8)
+        assert vit.forward_features(x).shape == (2, 1 + 64, 128)
+    with pytest.raises(ValueError, match="lacks"):
+        vit.patch_embed.load_cnn_stem({})
+
+
+def test_pretraining_starts_the_vit_stem_from_its_teacher(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from methods.pretrain import pretrain
+
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    data = EmbeddedConfig(n_train_scenes=20, n_test_scenes=20, n_pretrain_images=64)
+    recipe = PretrainRecipe(epochs=0, teacher_epochs=1, batch_size=32)
+    teacher = pretrain(CNN, out=tmp_path / "cnn.safetensors", data=data, recipe=cnn_recipe(recipe))
+    vit = pretrain(VIT, out=tmp_path / "vit.safetensors", data=data, recipe=recipe, teacher_weights=teacher.weights)
+    cnn_state, vit_state = load_file(str(teacher.weights)), load_file(str(vit.weights))
+    assert torch.equal(vit_state["patch_embed.backbone.0.weight"], cnn_state["conv1.weight"])
+    assert torch.equal(vit_state["patch_embed.backbone.5.0.conv2.weight"], cnn_state["layer2.0.conv2.weight"])
