@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from safetensors.torch import save_file
 
 from datasets_builders.atomic import atomic_write_text
 from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig
@@ -129,11 +129,28 @@ def embedded_weights(
     return pretrain(arch, data=data, recipe=recipe, device=device, console=console).weights
 
 
+def write_half(source: Path, target: Path) -> None:
+    """Copy a safetensors weights file to `target` (atomically) with its floating-point tensors
+    in float16 and its metadata kept: half the bytes; models load them back into float32."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    half = {key: value.half() if value.is_floating_point() else value for key, value in tensors.items()}
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        save_file(half, str(tmp), metadata=metadata)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def ship(*, device: torch.device | None = None, console: Console | None = None, folder: Path | None = None,
          data: EmbeddedConfig | None = None) -> dict:
     """Pre-train every shipped architecture with its default recipe on `data` (default: the
     current default config), measure it, and write the files and the manifest to `folder`."""
-    from .pretrain_eval import evaluate_backbone
+    from .pretrain_eval import evaluate_backbone, heldout_scene_instance_accuracy, load_classifier, weight_classes
 
     data = data or EmbeddedConfig()
     device = device or torch.device("cpu")
@@ -146,10 +163,9 @@ def ship(*, device: torch.device | None = None, console: Console | None = None, 
         result = pretrain(arch, data=data, recipe=recipe, device=device, console=console, force=True,
                           teacher_weights=teacher if recipe.dense_teacher else None)
         target = folder / f"{arch}.safetensors"
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(result.weights, tmp)
-        tmp.replace(target)
-        teacher = target if arch == DEFAULT_CNN else teacher
+        write_half(result.weights, target)
+        teacher = result.weights if arch == DEFAULT_CNN else teacher
+        full_precision, _ = load_classifier(arch, result.weights, device)
         entries[arch] = {
             "file": target.name,
             "sha256": sha256_file(target),
@@ -158,6 +174,8 @@ def ship(*, device: torch.device | None = None, console: Console | None = None, 
             "train_seconds": round(result.train_seconds, 1),
             "pool_heldout_accuracy": result.heldout_accuracy,
             **evaluate_backbone(arch, target, data, device),
+            "fp32_scene_test_instance_accuracy": heldout_scene_instance_accuracy(
+                full_precision, weight_classes(result.weights), data, device),
         }
     manifest = {
         "command": SHIP_COMMAND,
