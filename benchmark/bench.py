@@ -40,6 +40,22 @@ class BenchConfig:
     count_images: int = 8  # training images of the small fit that counts teacher passes
 
 
+# What `ndbench bench` runs with when --batch-size / --steps are not given: the GPU-sized
+# configuration (BenchConfig's defaults) on CUDA or with --full; on a CPU a smaller one meant to
+# keep the whole bench within 10 minutes on 2 cores. Measured on 2 cores: batch 32 / 5 steps took
+# 23 min and 11 GB; batch 16 / 3 steps 4 min 49 s without the data figures, but one such run
+# reached 12.6 GB of resident memory before its data figures (msad's fit alone: 4.7 GB at batch
+# 16, 3.1 GB at 8), so a CPU gets batch 8.
+CPU_BENCH = {"batch_size": 8, "steps": 3}
+
+
+def bench_config(device: torch.device, full: bool = False, **given) -> BenchConfig:
+    """The bench configuration for `device`: `given` values (those not None) over the defaults
+    of the device (`CPU_BENCH` on a CPU unless `full`)."""
+    sized = {} if full or device.type == "cuda" else CPU_BENCH
+    return BenchConfig(**{**sized, **{k: v for k, v in given.items() if v is not None}})
+
+
 @dataclass(frozen=True)
 class BenchRow:
     """One measured figure, with the goal it is checked against (if any)."""

@@ -1,4 +1,4 @@
-"""`ndbench build-splits`: dataset index + every requested split manifest, written atomically."""
+"""`ndbench build-splits DATASET`: dataset index + every requested split manifest, written atomically."""
 
 from __future__ import annotations
 
@@ -44,6 +44,35 @@ def requested_settings(setting: str) -> tuple[str, ...]:
     return (setting,)
 
 
+# The datasets each option applies to, and its value when not given.
+YEAR_DATASETS = {"voc": (2007, 2012), "coco": (2014, 2017)}
+CLASS_ORDER_DATASETS = ("voc",)
+CLASS_ORDERS = ("paper", "alphabetical")
+
+
+def check_request(request: BuildRequest) -> None:
+    """Options that cannot work together or do not apply to the dataset, before any reading."""
+    check_dataset(request.dataset)
+    requested_settings(request.setting)
+    if request.normal is not None and request.setting == "uni-class":
+        raise NdbenchError("--normal defines a multi-class split", "drop --setting uni-class")
+    if request.normal is not None and request.classes is not None:
+        raise NdbenchError("--normal and --classes both choose splits", "give one of them")
+    if request.year is not None:
+        years = YEAR_DATASETS.get(request.dataset)
+        if years is None:
+            raise NdbenchError(f"--year does not apply to {request.dataset}",
+                               f"drop it (it applies to {', '.join(YEAR_DATASETS)})")
+        if request.year not in years:
+            raise NdbenchError(f"--year {request.year} is not a {request.dataset} release ndbench reads",
+                               f"use --year {' or '.join(map(str, years))}")
+    if request.class_order not in CLASS_ORDERS:
+        raise NdbenchError(f"unknown class order {request.class_order!r}",
+                           f"use --class-order {' or '.join(CLASS_ORDERS)}")
+    if request.class_order != CLASS_ORDERS[0] and request.dataset not in CLASS_ORDER_DATASETS:
+        raise NdbenchError(f"--class-order does not apply to {request.dataset}", "drop it (it applies to voc)")
+
+
 def make_manifests(index: DatasetIndex, request: BuildRequest) -> list[Manifest]:
     """The manifests a request asks for, all validated before anything is written."""
     settings = requested_settings(request.setting)
@@ -63,7 +92,7 @@ def make_manifests(index: DatasetIndex, request: BuildRequest) -> list[Manifest]
 
 def build_splits(request: BuildRequest, console: Console | None = None) -> tuple[DatasetIndex, list[Manifest]]:
     """Build the index and manifests of a request and write them under `request.out`."""
-    check_dataset(request.dataset)
+    check_request(request)
     index = build_index(
         request.dataset,
         request.root,

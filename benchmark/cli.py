@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,10 +11,12 @@ import typer
 
 from datasets_builders.errors import NdbenchError
 from datasets_builders.sources import DATASETS
-from datasets_builders.splits import parse_class_list, protocol_classes
+from datasets_builders.splits import protocol_classes
 
 from .console import stderr_console, stdout_console
+from .interrupts import Interrupted, signals_raise_interrupted
 from .reporting import class_names_under, print_tables, report_results
+from .validate import parse_ids
 
 app = typer.Typer(
     name="ndbench",
@@ -29,13 +32,20 @@ def _root() -> None:
     """ndbench: splits, runs, tables and benchmarks for multi-object novelty detection."""
 
 
-def _classes(text: str | None) -> tuple[int, ...] | None:
-    return None if text is None else tuple(parse_class_list(text))
+def _classes(text: str | None, option: str) -> tuple[int, ...] | None:
+    ids = parse_ids(text, option)
+    return None if ids is None else tuple(ids)
 
 
 @app.command("build-splits")
 def build_splits_command(
-    dataset: Annotated[str, typer.Argument(help=f"Dataset to read: {', '.join(DATASETS)}.")],
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help=f"Dataset to read: {', '.join(DATASETS)}, or coco-format for your own COCO-format "
+            "data (with --name, --train-annotations and --test-annotations)."
+        ),
+    ],
     root: Annotated[
         Path | None,
         typer.Option(
@@ -72,22 +82,58 @@ def build_splits_command(
             "per-class tables) or 'alphabetical'."
         ),
     ] = "paper",
+    name: Annotated[
+        str | None,
+        typer.Option(help="coco-format: the dataset's name; splits go to <out>/NAME/ and `ndbench run "
+                     "--dataset NAME` runs on them."),
+    ] = None,
+    train_annotations: Annotated[
+        Path | None, typer.Option(help="coco-format: COCO instances JSON of the training images.")
+    ] = None,
+    test_annotations: Annotated[
+        Path | None, typer.Option(help="coco-format: COCO instances JSON of the test images.")
+    ] = None,
+    train_images: Annotated[
+        Path | None,
+        typer.Option(help="coco-format: folder the train file_name entries are relative to (sub-folders "
+                     "allowed). Default: the folder holding --train-annotations."),
+    ] = None,
+    test_images: Annotated[
+        Path | None,
+        typer.Option(help="coco-format: folder the test file_name entries are relative to. Default: the "
+                     "folder holding --test-annotations."),
+    ] = None,
+    min_train_images: Annotated[
+        int,
+        typer.Option(help="coco-format: give no split to classes held by fewer training images than this "
+                     "(they stay in the other classes' normal sets)."),
+    ] = 0,
 ) -> None:
     """Read a dataset's annotations and write its split manifests (the paper's protocol by default)."""
-    from .build import BuildRequest, build_splits, summary_table
+    from .build import BuildRequest, build_splits, check_request, summary_table
 
-    if class_order not in ("paper", "alphabetical"):
-        raise NdbenchError(f"unknown class order {class_order!r}", "use paper or alphabetical")
+    custom = (name, train_annotations, test_annotations, train_images, test_images)
+    if dataset == "coco-format":
+        if root is not None or year is not None:
+            raise NdbenchError("coco-format takes no --root or --year",
+                               "give --train-annotations, --test-annotations (and --train-images, --test-images)")
+        _build_coco_format(custom, out=out, setting=setting, normal=normal, classes=classes,
+                           min_train_images=min_train_images)
+        return
+    if any(value is not None for value in custom) or min_train_images:
+        raise NdbenchError(f"--name, --train/test-annotations, --train/test-images and --min-train-images "
+                           f"are coco-format options, not {dataset}'s", "drop them, or build coco-format")
     request = BuildRequest(
         dataset=dataset,
         root=root,
         out=out,
         setting=setting,
-        normal=_classes(normal),
-        classes=_classes(classes),
+        normal=_classes(normal, "--normal"),
+        classes=_classes(classes, "--classes"),
         year=year,
         class_order=class_order,
     )
+    check_request(request)
     index, manifests = build_splits(request, console=stderr_console())
     stdout_console().print(summary_table(index, manifests))
     skipped = sorted(set(index.class_ids()) - set(protocol_classes(index)))
@@ -97,21 +143,111 @@ def build_splits_command(
     stdout_console().print(f"wrote {len(manifests)} manifests and index.csv under {out / index.dataset}")
 
 
-def _list(text: str | None) -> list[str] | None:
-    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+def _build_coco_format(
+    custom: tuple, *, out: Path, setting: str, normal: str | None, classes: str | None, min_train_images: int
+) -> None:
+    """build-splits for a user's COCO-format dataset: validate, index, write, summarise."""
+    from datasets_builders.coco_format import CocoFormatSource, check_name
+
+    from .build import BuildRequest, summary_table
+    from .build_coco_format import build_coco_format_splits
+
+    name, train_annotations, test_annotations, train_images, test_images = custom
+    check_name(name)
+    for option, value in (("--train-annotations", train_annotations), ("--test-annotations", test_annotations)):
+        if value is None:
+            raise NdbenchError(f"coco-format needs {option}", f"pass {option} FILE.json (a COCO instances file)")
+    source = CocoFormatSource(name, train_annotations, test_annotations, train_images, test_images)
+    request = BuildRequest(dataset=name, out=out, setting=setting, normal=_classes(normal, "--normal"),
+                           classes=_classes(classes, "--classes"))
+    built = build_coco_format_splits(source, request, min_train_images=min_train_images)
+    index = built.index
+    stdout_console().print(summary_table(index, built.manifests))
+    if built.missing:
+        names = ", ".join(f"{c} {index.class_names[c]}" for c in built.missing)
+        stderr_console().print(f"note: no split for classes missing from the train or test images: {names}")
+    if built.rare:
+        names = ", ".join(f"{c} {index.class_names[c]}" for c in built.rare)
+        stderr_console().print(f"note: no split for classes in fewer than {min_train_images} training images: {names}")
+    stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}; "
+                           f"run them with `ndbench run --dataset {index.dataset} --method knn`", soft_wrap=True)
 
 
-def _seeds(text: str) -> list[int]:
-    return list(parse_class_list(text)) if text else [0]
+@app.command("download")
+def download_command(
+    dataset: Annotated[str, typer.Argument(help="voc, coco, cifar10, cifar100, mnist or fmnist.")],
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Where the files go, laid out as `build-splits` reads them. Default: "
+                     "$NDBENCH_DATA/<dataset>, else data/<dataset> (the build-splits default)."),
+    ] = None,
+    year: Annotated[
+        int | None,
+        typer.Option(help="VOC: 2012 (default: trainval, SegmentationClassAug masks and the trainaug list) "
+                     "or 2007 (trainval + test). COCO: 2014 (default, as the paper) or 2017."),
+    ] = None,
+    mirror: Annotated[
+        str | None,
+        typer.Option(envvar="NDBENCH_MIRROR",
+                     help="Fetch every file from this host instead of the official ones: a file is read from "
+                     "<mirror>/<dataset>/<file name>, e.g. <mirror>/voc/VOCtrainval_11-May-2012.tar "
+                     "(`--list` shows the names). http(s):// or file://. Checksums are still checked."),
+    ] = None,
+    only: Annotated[
+        str | None, typer.Option(help="'annotations': COCO's instance annotations without the images.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Download and extract again what is already in place.")] = False,
+    keep_archives: Annotated[
+        bool, typer.Option(help="Keep the archives (in <root>/.ndbench-download/) after extracting them.")
+    ] = False,
+    list_files: Annotated[
+        bool, typer.Option("--list", help="Only show each file's name, size, checksum, URL and destination.")
+    ] = False,
+) -> None:
+    """Download a dataset's published files, check their checksums and lay them out exactly as
+    `ndbench build-splits DATASET` reads them. Interrupted downloads resume; what is in place is
+    skipped, so a re-run is instant."""
+    from datasets_builders.download import DownloadRequest, build_splits_hint, download_dataset, plan_download
+
+    request = DownloadRequest(dataset=dataset, root=root, year=year, mirror=mirror, only=only, force=force,
+                              keep_archives=keep_archives)
+    if list_files:
+        stdout_console().print(_download_listing(plan_download(request)), soft_wrap=True, markup=False)
+        return
+    result = download_dataset(request, console=stderr_console())
+    plan = result.plan
+    if plan.files != tuple(f for f in plan.files if f.annotations):
+        stdout_console().print(f"{plan.dataset} is ready under {plan.root}; next: {build_splits_hint(plan)}",
+                               soft_wrap=True)
+    else:
+        stdout_console().print(f"{plan.dataset} annotations are under {plan.root}; build-splits also needs the "
+                               "images: run again without --only", soft_wrap=True)
+
+
+def _download_listing(plan) -> str:
+    """Each file of a download plan: name, size, checksum, where it goes, then its URL (on a
+    line of its own, so that it can be copied whole)."""
+    lines = [f"{plan.dataset}{f' {plan.year}' if plan.year else ''} -> {plan.root}"]
+    for file in plan.files:
+        size = f"{file.size:,} bytes" if file.size else "size not published"
+        checksum = f"{file.checksum[0]} {file.checksum[1]}" if file.checksum else "no checksum published"
+        goes_to = f"extracted into {file.target or '.'}/" if file.archive else f"saved as {file.target}"
+        lines += [f"{file.name} ({size}, {checksum}): {goes_to}", f"    {plan.url(file)}"]
+    return "\n".join(lines)
 
 
 OUT_HELP = "Results root: records go to <out>/runs, tables to <out>/tables, splits to <out>/splits."
+NO_RECORDS_FIX = "run `ndbench run --method knn` first, or pass the --out your runs used"
 
 
 @app.command("run")
 def run_command(
     method: Annotated[str, typer.Option(help="Method name(s), comma-separated (see `ndbench methods`).")],
-    dataset: Annotated[str, typer.Option(help=f"One of {', '.join(DATASETS)}.")] = "embedded",
+    dataset: Annotated[
+        str,
+        typer.Option(help=f"One of {', '.join(DATASETS)}, or the --name of a dataset built with "
+                     "`build-splits coco-format`."),
+    ] = "embedded",
     setting: Annotated[
         str, typer.Option(help="uni-class (one-vs-all), multi-class (all-vs-one) or all.")
     ] = "uni-class",
@@ -142,32 +278,107 @@ def run_command(
                      "'paper' picks, for each method, the recipe behind the paper's numbers "
                      "(docs/FIDELITY.md); on the embedded dataset it goes on top of the embedded preset."),
     ] = None,
+    retries: Annotated[
+        int,
+        typer.Option(help="Try a crashed job again up to this many times (with --executor ray, also a job "
+                     "whose worker process died)."),
+    ] = 0,
+    save_models: Annotated[
+        bool,
+        typer.Option(help="Keep each job's fitted detector beside its record (<record>.model.pt), with its "
+                     "config, weights, split and a decision threshold, for ndbench score. Jobs skipped "
+                     "because their record exists get no model: add --force to fit them again."),
+    ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="DataLoader worker processes that decode image files (0: decode in the main "
+                     "process). Default: one per CPU but one, at most 8."),
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(help="Keep decoded images and frozen-network outputs in the on-disk store under "
+                     "$NDBENCH_CACHE/store, shared by every job and later runs (see `ndbench cache info`)."),
+    ] = True,
+    cache_budget_gb: Annotated[
+        float | None,
+        typer.Option(help="Most gigabytes the store may take; past it, images and features are "
+                     "recomputed instead of stored. Default: half of the free disk space plus what the "
+                     "store holds, at most 50."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="List the jobs and, per method, the images to decode and the frozen and trained "
+                     "forward passes with and without the caches; run nothing."),
+    ] = False,
+    ray_cpus_per_job: Annotated[
+        float | None,
+        typer.Option(help="--executor ray: CPUs each job reserves (its torch threads). Default: with GPUs, "
+                     "the cluster's CPUs per GPU; without, 1."),
+    ] = None,
+    ray_gpus_per_job: Annotated[
+        float | None,
+        typer.Option(help="--executor ray: GPUs each job reserves; fractions (0.25) pack small jobs on a "
+                     "big GPU. Default: 1 when the cluster has GPUs, else 0."),
+    ] = None,
 ) -> None:
     """Run methods on splits (fit on the normal train images, score the test images), one
-    record per (method, split, seed); existing records are skipped, so a re-run resumes."""
+    record per (method, split, seed); existing records are skipped, so a re-run resumes.
+    A job another run is working on (its .lock file beside the record) is left to that run."""
+    from methods.base import resolve_device
+    from methods.runtime import CacheSettings
+
     from .build import requested_settings
-    from .executors import execute
+    from .executors import RayResources, execute
     from .records import load_records_at
     from .runner import RunOptions, expand_jobs
+    from .validate import check_executor, check_weights, parse_methods, parse_seeds
 
-    options = RunOptions(out=out, device=device, weights=weights, force=force)
+    methods = parse_methods(method)
     settings = list(requested_settings(setting))
+    class_ids = parse_ids(classes, "--classes")
+    seed_list = parse_seeds(seeds)
+    resolve_device(device)
+    check_weights(weights)
+    check_executor(executor, ray_address, retries)
+    overrides = _parse_overrides(option or [])
+    caching = CacheSettings(enabled=cache, budget_gb=cache_budget_gb, workers=workers)
+    resources = RayResources(ray_cpus_per_job, ray_gpus_per_job)
+    options = RunOptions(out=out, device=device, weights=weights, force=force, retries=retries,
+                         save_models=save_models, caching=caching)
     jobs = expand_jobs(
-        _list(method) or [],
+        methods,
         dataset=dataset,
         settings=settings,
-        classes=list(parse_class_list(classes)) if classes else None,
-        seeds=_seeds(seeds),
+        classes=class_ids,
+        seeds=seed_list,
         options=options,
-        overrides=_parse_overrides(option or []),
+        overrides=overrides,
         preset=preset or "",
     )
-    results = execute(jobs, options, executor, ray_address, console=stderr_console())
+    if dry_run:
+        from .plan import plan_run, print_plan
+
+        print_plan(plan_run(jobs, options), stdout_console())
+        return
+    results = execute(jobs, options, executor, ray_address, console=stderr_console(), resources=resources)
     records = load_records_at([r.record for r in results if r.record is not None])
     print_tables(out, records, dataset, settings, paper=False)
     code = report_results(results, stderr_console())
+    if save_models:
+        _note_missing_models(results)
     if code:
         raise typer.Exit(code)
+
+
+def _note_missing_models(results) -> None:
+    """Say which skipped jobs have no saved model (their records were made without one)."""
+    from .models import model_path
+
+    missing = [r for r in results if r.status == "skipped" and r.record is not None
+               and not model_path(r.record).is_file()]
+    if missing:
+        stderr_console().print(f"note: {len(missing)} skipped job(s) have no saved model (their records were made "
+                               "without --save-models); add --force to fit them again and save their models")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -196,7 +407,7 @@ def table_command(
 
     records = load_records(out)
     if not records:
-        raise NdbenchError(f"no records under {out / 'runs'}", "run `ndbench run` first")
+        raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
     pairs = sorted({(r.dataset, r.setting) for r in records})
     paths = []
     for dataset in sorted({d for d, _ in pairs}):
@@ -214,7 +425,7 @@ def leaderboard_command(
 
     records = load_records(out)
     if not records:
-        raise NdbenchError(f"no records under {out / 'runs'}", "run `ndbench run` first")
+        raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
     stdout_console().print(to_markdown(leaderboard(records)), markup=False)
     write_tables(records, Path(out) / "tables", class_names=class_names_under(out))
 
@@ -260,6 +471,8 @@ def pretrain_command(
     from methods.base import resolve_device
     from methods.pretrain import pretrain
 
+    if out is not None and out.suffix != ".safetensors":
+        raise NdbenchError(f"--out {out} does not end in .safetensors", "name the weights file *.safetensors")
     if ship:
         from methods.shipped_weights import WEIGHTS_DIR
         from methods.shipped_weights import ship as ship_weights
@@ -312,8 +525,11 @@ def demo_command(
 ) -> None:
     """Offline demo on the embedded dataset: build splits, pre-train (or reuse) backbones, run
     the methods on all 10 uni-class splits and print a per-class table like paper Table 6."""
+    from methods.base import resolve_device
+
     from .demo import run_demo
 
+    resolve_device(device)
     code = run_demo(full=full, out=out, device=device, force=force)
     if code:
         raise typer.Exit(code)
@@ -328,17 +544,24 @@ def maps_command(
     seed: Annotated[int, typer.Option(help="Seed of the fit and of the choice of images.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     weights: Annotated[
-        str | None, typer.Option(help="Backbone weights: a local file, 'hub' or 'none' (as in `ndbench run`).")
+        str | None, typer.Option(help="Backbone weights: a local file, 'hub' or 'none' (as in ndbench run).")
     ] = None,
     out: Annotated[Path, typer.Option(help=OUT_HELP + " Grids go to <out>/maps.")] = Path("results"),
 ) -> None:
     """Fit a method on one split and draw its anomaly maps (paper Fig. 3): a PNG grid of test
     images beside their per-patch novelty heat-maps, each captioned normal/novel and its score."""
+    from methods.base import resolve_device
+
     from .maps import MapsRequest, draw_maps, parse_split
     from .runner import RunOptions, expand_jobs, job_progress
+    from .validate import check_maps_method, check_seed, check_weights
 
     if n < 1:
         raise NdbenchError(f"--n {n} is too small", "ask for at least one image")
+    check_maps_method(method)
+    check_seed(seed)
+    resolve_device(device)
+    check_weights(weights)
     request = MapsRequest(method=method, dataset=dataset, split=split, n=n, seed=seed)
     options = RunOptions(out=out, device=device, weights=weights)
     setting, _ = parse_split(split)
@@ -349,6 +572,74 @@ def maps_command(
     stdout_console().print(f"wrote {path}")
 
 
+@app.command("report")
+def report_command(
+    out: Annotated[Path, typer.Option(help=OUT_HELP + " The report goes to <out>/report.")] = Path("results"),
+    report_dir: Annotated[
+        Path | None,
+        typer.Option(help="Write the page (index.html) and its figures (img/) here instead of <out>/report; "
+                     "PNGs in img/ that the new page does not show are removed."),
+    ] = None,
+) -> None:
+    """Write one HTML page of everything under --out: the leaderboard, per-class tables beside
+    the paper's numbers, AUROC heat maps, ROC curves and score histograms per split, what was
+    not run, the anomaly-map grids and each run's metadata. Opens from disk, no network."""
+    from .report import build_report
+
+    def warn(message: str) -> None:
+        print(f"ndbench: warning: {message}", file=sys.stderr)
+
+    from .runner import job_progress
+
+    with job_progress(stderr_console()) as progress:
+        result = build_report(out, report_dir, warn=warn, progress=progress)
+    stdout_console().print(
+        f"wrote {result.path} ({result.records} runs, {result.figures} figures, "
+        f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); open {result.path.resolve().as_uri()}",
+        soft_wrap=True,
+    )
+
+
+@app.command("score")
+def score_command(
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
+                                   "sorted by name).", show_default=False, metavar="IMAGES")
+    ],
+    model: Annotated[Path, typer.Option(help="A .model.pt written by ndbench run --save-models.")],
+    output: Annotated[
+        Path | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default: print it.")
+    ] = None,
+    maps: Annotated[
+        Path | None,
+        typer.Option(help="Folder for one heat-map overlay PNG per image (methods with anomaly maps: defend, mkd, "
+                     "rdad); one colour scale for all images of the call."),
+    ] = None,
+    threshold: Annotated[
+        bool,
+        typer.Option(help="Add a label column (normal/novel) from the model's stored threshold: the score at "
+                     "95% TPR on its split's test set."),
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+) -> None:
+    """Score your own images with a saved detector: one CSV row per image, in the order given,
+    higher = more novel. Images go through the detector's own input transform, as in the run."""
+    from .runner import job_progress
+    from .score import ScoreRequest, prepare_scoring, run_scoring
+
+    request = ScoreRequest(model=model, images=tuple(images), output=output, maps=maps, threshold=threshold,
+                           device=device)
+    scoring = prepare_scoring(request)
+    with job_progress(stderr_console()) as progress:
+        result = run_scoring(scoring, progress)
+    if output is None:
+        sys.stdout.write(result.csv_text())
+    else:
+        stderr_console().print(f"wrote {len(result.images)} scores to {output}")
+    if maps is not None:
+        stderr_console().print(f"wrote {len(result.images)} heat-map overlays under {maps}")
+
+
 @app.command("bench")
 def bench_command(
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
@@ -356,8 +647,19 @@ def bench_command(
         "vit_small_patch16_224"
     ),
     img_size: Annotated[int, typer.Option(help="Input size in pixels.")] = 224,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    steps: Annotated[int, typer.Option(help="Timed steps per measurement (after one warm-up step).")] = 5,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step. Default: 32 on CUDA or with --full, 8 on a CPU.")
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Timed steps per measurement (after one warm-up step). Default: 5 on CUDA or "
+                     "with --full, 3 on a CPU."),
+    ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(help="The GPU-sized configuration (batch 32, 5 steps) on any device; on a 2-core CPU "
+                     "it takes over 20 minutes and ~11 GB."),
+    ] = False,
     compare: Annotated[
         bool,
         typer.Option(help="Also time defend vs transformaly scoring on ViT-B/16 shapes (fair 224 px and "
@@ -368,22 +670,48 @@ def bench_command(
         typer.Option(help="Also time the training images/s of each baseline (transformaly, kdad, msad, "
                      "rdad, dsvdd) at its paper backbone and input size, at --batch-size. Minutes on a CPU."),
     ] = True,
+    runs: Annotated[
+        bool,
+        typer.Option(help="Also run the 10 embedded uni-class knn jobs with the caches off, cold and warm "
+                     "(random weights, a throw-away store): wall times, decodes and frozen passes per "
+                     "distinct image."),
+    ] = True,
+    loader: Annotated[
+        bool,
+        typer.Option(help="Also time decoding 1,000 generated 500x375 JPEGs to --img-size with 0, 1 and "
+                     "--workers DataLoader workers, and reading them back from the image store."),
+    ] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="DataLoader workers of the loader and run figures (default: CPUs - 1, at most 8)."),
+    ] = None,
 ) -> None:
     """Speed figures measured back to back in one run on one device: MKD training images/s
     with 50 % of tokens dropped vs none (goal >= 1.7x), defend scoring images/s, teacher
-    passes per training image in MKD (goal: 1 per job), defend vs transformaly scoring, and
-    each baseline's training images/s."""
+    passes per training image in MKD (goal: 1 per job), defend vs transformaly scoring, each
+    baseline's training images/s, knn runs with the caches off/cold/warm and image loading."""
+    import tempfile
+
     from rich.table import Table
 
+    from methods.backbones import ViTFeatures, create_backbone
     from methods.base import resolve_device
 
-    from .bench import BenchConfig, baseline_training, paper_comparison, run_bench
+    from .bench import baseline_training, bench_config, paper_comparison, run_bench
+    from .bench_data import knn_run_level, loader_speed
     from .runner import describe_device
 
-    if min(img_size, batch_size, steps) < 1:
+    if min([img_size, *(v for v in (batch_size, steps) if v is not None)]) < 1:
         raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
+    if workers is not None and workers < 0:
+        raise NdbenchError(f"--workers {workers} is negative", "give 0 or more")
     torch_device = resolve_device(device)
-    config = BenchConfig(arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
+    try:  # --arch must name a timm ViT
+        ViTFeatures(create_backbone(arch, weights="none", num_classes=0))
+    except NdbenchError as exc:
+        raise NdbenchError(f"--arch {arch}: {exc.problem}", exc.fix) from exc
+    config = bench_config(torch_device, full, arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
+
     def report(what: str) -> None:
         stderr_console().print(f"measuring: {what}")
 
@@ -392,13 +720,61 @@ def bench_command(
         rows += paper_comparison(config, torch_device, report=report)
     if baselines:
         rows += baseline_training(config, torch_device, report=report)
-    table = Table(title=f"ndbench bench: {arch} at {img_size} px, batch {batch_size}, {describe_device(torch_device)}")
+    with tempfile.TemporaryDirectory(prefix="ndbench-bench-") as work:
+        if runs:
+            rows += knn_run_level(Path(work) / "runs", str(torch_device), report=report, workers=workers)
+        if loader:
+            rows += loader_speed(Path(work) / "loader", report=report, img_size=img_size, workers=workers)
+    title = (f"ndbench bench: {arch} at {img_size} px, batch {config.batch_size}, {config.steps} steps, "
+             f"{describe_device(torch_device)}")
+    table = Table(title=title)
     for column in ("measure", "value", "unit", "goal", "met"):
         table.add_column(column)
     for row in rows:
         met = "" if row.met is None else ("yes" if row.met else "NO")
         table.add_row(row.name, f"{row.value:.2f}", row.unit, row.target, met)
     stdout_console().print(table)
+
+
+cache_app = typer.Typer(help="The on-disk store of decoded images and frozen-network outputs.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info_command() -> None:
+    """Where the store is and what each kind of entry (images, features) takes on disk."""
+    from rich.table import Table
+
+    from datasets_builders.array_store import ArrayStore, default_budget_bytes
+    from methods.runtime import store_root
+
+    root = store_root()
+    table = Table(title=f"ndbench cache: {root} (default budget {default_budget_bytes(root) / 1e9:.1f} GB)")
+    for column in ("kind", "entries", "shards", "allocated GB", "on disk GB"):
+        table.add_column(column)
+    for usage in ArrayStore(root).usage():
+        table.add_row(usage.kind, str(usage.entries), str(usage.shards), f"{usage.allocated_bytes / 1e9:.3f}",
+                      f"{usage.disk_bytes / 1e9:.3f}")
+    stdout_console().print(table)
+
+
+@cache_app.command("clear")
+def cache_clear_command(
+    kind: Annotated[
+        str | None, typer.Option(help="Only this kind of entry: images or features. Default: everything.")
+    ] = None,
+) -> None:
+    """Delete stored images and features (they are recomputed when next needed)."""
+    from datasets_builders.array_store import ArrayStore
+    from datasets_builders.image_store import IMAGES_KIND
+    from methods.features import FEATURES_KIND
+    from methods.runtime import store_root
+
+    if kind is not None and kind not in (IMAGES_KIND, FEATURES_KIND):
+        raise NdbenchError(f"unknown cache kind {kind!r}", f"use {IMAGES_KIND} or {FEATURES_KIND}")
+    freed = ArrayStore(store_root()).clear(kind)
+    stdout_console().print(f"freed {freed / 1e9:.3f} GB under {store_root()}")
 
 
 def _usage_error_message(exc: BaseException) -> str | None:
@@ -411,18 +787,34 @@ def _usage_error_message(exc: BaseException) -> str | None:
     return None
 
 
+# Write errors that a user fixes by freeing space or choosing another folder, wherever they arise.
+USER_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app; turn user errors into one line on stderr and exit code 2."""
+    """Entry point: run the app; turn user errors into one line on stderr and exit code 2, an
+    interrupt (Ctrl-C, SIGTERM) into one line and exit code 130 / 143."""
     try:
-        result = app(args=argv, prog_name="ndbench", standalone_mode=False)
+        with signals_raise_interrupted():
+            result = app(args=argv, prog_name="ndbench", standalone_mode=False)
     except NdbenchError as exc:
         print(f"ndbench: error: {exc}", file=sys.stderr)
         return 2
     except typer.Exit as exc:
         return exc.exit_code
+    except Interrupted as exc:
+        print(f"ndbench: {exc.message()}", file=sys.stderr)
+        return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         print("ndbench: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in USER_WRITE_ERRORS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"ndbench: error: cannot write{where}: {exc.strerror} (free disk space or choose another "
+              "output folder, then run the same command again)", file=sys.stderr)
+        return 2
     except Exception as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # typer has already shown the help
             return 0

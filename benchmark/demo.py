@@ -10,6 +10,7 @@ from methods.registry import available
 from .console import stderr_console, stdout_console
 from .executors import execute
 from .records import load_records_at
+from .report import build_report
 from .reporting import print_tables, report_results
 from .runner import RunOptions, expand_jobs
 
@@ -30,7 +31,7 @@ def demo_methods(full: bool) -> list[str]:
 
 
 def run_demo(*, full: bool, out: Path, device: str, force: bool) -> int:
-    """Run the demo; print and write per-class tables; return the exit code."""
+    """Run the demo; print and write per-class tables, write the HTML report; return the exit code."""
     start = time.perf_counter()
     options = RunOptions(out=out, device=device, force=force)
     settings = list(SETTINGS_FULL if full else SETTINGS_DEFAULT)
@@ -40,6 +41,9 @@ def run_demo(*, full: bool, out: Path, device: str, force: bool) -> int:
     records = load_records_at([r.record for r in results if r.record is not None])
     paths = print_tables(out, records, "embedded", settings, paper=False)
     code = report_results(results, stderr_console())
+    page = build_report(out, warn=lambda message: stderr_console().print(f"warning: {message}")) if records else None
     minutes = (time.perf_counter() - start) / 60
     stdout_console().print(f"demo finished in {minutes:.1f} min; tables: {sorted({p.parent for p in paths})}")
+    if page is not None:
+        stdout_console().print(f"report ({page.seconds:.1f} s): {page.path.resolve().as_uri()}", soft_wrap=True)
     return code

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
 from datasets_builders.atomic import atomic_write_bytes
@@ -24,8 +25,9 @@ from .runner import Job, RunOptions, build_detector, job_data, seed_everything
 
 TILE = 160  # pixels per shown image side
 CAPTION = 16  # pixels of caption above each pair
-# Anchor colours of the heat scale (low -> high): dark blue, cyan, yellow, red.
-HEAT_ANCHORS = np.array([[0, 0, 128], [0, 200, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
+# The heat scale (low -> high): matplotlib's "turbo", a jet-like rainbow (dark blue, cyan,
+# yellow, dark red) whose lightness changes smoothly, so equal steps look equal.
+HEAT_COLORMAP = "turbo"
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,16 @@ def pick_images(labels: np.ndarray, n: int, seed: int) -> list[int]:
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> RGB uint8 along the HEAT_ANCHORS scale."""
-    position = np.clip(values, 0, 1) * (len(HEAT_ANCHORS) - 1)
-    low = np.floor(position).astype(int).clip(max=len(HEAT_ANCHORS) - 2)
-    frac = (position - low)[..., None]
-    return (HEAT_ANCHORS[low] * (1 - frac) + HEAT_ANCHORS[low + 1] * frac).astype(np.uint8)
+    """Values in [0, 1] (clipped) -> RGB uint8 along the HEAT_COLORMAP scale."""
+    return colormaps[HEAT_COLORMAP](np.clip(values, 0, 1), bytes=True)[..., :3]
 
 
-def overlay(image: Image.Image, heat: np.ndarray, alpha: float) -> Image.Image:
-    """The image blended with the heat colours of `heat` (values in [0, 1], any size)."""
-    base = image.convert("RGB").resize((TILE, TILE), Image.Resampling.BILINEAR)
-    colours = Image.fromarray(heat_colours(heat)).resize((TILE, TILE), Image.Resampling.BILINEAR)
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float,
+            size: tuple[int, int] = (TILE, TILE)) -> Image.Image:
+    """The image blended with the heat colours of `heat` (values in [0, 1], any size), at
+    `size` (width, height) pixels."""
+    base = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+    colours = Image.fromarray(heat_colours(heat)).resize(size, Image.Resampling.BILINEAR)
     return Image.blend(base, colours, alpha)
 
 

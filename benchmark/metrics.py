@@ -66,6 +66,23 @@ def fpr_at_tpr(labels, scores, tpr_level: float = 0.95) -> float:
     return float(fpr[np.argmax(tpr >= tpr_level)])
 
 
+def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC curve of one split's test scores, novel (label 1) being the positive class:
+    false-positive rates, true-positive rates and the score thresholds, as scikit-learn's
+    `roc_curve` gives them."""
+    y, s = _check(labels, scores)
+    fpr, tpr, thresholds = roc_curve(y, s)
+    return fpr, tpr, thresholds
+
+
+def threshold_at_tpr(labels, scores, tpr_level: float = 0.95) -> float:
+    """The highest score threshold at which at least a fraction `tpr_level` of the novel
+    images score at or above it (the threshold behind FPR@95TPR)."""
+    y, s = _check(labels, scores)
+    _, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    return float(thresholds[np.argmax(tpr >= tpr_level)])
+
+
 def novelty_metrics(labels, scores) -> dict[str, float]:
     """AUROC, AUPR-in, AUPR-out and FPR@95TPR (fractions) of one split's test scores,
     novel (label 1) being the positive class and higher scores meaning more novel."""

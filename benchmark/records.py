@@ -2,16 +2,25 @@
 
 Layout: `<out>/runs/<dataset>/<setting>/<method>/<name>__<config_hash>__seed<seed>.json`
 with the per-image scores beside it as `... .scores.csv`. A record exists only once the job
-has finished; the runner skips jobs whose record exists.
+has finished; the runner skips jobs whose record exists. A record that cannot be read back
+whole (truncated, hand-edited, its scores file changed) counts as absent: readers skip it
+with one warning line and `run` re-runs its job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from datasets_builders.atomic import atomic_write_text
+from datasets_builders.errors import NdbenchError
 
 RECORD_SCHEMA = 1
 
@@ -43,6 +52,8 @@ class Record:
     # How a multi-class training set was weighted: "per-class" (each image once per normal
     # class it holds, as the authors' released code) or "unique"; "" for uni-class splits.
     multi_class_weighting: str = ""
+    # sha256 of the scores file beside the record ("" in records written before it existed).
+    scores_sha256: str = ""
     schema: int = RECORD_SCHEMA
 
     @property
@@ -71,21 +82,121 @@ def scores_path(record_file: Path) -> Path:
 
 
 def write_record(path: Path, record: Record, image_ids: list[str], labels, scores) -> None:
-    """Write the per-image scores, then the record (the record last, so it marks completion)."""
+    """Write the per-image scores, then the record (the record last, so it marks completion;
+    it carries the scores file's sha256). If the record cannot be written, the scores file
+    goes too: a job leaves both files or neither."""
     lines = ["image_id,label,score"]
     lines += [f"{i},{int(lab)},{float(s)!r}" for i, lab, s in zip(image_ids, labels, scores, strict=True)]
-    atomic_write_text(scores_path(path), "\n".join(lines) + "\n")
-    atomic_write_text(path, record.to_json())
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(scores_path(path), text)
+    try:
+        atomic_write_text(path, replace(record, scores_sha256=_sha256(text.encode("utf-8"))).to_json())
+    except BaseException:
+        scores_path(path).unlink(missing_ok=True)
+        raise
 
 
-def load_records(out: Path) -> list[Record]:
-    """Every record under `<out>/runs`, in path order."""
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value fits a Record field's annotation (unions and Optional included;
+    annotations it cannot judge fit)."""
+    origin = typing.get_origin(hint) or hint
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if not isinstance(origin, type):
+        return True
+    if isinstance(value, bool) and origin is not bool:
+        return False
+    if origin is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, origin)
+
+
+def _record_problem(data, scores_file: Path) -> str | None:
+    """Why a parsed record file is not a whole record with its scores (None when it is)."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not a record"
+    hints = typing.get_type_hints(Record)
+    names = {f.name for f in fields(Record)}
+    required = {f.name for f in fields(Record) if f.default is MISSING and f.default_factory is MISSING}
+    for name in sorted(required - set(data)):
+        return f"it has no {name!r}"
+    for name in sorted(set(data) - names):
+        return f"it has an unknown field {name!r}"
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
+            hint = hints[name]
+            return f"{name} is {value!r:.40}, not {hint.__name__ if isinstance(hint, type) else hint}"
+    for metric, value in data["metrics"].items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            return f"metric {metric} is {value!r}, not a number in [0, 1]"
+    if "auroc" not in data["metrics"]:
+        return "it has no AUROC"
+    for what, count in data["counts"].items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            return f"count {what} is {count!r}, not a count"
+    return _scores_problem(data, scores_file)
+
+
+def _scores_problem(data: dict, scores_file: Path) -> str | None:
+    try:
+        content = scores_file.read_bytes()
+    except OSError:
+        return f"its scores file {scores_file.name} is missing"
+    expected = data.get("scores_sha256", "")
+    if expected:
+        return None if _sha256(content) == expected else f"its scores file {scores_file.name} was changed or truncated"
+    # Records older than `scores_sha256`: one line per test image, and whole lines.
+    n_test = data["counts"].get("test_normal", 0) + data["counts"].get("test_novel", 0)
+    lines = content.decode("utf-8", errors="replace").splitlines()
+    if len(lines) != n_test + 1 or not content.endswith(b"\n"):
+        return f"its scores file {scores_file.name} holds {len(lines) - 1} scores, not {n_test}"
+    return None
+
+
+def read_record(path: Path) -> Record:
+    """The record at `path`, checked whole: valid JSON holding every field with its type,
+    metrics in [0, 1] and the scores file beside it unchanged. Raises NdbenchError naming
+    the file otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise NdbenchError(f"cannot read record {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NdbenchError(f"record {path} is not valid JSON (truncated or edited?): {exc}") from exc
+    problem = _record_problem(data, scores_path(path))
+    if problem:
+        raise NdbenchError(f"record {path} is damaged: {problem}")
+    return Record(**data)
+
+
+def warn_skipped(error: NdbenchError) -> None:
+    """The one warning line of a record that is skipped."""
+    print(f"ndbench: warning: {error.problem}; skipped (the ndbench run command that made it re-runs its job)",
+          file=sys.stderr)
+
+
+def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:
+    """Every whole record under `<out>/runs`, in path order; damaged ones are skipped (and
+    reported through `on_skip`)."""
     runs = Path(out) / "runs"
     if not runs.is_dir():
         return []
-    return load_records_at(sorted(runs.rglob("*.json")))
+    return load_records_at(sorted(runs.rglob("*.json")), on_skip)
 
 
-def load_records_at(paths: list[Path]) -> list[Record]:
-    """The records stored at the given paths."""
-    return [Record.from_json(Path(p).read_text(encoding="utf-8")) for p in paths]
+def load_records_at(paths: list[Path], on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:
+    """The whole records stored at the given paths; damaged ones are skipped."""
+    records = []
+    for path in paths:
+        try:
+            records.append(read_record(path))
+        except NdbenchError as exc:
+            on_skip(exc)
+    return records

@@ -36,11 +36,22 @@ def print_tables(out: Path, records, dataset: str, settings: list[str], paper: b
 
 
 def report_results(results, console) -> int:
-    """Print failed jobs; exit code 0 when all ran, 2 when only user errors failed, else 1."""
-    failed = [r for r in results if r.status == "failed"]
-    done = sum(r.status == "done" for r in results)
-    skipped = sum(r.status == "skipped" for r in results)
-    console.print(f"{done} jobs ran, {skipped} skipped (record exists; --force re-runs), {len(failed)} failed")
+    """Print failed jobs and those another run holds; exit code 0 when none failed (jobs
+    running elsewhere are not failures), 2 when only user errors failed, else 1 (a crash, a
+    method that returned NaN scores, a Ray worker that died)."""
+    from .runner import DONE, FAILED, RUNNING_ELSEWHERE, SKIPPED
+
+    failed = [r for r in results if r.status == FAILED]
+    elsewhere = [r for r in results if r.status == RUNNING_ELSEWHERE]
+    done = sum(r.status == DONE for r in results)
+    skipped = sum(r.status == SKIPPED for r in results)
+    summary = f"{done} jobs ran, {skipped} skipped (record exists; --force re-runs), {len(failed)} failed"
+    if elsewhere:
+        summary += f", {len(elsewhere)} running elsewhere"
+    console.print(summary, soft_wrap=True)
+    for r in elsewhere:
+        print(f"ndbench: job {r.job.describe()} is running elsewhere ({r.error}); its record appears when that run "
+              "finishes (if that run is dead, delete its .lock file beside the record)", file=sys.stderr)
     for r in failed:
         print(f"ndbench: job {r.job.describe()} failed: {r.error}", file=sys.stderr)
     if failed and all(r.user_error for r in failed):

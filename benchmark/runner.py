@@ -1,8 +1,8 @@
 """Jobs: (method + config, split, seed) -> fitted detector -> scores -> metrics -> record.
 
 `expand_jobs` turns the CLI's lists into jobs, `prepare` builds whatever the jobs share once
-(splits, pre-trained embedded backbones), `run_job` runs one job and writes its record
-atomically. Jobs are independent, so executors only map `run_job` over them.
+(splits, pre-trained embedded backbones), `run_job` runs one job under its lock file and
+writes its record atomically. Jobs are independent, so executors only map `run_job` over them.
 """
 
 from __future__ import annotations
@@ -21,19 +21,21 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from datasets_builders.errors import NdbenchError
+from datasets_builders.errors import NdbenchError, WriteFailure
 from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import ManifestDataset, load_split
-from datasets_builders.sources import check_dataset
+from datasets_builders.sources import check_dataset, is_builtin
 from datasets_builders.splits import SETTINGS, Manifest
 from methods.backbones import create_backbone
-from methods.base import config_hash, resolve_device
+from methods.base import BaseDetector, config_hash, resolve_device
 from methods.pretrain import resolve_weights
 from methods.registry import get_class
+from methods.runtime import CacheSettings, JobRuntime
 
 from .build import BuildRequest, build_splits
+from .locks import try_lock
 from .metrics import novelty_metrics
-from .records import Record, record_path, write_record
+from .records import Record, read_record, record_path, write_record
 
 EMBEDDED = "embedded"
 # How a multi-class training set is weighted. The authors' released code concatenates one image
@@ -74,25 +76,38 @@ class RunOptions:
     splits_root: Path | None = None  # default: <out>/splits
     device: str = "auto"
     weights: str | None = None  # overrides every method's `weights`
+    save_models: bool = False  # keep each job's fitted detector beside its record
     force: bool = False
     progress: bool = True
+    retries: int = 0  # times a crashed job (or, on Ray, a job whose worker died) is tried again
+    caching: CacheSettings = CacheSettings()  # image store, feature cache, DataLoader workers
 
     @property
     def splits(self) -> Path:
         return self.splits_root if self.splits_root is not None else Path(self.out) / "splits"
 
 
+# JobResult.status values. RUNNING_ELSEWHERE: another run holds the job's lock; not a failure.
+DONE, SKIPPED, FAILED, RUNNING_ELSEWHERE = "done", "skipped", "failed", "running elsewhere"
+
+
+class MethodFailure(Exception):
+    """A method misbehaved (NaN or infinite scores, one score per image not kept): the job
+    fails like a crash, and no record is written."""
+
+
 @dataclass
 class JobResult:
-    """What happened to a job: done, skipped (record existed) or failed."""
+    """What happened to a job: done, skipped (record existed), running elsewhere or failed."""
 
     job: Job
     status: str
     record: Path | None = None
     auroc: float | None = None
-    error: str | None = None
+    error: str | None = None  # why it failed; who runs it, when running elsewhere
     user_error: bool = False
     extra: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # warning lines for the user (a stale lock taken over, ...)
 
 
 def split_name(setting: str, class_id: int) -> str:
@@ -101,11 +116,38 @@ def split_name(setting: str, class_id: int) -> str:
 
 
 def ensure_index(dataset: str, options: RunOptions) -> DatasetIndex:
-    """The dataset's index under the splits root, building every split when it is missing."""
+    """The dataset's index under the splits root, building every split when it is missing
+    (built-in datasets only: a custom dataset's sources are the user's to name)."""
     folder = options.splits / dataset
     if not (folder / "index.json").is_file():
+        if not is_builtin(dataset):
+            raise _custom_split_missing(dataset, options, f"no index {folder / 'index.json'}")
         build_splits(BuildRequest(dataset=dataset, out=options.splits))
     return DatasetIndex.read(folder)
+
+
+def _custom_split_missing(dataset: str, options: RunOptions, what: str, options_text: str = "") -> NdbenchError:
+    """The error for a custom dataset's missing index or split: ndbench cannot rebuild it."""
+    from datasets_builders.coco_format import build_command_for
+
+    command = f"{build_command_for(options.splits / dataset, dataset)} --out {options.splits}{options_text}"
+    return NdbenchError(f"{dataset}: {what}; ndbench cannot build a custom dataset by itself",
+                        f"build it with `{command}`")
+
+
+def _built_classes(index: DatasetIndex, setting: str, options: RunOptions) -> list[int]:
+    """Classes of a custom dataset whose split of `setting` was built from its current index
+    (a manifest left by an earlier build of other files is not run)."""
+    folder = options.splits / index.dataset / setting
+    built = []
+    for c in index.class_ids():
+        path = folder / f"{split_name(setting, c)}.json"
+        try:
+            if path.is_file() and Manifest.read(path).index_sha256 == index.sha256:
+                built.append(c)
+        except (NdbenchError, KeyError, TypeError):
+            continue  # a damaged manifest: not a split to run
+    return built
 
 
 def expand_jobs(
@@ -120,8 +162,10 @@ def expand_jobs(
     preset: str = "",
 ) -> list[Job]:
     """Every (method, split, seed) job of a request, in a stable order."""
-    check_dataset(dataset)
+    check_dataset(dataset, options.splits)
     check_weighting(overrides or {})
+    # Lists (e.g. --set mean=[0.5,0.5,0.5]) become tuples, so jobs stay hashable.
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (overrides or {}).items()))
     for method in methods:
         cls = get_class(method)  # unknown names fail before any work
         if preset:
@@ -129,20 +173,29 @@ def expand_jobs(
     for setting in settings:
         if setting not in SETTINGS:
             raise NdbenchError(f"unknown setting {setting!r}", "use uni-class or multi-class")
+        for method in methods:  # unknown or mistyped --set options, too
+            build_detector(Job(method, dataset, setting, "", 0, frozen, preset), options)
     index = ensure_index(dataset, options)
     known = index.class_ids()
     chosen = known if classes is None else classes
     for c in chosen:
         if c not in known:
             raise NdbenchError(f"unknown class {c} for {dataset}", f"use ids {known[0]}..{known[-1]}")
-    frozen = tuple(sorted((overrides or {}).items()))
-    return [
+    per_setting = {setting: chosen for setting in settings}
+    if classes is None and not is_builtin(dataset):
+        # A custom dataset runs the splits it was built with (rare classes may have none).
+        per_setting = {setting: _built_classes(index, setting, options) for setting in settings}
+        for setting, built in per_setting.items():
+            if not built:
+                raise _custom_split_missing(dataset, options, f"no {setting} split was built")
+    jobs = (
         Job(method, dataset, setting, split_name(setting, c), seed, frozen, preset)
         for method in methods
         for setting in settings
-        for c in chosen
+        for c in per_setting[setting]
         for seed in seeds
-    ]
+    )
+    return list(dict.fromkeys(jobs))  # a class or seed given twice is one job
 
 
 def preset_chain(job: Job) -> str:
@@ -204,6 +257,9 @@ def prepare(jobs: list[Job], options: RunOptions) -> None:
         ensure_index(dataset, options)
     for job in jobs:
         if not Path(options.splits / job.dataset / job.setting / f"{job.split}.json").is_file():
+            if not is_builtin(job.dataset):
+                raise _custom_split_missing(job.dataset, options, f"no split {job.setting}/{job.split}",
+                                            f" --setting {job.setting} --classes {job.split.removeprefix('except-')}")
             kind = job.split.removeprefix("except-")
             build_splits(BuildRequest(dataset=job.dataset, out=options.splits,
                                       setting=job.setting, classes=(int(kind),)))
@@ -244,23 +300,84 @@ def describe_device(device: torch.device) -> str:
 
 
 def job_data(job: Job, detector, options: RunOptions) -> tuple[Manifest, ManifestDataset, ManifestDataset]:
-    """The job's manifest and its train and test images, in the detector's input transform;
+    """The job's manifest and its train and test images, in the detector's input transform,
+    decoded through the detector's runtime (image store, counters) for its `store_parts`;
     multi-class training images repeated per normal class under the "per-class" weighting."""
     index, manifest = load_split(options.splits, job.split_id)
     transform = detector.transform()
-    train = ManifestDataset(index, manifest, "train", transform=transform)
+    runtime = detector.runtime
+
+    def part(name: str) -> ManifestDataset:
+        store = runtime.images if name in detector.store_parts else None
+        return ManifestDataset(index, manifest, name, transform=transform, store=store, counts=runtime.counts)
+
+    train = part("train")
     if weighting(job) == "per-class":
         train = train.per_class_repeats(manifest.normal_classes)
-    return manifest, train, ManifestDataset(index, manifest, "test", transform=transform)
+    return manifest, train, part("test")
 
 
-def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
-    """Run one job unless its record exists (or `force`); write the record atomically."""
+def job_cost(detector, runtime: JobRuntime) -> dict[str, int]:
+    """What the job computed, counted as it happened: decodes and image-store reads always;
+    frozen and trained passes for methods with a cost model (they count them)."""
+    names = ("decodes", "image_reads")
+    if type(detector).cost_model is not BaseDetector.cost_model:
+        names += ("frozen_passes", "frozen_reads", "trained_passes")
+    return runtime.counts.as_dict(names)
+
+
+def finished_record(path: Path) -> tuple[Record | None, tuple[str, ...]]:
+    """The job's record when it exists whole; a damaged one counts as absent (with a note)."""
+    if not path.is_file():
+        return None, ()
+    try:
+        return read_record(path), ()
+    except NdbenchError as exc:
+        return None, (f"ndbench: warning: {exc.problem}; re-running its job",)
+
+
+def check_scores(job: Job, scores: np.ndarray, image_ids: list[str]) -> np.ndarray:
+    """The scores, unless the method returned other than one finite score per test image."""
+    if scores.shape != (len(image_ids),):
+        raise MethodFailure(f"{job.method} returned scores of shape {scores.shape} for "
+                            f"{len(image_ids)} test images; no record written")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise MethodFailure(f"{job.method} returned {len(bad)} NaN or infinite scores of {len(scores)} "
+                            f"(first for image {image_ids[bad[0]]!r}); no record written")
+    return scores
+
+
+def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpus: int | None = None) -> JobResult:
+    """Run one job unless its record exists (or `force`) or another run holds its lock;
+    write the record atomically. `cpus`: the CPUs reserved for the job (sets the DataLoader
+    workers' default)."""
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
-    if path.is_file() and not options.force:
-        return JobResult(job, "skipped", path, Record.from_json(path.read_text()).metrics["auroc"])
+    record, notes = (None, ()) if options.force else finished_record(path)
+    if record is not None:
+        return JobResult(job, SKIPPED, path, record.metrics["auroc"])
+    attempt = try_lock(path)
+    notes += attempt.notes
+    if attempt.lock is None:
+        return JobResult(job, RUNNING_ELSEWHERE, error=attempt.holder, notes=notes)
+    try:
+        if not options.force:
+            record, _ = finished_record(path)  # finished by another run since the check above
+            if record is not None:
+                return JobResult(job, SKIPPED, path, record.metrics["auroc"], notes=notes)
+        result = _run_locked(job, options, detector, path, progress, cpus)
+    finally:
+        attempt.lock.release()
+    result.notes = notes + result.notes
+    return result
+
+
+def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: Progress | None,
+                cpus: int | None) -> JobResult:
     device = resolve_device(options.device)
+    runtime = JobRuntime.open(options.caching, device, cpus)
+    detector.use_runtime(runtime)
     manifest, train, test = job_data(job, detector, options)
     seed_everything(job.seed)
     start = time.perf_counter()
@@ -269,6 +386,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
     start = time.perf_counter()
     scores = np.asarray(detector.score(test, device=device, progress=progress), dtype=np.float64)
     infer_seconds = time.perf_counter() - start
+    scores = check_scores(job, scores, test.image_ids)
     metrics = novelty_metrics(test.labels, scores)
 
     record = Record(
@@ -288,22 +406,36 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> 
         device=describe_device(device),
         versions=versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra=getattr(detector, "record_extra", lambda: {})(),
+        extra={**getattr(detector, "record_extra", lambda: {})(), "cost": job_cost(detector, runtime)},
         preset=preset_chain(job),
         multi_class_weighting=weighting(job),
     )
+    if options.save_models:
+        from .models import model_path, save_model
+
+        save_model(model_path(path), detector, record, test.labels, scores)
     write_record(path, record, test.image_ids, test.labels, scores)
-    return JobResult(job, "done", path, metrics["auroc"])
+    return JobResult(job, DONE, path, metrics["auroc"])
 
 
-def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None) -> JobResult:
-    """`run_job` that turns a failure into a failed result, so other jobs go on."""
-    try:
-        return run_job(job, options, progress)
-    except NdbenchError as exc:
-        return JobResult(job, "failed", error=str(exc), user_error=True)
-    except Exception as exc:  # noqa: BLE001 - one job's crash must not lose the others
-        return JobResult(job, "failed", error=f"{type(exc).__name__}: {exc}")
+def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None,
+                 cpus: int | None = None) -> JobResult:
+    """`run_job` that turns a failure into a failed result, so other jobs go on; a crash is
+    tried again up to `options.retries` times. A write failure (disk full, read-only folder)
+    is raised: every later job would hit it too."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return run_job(job, options, progress, cpus)
+        except WriteFailure:
+            raise
+        except NdbenchError as exc:
+            return JobResult(job, FAILED, error=str(exc), user_error=True)
+        except Exception as exc:  # noqa: BLE001 - one job's crash must not lose the others
+            if tries > options.retries:
+                note = f" (tried {tries} times)" if tries > 1 else ""
+                return JobResult(job, FAILED, error=f"{type(exc).__name__}: {exc}{note}")
 
 
 def job_progress(console) -> Progress:

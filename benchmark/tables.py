@@ -134,7 +134,7 @@ def measured_label(method: str, records: list[Record], notes: list[str]) -> str:
     shown = "+".join(p or "defaults" for p in used)
     notes.append(
         f"{method}: measured with preset {shown}; the paper's numbers came from "
-        f"{expected or 'the defaults'} (`ndbench run --preset paper`; see docs/FIDELITY.md)"
+        f"{expected or 'the defaults'} (`ndbench run --method {method} --preset paper`; see docs/FIDELITY.md)"
     )
     return f"{method} (preset {shown})"
 
@@ -243,7 +243,7 @@ def _per_class_frame(
         have = sorted({f"{r.dataset} {r.setting}" for r in records})
         raise NdbenchError(
             f"no run records for {dataset} {setting}",
-            f"records exist for: {', '.join(have)}" if have else "run `ndbench run` first",
+            f"records exist for: {', '.join(have)}" if have else "run `ndbench run --method knn` first",
         )
     block = _block(chosen, dataset, setting, metric)
     notes += block.notes
@@ -329,7 +329,7 @@ def _summary_frame(
     _check_metric(metric, paper)
     records = [r for r in records if r.setting == setting]
     if not records:
-        raise NdbenchError(f"no run records for setting {setting}", "run `ndbench run` first")
+        raise NdbenchError(f"no run records for setting {setting}", "run `ndbench run --method knn` first")
     blocks, notes = _blocks(records, metric)
     datasets = [d for d, _ in blocks]
     methods = method_order(m for b in blocks.values() for m in b.methods)
@@ -369,7 +369,7 @@ def _leaderboard_frame(records: Iterable[Record], metric: str) -> tuple[pd.DataF
     _check_metric(metric, False)
     blocks, notes = _blocks(records, metric)
     if not blocks:
-        raise NdbenchError("no run records to rank", "run `ndbench run` first")
+        raise NdbenchError("no run records to rank", "run `ndbench run --method knn` first")
     methods = method_order(m for b in blocks.values() for m in b.methods)
     columns = {
         f"{d} {s}": [blocks[(d, s)].avg_mean.get(m, math.nan) for m in methods]
@@ -398,9 +398,10 @@ def _cell(value, std, decimals: int) -> str:
     return text
 
 
-def to_markdown(df: pd.DataFrame, decimals: int = 1) -> str:
-    """A GitHub pipe table: numbers with `decimals` decimals, "mean ± std" where a
-    `<column>_std` holds a value, "–" for missing values."""
+def display_frame(df: pd.DataFrame, decimals: int = 1) -> tuple[pd.DataFrame, list[str]]:
+    """The table as text cells (index as the first column): numbers with `decimals`
+    decimals, "mean ± std" where a `<column>_std` holds a value, "–" for missing values;
+    with each shown column's alignment ("right" for numbers, else "left")."""
     std_columns = {
         c for c in df.columns if c.endswith(STD_SUFFIX) and c[: -len(STD_SUFFIX)] in df.columns
     }
@@ -421,6 +422,13 @@ def to_markdown(df: pd.DataFrame, decimals: int = 1) -> str:
         else:
             out[column] = ["" if pd.isna(v) else str(v) for v in values]
             align.append("left")
+    return out, align
+
+
+def to_markdown(df: pd.DataFrame, decimals: int = 1) -> str:
+    """A GitHub pipe table: numbers with `decimals` decimals, "mean ± std" where a
+    `<column>_std` holds a value, "–" for missing values."""
+    out, align = display_frame(df, decimals)
     text = out.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, colalign=align)
     return text + "\n"
 
@@ -449,7 +457,7 @@ def write_tables(
     _check_metric(metric, paper)
     records = list(records)
     if not records:
-        raise NdbenchError("no run records to tabulate", "run `ndbench run` first")
+        raise NdbenchError("no run records to tabulate", "run `ndbench run --method knn` first")
     out_dir = Path(out_dir)
     label = f"{METRIC_LABELS[metric]} (%)"
     seeds_note = "mean ± std over seeds where there are several"

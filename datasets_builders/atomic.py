@@ -2,33 +2,58 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-from .errors import NdbenchError
+from .errors import WriteFailure
+
+# Errors that mean "no room": the fix is to free space, not to pick another folder.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and `os.replace`."""
+def write_error(path: Path, exc: OSError) -> WriteFailure:
+    """The one-line error for an OSError raised while writing `path`."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in NO_ROOM:
+        fix = "free disk space or raise the file-size limit, or choose another --out; then run the same command again"
+    else:
+        fix = "choose a writable output folder with --out"
+    return WriteFailure(f"cannot write {path}: {reason}", fix)
+
+
+@contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """A binary file handle whose content appears at `path` only when the block ends
+    without an exception (temporary file in the same folder, then `os.replace`)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise NdbenchError(
-            f"cannot write to {path.parent}: {exc.strerror or exc}",
-            "choose a writable output folder with --out",
-        ) from exc
+        raise write_error(path.parent, exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and `os.replace`."""
+    with atomic_open(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

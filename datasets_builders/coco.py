@@ -5,6 +5,9 @@ the JSON. Every train image is a train row (classes = its annotations' category 
 annotations included, no area filter; an image without annotations has no classes). Every
 val image is a test row; one without annotations has no classes, so it is novel in every
 split. The image id is the integer COCO id written as a string.
+
+`index_from_instances` applies these rules to any pair of instances files and image folders;
+`build_coco_index` points it at the official layout, `coco_format` at a user's own export.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import contextlib
 import io
 import json
 import os
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from pycocotools.coco import COCO
 
@@ -21,6 +26,18 @@ from .errors import NdbenchError
 from .index import DatasetIndex, IndexRow, sha256_of_files
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+@dataclass(frozen=True)
+class CocoSubset:
+    """One instances file and where its images are.
+
+    `images` is the folder each `file_name` is relative to; `folder` is that folder written
+    relative to the index root, the prefix of every row path."""
+
+    annotations: Path
+    images: Path
+    folder: str
 
 
 def build_coco_index(root: Path, *, year: str = "2014", dataset: str = "coco") -> DatasetIndex:
@@ -33,42 +50,58 @@ def build_coco_index(root: Path, *, year: str = "2014", dataset: str = "coco") -
     if not ann_dir.is_dir():
         raise NdbenchError(
             f"{dataset}: no annotations folder at {ann_dir}",
-            f"point --root at the folder holding annotations/, train{year}/ and val{year}/"
-            f"{year_hint}",
+            f"the {dataset} root must hold annotations/, train{year}/ and val{year}/; give it with "
+            f"`ndbench build-splits {dataset} --root DIR`{year_hint}",
         )
-    json_paths = {
-        "train": ann_dir / f"instances_train{year}.json",
-        "test": ann_dir / f"instances_val{year}.json",
+    subsets = {
+        subset: CocoSubset(ann_dir / f"instances_{split}{year}.json", root / f"{split}{year}", f"{split}{year}")
+        for subset, split in (("train", "train"), ("test", "val"))
     }
-    for path in json_paths.values():
-        if not path.is_file():
+    for part in subsets.values():
+        if not part.annotations.is_file():
             raise NdbenchError(
-                f"{dataset}: missing annotation file {path}",
+                f"{dataset}: missing annotation file {part.annotations}",
                 f"put the COCO instances JSON files there{year_hint}",
             )
+    return index_from_instances(subsets, root=root, dataset=dataset)
 
-    cocos = {subset: _load(path, dataset) for subset, path in json_paths.items()}
+
+def index_from_instances(
+    subsets: dict[str, CocoSubset],
+    *,
+    root: Path,
+    dataset: str,
+    image_id: Callable[[str, int], str] | None = None,
+) -> DatasetIndex:
+    """The index of a train and a test instances file (keys "train" and "test" of `subsets`).
+
+    `image_id(subset, coco_id)` names each row; by default the COCO id itself, which then
+    must not occur in both files (the official files never share an image)."""
+    cocos = {subset: _load(part.annotations, dataset) for subset, part in subsets.items()}
+    json_paths = {subset: part.annotations for subset, part in subsets.items()}
     class_names = _merge_categories(cocos, json_paths, dataset)
 
     rows: list[IndexRow] = []
     seen: dict[int, Path] = {}
     for subset, coco in cocos.items():
-        json_path = json_paths[subset]
-        folder = f"{'train' if subset == 'train' else 'val'}{year}"
-        _check_annotations(coco, json_path, class_names, dataset)
+        part = subsets[subset]
+        _check_annotations(coco, part.annotations, class_names, dataset)
         images = coco.dataset["images"]
         for image in images:
-            image_id = image["id"]
-            if image_id in seen:
-                raise NdbenchError(
-                    f"{dataset}: image id {image_id} is listed in both {seen[image_id]} and "
-                    f"{json_path}",
-                    "use the official COCO train/val annotation files, which never share an image",
-                )
-            seen[image_id] = json_path
-            classes = tuple(sorted({ann["category_id"] for ann in coco.imgToAnns[image_id]}))
-            rows.append(IndexRow(str(image_id), f"{folder}/{image['file_name']}", subset, classes))
-        _check_files_exist(root, folder, [image["file_name"] for image in images], json_path, dataset)
+            coco_id = image["id"]
+            if image_id is None:
+                if coco_id in seen:
+                    raise NdbenchError(
+                        f"{dataset}: image id {coco_id} is listed in both {seen[coco_id]} and "
+                        f"{part.annotations}",
+                        "use the official COCO train/val annotation files, which never share an image",
+                    )
+                seen[coco_id] = part.annotations
+            name = str(coco_id) if image_id is None else image_id(subset, coco_id)
+            classes = tuple(sorted({ann["category_id"] for ann in coco.imgToAnns[coco_id]}))
+            path = PurePosixPath(part.folder, image["file_name"]).as_posix()
+            rows.append(IndexRow(name, path, subset, classes))
+        _check_files_exist(part.images, [image["file_name"] for image in images], part.annotations, dataset)
 
     return DatasetIndex(
         dataset=dataset,
@@ -112,7 +145,35 @@ def _load(path: Path, dataset: str) -> COCO:
                 raise TypeError(f"category {category!r} needs an integer id and a name")
     except (KeyError, TypeError) as exc:
         raise NdbenchError(f"{dataset}: {path} has a malformed entry ({exc})", fix) from exc
+    _check_unique_and_relative(coco, path, dataset)
     return coco
+
+
+def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
+    """What exports get wrong: an id listed twice, no categories, a file name that leaves its
+    image folder (absolute, or climbing out with '..')."""
+    if not coco.dataset["categories"]:
+        raise NdbenchError(
+            f"{dataset}: {path} has an empty 'categories' list",
+            "export the file with its categories (each an id and a name)",
+        )
+    for key, what in (("images", "image"), ("categories", "category")):
+        seen: set[int] = set()
+        for entry in coco.dataset[key]:
+            if entry["id"] in seen:
+                raise NdbenchError(
+                    f"{dataset}: {path} lists {what} id {entry['id']} twice",
+                    f"give every entry of '{key}' its own id",
+                )
+            seen.add(entry["id"])
+    for image in coco.dataset["images"]:
+        name = PurePosixPath(image["file_name"])
+        if name.is_absolute() or ".." in name.parts:
+            raise NdbenchError(
+                f"{dataset}: image {image['id']} in {path} has file_name {image['file_name']!r}, "
+                "which is not inside its image folder",
+                "write file_name relative to the image folder (sub-folders are fine)",
+            )
 
 
 def _merge_categories(
@@ -155,11 +216,8 @@ def _check_annotations(
             )
 
 
-def _check_files_exist(
-    root: Path, folder: str, file_names: list[str], json_path: Path, dataset: str
-) -> None:
-    """Every image the JSON lists must be on disk under `root/folder`."""
-    image_dir = root / folder
+def _check_files_exist(image_dir: Path, file_names: list[str], json_path: Path, dataset: str) -> None:
+    """Every image the JSON lists must be on disk under `image_dir`."""
     if not image_dir.is_dir():
         raise NdbenchError(
             f"{dataset}: image folder {image_dir} (for {json_path.name}) does not exist",

@@ -9,6 +9,16 @@ class NdbenchError(Exception):
     """Bad input or environment that the user can fix; shown as one line, never a traceback."""
 
     def __init__(self, problem: str, fix: str | None = None):
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem} ({fix})" if fix else problem)
+        # One line, whatever a wrapped library message brought along.
+        self.problem = " ".join(str(problem).splitlines())
+        self.fix = None if fix is None else " ".join(str(fix).splitlines())
+        super().__init__(f"{self.problem} ({self.fix})" if self.fix else self.problem)
+
+    def __reduce__(self):
+        # Keep problem and fix apart when the error crosses a process boundary (Ray workers).
+        return type(self), (self.problem, self.fix)
+
+
+class WriteFailure(NdbenchError):
+    """An output could not be written (disk full, file too large, read-only folder). Every
+    later write would fail too, so a run stops at once instead of failing job after job."""

@@ -53,12 +53,15 @@ class DatasetIndex:
     storage: str = "files"
     builder_version: str = BUILDER_VERSION
     _by_id: dict[str, IndexRow] = field(default_factory=dict, init=False, repr=False)
+    _position: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _sha256: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.storage not in STORAGE_KINDS:
             raise ValueError(f"unknown storage kind {self.storage!r}")
         self.rows = sorted(self.rows, key=lambda r: (SUBSETS.index(r.subset), natural_key(r.image_id)))
         self._by_id = {}
+        self._position = {row.image_id: i for i, row in enumerate(self.rows)}
         for row in self.rows:
             if row.image_id in self._by_id:
                 raise NdbenchError(
@@ -70,6 +73,10 @@ class DatasetIndex:
     def row(self, image_id: str) -> IndexRow:
         """The row of one image id."""
         return self._by_id[image_id]
+
+    def position(self, image_id: str) -> int:
+        """The image's row number in the index (stable for a given `sha256`)."""
+        return self._position[image_id]
 
     def subset(self, name: str) -> list[IndexRow]:
         """Rows of one subset ("train" or "test"), in index order."""
@@ -99,7 +106,9 @@ class DatasetIndex:
     @property
     def sha256(self) -> str:
         """sha256 of `index.csv`: manifests carry it to pin the index they came from."""
-        return hashlib.sha256(self.csv_text().encode("utf-8")).hexdigest()
+        if not self._sha256:  # rows are fixed after construction, so it is computed once
+            self._sha256 = hashlib.sha256(self.csv_text().encode("utf-8")).hexdigest()
+        return self._sha256
 
     def meta(self) -> dict:
         """What `index.json` holds."""
@@ -126,7 +135,10 @@ class DatasetIndex:
         csv_path, meta_path = folder / "index.csv", folder / "index.json"
         for p in (csv_path, meta_path):
             if not p.is_file():
-                raise NdbenchError(f"no dataset index at {p}", "run `ndbench build-splits` first")
+                raise NdbenchError(
+                    f"no dataset index at {p}",
+                    f"run `ndbench build-splits {folder.name} --out {folder.parent}` first",
+                )
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         with csv_path.open(newline="", encoding="utf-8") as handle:
             rows = [

@@ -3,6 +3,10 @@
 Items are `(image_tensor, label, image_id)`: label 0 normal / 1 novel (every train image is
 normal). Images are opened with PIL as RGB (grayscale sources are repeated over the three
 channels) and passed through a transform, `to_tensor` by default.
+
+With a `StagedTransform` and an `ImageStore`, a file image is decoded once per machine: its
+pixels at the input size are read from the store when there, else decoded and written there
+(also from DataLoader workers), and only the transform's cheap tensor stage runs per item.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms.functional import to_tensor
 
+from .array_store import Entry
+from .counts import Counts
 from .errors import NdbenchError
+from .image_store import PIXELS, ImageKey, ImageStore, StagedTransform
 from .index import DatasetIndex, IndexRow
 from .single_object import read_array_images
 from .splits import Manifest
@@ -27,7 +34,11 @@ Transform = Callable[[PIL.Image.Image], Tensor]
 
 
 class ManifestDataset(Dataset):
-    """The images of one manifest part with their labels, as `(tensor, label, image_id)`."""
+    """The images of one manifest part with their labels, as `(tensor, label, image_id)`.
+
+    `store`: keep decoded file images there (only with a `StagedTransform`; array sets are
+    in memory already). `counts`: count decodes and store reads (shared with DataLoader
+    workers)."""
 
     def __init__(
         self,
@@ -35,6 +46,8 @@ class ManifestDataset(Dataset):
         manifest: Manifest,
         part: str,
         transform: Transform | None = None,
+        store: ImageStore | None = None,
+        counts: Counts | None = None,
     ) -> None:
         if part not in PARTS:
             raise ValueError(f"part must be 'train' or 'test', not {part!r}")
@@ -52,6 +65,9 @@ class ManifestDataset(Dataset):
         self._rows = [self._row(image_id) for image_id in ids]
         # Array sets: the pixels of exactly these items, read on first use.
         self._pixels: np.ndarray | None = None
+        self.counts = counts
+        self._store = store if self.stores_decoded(store) else None
+        self._entry: Entry | None = None
 
     def _row(self, image_id: str) -> IndexRow:
         try:
@@ -60,14 +76,102 @@ class ManifestDataset(Dataset):
             raise NdbenchError(
                 f"split {self.split_id} names image {image_id!r}, which the "
                 f"{self.index.dataset} index does not hold",
-                "rebuild the splits with `ndbench build-splits`",
+                f"rebuild the splits with `ndbench build-splits {self.index.dataset}`",
             ) from None
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getitem__(self, item: int) -> tuple[Tensor, int, str]:
-        return self.transform(self.image(item)), int(self.labels[item]), self.image_ids[item]
+        if isinstance(self.transform, StagedTransform):
+            tensor = self.transform.finish(self.decoded(item))
+        else:
+            tensor = self.transform(self._decode_source(item))
+        return tensor, int(self.labels[item]), self.image_ids[item]
+
+    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, int, str]]:
+        """Several items at once (a DataLoader fetches a batch this way): with a staged
+        transform, stored pixels are read and normalised together."""
+        if not isinstance(self.transform, StagedTransform):
+            return [self[item] for item in items]
+        tensors = self.transform.finish.batch(self.decoded_batch(items))
+        return [(tensors[k], int(self.labels[item]), self.image_ids[item]) for k, item in enumerate(items)]
+
+    # --- decode once -------------------------------------------------------------------------
+    def stores_decoded(self, store: ImageStore | None) -> bool:
+        """Whether this dataset keeps decoded images in `store`: file images and a staged transform."""
+        return store is not None and self.index.storage == "files" and isinstance(self.transform, StagedTransform)
+
+    @property
+    def image_key(self) -> ImageKey | None:
+        """What identifies this dataset's input pixels (None without a staged transform)."""
+        if not isinstance(self.transform, StagedTransform):
+            return None
+        return ImageKey(self.index.sha256, self.transform.decode.signature, len(self.index.rows),
+                        self.transform.finish.signature)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Each item's position in the dataset index (the row of its stored pixels and features)."""
+        return np.asarray([self.index.position(image_id) for image_id in self.image_ids], dtype=np.int64)
+
+    def _store_entry(self) -> Entry | None:
+        if self._store is not None and self._entry is None:
+            self._entry = self._store.entry(self.image_key, self.transform.decode)
+            self._positions = self.positions
+        return self._entry
+
+    def decoded(self, item: int) -> np.ndarray:
+        """The item's pixels after the staged transform's decode (uint8 [H, W, 3]): from the
+        image store when there, else decoded (and stored)."""
+        entry = self._store_entry()
+        if entry is not None:
+            position = self._positions[item:item + 1]
+            records, ok = entry.read(position)
+            if ok[0]:
+                self._count("image_reads")
+                return records[PIXELS][0]
+        pixels = self.transform.decode(self._decode_source(item))
+        if entry is not None:
+            record = np.zeros(1, dtype=entry.schema().record_dtype)
+            record[PIXELS][0] = pixels
+            entry.write(position, record)
+        return pixels
+
+    def decoded_batch(self, items: list[int]) -> np.ndarray:
+        """`decoded` for several items: uint8 [len(items), H, W, 3]."""
+        entry = self._store_entry()
+        if entry is None:
+            return np.stack([self.decoded(item) for item in items])
+        positions = self._positions[list(items)]
+        records, ok = entry.read(positions)
+        self._count("image_reads", int(ok.sum()))
+        pixels = records[PIXELS]
+        if not ok.all():
+            for k in np.flatnonzero(~ok):
+                pixels[k] = self.transform.decode(self._decode_source(items[k]))
+            entry.write(positions[~ok], records[~ok])
+        return pixels
+
+    def pending(self, items: list[int] | None = None) -> int:
+        """How many of `items` (default: all) must be decoded from files to be read."""
+        if self.index.storage != "files":
+            return 0
+        items = list(range(len(self))) if items is None else list(items)
+        entry = self._store_entry()
+        if entry is None or not items:
+            return len(items)
+        return int((~entry.filled(self._positions[items])).sum())
+
+    def _decode_source(self, item: int) -> PIL.Image.Image:
+        image = self.image(item)
+        if self.index.storage == "files":
+            self._count("decodes")
+        return image
+
+    def _count(self, name: str, n: int = 1) -> None:
+        if self.counts is not None and n:
+            self.counts.add(name, n)
 
     def image(self, item: int) -> PIL.Image.Image:
         """The item's image as an RGB PIL image, before the transform."""
@@ -80,22 +184,21 @@ class ManifestDataset(Dataset):
         once): the weighting of a training set built by concatenating per-class image sets."""
         normal = set(normal_classes)
         counts = [max(1, len(normal.intersection(row.classes))) for row in self._rows]
-        order = [i for i, count in enumerate(counts) for _ in range(count)]
-        repeated = copy.copy(self)
-        repeated.image_ids = [self.image_ids[i] for i in order]
-        repeated.labels = self.labels[order].copy()
-        repeated._rows = [self._rows[i] for i in order]
-        repeated._pixels = None if self._pixels is None else self._pixels[order].copy()
-        return repeated
+        return self._items([i for i, count in enumerate(counts) for _ in range(count)])
 
     def take(self, n: int) -> ManifestDataset:
         """The same dataset over its first `n` items only."""
-        smaller = copy.copy(self)
-        smaller.image_ids = self.image_ids[:n]
-        smaller.labels = self.labels[:n].copy()
-        smaller._rows = self._rows[:n]
-        smaller._pixels = None if self._pixels is None else self._pixels[:n].copy()
-        return smaller
+        return self._items(list(range(min(n, len(self)))))
+
+    def _items(self, order: list[int]) -> ManifestDataset:
+        """A view of this dataset listing its items `order` (repeats allowed)."""
+        view = copy.copy(self)
+        view.image_ids = [self.image_ids[i] for i in order]
+        view.labels = self.labels[order].copy()
+        view._rows = [self._rows[i] for i in order]
+        view._pixels = None if self._pixels is None else self._pixels[order].copy()
+        view._entry = None  # positions are per item: recomputed for the view
+        return view
 
     def _open_file(self, row: IndexRow) -> PIL.Image.Image:
         path = Path(self.index.root) / row.path
@@ -107,7 +210,9 @@ class ManifestDataset(Dataset):
         try:
             with PIL.Image.open(path) as image:
                 return image.convert("RGB")
-        except (OSError, PIL.UnidentifiedImageError) as exc:
+        # Decoding damaged bytes raises OSError, SyntaxError (PNG chunks), ValueError, struct
+        # errors, DecompressionBombError...: all mean the same to the user.
+        except Exception as exc:  # noqa: BLE001
             raise NdbenchError(
                 f"cannot read image {path}: {exc}", "the file is damaged; replace it"
             ) from exc
@@ -119,7 +224,7 @@ class ManifestDataset(Dataset):
 
     def _load_pixels(self) -> np.ndarray:
         """Read each needed subset once and keep only the rows of this dataset's items."""
-        positions = np.asarray([_position(row) for row in self._rows], dtype=np.int64)
+        positions = np.asarray([_position(row, self.index.dataset) for row in self._rows], dtype=np.int64)
         subsets = np.asarray([row.subset for row in self._rows])
         pixels: np.ndarray | None = None
         for subset in dict.fromkeys(subsets.tolist()):
@@ -130,7 +235,7 @@ class ManifestDataset(Dataset):
                 raise NdbenchError(
                     f"the {self.index.dataset} index names image {subset}/{wanted.max()} but "
                     f"the source has {len(source)} {subset} images",
-                    "rebuild the index and splits with `ndbench build-splits`",
+                    f"rebuild the index and splits with `ndbench build-splits {self.index.dataset}`",
                 )
             if pixels is None:
                 pixels = np.empty((len(self._rows),) + source.shape[1:], dtype=source.dtype)
@@ -140,12 +245,42 @@ class ManifestDataset(Dataset):
         return pixels
 
 
-def _position(row: IndexRow) -> int:
+def base_items(data: Dataset) -> tuple[ManifestDataset, list[int]] | None:
+    """The ManifestDataset under `data` (through `Subset`s and wrappers holding it as `.data` or
+    `.dataset`) and which of its items `data` reads, or None when there is none."""
+    items: list[int] | None = None
+    while not isinstance(data, ManifestDataset):
+        if isinstance(data, Subset):
+            inner = list(data.indices)
+            items = inner if items is None else [inner[i] for i in items]
+            data = data.dataset
+        elif isinstance(getattr(data, "data", None), Dataset):
+            data = data.data
+        elif isinstance(getattr(data, "dataset", None), Dataset):
+            data = data.dataset
+        else:
+            return None
+    return data, list(range(len(data))) if items is None else items
+
+
+def fetch_items(data: Dataset, items: list[int]) -> list:
+    """`data`'s items, fetched together when it can (`__getitems__`), else one by one."""
+    batched = getattr(data, "__getitems__", None)
+    return batched(list(items)) if batched is not None else [data[item] for item in items]
+
+
+def decodes_files(data: Dataset) -> bool:
+    """Whether reading `data` decodes image files (so DataLoader workers pay off)."""
+    found = base_items(data)
+    return found is not None and found[0].pending(found[1]) > 0
+
+
+def _position(row: IndexRow, dataset: str) -> int:
     subset, _, number = row.path.partition("/")
     if subset != row.subset or not number.isdigit():
         raise NdbenchError(
             f"array image path {row.path!r} is not '<subset>/<n>'",
-            "rebuild the index with `ndbench build-splits`",
+            f"rebuild the index with `ndbench build-splits {dataset}`",
         )
     return int(number)
 
@@ -169,6 +304,6 @@ def load_split(splits_root: Path, split_id: str) -> tuple[DatasetIndex, Manifest
     if manifest.index_sha256 != index.sha256:
         raise NdbenchError(
             f"manifest {manifest_path} built from another index than {index_dir / 'index.csv'}",
-            "rebuild with ndbench build-splits",
+            f"rebuild with `ndbench build-splits {dataset} --out {splits_root}`",
         )
     return index, manifest

@@ -10,6 +10,7 @@ and the pixels are read back with `read_array_images`.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import zlib
 from dataclasses import dataclass
@@ -185,8 +186,18 @@ def _cifar_names(meta: dict[str, Any], key: str, path: Path) -> list[str]:
     return [str(_text(name)) for name in names]
 
 
+def _as_array(value: Any, key: str, path: Path) -> np.ndarray:
+    """`value` as a numpy array; a ragged or otherwise unconvertible value is one clear error."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise NdbenchError(
+            f"{path}: {key!r} is not an array ({exc})", "the file is damaged; download it again"
+        ) from exc
+
+
 def _cifar_data(batch: dict[str, Any], path: Path) -> np.ndarray:
-    data = np.asarray(_cifar_field(batch, "data", path))
+    data = _as_array(_cifar_field(batch, "data", path), "data", path)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != CIFAR_ROW_BYTES:
         raise NdbenchError(
             f"{path}: 'data' is {data.dtype} of shape {data.shape}, "
@@ -199,7 +210,7 @@ def _cifar_data(batch: dict[str, Any], path: Path) -> np.ndarray:
 def _cifar_labels(
     batch: dict[str, Any], key: str, count: int, n_classes: int, path: Path
 ) -> np.ndarray:
-    labels = np.asarray(_cifar_field(batch, key, path))
+    labels = _as_array(_cifar_field(batch, key, path), key, path)
     if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
         raise NdbenchError(
             f"{path}: {key!r} has shape {labels.shape}, expected {count} integer labels",
@@ -326,7 +337,7 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     if len(raw) < header:
         raise NdbenchError(f"{path} is truncated inside its header", "download it again")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # Python ints: a damaged header cannot overflow the check
     if len(raw) - header != expected:
         raise NdbenchError(
             f"{path} holds {len(raw) - header} data bytes, its header {dims} promises {expected}",

@@ -17,11 +17,27 @@ def default_root(dataset: str) -> Path:
     return Path(base) / dataset if base else Path("data") / dataset
 
 
-def check_dataset(dataset: str) -> str:
-    """Return the dataset name, or raise one clear error if ndbench does not know it."""
-    if dataset not in DATASETS:
-        raise NdbenchError(f"unknown dataset {dataset!r}", f"use one of {', '.join(DATASETS)}")
-    return dataset
+def check_dataset(dataset: str, splits_root: Path | None = None) -> str:
+    """Return the dataset name, or raise one clear error if ndbench does not know it.
+
+    With `splits_root`, a dataset whose index was built there (a COCO-format dataset built
+    with `build-splits coco-format --name NAME`) is known too."""
+    if dataset in DATASETS:
+        return dataset
+    if splits_root is not None and (Path(splits_root) / dataset / "index.json").is_file():
+        return dataset
+    where = f" and no index {Path(splits_root) / dataset / 'index.json'}" if splits_root is not None else ""
+    raise NdbenchError(
+        f"unknown dataset {dataset!r}{where}",
+        f"use one of {', '.join(DATASETS)}, or build your own COCO-format data with "
+        "`ndbench build-splits coco-format --name NAME --train-annotations A.json --test-annotations B.json` "
+        "(README, 'Your own data')",
+    )
+
+
+def is_builtin(dataset: str) -> bool:
+    """Whether ndbench can build this dataset's index itself (a built-in dataset)."""
+    return dataset in DATASETS
 
 
 def build_index(
@@ -53,7 +69,9 @@ def build_index(
     if not root.exists():
         raise NdbenchError(
             f"{dataset} root {root} does not exist",
-            "pass --root DIR or set NDBENCH_DATA (see README, 'Datasets')",
+            f"get the files with `ndbench download {dataset}`, or build the splits from where they are "
+            f"with `ndbench build-splits {dataset} --root DIR`, or set NDBENCH_DATA to the folder holding "
+            f"{dataset}/",
         )
     if dataset == "voc":
         from .voc import build_voc_index

@@ -99,30 +99,33 @@ class Manifest:
     def read(cls, path: Path) -> Manifest:
         """Read a manifest file and check its sha256."""
         path = Path(path)
+        # <splits root>/<dataset>/<setting>/<name>.json
+        dataset, splits_root = path.parent.parent.name, path.parent.parent.parent
+        rebuild = f"rebuild it with `ndbench build-splits {dataset} --out {splits_root}`"
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
-            raise NdbenchError(f"no split manifest at {path}", "run `ndbench build-splits`") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise NdbenchError(
-                f"split manifest {path} is not valid JSON", "rebuild it with `ndbench build-splits`"
+                f"no split manifest at {path}", f"build it with `ndbench build-splits {dataset} --out {splits_root}`"
             ) from exc
-        manifest = cls(
-            dataset=data["dataset"],
-            setting=data["setting"],
-            name=data["name"],
-            normal_classes=list(data["normal_classes"]),
-            index_sha256=data["index_sha256"],
-            train=list(data["train"]),
-            test=[(image_id, int(label)) for image_id, label in data["test"]],
-            notes=list(data.get("notes", [])),
-            builder_version=data["builder_version"],
-        )
-        if manifest.sha256 != data.get("sha256"):
-            raise NdbenchError(
-                f"split manifest {path} was modified (sha256 mismatch)",
-                "rebuild it with `ndbench build-splits`",
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise NdbenchError(f"split manifest {path} is not valid JSON", rebuild) from exc
+        try:
+            manifest = cls(
+                dataset=data["dataset"],
+                setting=data["setting"],
+                name=data["name"],
+                normal_classes=list(data["normal_classes"]),
+                index_sha256=data["index_sha256"],
+                train=list(data["train"]),
+                test=[(image_id, int(label)) for image_id, label in data["test"]],
+                notes=list(data.get("notes", [])),
+                builder_version=data["builder_version"],
             )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise NdbenchError(f"split manifest {path} is incomplete or edited ({exc!r})", rebuild) from exc
+        if manifest.sha256 != data.get("sha256"):
+            raise NdbenchError(f"split manifest {path} was modified (sha256 mismatch)", rebuild)
         return manifest
 
 
@@ -229,14 +232,14 @@ def paper_protocol(index: DatasetIndex, settings: Iterable[str] = SETTINGS) -> l
     return manifests
 
 
-def parse_class_list(text: str) -> list[int]:
-    """Parse `1,3,5` into class ids; one clear error for anything else."""
+def parse_class_list(text: str, option: str = "class list", what: str = "class ids") -> list[int]:
+    """Parse `1,3,5` into integers (repeats dropped, order kept); one clear error naming
+    `option` for anything else."""
+    fix = f"give {what} separated by commas, e.g. {option + ' ' if option.startswith('--') else ''}1,3,5"
     try:
         ids = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError as exc:
-        raise NdbenchError(
-            f"cannot read class list {text!r}", "give class ids separated by commas, e.g. 1,3,5"
-        ) from exc
+        raise NdbenchError(f"cannot read {option} {text!r}", fix) from exc
     if not ids:
-        raise NdbenchError("empty class list", "give class ids separated by commas, e.g. 1,3,5")
-    return ids
+        raise NdbenchError(f"empty {option}", fix)
+    return list(dict.fromkeys(ids))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import NdbenchError
 from .index import DatasetIndex, IndexRow, sha256_of_files
@@ -139,7 +139,7 @@ def read_xml_classes(path: Path) -> set[str]:
         raise NdbenchError(f"VOC annotation {path} is missing", f"expected the file {path}")
     try:
         tree = ET.parse(path)
-    except (ET.ParseError, OSError) as exc:
+    except (ET.ParseError, OSError, ValueError, LookupError) as exc:  # LookupError: unknown encoding
         raise NdbenchError(
             f"VOC annotation {path} is malformed XML ({exc})", "re-extract the VOC archive"
         ) from exc
@@ -179,7 +179,11 @@ def read_mask_classes(path: Path) -> set[str]:
                     "use the palette (P) or grayscale (L) class-index PNGs of SegmentationClassAug",
                 )
             colors = image.getcolors(maxcolors=256)
-    except (OSError, UnidentifiedImageError) as exc:
+    except NdbenchError:
+        raise
+    # Decoding damaged bytes raises OSError, SyntaxError (PNG chunks), ValueError, struct
+    # errors, DecompressionBombError...: all mean the same to the user.
+    except Exception as exc:  # noqa: BLE001
         raise NdbenchError(
             f"cannot read VOC segmentation mask {path} ({exc})", "re-extract the mask archive"
         ) from exc

@@ -96,7 +96,7 @@ def _from_hub(name: str, num_classes: int, timm_kwargs: dict[str, Any]) -> nn.Mo
     if not source:
         raise NdbenchError(f"timm has no pretrained weights for {name}", WEIGHTS_FIX)
     try:
-        return _build(name, num_classes, timm_kwargs, pretrained=True)
+        model = _build(name, num_classes, timm_kwargs, pretrained=True)
     except NdbenchError:
         raise
     except Exception as exc:  # offline, no cache, HTTP errors, bad download: all say the same
@@ -105,6 +105,20 @@ def _from_hub(name: str, num_classes: int, timm_kwargs: dict[str, Any]) -> nn.Mo
             f"{type(exc).__name__}: {_first_line(exc)}",
             WEIGHTS_FIX,
         ) from exc
+    bad = first_non_finite(model.state_dict())
+    if bad:
+        raise NdbenchError(f"the timm hub weights of {name} hold NaN or infinite values (in {bad!r})",
+                           "delete the damaged download from the hub cache (~/.cache/huggingface) and run again, "
+                           "or pass --weights PATH")
+    return model
+
+
+def first_non_finite(state: dict[str, Tensor]) -> str | None:
+    """The first key of a state dict whose floating-point tensor holds NaN or infinity."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -169,6 +183,9 @@ def load_weights(model: nn.Module, path: Path, *, name: str = "") -> None:
     missing = [k for k in expected if k not in kept and not _is_head(k, heads)]
     if missing:
         raise fail(f"missing key {missing[0]!r} ({len(missing)} missing)")
+    bad = first_non_finite(kept)
+    if bad:
+        raise NdbenchError(f"weights file {path} holds NaN or infinite values (first in {bad!r})", WEIGHTS_FIX)
     model.load_state_dict(kept, strict=False)
 
 

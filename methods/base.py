@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, fields, replace
@@ -20,9 +22,14 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
+from datasets_builders.atomic import atomic_open
 from datasets_builders.errors import NdbenchError
+from datasets_builders.image_store import Normalise, ResizeDecode, StagedTransform
+from datasets_builders.loading import decodes_files
+
+from .cost import CostModel
+from .runtime import JobRuntime
 
 # The preset name that stands for "the recipe behind the paper's numbers" of every method.
 PAPER_PRESET = "paper"
@@ -57,9 +64,57 @@ def build_config(config_cls: type, base: Any | None, overrides: dict) -> Any:
             f"{config_cls.__qualname__} has no option {unknown[0]!r}",
             f"options are: {', '.join(sorted(names))}",
         )
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: nothing to check against
+        hints = {}
+    overrides = dict(overrides)
+    for name, value in overrides.items():
+        if name in hints and not _fits(value, hints[name]) and _fits("", hints[name]) \
+                and isinstance(value, int | float):
+            # A text option given a number-looking value (fault_split=1, weights=123): its text.
+            overrides[name] = value = json.dumps(value)
+        if name in hints and not _fits(value, hints[name]):
+            raise NdbenchError(
+                f"{config_cls.__qualname__} option {name!r} takes {_describe_type(hints[name])}, not {value!r}",
+                f"give {name} a value of that type",
+            )
     config = base if base is not None else config_cls()
     coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return replace(config, **coerced)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (as parsed from NAME=VALUE) fits the type annotation `hint`; types it
+    cannot judge fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint in (int, float, bool, str):
+        if isinstance(value, bool):
+            return hint is bool
+        return isinstance(value, int | float) if hint is float else isinstance(value, hint)
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(item, args[0]) for item in value)
+        return not args or (len(args) == len(value) and all(map(_fits, value, args)))
+    return True
+
+
+def _describe_type(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
 
 
 class BaseDetector(ABC):
@@ -73,15 +128,40 @@ class BaseDetector(ABC):
     # offline dataset; "embedded/<setting>" is layered on top of it for that setting. The
     # embedded multi-class splits hold ~6x the training images of the uni-class ones (~2,800 vs
     # ~470), so their layer cuts epochs to keep the images seen per job close to the uni-class
-    # preset's. Other names (e.g. "original", "paper") are chosen with `ndbench run --preset`.
+    # preset's. Other names (e.g. "original", "paper") are chosen with the run option --preset.
     presets: ClassVar[dict[str, dict]] = {}
     # The preset whose recipe produced the paper's numbers for this method (None: the defaults).
     # `--preset paper` resolves to it for every method; tables mark other presets.
     paper_preset: ClassVar[str | None] = None
+    # The manifest parts whose images the runner serves from the decoded-image store (with a
+    # `StagedTransform`). A method whose views of a part are random crops of the *original*
+    # image (not of the resized input) leaves that part out, so its dataset yields the
+    # original decode path; a `transform()` that is not a `StagedTransform` bypasses the store
+    # altogether (e.g. msad's resize + centre crop) unless the method opts in with one.
+    store_parts: ClassVar[frozenset[str]] = frozenset({"train", "test"})
 
     def __init__(self, config: Any | None = None, **overrides: Any):
         self.config = build_config(self.Config, config, overrides)
         self.fitted = False
+        self._runtime: JobRuntime | None = None
+
+    # --- run-time services -----------------------------------------------------------------
+    @property
+    def runtime(self) -> JobRuntime:
+        """The job's stores, counters and loading settings (on their own: in memory, no workers)."""
+        if self._runtime is None:
+            self._runtime = JobRuntime.in_memory()
+        return self._runtime
+
+    def use_runtime(self, runtime: JobRuntime) -> None:
+        """Use a job's runtime (the runner calls this before `fit`)."""
+        self._runtime = runtime
+
+    def cost_model(self, device: torch.device) -> CostModel | None:
+        """The forward passes this method makes per image (frozen parts with their cache keys,
+        trained passes), for ndbench run --dry-run and the record's counts; None when the
+        method declares none (then only decodes are counted and predicted)."""
+        return None
 
     @classmethod
     def preset_names(cls) -> list[str]:
@@ -127,27 +207,26 @@ class BaseDetector(ABC):
         return tuple(c.mean or mean), tuple(c.std or std)
 
     def transform(self) -> Callable:
-        """PIL image -> normalised tensor at the method's input size."""
-        c = self.config
+        """PIL image -> normalised tensor at the method's input size: Resize((s, s)), ToTensor,
+        Normalize, staged so that the resized uint8 pixels can be kept in the image store."""
         mean, std = self.normalisation()
-        return transforms.Compose(
-            [
-                transforms.Resize((c.img_size, c.img_size), antialias=True),
-                transforms.ToTensor(),
-                transforms.Normalize(mean, std),
-            ]
-        )
+        return StagedTransform(ResizeDecode(self.config.img_size, "bilinear", antialias=True), Normalise(mean, std))
 
     def loader(self, data: Dataset, *, shuffle: bool = False, batch_size: int | None = None,
                seed: int = 0, drop_last: bool = False) -> DataLoader:
-        """A DataLoader over `data` with the method's batch size and a seeded shuffle."""
+        """A DataLoader over `data` with the method's batch size and a seeded shuffle; it decodes
+        in the runtime's worker processes when `data` still has image files to decode (in-memory
+        and stored images load in this process), into pinned memory on CUDA."""
         generator = torch.Generator().manual_seed(seed)
+        workers = self.runtime.workers if self.runtime.workers and decodes_files(data) else 0
         return DataLoader(
             data,
             batch_size=batch_size or self.config.batch_size,
             shuffle=shuffle,
             generator=generator,
-            num_workers=0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.runtime.pin_memory,
             drop_last=drop_last,
         )
 
@@ -168,21 +247,26 @@ class BaseDetector(ABC):
     def set_state(self, state: dict) -> None:
         """Restore what `state()` returned."""
 
-    def save(self, path: Path) -> None:
-        """Save config and fitted state to one file."""
+    def save(self, path: Path, metadata: dict | None = None) -> None:
+        """Save config and fitted state to one file, atomically; `metadata` (plain values)
+        is stored beside them under its own keys."""
         if not self.fitted:
             raise NdbenchError(f"{self.name} is not fitted", "call fit() before save()")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"method": self.name, "config": asdict(self.config), "state": self.state()}, path)
+        payload = {**(metadata or {}), "method": self.name, "config": asdict(self.config), "state": self.state()}
+        with atomic_open(Path(path)) as handle:
+            torch.save(payload, handle)
 
     @classmethod
     def load(cls, path: Path) -> BaseDetector:
         """Load a detector saved with `save`."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+        return cls.from_saved(torch.load(Path(path), map_location="cpu", weights_only=False), path)
+
+    @classmethod
+    def from_saved(cls, payload: dict, source: Path | str) -> BaseDetector:
+        """The fitted detector held by what `save` wrote (already read from the file `source`)."""
         if payload.get("method") != cls.name:
             raise NdbenchError(
-                f"{path} holds a {payload.get('method')!r} model, not {cls.name!r}",
+                f"{source} holds a {payload.get('method')!r} model, not {cls.name!r}",
                 f"load it with the {payload.get('method')} method",
             )
         detector = cls(**payload["config"])

@@ -1,8 +1,8 @@
 """Deep SVDD: Ruff, Vandermeulen, Goernitz, Deecke, Siddiqui, Binder, Mueller & Kloft, "Deep
-One-Class Classification", ICML 2018 (released code: lukasruff/Deep-SVDD-PyTorch; the
+One-Class Classification", ICML 2018 (official code: lukasruff/Deep-SVDD-PyTorch; the
 "Redefining Normal" authors' copy: SMSD75/Redefining_Normal_ACCV24, Multiobject_bench/Deep-SVDD).
 
-One-class Deep SVDD: a bias-free LeNet-style CNN (the released CIFAR10_LeNet) is first
+One-class Deep SVDD: a bias-free LeNet-style CNN (the official CIFAR10_LeNet) is first
 pre-trained as the encoder of an autoencoder, then trained to map normal images close to a
 fixed centre c (the mean initial embedding); the novelty score is ||phi(x) - c||^2. No
 pre-trained backbone: everything is learnt from the normal training images.
@@ -34,36 +34,43 @@ SEED_GRID = 4  # the decoder starts from the code reshaped to (rep_dim / 16) x 4
 
 @dataclass(frozen=True)
 class DSVDDConfig:
-    """One-class Deep SVDD; defaults are the released README's CIFAR-10 command and
-    networks/cifar10_LeNet.py."""
+    """One-class Deep SVDD; defaults are the official README's CIFAR-10 command and network.
+    Sources: "official" = lukasruff/Deep-SVDD-PyTorch (commit 1901612), "copy" =
+    SMSD75/Redefining_Normal_ACCV24:Multiobject_bench/Deep-SVDD (commit 13736a9)."""
 
-    img_size: int = 32  # released CIFAR10_LeNet: 32 px input (fc1 sized 128 * 4 * 4)
-    # Released CIFAR-10 transform: ToTensor, then GCN (L1) and min-max scaling to [0, 1]; the
-    # normalisation below is the identity and `gcn` does the rest.
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # Released datasets/cifar10.py: per-image global contrast normalisation (L1 scale), then
-    # min-max scaling with the min and max of the normal class's training images after GCN
-    # (pre-computed per class there; computed here from the training images, which are exactly
-    # the normal ones, so multi-class normal sets work too). False: pixels in [0, 1] as they are.
+    img_size: int = 32  # official src/networks/cifar10_LeNet.py:22: fc1 sized 128 * 4 * 4 (32 px input)
+    # official src/datasets/cifar10.py:33-36: ToTensor, then GCN (L1) and min-max scaling to [0, 1];
+    # the normalisation below is the identity and `gcn` does the rest.
+    mean: tuple[float, float, float] | None = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] | None = (1.0, 1.0, 1.0)
+    # official src/datasets/cifar10.py:20-36: per-image global contrast normalisation (L1 scale,
+    # preprocessing.py:15-37), then min-max scaling with the min and max of the normal class's
+    # training images after GCN (pre-computed per class there; computed here from the training
+    # images, which are exactly the normal ones, so multi-class normal sets work too). False:
+    # pixels in [0, 1] as they are.
     gcn: bool = True
-    activation: str = "leaky_relu"  # released CIFAR10_LeNet: F.leaky_relu (slope 0.01)
-    rep_dim: int = 128  # released CIFAR10_LeNet: rep_dim 128
-    bn_eps: float = 1e-4  # released CIFAR10_LeNet: BatchNorm eps 1e-4, affine=False
-    eps: float = 0.1  # released DeepSVDDTrainer.init_center_c: |c_i| < 0.1 pushed to +-0.1
-    pretrain: bool = True  # released README: --pretrain True (autoencoder)
-    ae_lr: float = 1e-4  # released README (CIFAR-10): --ae_lr 0.0001, Adam
-    ae_epochs: int = 350  # released README (CIFAR-10): --ae_n_epochs 350
-    ae_milestones: tuple[int, ...] = (250,)  # released README: --ae_lr_milestone 250 (lr x 0.1)
-    ae_batch_size: int = 200  # released README: --ae_batch_size 200
-    ae_weight_decay: float = 5e-7  # released README: --ae_weight_decay 0.5e-6
-    lr: float = 1e-4  # released README (CIFAR-10): --lr 0.0001, Adam
-    epochs: int = 150  # released README: --n_epochs 150
-    milestones: tuple[int, ...] = (50,)  # released README: --lr_milestone 50 (lr x 0.1)
-    # Milestones count finished epochs (torch's MultiStepLR stepped once per epoch); the released
-    # code stepped its scheduler at the start of each epoch (PyTorch 0.4), one epoch earlier.
-    batch_size: int = 200  # released README: --batch_size 200
-    weight_decay: float = 5e-7  # released README: --weight_decay 0.5e-6
+    activation: str = "leaky_relu"  # official cifar10_LeNet.py:26-30 F.leaky_relu (slope 0.01)
+    rep_dim: int = 128  # official cifar10_LeNet.py:13 rep_dim 128
+    bn_eps: float = 1e-4  # official cifar10_LeNet.py:17-21 BatchNorm eps 1e-4, affine=False
+    eps: float = 0.1  # official src/optim/deepSVDD_trainer.py:156, 173-175: |c_i| < 0.1 pushed to +-0.1
+    # The decoder rebuilds the image at this size, then it is resized (nearest) to img_size;
+    # None: at img_size (official cifar10_LeNet.py:81-88 doubles 4 -> 8 -> 16 -> 32 = img_size).
+    decoder_size: int | None = None
+    pretrain: bool = True  # official README.md:105 --pretrain True (autoencoder)
+    ae_lr: float = 1e-4  # official README.md:105 --ae_lr 0.0001 (Adam, ae_trainer.py:30)
+    ae_epochs: int = 350  # official README.md:105 --ae_n_epochs 350
+    ae_milestones: tuple[int, ...] = (250,)  # official README.md:105 --ae_lr_milestone 250 (lr x 0.1)
+    ae_batch_size: int = 200  # official README.md:105 --ae_batch_size 200
+    ae_weight_decay: float = 5e-7  # official README.md:105 --ae_weight_decay 0.5e-6
+    lr: float = 1e-4  # official README.md:105 --lr 0.0001 (Adam, deepSVDD_trainer.py:49)
+    epochs: int = 150  # official README.md:105 --n_epochs 150
+    # official README.md:105 --lr_milestone 50 (lr x 0.1). Milestones count finished epochs
+    # (MultiStepLR stepped after each epoch). The official trainers step it at the start of each
+    # epoch (deepSVDD_trainer.py:67, ae_trainer.py:42), which under the torch 0.4.1 they pin
+    # (requirements.txt:19) gives the same schedule; under torch >= 1.1 it decays one epoch earlier.
+    milestones: tuple[int, ...] = (50,)
+    batch_size: int = 200  # official README.md:105 --batch_size 200
+    weight_decay: float = 5e-7  # official README.md:105 --weight_decay 0.5e-6
     # ndbench choice: training images are kept in memory up to this size.
     max_cache_gb: float = 16.0
 
@@ -72,25 +79,46 @@ class DSVDDConfig:
             raise NdbenchError(f"unknown activation {self.activation!r}", f"use one of {', '.join(ACTIVATIONS)}")
         if self.img_size < STRIDE:
             raise NdbenchError(f"img_size {self.img_size} is too small for the LeNet", f"use {STRIDE} px or more")
+        if self.decoder_size is not None and self.decoder_size < SEED_GRID:
+            raise NdbenchError(f"decoder_size {self.decoder_size} is smaller than the decoder's {SEED_GRID} px seed",
+                               "use e.g. 32, or None to decode at img_size")
         if self.rep_dim % (SEED_GRID * SEED_GRID):
             raise NdbenchError(f"rep_dim {self.rep_dim} is not a multiple of {SEED_GRID * SEED_GRID}",
                                "use e.g. 128 (the decoder reshapes the code to a 4x4 grid)")
 
 
 # The embedded preset: 64 px scenes (fc1 grows to 128 * 8 * 8) and the ~12 s budget of a split
-# (~470 train / 1000 test images, 2 idle CPU cores). Measured (issue 6, 1 thread on a shared
-# CPU): ~8 CPU-s fixed (decoding, centre, scoring) + ~11 CPU-s for one autoencoder and one
-# one-class epoch, so one of each. AUROC is near chance at any budget on these scenes (30 + 30
-# epochs at 32 px: 0.52 / 0.53 on classes 0 / 9).
+# (~470 train / 1000 test images, 2 idle CPU cores). Measured (1 thread on a shared 2-core CPU):
+# ~8 CPU-s fixed (decoding, centre, scoring) + ~11 CPU-s for one autoencoder and one one-class
+# epoch, so one of each. AUROC is near chance at any budget on these scenes (30 + 30 epochs at
+# 32 px: 0.52 / 0.53 on classes 0 / 9).
 EMBEDDED = {"img_size": 64, "ae_epochs": 1, "epochs": 1}
-# The "Redefining Normal" authors' Pascal VOC run (their copy's main.py defaults, pvoc_LeNet):
-# ELU, 224 px, no GCN, lr 1e-3 for 50 epochs (x0.1 at 20, 40), AE lr 1e-3 for 100 (x0.1 at 30, 80).
-# (Their decoder upsamples 4 -> 32 px and then interpolates to 224; ndbench's upsamples to 56,
-# 112, 224.)
+# The authors' Pascal VOC run (copy src/main.py:18-19 pvoc / pvoc_LeNet defaults): the official
+# trainers unchanged (src/optim differs only in comments), Adam, one-class objective
+# (main.py:24, 28, 35), autoencoder pre-training (main.py:34).
 RELEASED_VOC = {
-    "img_size": 224, "gcn": False, "activation": "elu",
-    "ae_lr": 1e-3, "ae_epochs": 100, "ae_milestones": (30, 80), "ae_batch_size": 120, "ae_weight_decay": 1e-6,
-    "lr": 1e-3, "epochs": 50, "milestones": (20, 40), "batch_size": 128, "weight_decay": 1e-6,
+    "img_size": 224,  # copy src/datasets/pvoc.py:150-153 Resize((224, 224)) + ToTensor ...
+    "gcn": False,  # ... and nothing else: no GCN, no min-max scaling
+    "activation": "elu",  # copy src/networks/pvoc_LeNet.py:27-31, 74-90 F.elu
+    # copy pvoc_LeNet.py:81-91: the decoder doubles 4 -> 8 -> 16 -> 32 px, then its sigmoid output
+    # is resized (nearest) to 224; its fc1 (pvoc_LeNet.py:22, 55) is sized for 224 (128 * 28 * 28).
+    "decoder_size": 32,
+    "ae_lr": 1e-3,  # copy main.py:36
+    "ae_epochs": 100,  # copy main.py:37
+    # copy main.py:38 --ae_lr_milestone 30 80, stepped at each epoch's start (src/optim/ae_trainer.py:
+    # 43), run under a torch >= 1.1 (its requirements.txt:19 pins torch 0.4.1, which has no wheels
+    # for the CPython 3.10 the copy's bytecode shows: Multiobject_bench/Transformaly/__pycache__/
+    # utils.cpython-310.pyc), where that order drops the lr after 29 and 79 finished epochs. The
+    # copy's own log fits this (log/log.txt:57-59: the loss falls 2833 -> 2762 in epoch 30, before
+    # the "new learning rate" line), though one epoch's loss cannot prove it.
+    "ae_milestones": (29, 79),
+    "ae_batch_size": 120,  # copy main.py:39
+    "ae_weight_decay": 1e-6,  # copy main.py:40
+    "lr": 1e-3,  # copy main.py:29
+    "epochs": 50,  # copy main.py:30
+    "milestones": (19, 39),  # copy main.py:31 --lr_milestone 20 40, one epoch earlier as above
+    "batch_size": 128,  # copy main.py:32
+    "weight_decay": 1e-6,  # copy main.py:33
 }
 
 
@@ -100,9 +128,10 @@ def _act(name: str, x: Tensor) -> Tensor:
 
 
 class LeNetEncoder(nn.Module):
-    """phi: the released CIFAR10_LeNet, 3 x (5x5 conv, BatchNorm without affine, activation,
-    2x2 max pool) with 32/64/128 channels, then a linear map to `rep_dim`; no bias anywhere
-    (a bias would let phi collapse onto c). fc1 is sized for `img_size`: 128 * (img_size // 8)^2."""
+    """phi: the official CIFAR10_LeNet (cifar10_LeNet.py:8-33), 3 x (5x5 conv, BatchNorm without
+    affine, activation, 2x2 max pool) with 32/64/128 channels, then a linear map to `rep_dim`; no
+    bias anywhere (a bias would let phi collapse onto c). fc1 is sized for `img_size`:
+    128 * (img_size // 8)^2."""
 
     def __init__(self, img_size: int = 32, rep_dim: int = 128, activation: str = "leaky_relu", bn_eps: float = 1e-4):
         super().__init__()
@@ -127,16 +156,20 @@ class LeNetEncoder(nn.Module):
 
 
 class LeNetAutoencoder(nn.Module):
-    """The released CIFAR10_LeNet_Autoencoder: the encoder above (whose weights initialise phi),
-    BatchNorm on the code, and a bias-free decoder from the code reshaped to (rep_dim/16) x 4 x 4:
-    four 5x5 transposed convolutions with BatchNorm, activation and nearest upsampling between
-    them, and a sigmoid. Upsampling goes to img_size/4, /2 and /1 (x2 each at the released 32
-    px, so any size comes back whole). Conv weights: Xavier-uniform with the activation's gain."""
+    """The official CIFAR10_LeNet_Autoencoder (cifar10_LeNet.py:36-89): the encoder above (whose
+    weights initialise phi), BatchNorm on the code, and a bias-free decoder from the code reshaped
+    to (rep_dim/16) x 4 x 4: four 5x5 transposed convolutions with BatchNorm, activation and
+    nearest upsampling between them, and a sigmoid. Upsampling goes to decoder_size/4, /2 and /1
+    (x2 each at the official 32 px, so any size comes back whole), and the output is resized
+    (nearest) to img_size when that differs, as the authors' VOC copy does (pvoc_LeNet.py:91).
+    Conv weights: Xavier-uniform with the activation's gain."""
 
-    def __init__(self, img_size: int = 32, rep_dim: int = 128, activation: str = "leaky_relu", bn_eps: float = 1e-4):
+    def __init__(self, img_size: int = 32, rep_dim: int = 128, activation: str = "leaky_relu", bn_eps: float = 1e-4,
+                 decoder_size: int | None = None):
         super().__init__()
         self.activation = activation
         self.img_size = img_size
+        self.decoder_size = decoder_size or img_size
         self.encoder = LeNetEncoder(img_size, rep_dim, activation, bn_eps)
         self.bn1d = nn.BatchNorm1d(rep_dim, eps=bn_eps, affine=False)
         seed = rep_dim // (SEED_GRID * SEED_GRID)
@@ -147,7 +180,7 @@ class LeNetAutoencoder(nn.Module):
         self.deconv3 = nn.ConvTranspose2d(64, 32, 5, bias=False, padding=2)
         self.bn2d6 = nn.BatchNorm2d(32, eps=bn_eps, affine=False)
         self.deconv4 = nn.ConvTranspose2d(32, 3, 5, bias=False, padding=2)
-        # Released: leaky_relu gain for the LeakyReLU nets; the authors' ELU copy uses gain 1.
+        # Official cifar10_LeNet.py:46-68: leaky_relu gain; the authors' ELU copy (pvoc_LeNet.py:47-69) gain 1.
         gain = nn.init.calculate_gain("leaky_relu") if activation == "leaky_relu" else 1.0
         for conv in (self.encoder.conv1, self.encoder.conv2, self.encoder.conv3,
                      self.deconv1, self.deconv2, self.deconv3, self.deconv4):
@@ -155,18 +188,21 @@ class LeNetAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction of `x` in [0, 1]: [B, 3, img_size, img_size]."""
-        a, s = self.activation, self.img_size
+        a, s = self.activation, self.decoder_size
         z = self.bn1d(self.encoder(x))
         z = _act(a, z.view(z.shape[0], -1, SEED_GRID, SEED_GRID))
         z = F.interpolate(_act(a, self.bn2d4(self.deconv1(z))), size=(s // 4, s // 4))
         z = F.interpolate(_act(a, self.bn2d5(self.deconv2(z))), size=(s // 2, s // 2))
         z = F.interpolate(_act(a, self.bn2d6(self.deconv3(z))), size=(s, s))
-        return torch.sigmoid(self.deconv4(z))
+        z = torch.sigmoid(self.deconv4(z))
+        if s != self.img_size:
+            z = F.interpolate(z, size=(self.img_size, self.img_size))
+        return z
 
 
 def guard_centre(c: Tensor, eps: float) -> Tensor:
-    """c with every coordinate of magnitude below `eps` moved to +-eps by its sign (released
-    init_center_c); an exact zero, which the released code leaves at 0, goes to +eps. A zero
+    """c with every coordinate of magnitude below `eps` moved to +-eps by its sign (official
+    deepSVDD_trainer.py:173-175); an exact zero, which the official code leaves at 0, goes to +eps. A zero
     coordinate could be matched trivially by zero weights."""
     c = c.clone()
     small = c.abs() < eps
@@ -176,7 +212,7 @@ def guard_centre(c: Tensor, eps: float) -> Tensor:
 
 
 def global_contrast_normalization(x: Tensor) -> Tensor:
-    """Per-image GCN with the L1 scale (released preprocessing.py, scale='l1'): subtract the
+    """Per-image GCN with the L1 scale (official preprocessing.py:15-37, scale='l1'): subtract the
     image's mean over all its values, divide by their mean absolute value. x: [B, ...]."""
     x = x - x.flatten(1).mean(dim=1).view(-1, *([1] * (x.dim() - 1)))
     scale = x.flatten(1).abs().mean(dim=1).view(-1, *([1] * (x.dim() - 1)))
@@ -191,7 +227,9 @@ class DSVDDDetector(BaseDetector):
     Config = DSVDDConfig
     description = "Deep SVDD: bias-free LeNet mapped onto a hypersphere centre (AE pre-training)"
     paper = PAPER
-    presets = {"embedded": EMBEDDED, "released_voc": RELEASED_VOC}
+    # "paper" is the authors' copy, the same values as "released_voc" (kept for old records).
+    presets = {"embedded": EMBEDDED, "released_voc": RELEASED_VOC, "paper": RELEASED_VOC}
+    paper_preset = "paper"
 
     def __init__(self, config: DSVDDConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -208,10 +246,10 @@ class DSVDDDetector(BaseDetector):
     def new_autoencoder(self) -> LeNetAutoencoder:
         """A fresh autoencoder whose encoder has phi's shape."""
         c = self.config
-        return LeNetAutoencoder(c.img_size, c.rep_dim, c.activation, c.bn_eps)
+        return LeNetAutoencoder(c.img_size, c.rep_dim, c.activation, c.bn_eps, c.decoder_size)
 
     def preprocess(self, x: Tensor) -> Tensor:
-        """GCN and min-max scaling (when `gcn`), as the released CIFAR-10 transform."""
+        """GCN and min-max scaling (when `gcn`), as the official CIFAR-10 transform (cifar10.py:33-36)."""
         if not self.config.gcn:
             return x
         lo, hi = self.scaling
@@ -264,7 +302,7 @@ class DSVDDDetector(BaseDetector):
             net.train()
             loss_sum, steps = 0.0, 0
             for x in data.batches(batch_size, device, generator, progress, f"{what} epoch {epoch + 1}/{epochs}"):
-                if len(x) < 2:  # BatchNorm cannot train on one image; the released loader never hits it
+                if len(x) < 2:  # BatchNorm1d cannot train on one image (CIFAR-10: 5,000 in batches of 200)
                     continue
                 loss = step(net, x)
                 optimizer.zero_grad(set_to_none=True)
@@ -309,12 +347,14 @@ class DSVDDDetector(BaseDetector):
 
 
 def ae_step(ae: nn.Module, x: Tensor) -> Tensor:
-    """Released AETrainer loss: batch mean of each image's summed squared reconstruction error."""
+    """Official AE loss (ae_trainer.py:58-59): batch mean of each image's summed squared
+    reconstruction error."""
     return (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
 
 
 def svdd_step(net: nn.Module, x: Tensor, c: Tensor) -> Tensor:
-    """Released one-class objective: batch mean of ||phi(x) - c||^2 (weight decay in Adam)."""
+    """Official one-class objective (deepSVDD_trainer.py:83, 88): batch mean of ||phi(x) - c||^2
+    (weight decay in Adam)."""
     return (net(x) - c).pow(2).sum(dim=1).mean()
 
 

@@ -1,5 +1,5 @@
 """KDAD: Salehi, Sadjadi, Baselizadeh, Rohban & Rabiee, "Multiresolution Knowledge Distillation
-for Anomaly Detection", CVPR 2021 (released code: rohban-lab/Knowledge_Distillation_AD; the
+for Anomaly Detection", CVPR 2021 (official code: rohban-lab/Knowledge_Distillation_AD; the
 "Redefining Normal" authors' copy: SMSD75/Redefining_Normal_ACCV24, Multiobject_bench/KDAD).
 
 A frozen pre-trained teacher (VGG-16) is tapped at several depths (pool2..pool5); a thin
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from datasets_builders.errors import NdbenchError
 
@@ -32,38 +34,44 @@ from .registry import register
 
 PAPER = ("Salehi, Sadjadi, Baselizadeh, Rohban & Rabiee, Multiresolution Knowledge Distillation for "
          "Anomaly Detection, CVPR 2021")
-POOL = "M"  # a 2x2 max pool in a student plan, as in the released cfg lists
+POOL = "M"  # a 2x2 max pool in a student plan, as in the official cfg lists (models/network.py:101-102)
 # Cached teacher maps stay float32, so training from the cache equals training without it.
 CACHE_DTYPE = torch.float32
+INTERPOLATIONS = ("bilinear", "bicubic", "lanczos")
 
 
 @dataclass(frozen=True)
 class KDADConfig:
-    """KDAD hyper-parameters; defaults are the released code's (configs/config.yaml, CIFAR-10)."""
+    """KDAD hyper-parameters; defaults are the official code's CIFAR-10 recipe. Sources:
+    "official" = rohban-lab/Knowledge_Distillation_AD (commit 0c574ae), "copy" =
+    SMSD75/Redefining_Normal_ACCV24:Multiobject_bench/KDAD (commit 13736a9)."""
 
-    backbone: str = "vgg16.tv_in1k"  # released code: torchvision vgg16(pretrained=True)
+    backbone: str = "vgg16.tv_in1k"  # official models/network.py:70: torchvision vgg16 ImageNet weights
     weights: str = "hub"  # "hub", a local file, "none" (random, on request) or "embedded"
-    # Released code: CIFAR-10 resized to 256 and centre-cropped to 224; ndbench resizes straight
-    # to 224, as the authors' Pascal VOC copy does.
+    # official dataloader.py:16-21 (CIFAR-10): Resize((256, 256), ANTIALIAS = Lanczos), CenterCrop(224)
     img_size: int = 224
-    # Released code (CIFAR-10): ImageNet mean/std. The authors' Pascal VOC copy feeds unnormalised
-    # [0, 1] pixels at 224 (set mean=0,0,0 std=1,1,1 to match it).
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # Released models/network.py: Vgg16.forward outputs 3, 6, 9, 12 (features 9, 16, 23, 30 =
-    # pool2, pool3, pool4, pool5) enter the loss (loss_functions.MseDirectionLoss) ...
+    center_crop: float = 224 / 256  # the square resize is img_size / center_crop (256 at 224)
+    interpolation: str = "lanczos"
+    # official dataloader.py:20 Normalize (ImageNet). None takes the backbone's own from timm's config.
+    mean: tuple[float, float, float] | None = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] | None = (0.229, 0.224, 0.225)
+    # official models/network.py:84-90: Vgg16.forward outputs 3, 6, 9, 12 (features 9, 16, 23, 30 =
+    # pool2, pool3, pool4, pool5) enter the loss (loss_functions.py:13-27, MseDirectionLoss) ...
     teacher_layers: tuple[str, ...] = ("features.9", "features.16", "features.23", "features.30")
-    # ... and outputs 6, 9, 12 (pool3..pool5) the score (test_functions.detection_test).
+    # ... and outputs 6, 9, 12 (pool3..pool5) the score (official test_functions.py:38-53).
     score_layers: tuple[str, ...] = ("features.16", "features.23", "features.30")
-    # Released cfg 'B' ([16,16,M,16,128,M,16,16,256,M,16,16,512,M,16,16,512,M]): VGG-16's conv
-    # counts per block (2,2,3,3,3), every conv 16 wide except each tapped block's last, which
+    # official models/network.py:102 cfg 'B' ([16,16,M,16,128,M,16,16,256,M,16,16,512,M,16,16,512,M],
+    # chosen at network.py:105-108 for equal_network_size False, configs/config.yaml:20): VGG-16's
+    # conv counts per block (2,2,3,3,3), every conv 16 wide except each tapped block's last, which
     # has the teacher's channels; `student_plan` rebuilds it from the taps.
     student_width: int = 16
     student_convs: tuple[int, ...] = (2, 2, 3, 3, 3)
-    lamda: float = 0.01  # released config: "mvtec:0.5, Others:0.01" (detection_test hard-codes 0.01)
-    lr: float = 1e-3  # released config: Adam, learning_rate 1e-3 (no weight decay)
-    batch_size: int = 64  # released config
-    epochs: int = 201  # released config: "cifar10:201" (the authors' copy runs range(num_epochs))
+    lamda: float = 0.01  # official configs/config.yaml:15 ("mvtec:0.5, Others:0.01")
+    lr: float = 1e-3  # official configs/config.yaml:10; train.py:40 Adam (no weight decay)
+    batch_size: int = 64  # official configs/config.yaml:9
+    # official configs/config.yaml:8 ("cifar10:201"). train.py:51 loops range(num_epochs + 1), 202
+    # passes, but its last evaluation (train.py:77-78, every 10th) follows the 201st.
+    epochs: int = 201
     # ndbench choice: training images and teacher maps are kept in memory up to this size.
     max_cache_gb: float = 16.0
 
@@ -76,13 +84,18 @@ class KDADConfig:
                 f"score_layers {self.score_layers} must be a non-empty subset of teacher_layers",
                 f"use names from {', '.join(self.teacher_layers)}",
             )
+        if not 0 < self.center_crop <= 1:
+            raise NdbenchError(f"center_crop {self.center_crop} is out of range", "use a value in (0, 1]")
+        if self.interpolation not in INTERPOLATIONS:
+            raise NdbenchError(f"unknown interpolation {self.interpolation!r}",
+                               f"use one of {', '.join(INTERPOLATIONS)}")
 
 
 # The embedded preset: ndbench's offline ResNet-10-style CNN (pre-trained on the object-centric
 # pool, mean/std 0.5 as it was trained) at 64 px, tapped after its four stages (strides 4..32,
 # as VGG's pool2..pool5), scored on the last three as the original scores pool3..pool5; the
-# released optimiser and batch. Epochs: the ~12 s budget of a split (~470 train / 1000 test
-# images, 2 idle CPU cores). Measured (issue 6, 1 thread on a shared CPU): ~6 CPU-s fixed
+# official optimiser and batch. Epochs: the ~12 s budget of a split (~470 train / 1000 test
+# images, 2 idle CPU cores). Measured (1 thread on a shared 2-core CPU): ~6 CPU-s fixed
 # (decoding, teacher maps, scoring) + ~1.8 CPU-s per epoch. AUROC stays near chance at any
 # budget here (class 9: 0.47 after 40 epochs): on these scenes the distillation error grows
 # with the number of objects, and normal test scenes hold more of them.
@@ -90,6 +103,8 @@ EMBEDDED = {
     "backbone": "ndbench_resnet_embedded",
     "weights": EMBEDDED_WEIGHTS,
     "img_size": 64,
+    "center_crop": 1.0,  # ndbench choice: the scenes are composed edge to edge
+    "interpolation": "bilinear",
     "mean": (0.5, 0.5, 0.5),
     "std": (0.5, 0.5, 0.5),
     "teacher_layers": ("layer1", "layer2", "layer3", "layer4"),
@@ -98,6 +113,21 @@ EMBEDDED = {
 }
 # Multi-class splits (~2,800 train images): 2 epochs (measured at 8: fit 52 s on 2 idle cores).
 EMBEDDED_MULTI = {"epochs": 2}
+# How the authors' copy ran KDAD on VOC for the paper (configs/config.yaml:3 dataset_name pvoc).
+# It keeps the official VGG-16 teacher and cfg-B student (models/network.py:70-71, 101-112), the
+# loss (loss_functions.py:5-29), Adam at lr 1e-3 (config.yaml:10, train.py:47), batch 64
+# (config.yaml:9), lamda 0.01 (config.yaml:15, test_functions.py:14) and the pool3..pool5 score
+# (test_functions.py:32-47).
+PAPER_KDAD = {
+    # copy dataloader.py:334 (pvoc): Resize((224, 224)) (bilinear) + ToTensor, no crop and no
+    # Normalize, so the ImageNet VGG-16 sees [0, 1] pixels.
+    "img_size": 224,
+    "center_crop": 1.0,
+    "interpolation": "bilinear",
+    "mean": (0.0, 0.0, 0.0),
+    "std": (1.0, 1.0, 1.0),
+    "epochs": 1,  # copy configs/config.yaml:8 num_epochs 1, train.py:58 range(num_epochs)
+}
 
 
 # --- teacher -------------------------------------------------------------------------------
@@ -154,7 +184,7 @@ def student_plan(taps: Sequence[tuple[int, int]], width: int = 16,
     (channels, reduction), and the indices of the blocks (each ending in a pool) whose outputs
     stand for the taps. One block per halving of resolution; block k has convs[k] convolutions
     (the last count repeats), all `width` wide except a tapped block's last, which has the tap's
-    channels. For VGG-16's pool2..pool5 this is the released cfg 'B'."""
+    channels. For VGG-16's pool2..pool5 this is the official cfg 'B'."""
     blocks: dict[int, int] = {}
     previous = 0
     for channels, reduction in taps:
@@ -174,9 +204,10 @@ def student_plan(taps: Sequence[tuple[int, int]], width: int = 16,
 
 
 class KDADStudent(nn.Module):
-    """The released "cloner": 3x3 convolutions without bias (Xavier-uniform init), each followed
-    by BatchNorm and ReLU, except the one before a pool, which has ReLU only (released
-    make_layers). Returns the outputs of the tapped blocks."""
+    """The official "cloner": 3x3 convolutions without bias (Xavier-uniform init), each followed
+    by BatchNorm and ReLU, except the one before a pool, which has ReLU only (official
+    models/network.py:43-60 make_layers, use_bias False at configs/config.yaml:19). Returns the
+    outputs of the tapped blocks."""
 
     def __init__(self, plan: Sequence[int | str], taps: Sequence[int]):
         super().__init__()
@@ -217,16 +248,17 @@ def _direction(student: Tensor, teacher: Tensor) -> Tensor:
 
 
 def kdad_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], lamda: float) -> Tensor:
-    """Released MseDirectionLoss: sum over layers of the batch-mean (1 - cos) of the flattened
-    maps, plus lamda times the sum over layers of the element-mean squared error."""
+    """Official MseDirectionLoss (loss_functions.py:12-29): sum over layers of the batch-mean
+    (1 - cos) of the flattened maps, plus lamda times the sum over layers of the element-mean
+    squared error."""
     direction = sum(_direction(s, t).mean() for s, t in zip(student, teacher, strict=True))
     mse = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=True))
     return direction + lamda * mse
 
 
 def kdad_scores(student: Sequence[Tensor], teacher: Sequence[Tensor], lamda: float) -> Tensor:
-    """Released detection_test score per image [B]: the sum over the given layers of
-    (1 - cos) + lamda * mean over (C, H, W) of the squared difference."""
+    """Official detection_test score per image [B] (test_functions.py:38-53): the sum over the
+    given layers of (1 - cos) + lamda * mean over (C, H, W) of the squared difference."""
     total = torch.zeros(student[0].shape[0], device=student[0].device)
     for s, t in zip(student, teacher, strict=True):
         mse = (s.float() - t.float()).pow(2).flatten(1).mean(dim=1)
@@ -242,7 +274,8 @@ class KDADDetector(BaseDetector):
     Config = KDADConfig
     description = "Multiresolution knowledge distillation: VGG-16 pool2..5 into a thin cloner"
     paper = PAPER
-    presets = {"embedded": EMBEDDED, "embedded/multi-class": EMBEDDED_MULTI}
+    presets = {"embedded": EMBEDDED, "embedded/multi-class": EMBEDDED_MULTI, "paper": PAPER_KDAD}
+    paper_preset = "paper"
 
     def __init__(self, config: KDADConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -250,6 +283,20 @@ class KDADDetector(BaseDetector):
         self.student: KDADStudent | None = None
         self.maps: list[tuple[int, int, int]] = []  # (C, H, W) of each teacher tap at img_size
         self.extra: dict = {}
+
+    # --- input -----------------------------------------------------------------------------
+    def transform(self):
+        """PIL image -> normalised tensor: a square resize to img_size / center_crop, then the
+        centre img_size crop (the official Resize((256, 256)) + CenterCrop(224) at 224 px)."""
+        c = self.config
+        mean, std = self.normalisation()
+        side = round(c.img_size / c.center_crop)
+        return transforms.Compose([
+            transforms.Resize((side, side), interpolation=InterpolationMode(c.interpolation), antialias=True),
+            transforms.CenterCrop(c.img_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
 
     # --- models ----------------------------------------------------------------------------
     def build_teacher(self, weights) -> TappedTeacher:

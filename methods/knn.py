@@ -2,7 +2,9 @@
 Detection", arXiv:2002.10445 (2020).
 
 Frozen pre-trained backbone features (the ViT's CLS token, a CNN's pooled features); the
-novelty score of an image is the mean distance to its k nearest training features.
+novelty score of an image is the mean distance to its k nearest training features. The
+features come from the feature cache: every job of a grid shares its test images' features
+and the training images it has in common with other jobs.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import Dataset
 
 from .backbones import create_backbone
-from .base import BaseDetector, autocast, tracked
+from .base import BaseDetector, autocast
+from .cost import CostModel, FrozenPass
 from .defend import PAPER_TEXT, RELEASED_BACKBONE
+from .features import FrozenPart, compute_precision, planned_weights_identity, weights_identity
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
+
+POOLED = "pooled"
+# Features stay float32 in the cache: ~3 KB per image for ViT-B, and scores equal uncached ones.
+FEATURE_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -60,15 +68,35 @@ class KNNDetector(BaseDetector):
             self.model = create_backbone(self.config.backbone, weights=weights, num_classes=0).eval()
         return self.model
 
+    def frozen_part(self, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
+        """The feature-cache key of the pooled features (None with random weights). `plan`:
+        for a dry run, without pre-training missing embedded weights."""
+        c = self.config
+        if plan:
+            identity = planned_weights_identity(c.backbone, c.weights)
+        else:
+            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        if identity is None:
+            return None
+        return FrozenPart(identity, f"{c.backbone}/{POOLED}", compute_precision(device))
+
+    def cost_model(self, device: torch.device) -> CostModel:
+        """One frozen backbone pass per train and test image; nothing is trained."""
+        return CostModel(frozen=(FrozenPass(self.frozen_part(device, plan=True), ("train", "test"), FEATURE_DTYPE),))
+
     @torch.no_grad()
     def features(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
-        """Pooled (CLS) features of every image, as float32 rows."""
-        model = self._backbone().to(device)
-        rows = []
-        for x, _, _ in tracked(self.loader(images), progress, f"{self.name}: features"):
+        """Pooled (CLS) features of every image, as float32 rows (from the feature cache)."""
+
+        def compute(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            model = self._backbone().to(device)
             with autocast(device):
-                rows.append(model(x.to(device)).float().cpu())
-        return torch.cat(rows).numpy()
+                return {POOLED: model(x.to(device, non_blocking=True)).float()}
+
+        table = self.runtime.features.get_or_compute(
+            self.frozen_part(device), images, compute, loader=self.loader, dtype=FEATURE_DTYPE,
+            progress=progress, description=f"{self.name}: features")
+        return table.all()[POOLED].numpy() if len(images) else np.zeros((0, 0), dtype=np.float32)
 
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Store the training features."""

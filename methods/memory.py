@@ -13,6 +13,8 @@ from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from datasets_builders.loading import fetch_items
+
 from .base import BaseDetector, tracked
 
 # ndbench choice: cached images and unit-length targets lose < 1e-3 (under 1/8 of an 8-bit grey
@@ -31,6 +33,10 @@ class Indexed(Dataset):
 
     def __getitem__(self, item: int) -> tuple[Tensor, int]:
         return self.data[item][0], item
+
+    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, int]]:
+        """Several items at once, fetched together when the dataset can (a stored batch)."""
+        return [(got[0], item) for got, item in zip(fetch_items(self.data, items), items, strict=True)]
 
 
 class TrainImages:

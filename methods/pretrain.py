@@ -26,11 +26,11 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from datasets_builders.atomic import atomic_write_text
+from datasets_builders.atomic import atomic_write_text, write_error
 from datasets_builders.embedded import EmbeddedConfig, cache_root, load_pretrain_set
 from datasets_builders.errors import NdbenchError
 
-from .backbones import create_backbone
+from .backbones import create_backbone, first_non_finite, read_state_dict
 from .embedded_archs import CNNStemPatchEmbed  # importing it registers the embedded archs in timm
 
 EMBEDDED_WEIGHTS = "embedded"  # the `weights` value that means "pre-trained by ndbench"
@@ -171,7 +171,7 @@ def pretrain(
     out = Path(out) if out is not None else default_weights_path(arch, data, recipe)
     info_path = out.with_suffix(".json")
     if out.is_file() and info_path.is_file() and not force:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = _read_cached(out, info_path)
         return PretrainResult(out, arch, info["heldout_accuracy"], info["train_seconds"], True)
 
     pool = load_pretrain_set(data, console=console)
@@ -233,9 +233,16 @@ def pretrain(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"classes": json.dumps(classes)})
-    os.replace(tmp, out)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"classes": json.dumps(classes)})
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(out, exc) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     info = {
         "arch": arch,
         "heldout_accuracy": accuracy,
@@ -249,6 +256,23 @@ def pretrain(
     }
     atomic_write_text(info_path, json.dumps(info, indent=1, default=str) + "\n")
     return PretrainResult(out, arch, accuracy, seconds, False)
+
+
+def _read_cached(weights: Path, info_path: Path) -> dict:
+    """The info of cached pre-trained weights, after checking both files are whole and the
+    weights finite (a damaged cache must not silently become a run's backbone)."""
+    fix = f"delete {weights} and {info_path.name} beside it, so they are trained again"
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        float(info["heldout_accuracy"]), float(info["train_seconds"])
+        bad = first_non_finite(read_state_dict(weights))
+    except NdbenchError as exc:
+        raise NdbenchError(f"cached pre-trained weights are damaged: {exc.problem}", fix) from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NdbenchError(f"cached pre-training info {info_path} is damaged ({exc!r})", fix) from exc
+    if bad:
+        raise NdbenchError(f"cached pre-trained weights {weights} hold NaN or infinite values (in {bad!r})", fix)
+    return info
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float):

@@ -1,5 +1,6 @@
 """Reverse Distillation (RDAD): Deng & Li, "Anomaly Detection via Reverse Distillation from
-One-Class Embedding", CVPR 2022 (original code: hq-deng/RD4AD).
+One-Class Embedding", CVPR 2022 (official code: hq-deng/RD4AD; the "Redefining Normal" authors'
+copy: SMSD75/Redefining_Normal_ACCV24, Multiobject_bench/RD4AD).
 
 A frozen pre-trained ResNet encoder (the teacher) gives feature maps at three scales; a
 trainable one-class bottleneck embedding (OCBE) fuses them into one compact code, and a
@@ -37,30 +38,38 @@ from .registry import register
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOSSES = ("flat", "map")
+SCORES = ("map_max", "flat_loss")
 KINDS = {"basic": 1, "bottleneck": 4}  # block kind -> channel expansion of its last conv
 
 
 @dataclass(frozen=True)
 class RDADConfig:
-    """Reverse distillation hyper-parameters; defaults are the original code's (main.py, test.py,
-    resnet.py, de_resnet.py, dataset.py)."""
+    """Reverse distillation hyper-parameters; defaults are the official code's (MVTec). Sources:
+    "official" = hq-deng/RD4AD (commit 6554076), "copy" =
+    SMSD75/Redefining_Normal_ACCV24:Multiobject_bench/RD4AD (commit 13736a9)."""
 
-    backbone: str = "wide_resnet50_2.tv_in1k"  # main.py: resnet.wide_resnet50_2(pretrained=True)
+    backbone: str = "wide_resnet50_2.tv_in1k"  # official main.py:80 resnet.wide_resnet50_2(pretrained=True)
     weights: str = "hub"  # "hub", a local file, "none" (random, on request) or "embedded"
-    img_size: int = 256  # main.py image_size = 256: Resize((256, 256)), CenterCrop(256) crops nothing
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # dataset.get_data_transforms
-    std: tuple[float, float, float] = IMAGENET_STD
-    bottleneck_blocks: int = 3  # resnet.wide_resnet50_2: BN_layer(AttnBottleneck, 3)
-    # de_resnet.de_wide_resnet50_2 layers [3, 4, 6]: decoder stages from the bottleneck outwards.
+    # official main.py:66, 71 image_size 256 -> dataset.py:12-18 Resize((256, 256)), CenterCrop(256)
+    # (crops nothing), Normalize (ImageNet). None takes the backbone's own from timm's config.
+    img_size: int = 256
+    mean: tuple[float, float, float] | None = IMAGENET_MEAN
+    std: tuple[float, float, float] | None = IMAGENET_STD
+    bottleneck_blocks: int = 3  # official resnet.py:559 BN_layer(AttnBottleneck, 3)
+    # official de_resnet.py:378 layers [3, 4, 6, 3]: decoder stages from the bottleneck outwards.
     decoder_blocks: tuple[int, int, int] = (3, 4, 6)
-    lr: float = 0.005  # main.py learning_rate
-    betas: tuple[float, float] = (0.5, 0.999)  # main.py Adam betas
-    epochs: int = 200  # main.py epochs
-    batch_size: int = 16  # main.py batch_size
-    # main.loss_fucntion: per scale, 1 - cosine of the whole flattened maps, batch-averaged
-    # ("flat"); "map" is the paper's eq. 3 (per-position cosine, averaged over positions).
+    lr: float = 0.005  # official main.py:64 learning_rate
+    betas: tuple[float, float] = (0.5, 0.999)  # official main.py:87 Adam betas
+    epochs: int = 200  # official main.py:63 epochs
+    batch_size: int = 16  # official main.py:65 batch_size
+    # official main.py:33-43 loss_fucntion: per scale, 1 - cosine of the whole flattened maps,
+    # batch-averaged ("flat"); "map" is the paper's eq. 3 (per-position cosine, averaged over positions).
     loss: str = "flat"
-    sigma: float = 4.0  # test.evaluation: gaussian_filter(anomaly_map, sigma=4) on 256 px maps
+    # "map_max": official test.py:83-84, 93, the maximum of the summed, upsampled, smoothed
+    # (1 - cos) maps. "flat_loss": the authors' copy's custom_eval (copy test.py:86-110), each
+    # image's training loss (the sum over scales of 1 - cosine of the whole flattened maps).
+    score: str = "map_max"
+    sigma: float = 4.0  # official test.py:84 gaussian_filter(anomaly_map, sigma=4) on 256 px maps
     # ndbench choice: the frozen encoder's training features are computed once per job and kept
     # in memory when they fit in this many GB (the original recomputes them every epoch).
     max_cache_gb: float = 4.0
@@ -68,6 +77,8 @@ class RDADConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise NdbenchError(f"unknown loss {self.loss!r}", f"use one of {', '.join(LOSSES)}")
+        if self.score not in SCORES:
+            raise NdbenchError(f"unknown score {self.score!r}", f"use one of {', '.join(SCORES)}")
         if self.img_size % 32:
             raise NdbenchError(
                 f"img_size {self.img_size} is not a multiple of 32",
@@ -81,8 +92,8 @@ class RDADConfig:
 # The embedded preset: ndbench's offline ResNet-10-style CNN (one basic block per stage, 32/64/128
 # channels at layers 1-3) at 64 px, so the bottleneck and the decoder mirror it with one block a
 # stage; smoothing sigma scaled with the image (4 at 256 px -> 1 at 64 px). Measured on uni-class
-# 0 / 9 (issue 6, 1 thread, shared CPU), AUROC by epochs: 2 -> 0.539 / 0.477, 5 -> 0.571 / 0.519,
-# 10 -> 0.547 / 0.484, 20 -> 0.517 / 0.502 (one epoch ~2 s of one core); so 5.
+# 0 / 9 (1 thread on a shared 2-core CPU), AUROC by epochs: 2 -> 0.539 / 0.477, 5 -> 0.571 /
+# 0.519, 10 -> 0.547 / 0.484, 20 -> 0.517 / 0.502 (one epoch ~2 s of one core); so 5.
 EMBEDDED_RDAD = {
     "backbone": "ndbench_resnet_embedded",
     "weights": EMBEDDED_WEIGHTS,
@@ -96,6 +107,22 @@ EMBEDDED_RDAD = {
 }
 # Multi-class splits (~2,800 train images): one epoch (measured at 5: fit 29 s on 2 idle cores).
 EMBEDDED_MULTI_RDAD = {"epochs": 1}
+# How the authors' copy ran RD4AD on VOC for the paper (copy main.py:101 dataset_name = 'pvoc').
+# It keeps the official WRN-50-2 encoder, OCBE and decoder (main.py:61-66; resnet.py and
+# de_resnet.py equal the official files but for comments), the flat loss (main.py:28-33) and Adam
+# with betas (0.5, 0.999) at lr 0.005 (main.py:53, 68). Its custom_eval pairs labels and scores
+# with zip(labels, [batch loss]) (test.py:104), which would keep only each batch's first label
+# with the batch's mean loss; the VOC test loader it reads has batch size 1 (dataset.py:195-197),
+# so every image gets its own loss there, and ndbench scores per image.
+PAPER_RDAD = {
+    # copy dataset.py:410 (pvoc): Resize((224, 224)) + ToTensor, no Normalize ([0, 1] pixels).
+    "img_size": 224,
+    "mean": (0.0, 0.0, 0.0),
+    "std": (1.0, 1.0, 1.0),
+    "epochs": 1,  # copy main.py:52
+    "batch_size": 32,  # copy main.py:54
+    "score": "flat_loss",  # copy main.py:117 -> test.py:86-110 custom_eval
+}
 
 
 # --- building blocks ----------------------------------------------------------------------------
@@ -140,8 +167,8 @@ def _stage(kind: str, cin: int, cout: int, ratio: float, blocks: int, resample: 
 
 
 def _init(module: nn.Module) -> None:
-    # As the original: Kaiming (fan-out) for convolutions, BatchNorm at identity; the
-    # transposed convolutions keep torch's default.
+    # As the official resnet.py:416-421 (OCBE) and de_resnet.py:202-207 (decoder): Kaiming (fan-out)
+    # for convolutions, BatchNorm at identity; the transposed convolutions keep torch's default.
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -248,23 +275,31 @@ class ReverseDistillation(nn.Module):
         return features, self.decode(features)
 
 
+def flat_distances(encoder: list[Tensor], decoder: list[Tensor]) -> Tensor:
+    """Per image [B] (float32), the sum over scales of 1 - cosine of the whole flattened encoder
+    and decoder maps (official main.py:33-43 before its batch mean)."""
+    total = torch.zeros(encoder[0].shape[0], device=encoder[0].device)
+    for e, d in zip(encoder, decoder, strict=True):
+        total = total + 1 - F.cosine_similarity(e.float().flatten(1), d.float().flatten(1), dim=1)
+    return total
+
+
 def distillation_loss(encoder: list[Tensor], decoder: list[Tensor], kind: str = "flat") -> Tensor:
     """Sum over scales of the batch mean of (1 - cosine): of each image's whole flattened map
-    ("flat", the released code) or of each position's channel vector, averaged over positions
-    ("map", the paper's eq. 3)."""
+    ("flat", official main.py:33-43) or of each position's channel vector, averaged over
+    positions ("map", the paper's eq. 3)."""
+    if kind == "flat":
+        return flat_distances(encoder, decoder).mean()
     loss = torch.zeros((), device=encoder[0].device)
     for e, d in zip(encoder, decoder, strict=True):
-        e, d = e.float(), d.float()
-        if kind == "flat":
-            loss = loss + (1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean()
-        else:
-            loss = loss + (1 - F.cosine_similarity(e, d, dim=1)).mean()
+        loss = loss + (1 - F.cosine_similarity(e.float(), d.float(), dim=1)).mean()
     return loss
 
 
 def anomaly_maps(encoder: list[Tensor], decoder: list[Tensor], size: int) -> Tensor:
     """Sum over scales of the (1 - cosine) maps, each upsampled (bilinear, corners aligned) to
-    `size` x `size` as test.cal_anomaly_map does: [B, size, size], float32."""
+    `size` x `size` as the official test.py:25-45 cal_anomaly_map does (amap_mode 'a', test.py:83):
+    [B, size, size], float32."""
     total = None
     for e, d in zip(encoder, decoder, strict=True):
         m = 1 - F.cosine_similarity(e.float(), d.float(), dim=1)
@@ -274,7 +309,7 @@ def anomaly_maps(encoder: list[Tensor], decoder: list[Tensor], size: int) -> Ten
 
 
 def smooth(maps: Tensor, sigma: float) -> np.ndarray:
-    """Gaussian smoothing of each map [B, H, W] (scipy's gaussian_filter, as the original)."""
+    """Gaussian smoothing of each map [B, H, W] (scipy's gaussian_filter, as the official test.py:84)."""
     array = maps.detach().cpu().double().numpy()
     if sigma <= 0:
         return array
@@ -294,7 +329,8 @@ class RDADDetector(BaseDetector):
     Config = RDADConfig
     description = "Reverse Distillation: OCBE + reverse-ResNet student, max smoothed (1 - cos) map"
     paper = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
-    presets = {"embedded": EMBEDDED_RDAD, "embedded/multi-class": EMBEDDED_MULTI_RDAD}
+    presets = {"embedded": EMBEDDED_RDAD, "embedded/multi-class": EMBEDDED_MULTI_RDAD, "paper": PAPER_RDAD}
+    paper_preset = "paper"
 
     def __init__(self, config: RDADConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -308,7 +344,7 @@ class RDADDetector(BaseDetector):
         return ReverseDistillation(backbone, c.bottleneck_blocks, c.decoder_blocks)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The OCBE's and the decoder's parameters (what the original's Adam optimises)."""
+        """The OCBE's and the decoder's parameters (what the official main.py:87 Adam optimises)."""
         return [*self.model.bottleneck.parameters(), *self.model.decoder.parameters()]
 
     # --- training --------------------------------------------------------------------------
@@ -361,7 +397,7 @@ class RDADDetector(BaseDetector):
 
     def _batches(self, train: Dataset, cache: list[Tensor] | None, device: torch.device,
                  progress: Progress | None, description: str) -> Iterator[list[Tensor]]:
-        """Shuffled batches of encoder maps (the original shuffles, keeping the last partial batch),
+        """Shuffled batches of encoder maps (the official main.py:77 shuffles, keeping the last partial batch),
         in the same order whether the maps are cached or recomputed."""
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_draw_seed()))
         if cache is None:
@@ -388,13 +424,28 @@ class RDADDetector(BaseDetector):
         """Smoothed anomaly maps [B, H, W] (CPU, float32) of a normalised batch."""
         return torch.from_numpy(smooth(self.raw_maps(images), self.config.sigma)).float()
 
+    @torch.no_grad()
+    def flat_scores(self, x: Tensor) -> np.ndarray:
+        """Each image's flat distillation distance (see `flat_distances`) of a normalised batch."""
+        self._require_fitted()
+        device = next(self.model.bottleneck.parameters()).device
+        self.model.eval()
+        features = self._encode(x, device)
+        with autocast(device):
+            decoded = self.model.decode(features)
+        return flat_distances(features, decoded).double().cpu().numpy()
+
     def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
-        """Maximum of each image's smoothed anomaly map; higher = more novel."""
+        """Per image, the maximum of its smoothed anomaly map ("map_max") or its flat
+        distillation distance ("flat_loss"); higher = more novel."""
         self._require_fitted()
         self.model.to(device)
         rows = []
         for x, _, _ in tracked(self.loader(images), progress, f"{self.name}: scoring"):
-            rows.append(smooth(self.raw_maps(x.to(device)), self.config.sigma).max(axis=(1, 2)))
+            if self.config.score == "flat_loss":
+                rows.append(self.flat_scores(x.to(device)))
+            else:
+                rows.append(smooth(self.raw_maps(x.to(device)), self.config.sigma).max(axis=(1, 2)))
         return np.concatenate(rows) if rows else np.zeros(0)
 
     def record_extra(self) -> dict:

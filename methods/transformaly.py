@@ -1,5 +1,6 @@
 """Transformaly: Cohen & Avidan, "Transformaly - Two (Feature Spaces) Are Better Than One",
-CVPR Workshops 2022 (original code: github.com/MatanCohen1/Transformaly).
+CVPR Workshops 2022 (original code: MatanCohen1/Transformaly; the "Redefining Normal" authors'
+copy: SMSD75/Redefining_Normal_ACCV24, Multiobject_bench/Transformaly).
 
 A frozen pre-trained ViT is the teacher. Each of its blocks gets a randomly initialised student
 block, trained on the normal images to map the teacher block's input to that block's output.
@@ -7,9 +8,9 @@ An image is scored in two feature spaces: the teacher's CLS feature (PCA-whitene
 log-likelihood) and the per-block distillation errors (Gaussian log-likelihood); the two
 log-likelihoods are added, and negated so that higher = more novel.
 
-Error blocks: the original scores blocks 2..11 (0-based) of its 12-block ViT, i.e. every block
-but the first two. ndbench applies that rule to any depth: blocks `first_error_block`..depth-1
-(2..5 for the depth-6 embedded ViT).
+Error blocks: the original scores blocks 2..11 (0-based) of its 12-block ViT (official
+eval.py:31, 240-241), i.e. every block but the first two. ndbench applies that rule to any
+depth: blocks `first_error_block`..depth-1 (2..5 for the depth-6 embedded ViT).
 """
 
 from __future__ import annotations
@@ -41,40 +42,46 @@ CACHE_DTYPE = torch.float16
 
 @dataclass(frozen=True)
 class TransformalyConfig:
-    """Transformaly hyper-parameters (file names are the original repository's)."""
+    """Transformaly hyper-parameters. Sources: "official" = MatanCohen1/Transformaly (commit
+    09d226b), "copy" = SMSD75/Redefining_Normal_ACCV24:Multiobject_bench/Transformaly (commit 13736a9)."""
 
-    # "Redefining Normal" runs every ViT baseline on supervised IN-21k ViT-B/16 at 224 (its copy of
-    # Transformaly, Multiobject_bench/Transformaly/train.py, uses the IN-21k B_16 at 224 too). The
-    # original's own teacher (train.py: B_16_imagenet1k, 384 px) is the "original" preset.
+    # The paper's fair setting (paper section 4.3: "supervised pretraining on ImageNet-21k with an
+    # input size of 224 ... we apply the same modification to ... Transformaly, which uses a
+    # different pretraining and input size 384"). The official teacher (official train.py:36,
+    # 142, 147: B_16_imagenet1k, 384 px) is the "original" preset; the copy's is the "paper" one.
     backbone: str = "vit_base_patch16_224.augreg_in21k"
     weights: str = "hub"  # "hub", a local file, "none" (random, on request) or "embedded"
     img_size: int = 224
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # utils.py get_transforms: Normalize(0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    # README.md training command: --epochs 30. utils.py train() keeps the epoch with the lowest loss
-    # on normal *test* images; ndbench cannot look at test images when fitting, so it keeps the last.
+    # official utils.py:555-558 get_transforms: Resize, ToTensor, Normalize(0.5, 0.5). None takes the
+    # backbone's own from timm's pretrained config.
+    mean: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
+    # official README.md:26 training command: --epochs 30. official utils.py:390-424 train() keeps
+    # the model of the evaluated epoch with the lowest loss on the normal *test* images; ndbench
+    # cannot look at test images when fitting, so it keeps the last.
     epochs: int = 30
-    batch_size: int = 32  # README.md training command: --batch_size 32
-    lr: float = 1e-4  # train.py --lr 0.0001; utils.py train(): torch.optim.Adam, nn.MSELoss
-    # pytorch_pretrained_vit/configs.py: dropout_rate 0.1, applied by transformer.py's Block to the
-    # attention probabilities and to the attention / MLP outputs of the student blocks (timm's
-    # blocks also drop after the MLP's hidden layer). The original also left dropout on in its
-    # frozen teacher (the whole model in train mode); ndbench's teacher is deterministic, which is
-    # what lets its states be cached.
+    batch_size: int = 32  # official README.md:26 training command: --batch_size 32
+    lr: float = 1e-4  # official train.py:23 --lr 0.0001; utils.py:346-347 torch.optim.Adam, nn.MSELoss
+    # official pytorch_pretrained_vit/configs.py:13 dropout_rate 0.1, applied by transformer.py:53,
+    # 86, 88 to the attention probabilities and to the attention / MLP outputs of the student
+    # blocks (timm's blocks also drop after the MLP's hidden layer). The original also left
+    # dropout on in its frozen teacher (utils.py:361 puts the whole model in train mode);
+    # ndbench's teacher is deterministic, which is what lets its states be cached.
     student_dropout: float = 0.1
-    first_error_block: int = 2  # train.py / eval.py: use_layer_outputs = range(2, 12) of 12 blocks
-    # utils.py train() trains every student, but eval.py scores only blocks >= first_error_block.
-    # The students are independent and Adam is invariant to the loss scale, so False (train
-    # only the scored students) gives the same scored students (up to Adam's eps and dropout
-    # draws) for less compute.
+    # official train.py:35 and eval.py:31 use_layer_outputs = range(2, 12) of the 12 blocks.
+    first_error_block: int = 2
+    # official utils.py:256-262 leaves every student trainable, but eval.py:240-241 scores only
+    # blocks >= first_error_block. The students are independent and Adam is invariant to the
+    # loss scale, so False (train only the scored students) gives the same scored students (up to
+    # Adam's eps and dropout draws) for less compute.
     train_unscored_students: bool = True
-    # README.md / eval.py: --whitening_threshold 0.9, PCA(whiten=True). eval.py counts components
-    # with its own loop, which stops one short of the 90 % point; ndbench keeps the fewest that
-    # reach it (sklearn's PCA(n_components=0.9)).
+    # official README.md:27 / eval.py:23 --whitening_threshold 0.9; eval.py:142 PCA(whiten=True).
+    # eval.py:127-136 counts components with its own loop, which stops one short of the 90 % point;
+    # ndbench keeps the fewest that reach it (sklearn's PCA(n_components=0.9)).
     pca_variance: float = 0.9
-    gmm_components: int = 1  # eval.py: mixture.GaussianMixture(n_components=1) for both spaces
-    gmm_max_iter_features: int = 1000  # eval.py: max_iter=1000 for the CLS features
-    gmm_max_iter_errors: int = 500  # eval.py: max_iter=500 for the distillation errors
+    gmm_components: int = 1  # official eval.py:148 and 244: GaussianMixture(n_components=1), both spaces
+    gmm_max_iter_features: int = 1000  # official eval.py:149: max_iter=1000 for the CLS features
+    gmm_max_iter_errors: int = 500  # official eval.py:245: max_iter=500 for the distillation errors
     # ndbench choice (as MKD's): teacher block states are cached once per job up to this size,
     # else recomputed every epoch.
     max_cache_gb: float = 16.0
@@ -95,9 +102,34 @@ EMBEDDED = {"backbone": "ndbench_vit_embedded", "weights": EMBEDDED_WEIGHTS, "im
             "student_dropout": 0.0, "train_unscored_students": False}
 # Multi-class splits (~2,800 train images): one epoch (measured at 3: fit 25.5 s on 2 idle cores).
 EMBEDDED_MULTI = {"epochs": 1}
-# The original repository's teacher: pytorch_pretrained_vit B_16_imagenet1k (IN-21k pre-trained,
-# IN-1k fine-tuned, 384 px, mean/std 0.5) = timm's orig_in21k_ft_in1k weights.
+# The official teacher: official train.py:36 use_imagenet = True -> train.py:142, 147 AnomalyViT
+# ('B_16_imagenet1k') = pytorch_pretrained_vit/configs.py:81-86 (IN-21k pre-trained, IN-1k
+# fine-tuned, 384 px) with utils.py:556-558 Resize((384, 384)) and mean/std 0.5 = timm's
+# orig_in21k_ft_in1k weights.
 ORIGINAL = {"backbone": "vit_base_patch16_384.orig_in21k_ft_in1k", "img_size": 384}
+# How the authors' copy trains Transformaly (copy train.py, whose --dataset defaults to pvoc,
+# train.py:17). It keeps the official students, loss, optimiser, lr (train.py:21) and error
+# blocks (train.py:34). Not reproduced: (a) like the official, it keeps the model of the epoch
+# with the lowest loss on the normal *test* images (utils.py:452-487, every 2nd epoch,
+# train.py:23); (b) its eval.py cannot score VOC or COCO (eval.py:32-43 accepts only cifar10,
+# fmnist, cifar100, cats_vs_dogs, dior) and would load the 384 px B_16_imagenet1k model
+# (eval.py:29, 162-165) that train.py did not train; for VOC / COCO the only AUROC the copy
+# computes is a 2-NN distance on the untuned teacher's CLS features (utils.py:254-284), which is
+# no Transformaly score. This preset therefore scores with Transformaly's own two likelihoods.
+PAPER_RECIPE = {
+    # copy train.py:35, 159, 162: use_imagenet False -> AnomalyViT('B_16') = pytorch_pretrained_vit/
+    # configs.py:57-62, Google's original IN-21k ViT-B/16 at 224 px (its pre-logits layer is not
+    # loaded, model.py:115-119), the weights timm calls vit_base_patch16_224.orig_in21k.
+    "backbone": "vit_base_patch16_224.orig_in21k",
+    "img_size": 224,
+    # copy train.py:123 (training) and utils.py:224 (features): Resize((224, 224)) + ToTensor, no
+    # Normalize, so the teacher sees [0, 1] pixels.
+    "mean": (0.0, 0.0, 0.0),
+    "std": (1.0, 1.0, 1.0),
+    "epochs": 10,  # copy train.py:19 --epochs 10 (paper Table 10: 10 training epochs)
+    # copy train.py:20 --batch_size 16 (paper Table 10 lists 32, for its CIFAR-10 timing run).
+    "batch_size": 16,
+}
 
 
 def error_blocks(depth: int, first: int) -> list[int]:
@@ -129,20 +161,20 @@ class BlockStudents(nn.Module):
         return (states[:, 1:] if blocks is None else states[:, [i + 1 for i in blocks]]).float()
 
     def loss(self, states: Tensor, blocks: list[int] | None = None) -> Tensor:
-        """Mean squared error over the blocks, tokens and channels (utils.py: nn.MSELoss on the
+        """Mean squared error over the blocks, tokens and channels (official utils.py:347: nn.MSELoss on the
         stacked block outputs)."""
         return F.mse_loss(self(states, blocks).float(), self.targets(states, blocks))
 
     def errors(self, states: Tensor, blocks: list[int] | None = None) -> Tensor:
         """Per-block distillation error [B, len(blocks)] float32: squared error averaged over
-        every token (CLS and patches) and channel (utils.py get_finetuned_features: mean over
+        every token (CLS and patches) and channel (official utils.py:527-528: mean over
         dims 2, 3)."""
         return (self(states, blocks).float() - self.targets(states, blocks)).pow(2).mean(dim=(2, 3))
 
 
 def teacher_states(teacher: ViTFeatures, x: Tensor) -> tuple[Tensor, Tensor]:
     """The teacher's block states [B, L+1, T, D] (block 0's input, then each block's output) and
-    its final-normed CLS feature [B, D] (utils.py get_features: ViT with fc = Identity)."""
+    its final-normed CLS feature [B, D] (official utils.py:72-82 on train.py:202-203's ViT with fc = Identity)."""
     inputs, outputs = teacher.per_block_io(x)
     states = torch.stack([inputs[0], *outputs], dim=1)
     return states, teacher.model.norm(outputs[-1])[:, 0]
@@ -155,7 +187,9 @@ class TransformalyDetector(BaseDetector):
     Config = TransformalyConfig
     description = "Transformaly: GMM likelihood of ViT CLS features plus of per-block distillation errors"
     paper = PAPER
-    presets = {"embedded": EMBEDDED, "embedded/multi-class": EMBEDDED_MULTI, "original": ORIGINAL}
+    presets = {"embedded": EMBEDDED, "embedded/multi-class": EMBEDDED_MULTI, "original": ORIGINAL,
+               "paper": PAPER_RECIPE}
+    paper_preset = "paper"
 
     def __init__(self, config: TransformalyConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -174,7 +208,7 @@ class TransformalyDetector(BaseDetector):
 
     def _new_students(self) -> BlockStudents:
         """Fresh blocks of the teacher's architecture with xavier-uniform weights, as the original's
-        cloned blocks (pytorch_pretrained_vit/model.py init_weights; its q, k, v are separate
+        cloned blocks (official pytorch_pretrained_vit/model.py:319-332; its q, k, v are separate
         layers, so timm's fused qkv matrix is initialised one third at a time)."""
         d = self.config.student_dropout
         vit = create_backbone(self.config.backbone, weights="none", num_classes=0, img_size=self.config.img_size,
@@ -283,7 +317,7 @@ class TransformalyDetector(BaseDetector):
     # --- densities -------------------------------------------------------------------------
     def fit_densities(self, features: np.ndarray, errors: np.ndarray) -> None:
         """Fit the whitening PCA and Gaussian mixture on the training CLS features, and the
-        Gaussian mixture on the training errors of the scored blocks (eval.py)."""
+        Gaussian mixture on the training errors of the scored blocks (official eval.py:127-152, 240-248)."""
         c = self.config
         self.pca = PCA(n_components=c.pca_variance, whiten=True, svd_solver="full")
         whitened = self.pca.fit_transform(features.astype(np.float64))
@@ -293,7 +327,7 @@ class TransformalyDetector(BaseDetector):
         self.error_gmm.fit(errors.astype(np.float64))
 
     def novelty(self, features: np.ndarray, errors: np.ndarray) -> np.ndarray:
-        """Negated sum of the two log-likelihoods (eval.py adds them): higher = more novel.
+        """Negated sum of the two log-likelihoods (official eval.py:260-262 adds them): higher = more novel.
         `errors` holds the scored blocks' errors only."""
         features_ll = self.feature_gmm.score_samples(self.pca.transform(features.astype(np.float64)))
         errors_ll = self.error_gmm.score_samples(errors.astype(np.float64))

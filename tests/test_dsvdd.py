@@ -75,7 +75,7 @@ def test_guard_and_gcn_hand_values():
     assert torch.equal(global_contrast_normalization(torch.ones(1, 3, 2, 2)), torch.zeros(1, 3, 2, 2))
 
 
-def test_defaults_follow_the_released_cifar10_recipe():
+def test_defaults_follow_the_official_cifar10_recipe():
     c = DSVDDDetector().config
     assert (c.img_size, c.rep_dim, c.eps, c.gcn, c.activation) == (32, 128, 0.1, True, "leaky_relu")
     assert (c.lr, c.epochs, c.milestones, c.batch_size, c.weight_decay) == (1e-4, 150, (50,), 200, 5e-7)
@@ -87,7 +87,7 @@ def test_defaults_follow_the_released_cifar10_recipe():
 
 
 def test_one_step_lowers_each_loss():
-    # One Adam step at the released lr (1e-4) on a fixed batch, for each phase.
+    # One Adam step at the official lr (1e-4) on a fixed batch, for each phase.
     torch.manual_seed(0)
     x = torch.stack(ToyImages(16, 0, seed=3, normal_kind="square").images)
     ae = LeNetAutoencoder(32).train()
@@ -157,3 +157,31 @@ def test_save_load_gives_identical_scores(fitted, toy, tmp_path):
     assert loaded.config == fitted.config and loaded.scaling == fitted.scaling
     assert torch.equal(loaded.c, fitted.c)
     assert np.array_equal(loaded.score(toy[1], device=CPU), fitted.score(toy[1], device=CPU))
+
+
+def test_paper_preset_is_the_authors_copy_and_released_voc_alias():
+    assert DSVDDDetector.paper_preset == "paper" and DSVDDDetector.resolve_preset("paper") == "paper"
+    assert DSVDDDetector.presets["paper"] is DSVDDDetector.presets["released_voc"]  # one source of truth
+    c = DSVDDDetector.with_preset("paper").config
+    # Multiobject_bench/Deep-SVDD: src/main.py:29-40 (optimiser settings), src/datasets/pvoc.py:150-153
+    # (Resize((224, 224)) + ToTensor only), src/networks/pvoc_LeNet.py (ELU, decoder at 32 px).
+    assert (c.img_size, c.gcn, c.activation, c.decoder_size, c.mean, c.std) == (
+        224, False, "elu", 32, (0.0,) * 3, (1.0,) * 3)
+    assert (c.lr, c.epochs, c.milestones, c.batch_size, c.weight_decay) == (1e-3, 50, (19, 39), 128, 1e-6)
+    assert (c.ae_lr, c.ae_epochs, c.ae_milestones, c.ae_batch_size, c.ae_weight_decay) == (
+        1e-3, 100, (29, 79), 120, 1e-6)
+    assert c == DSVDDDetector.with_preset("released_voc").config
+
+
+def test_decoder_size_decodes_small_then_resizes_nearest():
+    torch.manual_seed(0)
+    ae = LeNetAutoencoder(64, activation="elu", decoder_size=32).eval()
+    assert ae.encoder.fc1.in_features == 128 * 8 * 8  # phi still sees the whole 64 px input
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = ae(x)
+    assert out.shape == (2, 3, 64, 64)
+    # Nearest 32 -> 64: every 2 x 2 block holds one decoded pixel.
+    torch.testing.assert_close(out, out[:, :, ::2, ::2].repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    with pytest.raises(NdbenchError, match="decoder_size"):
+        DSVDDDetector(decoder_size=2)

@@ -14,7 +14,7 @@ from methods.kdad import KDADDetector, KDADStudent, kdad_loss, kdad_scores, stud
 from methods.registry import get
 
 CPU = torch.device("cpu")
-# The released cfg 'B' (models/network.py), written out by hand.
+# The official cfg 'B' (rohban-lab/Knowledge_Distillation_AD:models/network.py:102), written out by hand.
 CFG_B = [16, 16, "M", 16, 128, "M", 16, 16, 256, "M", 16, 16, 512, "M", 16, 16, 512, "M"]
 # A tiny random CNN teacher: the embedded ResNet-10 architecture at 32 px, tapped after its stages.
 TINY = dict(backbone="ndbench_resnet_embedded", weights="none", img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
@@ -154,3 +154,41 @@ def test_save_load_gives_identical_scores(fitted, toy, tmp_path):
     assert loaded.config == fitted.config
     assert np.array_equal(loaded.score(toy[1], device=CPU), fitted.score(toy[1], device=CPU))
     assert loaded.record_extra() == fitted.record_extra()
+
+
+def test_default_transform_is_the_official_square_resize_and_centre_crop():
+    from PIL import Image
+    from torchvision import transforms
+
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray(torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy())
+    x = KDADDetector(img_size=28).transform()(image)  # the official 256 -> 224 at 32 -> 28
+    expected = transforms.Compose([  # official dataloader.py:16-21
+        transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.LANCZOS),
+        transforms.CenterCrop(28), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(image)
+    torch.testing.assert_close(x, expected)
+    c = KDADDetector().config
+    assert (c.img_size, c.center_crop, c.interpolation, c.epochs, c.batch_size, c.lr) == (
+        224, 224 / 256, "lanczos", 201, 64, 1e-3)
+    with pytest.raises(NdbenchError, match="interpolation"):
+        KDADDetector(interpolation="nearest")
+
+
+def test_paper_preset_is_the_authors_copy_recipe():
+    from PIL import Image
+
+    assert KDADDetector.paper_preset == "paper" and KDADDetector.resolve_preset("paper") == "paper"
+    detector = KDADDetector.with_preset("paper")
+    c = detector.config
+    # Multiobject_bench/KDAD: configs/config.yaml:8-10, 15 (1 epoch, batch 64, lr 1e-3, lamda 0.01),
+    # dataloader.py:334 (Resize((224, 224)) + ToTensor: no crop, no Normalize).
+    assert (c.epochs, c.batch_size, c.lr, c.lamda) == (1, 64, 1e-3, 0.01)
+    assert (c.img_size, c.center_crop, c.interpolation, c.mean, c.std) == (224, 1.0, "bilinear", (0.0,) * 3, (1.0,) * 3)
+    assert (c.backbone, c.teacher_layers, c.score_layers) == (
+        KDADDetector().config.backbone, KDADDetector().config.teacher_layers, KDADDetector().config.score_layers)
+    image = Image.new("RGB", (320, 240), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 8, 240))  # a blue left edge survives the squashing resize
+    x = detector.transform()(image)
+    assert x.shape == (3, 224, 224) and float(x.max()) <= 1.0 and float(x.min()) >= 0.0
+    assert float(x[2, :, 0].mean()) > 0.9 and float(x[0, :, -1].mean()) > 0.9

@@ -13,7 +13,7 @@ from small_splits import fresh_out
 
 from benchmark.bench import BenchConfig, baseline_training, paper_comparison, run_bench
 from benchmark.cli import main
-from benchmark.maps import CAPTION, HEAT_ANCHORS, TILE, heat_colours, pick_images
+from benchmark.maps import CAPTION, HEAT_COLORMAP, TILE, heat_colours, pick_images
 from datasets_builders.splits import NOVEL
 
 
@@ -29,10 +29,14 @@ def test_pick_images_halves_normal_and_novel_and_is_seeded():
 
 
 def test_heat_colours_span_the_scale():
+    from matplotlib import colormaps
+
     colours = heat_colours(np.array([[0.0, 1.0, 0.5, -3.0, 7.0]]))
     assert colours.dtype == np.uint8 and colours.shape == (1, 5, 3)
-    assert colours[0, 0].tolist() == HEAT_ANCHORS[0].tolist() == colours[0, 3].tolist()
-    assert colours[0, 1].tolist() == HEAT_ANCHORS[-1].tolist() == colours[0, 4].tolist()
+    low, high = (colormaps[HEAT_COLORMAP](v, bytes=True)[:3] for v in (0.0, 1.0))
+    assert colours[0, 0].tolist() == list(low) == colours[0, 3].tolist()  # clipped below
+    assert colours[0, 1].tolist() == list(high) == colours[0, 4].tolist()  # clipped above
+    assert colours[0, 0, 2] > colours[0, 0, 0] and colours[0, 1, 0] > colours[0, 1, 2]  # blue -> red
 
 
 def test_maps_writes_a_grid_of_image_and_heat_pairs(splits_root, tmp_path, capsys):
@@ -75,13 +79,15 @@ def test_bench_measures_every_figure_on_a_tiny_vit():
 
 
 def test_bench_cli_prints_the_table_and_refuses_bad_sizes(capsys):
-    args = ["bench", "--no-compare", "--no-baselines", "--arch", TINY_VIT, "--img-size", "32", "--batch-size", "2",
-            "--steps", "1", "--device", "cpu"]
+    args = ["bench", "--no-compare", "--no-baselines", "--no-runs", "--no-loader", "--arch", TINY_VIT, "--img-size",
+            "32", "--batch-size", "2", "--steps", "1", "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "MKD speed-up from token dropping" in printed and "teacher passes" in printed
     assert main([*args[:-4], "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert main(["bench", "--img-size", "0"]) == 2  # refused before any work, batch and steps left to the device
+    assert "--img-size" in capsys.readouterr().err
 
 
 def test_paper_comparison_times_defend_against_each_transformaly_case():
@@ -125,3 +131,41 @@ def test_training_throughput_counts_only_the_extra_epochs():
     assert (speed, size) == (4.0, 16)
     speed, _ = training_throughput("dsvdd", tiny, config, torch.device("cpu"), clock=clock([0, 5, 10, 14]))
     assert math.isnan(speed)
+
+
+def test_bench_config_is_sized_by_device():
+    from benchmark.bench import CPU_BENCH, bench_config
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (bench_config(cpu).batch_size, bench_config(cpu).steps) == (CPU_BENCH["batch_size"], CPU_BENCH["steps"])
+    assert bench_config(cpu, full=True) == BenchConfig() == bench_config(cuda)
+    assert bench_config(cpu, batch_size=4, steps=None).batch_size == 4
+
+
+def test_knn_run_level_counts_decodes_and_passes_per_distinct_image(splits_root, tmp_path):
+    from benchmark.bench_data import knn_run_level
+
+    rows = {r.name: r for r in knn_run_level(tmp_path, "cpu", report=lambda _: None, classes=[0, 1],
+                                             overrides={"backbone": TINY_VIT, "img_size": 32}, workers=0,
+                                             splits_root=splits_root)}
+    assert rows["decodes per distinct image, caches cold"].value == 1.0
+    assert rows["decodes per distinct image, caches cold"].met
+    assert rows["knn frozen passes per distinct image, caches cold"].value == 1.0
+    assert rows["decodes per distinct image, caches off"].value > 1.0
+    assert rows["decodes + frozen passes, caches warm"].value == 0 and rows["decodes + frozen passes, caches warm"].met
+    off, cold = rows["knn x 2 jobs, caches off"].value, rows["knn x 2 jobs, caches cold"].value
+    assert rows["knn run speed-up with caches, cold"].value == pytest.approx(off / cold)
+
+
+def test_loader_speed_reads_the_store_and_decodes_with_workers(tmp_path):
+    from benchmark.bench_data import loader_speed
+
+    rows = {r.name: r for r in loader_speed(tmp_path, report=lambda _: None, n_images=8, img_size=32, workers=2,
+                                            batch_size=4)}
+    assert {"decode + resize, 0 workers", "decode + resize, 1 workers", "decode + resize, 2 workers",
+            "read from the image store, 0 workers"} <= set(rows)
+    assert all(r.value > 0 for r in rows.values())
+    ratio = rows["image store / decoding with 1 worker"]
+    assert ratio.value == pytest.approx(rows["read from the image store, 0 workers"].value
+                                        / rows["decode + resize, 1 workers"].value)
+    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 8

@@ -19,6 +19,7 @@ from methods.rdad import (
     anomaly_maps,
     distillation_loss,
     encoder_block_spec,
+    flat_distances,
     smooth,
 )
 from methods.registry import get
@@ -129,7 +130,7 @@ def test_one_step_lowers_the_loss_and_leaves_the_encoder_alone():
 
 
 # --- loss, maps, smoothing ------------------------------------------------------------------------
-def test_loss_flat_is_the_released_code_and_map_is_the_paper():
+def test_loss_flat_is_the_official_code_and_map_is_the_paper():
     e = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [1, 2, 1, 2]: positions (1, 0) and (0, 1)
     d = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # positions (1, 0) and (0, 2): same directions
     # Flattened: (1, 0, 0, 1) . (1, 0, 0, 2) / (sqrt2 sqrt5) = 3 / sqrt10; per position: cosine 1.
@@ -197,3 +198,41 @@ def test_cached_encoder_features_train_like_recomputed_ones(tmp_path):
         losses[cache_gb] = detector.record_extra()
     assert losses[4.0]["encoder_features_cached"] and not losses[0.0]["encoder_features_cached"]
     np.testing.assert_allclose(losses[4.0]["loss_per_epoch"], losses[0.0]["loss_per_epoch"], rtol=1e-5)
+
+
+# --- the paper preset: the authors' copy's VOC run -------------------------------------------------
+def test_paper_preset_is_the_authors_copy_recipe():
+    assert RDADDetector.paper_preset == "paper" and RDADDetector.resolve_preset("paper") == "paper"
+    c = RDADDetector.with_preset("paper").config
+    # Multiobject_bench/RD4AD: main.py:52-54 (1 epoch, lr 0.005, batch 32), main.py:68 (betas),
+    # dataset.py:410 (Resize((224, 224)) + ToTensor, no Normalize), test.py:86-110 (loss as score).
+    assert (c.epochs, c.batch_size, c.lr, c.betas) == (1, 32, 0.005, (0.5, 0.999))
+    assert (c.img_size, c.mean, c.std, c.loss, c.score) == (224, (0.0,) * 3, (1.0,) * 3, "flat", "flat_loss")
+    assert (c.backbone, c.bottleneck_blocks, c.decoder_blocks) == ("wide_resnet50_2.tv_in1k", 3, (3, 4, 6))
+    with pytest.raises(NdbenchError, match="unknown score"):
+        get("rdad", score="batch_loss")
+
+
+def test_flat_distances_are_per_image_and_average_to_the_loss():
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(3, c, s, s, generator=g) for c, s in ((4, 8), (6, 4), (8, 2))]
+    decoded = [f.clone() for f in feats]
+    decoded[0][1] *= -1  # only image 1, only scale 0: 1 - cos = 2 there
+    np.testing.assert_allclose(flat_distances(feats, decoded).numpy(), [0.0, 2.0, 0.0], atol=1e-6)
+    other = [torch.randn(3, c, s, s, generator=g) for c, s in ((4, 8), (6, 4), (8, 2))]
+    torch.testing.assert_close(flat_distances(feats, other).mean(), distillation_loss(feats, other, "flat"))
+
+
+def test_flat_loss_score_is_each_images_own_distance(fitted, toy):
+    flat = get("rdad", **{**TINY_RDAD, "score": "flat_loss"})
+    flat.set_state(fitted.state())
+    flat.fitted = True
+    scores = flat.score(toy[1], device=CPU)
+    x = torch.stack(toy[1].images)
+    with torch.no_grad():
+        features, decoded = flat.model(x)
+    np.testing.assert_allclose(scores, flat_distances(features, decoded).double().numpy(), rtol=1e-5)
+    # One image scored alone gets the same score as within its batch (no batch-level pairing).
+    np.testing.assert_allclose(flat.flat_scores(x[5:6]), scores[5:6], rtol=1e-5)
+    labels = np.array(toy[1].labels)
+    assert roc_auc_score(labels, scores) > 0.8

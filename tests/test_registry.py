@@ -47,7 +47,7 @@ def test_builtins_are_listed():
 def test_get_applies_overrides_and_keeps_paper_defaults():
     knn = registry_module.get("knn", k=5)
     assert knn.config.k == 5
-    assert knn.config.backbone == "vit_base_patch16_224.augreg_in21k"
+    assert knn.config.backbone == "vit_base_patch16_224.augreg2_in21k_ft_in1k"
     assert registry_module.get("knn").config.k == 2
 
 

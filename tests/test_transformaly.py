@@ -216,3 +216,23 @@ def test_defaults_and_presets():
     assert (embedded.epochs, embedded.lr, embedded.first_error_block) == (3, 1e-4, 2)
     with pytest.raises(NdbenchError, match="pca_variance"):
         TransformalyDetector(pca_variance=1.5)
+
+
+def test_paper_preset_is_the_authors_copy_recipe():
+    assert TransformalyDetector.paper_preset == "paper" and TransformalyDetector.resolve_preset("paper") == "paper"
+    config = TransformalyDetector.with_preset("paper").config
+    # Multiobject_bench/Transformaly: train.py:35, 159, 162 (B_16: Google's IN-21k ViT-B/16 at 224),
+    # train.py:123 (Resize((224, 224)) + ToTensor, no Normalize), train.py:19-21 (10 epochs,
+    # batch 16, lr 1e-4), train.py:34 (error blocks 2..11).
+    assert (config.backbone, config.img_size) == ("vit_base_patch16_224.orig_in21k", 224)
+    assert (config.mean, config.std) == ((0.0,) * 3, (1.0,) * 3)
+    assert (config.epochs, config.batch_size, config.lr, config.first_error_block) == (10, 16, 1e-4, 2)
+    assert (config.student_dropout, config.pca_variance) == (0.1, 0.9)
+    detector = TransformalyDetector.with_preset("paper")
+    assert detector.normalisation() == ((0.0,) * 3, (1.0,) * 3)
+    # The teacher's weights exist in timm under that tag, with no classifier (its IN-21k head and
+    # pre-logits dropped, as the copy's ViT without load_repr_layer).
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg("vit_base_patch16_224.orig_in21k")
+    assert cfg.num_classes == 0 and cfg.input_size == (3, 224, 224)

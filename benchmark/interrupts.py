@@ -1,0 +1,87 @@
+"""Ctrl-C (SIGINT) and SIGTERM as one exception, so a run stops cleanly.
+
+Inside `signals_raise_interrupted()` both signals raise `Interrupted` in the main thread:
+`finally` blocks run (temporary files and job locks are removed), executors add how many
+jobs had finished, and the CLI prints one line and exits 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """A stop request (BaseException, like KeyboardInterrupt, so `except Exception` in job
+    isolation does not swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.finished: int | None = None  # jobs whose record exists, set by the executor
+        self.total: int | None = None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """130 for SIGINT, 143 for SIGTERM: the shell's convention."""
+        return 128 + self.signum
+
+    def message(self) -> str:
+        """The one line the CLI prints."""
+        if self.total is None:
+            return f"interrupted by {self.signal_name}; nothing half-written was kept"
+        return (f"interrupted by {self.signal_name}: {self.finished} of {self.total} jobs finished and their "
+                "records are kept; run the same command again to resume")
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_raise_interrupted() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise `Interrupted` (main thread only; elsewhere
+    signals cannot be handled and the block changes nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in HANDLED}
+    for signum in HANDLED:
+        signal.signal(signum, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def signals_raise_keyboard_interrupt() -> Iterator[list[int]]:
+    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt (what blocking calls of
+    libraries such as Ray expect); the yielded list receives the numbers of the signals that
+    arrived, so the caller can tell the two apart."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.getsignal(signum) for signum in HANDLED}
+    for signum in HANDLED:
+        signal.signal(signum, handler)
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

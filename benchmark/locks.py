@@ -1,0 +1,177 @@
+"""Per-job lock files: two runs over one results folder never run the same job at once.
+
+A job's lock is `<record stem>.lock` beside its record. It is created with O_CREAT|O_EXCL
+(atomic on local and NFS file systems) and holds its owner's host, pid, process start and
+start time. A run that finds a lock skips the job ("running elsewhere"), unless the lock is
+stale: its owner was on this host and that process is gone (killed, or the machine rebooted
+between), or the lock is unreadable and old. A stale lock is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from datasets_builders.atomic import write_error
+
+# An unreadable lock younger than this may be one being written this instant; older, it is
+# the leftover of a process killed between creating and filling it.
+UNREADABLE_GRACE_S = 60.0
+
+
+def lock_path(record: Path) -> Path:
+    """Where the lock of the job whose record goes to `record` lives."""
+    return Path(record).with_suffix(".lock")
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """Fields 3.. of Linux's /proc/<pid>/stat (state, ppid, ...); [] where there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    # The command name (field 2) may hold spaces and parentheses, so split after the last ")".
+    return stat.rpartition(")")[2].split()
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of `pid` (field 22 of /proc/<pid>/stat), "" where it cannot be
+    read. Two processes with the same pid (a pid reused after a kill) have different ones."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    """Who holds a lock."""
+
+    host: str
+    pid: int
+    started: str  # ISO 8601 UTC
+    process_start: str  # see _process_start
+    token: str  # unique per lock, so a takeover can tell one lock from another
+
+    @classmethod
+    def me(cls) -> LockOwner:
+        """This process, now."""
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, datetime.now(UTC).isoformat(timespec="seconds"),
+                   _process_start(pid), uuid.uuid4().hex)
+
+    def describe(self) -> str:
+        """`host pid 123 since <time>`."""
+        return f"{self.host} pid {self.pid} since {self.started}"
+
+    def is_gone(self) -> bool:
+        """True when the owner surely no longer runs: same host and its process is gone."""
+        if self.host != socket.gethostname():
+            return False  # another machine: nothing to check it against
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, owned by another user
+        fields = _proc_stat(self.pid)
+        if fields and fields[0] == "Z":
+            return True  # killed, not yet reaped by its parent
+        current = fields[19] if len(fields) > 19 else ""
+        return bool(self.process_start and current and current != self.process_start)
+
+
+@dataclass
+class JobLock:
+    """A lock this process holds; `release` removes it."""
+
+    path: Path
+    owner: LockOwner
+
+    def release(self) -> None:
+        """Remove the lock file, if it is still ours."""
+        if _read_owner(self.path) == self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class LockAttempt:
+    """What `try_lock` found: the lock (when acquired) or who holds it, plus warning lines."""
+
+    lock: JobLock | None
+    holder: str = ""  # who holds it, when not acquired
+    notes: tuple[str, ...] = ()
+
+
+def _read_owner(path: Path) -> LockOwner | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return LockOwner(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _create(path: Path, owner: LockOwner) -> bool:
+    """Create the lock file holding `owner`; False when it exists already."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(asdict(owner)) + "\n")
+    except BaseException as exc:
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from exc
+        raise
+    return True
+
+
+def _take_over(path: Path, stale_text: str, token: str) -> None:
+    """Remove the stale lock whose text is `stale_text`, but never a lock someone created
+    after we read it: move it aside (atomic), check it is the one we read, else put it back."""
+    aside = path.with_name(f"{path.name}.stale-{token}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another run removed it first
+    try:
+        if aside.read_text(encoding="utf-8") != stale_text:
+            try:
+                os.link(aside, path)  # a fresh lock: restore it (unless yet another exists)
+            except FileExistsError:
+                pass
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def try_lock(record: Path, attempts: int = 3) -> LockAttempt:
+    """Take the lock of the job whose record goes to `record`, taking over a stale one."""
+    path = lock_path(record)
+    me = LockOwner.me()
+    notes: list[str] = []
+    for _ in range(attempts):
+        if _create(path, me):
+            return LockAttempt(JobLock(path, me), notes=tuple(notes))
+        try:
+            text = path.read_text(encoding="utf-8")
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            continue  # released meanwhile: try again
+        owner = _read_owner(path)
+        if owner is None and age < UNREADABLE_GRACE_S:
+            return LockAttempt(None, f"another run (lock {path} is being written)", tuple(notes))
+        if owner is not None and not owner.is_gone():
+            return LockAttempt(None, owner.describe(), tuple(notes))
+        why = "unreadable" if owner is None else f"its owner {owner.describe()} is gone"
+        notes.append(f"ndbench: warning: taking over stale lock {path} ({why})")
+        _take_over(path, text, me.token)
+    return LockAttempt(None, f"another run (lock {path} keeps changing)", tuple(notes))

@@ -1,0 +1,209 @@
+"""ndbench run --dry-run: what a run will compute, per method, with and without the caches,
+before anything runs.
+
+The jobs are walked in the order the local executor runs them, tracking which decoded images
+and frozen outputs the store holds (what it holds already, plus what earlier jobs add), so
+the counts "with caches" are those the records' `extra["cost"]` will show (as long as the
+size budget holds). "Without caches" is what every job pays on its own: each image decoded
+once per job, each frozen pass once per job and image.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from datasets_builders.image_store import ImageKey, ImageStore, StagedTransform
+from datasets_builders.index import DatasetIndex
+from datasets_builders.loading import PARTS
+from datasets_builders.splits import Manifest
+from methods.base import resolve_device
+from methods.cost import CostModel, FrozenPass
+from methods.features import feature_entry
+from methods.runtime import open_store
+
+from .runner import Job, RunOptions, build_detector, job_record_path
+
+
+@dataclass
+class MethodPlan:
+    """Predicted counts of one method's jobs. `None`: the method declares no cost model."""
+
+    method: str
+    jobs: int = 0
+    skipped: int = 0
+    images: int = 0  # train + test images over the jobs that run (an image counts once per job)
+    decodes_without: int = 0
+    decodes_with: int = 0
+    frozen_without: int | None = None
+    frozen_with: int | None = None
+    trained: int | None = None
+
+    def add_model_counts(self) -> None:
+        if self.frozen_without is None:
+            self.frozen_without = self.frozen_with = self.trained = 0
+
+
+@dataclass
+class JobPlan:
+    """One job as the dry run lists it."""
+
+    job: Job
+    train: int
+    test: int
+    skipped: bool
+
+
+@dataclass
+class RunPlan:
+    jobs: list[JobPlan] = field(default_factory=list)
+    methods: dict[str, MethodPlan] = field(default_factory=dict)
+
+
+class _StoreState:
+    """Positions held by each image-store and feature-cache entry, as the run goes."""
+
+    def __init__(self, options: RunOptions):
+        self.store = open_store(options.caching)
+        self.held: dict[object, np.ndarray] = {}
+
+    def images(self, key: ImageKey) -> np.ndarray:
+        """Per index position: whether the image store holds it (for the decode of `key`)."""
+        entry = ImageStore(self.store).lookup(key)
+        if entry.folder not in self.held:
+            self.held[entry.folder] = entry.filled(np.arange(key.n_index_rows))
+        return self.held[entry.folder]
+
+    def features(self, frozen: FrozenPass, key: ImageKey) -> np.ndarray:
+        """Per index position: whether the feature cache holds the pass's output on it."""
+        entry = feature_entry(self.store, frozen.part, key, frozen.dtype)
+        if entry.folder not in self.held:
+            self.held[entry.folder] = entry.filled(np.arange(key.n_index_rows))
+        return self.held[entry.folder]
+
+
+def plan_run(jobs: list[Job], options: RunOptions) -> RunPlan:
+    """The run's jobs and its predicted counts per method (see the module docstring)."""
+    device = resolve_device(options.device)
+    state = _StoreState(options)
+    indexes: dict[str, DatasetIndex] = {}
+    plan = RunPlan()
+    for job in jobs:
+        detector = build_detector(job, options)
+        index = indexes.get(job.dataset)
+        if index is None:
+            index = indexes[job.dataset] = DatasetIndex.read(options.splits / job.dataset)
+        manifest = Manifest.read(options.splits / job.dataset / job.setting / f"{job.split}.json")
+        positions = {
+            "train": np.asarray([index.position(i) for i in manifest.train], dtype=np.int64),
+            "test": np.asarray([index.position(i) for i, _ in manifest.test], dtype=np.int64),
+        }
+        skipped = job_record_path(job, options, detector).is_file() and not options.force
+        plan.jobs.append(JobPlan(job, len(positions["train"]), len(positions["test"]), skipped))
+        counts = plan.methods.setdefault(job.method, MethodPlan(job.method))
+        if skipped:
+            counts.skipped += 1
+            continue
+        counts.jobs += 1
+        _plan_job(detector, index, positions, device, state, counts)
+    return plan
+
+
+def _plan_job(detector, index: DatasetIndex, positions: dict[str, np.ndarray], device: torch.device,
+              state: _StoreState, counts: MethodPlan) -> None:
+    model: CostModel | None = detector.cost_model(device)
+    transform = detector.transform()
+    staged = isinstance(transform, StagedTransform)
+    image_key = (ImageKey(index.sha256, transform.decode.signature, len(index.rows), transform.finish.signature)
+                 if staged else None)
+    files = index.storage == "files"
+    needed = {part: np.zeros(len(positions[part]), dtype=bool) for part in PARTS}
+    if model is None:
+        for part in PARTS:
+            needed[part][:] = True
+    else:
+        counts.add_model_counts()
+        for part in PARTS:
+            needed[part] |= model.needs_images(part)
+        for frozen in model.frozen:
+            for part in frozen.parts:
+                where = positions[part]
+                counts.frozen_without += len(where)
+                if frozen.part is None or image_key is None or state.store is None:
+                    missing = np.ones(len(where), dtype=bool)
+                else:
+                    held = state.features(frozen, image_key)
+                    missing = ~held[where]
+                    held[where] = True
+                counts.frozen_with += int(missing.sum())
+                needed[part] |= missing
+        counts.trained += int(round(model.trained_per_train_image * len(positions["train"])
+                                    + model.trained_per_test_image * len(positions["test"])))
+    for part in PARTS:
+        counts.images += len(positions[part])
+        if not files:
+            continue
+        counts.decodes_without += len(positions[part])
+        wanted = positions[part][needed[part]]
+        if staged and state.store is not None and part in detector.store_parts:
+            held = state.images(image_key)
+            counts.decodes_with += int((~held[wanted]).sum())
+            held[wanted] = True
+        else:
+            counts.decodes_with += len(wanted)
+
+
+def plan_totals(plan: RunPlan) -> dict[str, int]:
+    """Totals over every method (None counts as 0)."""
+    totals: dict[str, int] = defaultdict(int)
+    for m in plan.methods.values():
+        for name in ("jobs", "skipped", "images", "decodes_without", "decodes_with", "frozen_without",
+                     "frozen_with", "trained"):
+            totals[name] += getattr(m, name) or 0
+    return dict(totals)
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _saving(without: int | None, with_: int | None) -> str:
+    if without is None or with_ is None:
+        return "-"
+    if with_ == 0:
+        return "all" if without else "-"
+    return f"{without / with_:.1f}x"
+
+
+def print_plan(plan: RunPlan, console) -> None:
+    """The jobs, then the predicted counts per method (and in total)."""
+    from rich.table import Table
+
+    jobs = Table(title=f"ndbench run --dry-run: {len(plan.jobs)} jobs")
+    for column in ("method", "split", "seed", "train images", "test images", "status"):
+        jobs.add_column(column)
+    for j in plan.jobs:
+        jobs.add_row(j.job.method, j.job.split_id, str(j.job.seed), f"{j.train:,}", f"{j.test:,}",
+                     "skip (record exists)" if j.skipped else "run")
+    console.print(jobs)
+    costs = Table(title="forward passes and decodes: without caches -> with caches (this machine's store now)")
+    for column in ("method", "jobs", "images", "decodes", "frozen passes", "saved", "trained passes"):
+        costs.add_column(column)
+    rows = list(plan.methods.values())
+    for m in rows:
+        costs.add_row(m.method, str(m.jobs), f"{m.images:,}",
+                      f"{m.decodes_without:,} -> {m.decodes_with:,}",
+                      f"{_count(m.frozen_without)} -> {_count(m.frozen_with)}",
+                      _saving(m.frozen_without, m.frozen_with) if m.frozen_without is not None
+                      else _saving(m.decodes_without, m.decodes_with),
+                      _count(m.trained))
+    if len(rows) > 1:
+        t = plan_totals(plan)
+        costs.add_row("all", str(t["jobs"]), f"{t['images']:,}", f"{t['decodes_without']:,} -> {t['decodes_with']:,}",
+                      f"{t['frozen_without']:,} -> {t['frozen_with']:,}", "", f"{t['trained']:,}")
+    console.print(costs)
+    console.print("'-': the method declares no cost model (only its decodes are counted). Decodes and frozen "
+                  "passes 'with caches' assume the store's size budget holds.")

@@ -1,0 +1,207 @@
+"""ndbench score: run a saved detector on one's own images.
+
+Images pass through the detector's own `transform()` and are scored in the given order with
+the detector's batch size, exactly as the run scored its test images, so a run's test images
+get the scores its record holds. The result is a CSV (`image`, `score`, and with a threshold
+`label`, with maps `map`), one row per image in the order given.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+
+from datasets_builders.atomic import atomic_write_bytes, atomic_write_text
+from datasets_builders.errors import NdbenchError
+from methods.base import resolve_device
+from methods.registry import available, get_class
+
+from .maps import TILE, overlay
+from .models import SavedModel, load_model
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+NORMAL, NOVEL = "normal", "novel"
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What to score, with which model, and what to write."""
+
+    model: Path
+    images: tuple[Path, ...]  # files or folders, in the order given
+    output: Path | None = None  # None: the CSV goes to stdout
+    maps: Path | None = None  # folder for one heat-map overlay PNG per image
+    threshold: bool = False  # label each image with the model's stored threshold
+    device: str = "auto"
+    alpha: float = 0.5  # heat-map opacity in the overlays
+
+
+def collect_images(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
+    """The image files named: files as given, folders as the image files directly inside
+    them, sorted by name. A missing path or a folder without images is an error."""
+    if not paths:
+        raise NdbenchError("no images given", "name image files or folders after the options")
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise NdbenchError(f"folder {path} holds no image files",
+                                   f"give a folder with {', '.join(IMAGE_SUFFIXES[:3])}... files")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise NdbenchError(f"no image file or folder at {path}", "check the path")
+    return found
+
+
+def open_image(path: Path) -> PIL.Image.Image:
+    """An image file as RGB, as the dataset loaders open it; one clear error when unreadable."""
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, PIL.UnidentifiedImageError) as exc:
+        raise NdbenchError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                           "pass image files PIL can open (PNG, JPEG, ...)") from exc
+
+
+class ImageFiles(Dataset):
+    """Image files as `(tensor, 0, name)` items through a detector's transform."""
+
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+        self.image_ids = [str(p) for p in self.paths]
+        self.labels = np.zeros(len(self.paths), dtype=np.int64)  # unknown; detectors ignore them
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, str]:
+        return self.transform(self.image(item)), 0, self.image_ids[item]
+
+    def image(self, item: int) -> PIL.Image.Image:
+        """The item's image as RGB, before the transform."""
+        return open_image(self.paths[item])
+
+
+@dataclass
+class ScoreResult:
+    """The rows of the scores CSV and where the maps went."""
+
+    images: list[str]
+    scores: np.ndarray
+    labels: list[str] | None  # "normal"/"novel" with a threshold
+    maps: list[Path] | None
+
+    def csv_text(self) -> str:
+        """The CSV: image, score (full precision), then label and map where present."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        header = ["image", "score"] + (["label"] if self.labels is not None else [])
+        writer.writerow(header + (["map"] if self.maps is not None else []))
+        for i, (image, score) in enumerate(zip(self.images, self.scores, strict=True)):
+            row = [image, repr(float(score))]
+            row += [self.labels[i]] if self.labels is not None else []
+            row += [str(self.maps[i])] if self.maps is not None else []
+            writer.writerow(row)
+        return buffer.getvalue()
+
+
+def check_request(saved: SavedModel, request: ScoreRequest) -> None:
+    """Refuse what the model cannot do before any scoring."""
+    if request.threshold and saved.threshold is None:
+        raise NdbenchError(f"{saved.path} stores no threshold", "drop --threshold or save the model again")
+    if request.maps is not None and not hasattr(saved.detector, "anomaly_map"):
+        with_maps = [m for m in available() if hasattr(get_class(m), "anomaly_map")]
+        raise NdbenchError(f"method {saved.detector.name!r} has no anomaly maps",
+                           f"drop --maps, or score with a model of {', '.join(with_maps)}")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A validated request: the loaded model, the image files and the device."""
+
+    request: ScoreRequest
+    saved: SavedModel
+    paths: list[Path]
+    device: torch.device
+
+
+def prepare_scoring(request: ScoreRequest) -> Scoring:
+    """Check everything before any work: the images exist and are readable, the model file
+    is a current ndbench model of a known method, and it can do what is asked."""
+    paths = collect_images(request.images)
+    saved = load_model(request.model)
+    check_request(saved, request)
+    device = resolve_device(request.device)
+    for path in paths:
+        open_image(path)
+    return Scoring(request, saved, paths, device)
+
+
+def run_scoring(scoring: Scoring, progress=None) -> ScoreResult:
+    """Score the images with the saved detector, write the maps and (when `output` is set)
+    the CSV; return the rows."""
+    request, saved = scoring.request, scoring.saved
+    detector = saved.detector
+    data = ImageFiles(scoring.paths, detector.transform())
+    scores = np.asarray(detector.score(data, device=scoring.device, progress=progress), dtype=np.float64)
+    labels = None
+    if request.threshold:
+        labels = [NOVEL if s >= saved.threshold else NORMAL for s in scores]
+    maps = write_maps(detector, data, Path(request.maps), request.alpha) if request.maps is not None else None
+    result = ScoreResult([str(p) for p in scoring.paths], scores, labels, maps)
+    if request.output is not None:
+        atomic_write_text(Path(request.output), result.csv_text())
+    return result
+
+
+def score_images(request: ScoreRequest, progress=None) -> ScoreResult:
+    """`prepare_scoring`, then `run_scoring`."""
+    return run_scoring(prepare_scoring(request), progress)
+
+
+def write_maps(detector, data: ImageFiles, folder: Path, alpha: float) -> list[Path]:
+    """One heat-map overlay PNG per image under `folder` (named after the image), on one
+    colour scale for all the images scored together."""
+    heats = []
+    with torch.no_grad():
+        for x, _, _ in detector.loader(data):
+            heats.append(detector.anomaly_map(x).float().cpu())
+    heat = torch.cat(heats).numpy()
+    low, high = float(heat.min()), float(heat.max())
+    scaled = (heat - low) / max(high - low, 1e-12)
+    written: list[Path] = []
+    for i in range(len(data)):
+        image = data.image(i)
+        target = _unique(folder / f"{data.paths[i].stem}.png", written)
+        shown = overlay(image, scaled[i], alpha, size=_shown_size(image.size))
+        buffer = io.BytesIO()
+        shown.save(buffer, format="PNG")
+        atomic_write_bytes(target, buffer.getvalue())
+        written.append(target)
+    return written
+
+
+def _shown_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The image's own size, enlarged by a whole factor when its short side is under TILE."""
+    factor = max(1, -(-TILE // max(1, min(size))))
+    return size[0] * factor, size[1] * factor
+
+
+def _unique(path: Path, taken: list[Path]) -> Path:
+    """`path`, or `<stem>-2.png`, `-3`, ... when an earlier image of this call took the name."""
+    candidate, n = path, 1
+    while candidate in taken:
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate

@@ -1,0 +1,74 @@
+"""Checks of command-line values that run before any work, each naming the option at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets_builders.errors import NdbenchError
+from datasets_builders.splits import parse_class_list
+from methods.backbones import HUB, NO_WEIGHTS
+from methods.pretrain import EMBEDDED_WEIGHTS
+
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+def parse_ids(text: str | None, option: str) -> list[int] | None:
+    """`--classes 0,3` style lists (None when the option is not given)."""
+    return None if text is None else parse_class_list(text, option)
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """A seed numpy, torch and python all accept."""
+    if not 0 <= seed <= MAX_SEED:
+        raise NdbenchError(f"{option} {seed} is out of range", f"use seeds from 0 to {MAX_SEED}")
+    return seed
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2`."""
+    seeds = parse_class_list(text, "--seeds", "seeds") if text else [0]
+    return [check_seed(seed, "--seeds") for seed in seeds]
+
+
+def parse_methods(text: str) -> list[str]:
+    """`--method knn,defend`: known method names, repeats dropped."""
+    from methods.registry import get_class
+
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise NdbenchError("--method is empty", "name at least one method, e.g. --method knn (see `ndbench methods`)")
+    for name in names:
+        get_class(name)
+    return names
+
+
+def check_weights(weights: str | None) -> None:
+    """`--weights`: hub, none, embedded or an existing file."""
+    if weights is None or weights in (HUB, NO_WEIGHTS, EMBEDDED_WEIGHTS):
+        return
+    if not Path(weights).is_file():
+        raise NdbenchError(
+            f"--weights {weights}: no such file",
+            f"give a local state dict or .safetensors file, or one of {HUB}, {NO_WEIGHTS}, {EMBEDDED_WEIGHTS}",
+        )
+
+
+def check_executor(executor: str, ray_address: str | None, retries: int) -> None:
+    """`--executor`, `--ray-address` and `--retries` together."""
+    from .executors import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise NdbenchError(f"unknown executor {executor!r}", f"use --executor {' or '.join(EXECUTORS)}")
+    if ray_address is not None and executor != "ray":
+        raise NdbenchError("--ray-address needs --executor ray", "add --executor ray or drop --ray-address")
+    if retries < 0:
+        raise NdbenchError(f"--retries {retries} is negative", "use --retries 0 (the default) or more")
+
+
+def check_maps_method(method: str) -> None:
+    """The --method of ndbench maps: a method with anomaly maps."""
+    from methods.registry import available, get_class
+
+    if not hasattr(get_class(method), "anomaly_map"):
+        with_maps = [m for m in available() if hasattr(get_class(m), "anomaly_map")]
+        raise NdbenchError(f"method {method!r} has no anomaly maps", f"use --method {' or '.join(with_maps)}")

@@ -1,0 +1,146 @@
+"""Every fix works as written and bad options are refused before any work.
+
+1. Each backticked `ndbench ...` command in the package's source (error fixes, help texts,
+   docstrings) parses with the CLI as written: its command exists, it takes every option it is
+   given and it is given every required one.
+2. Each bad option value ends as one line naming the option, exit 2, before any work: nothing
+   is written under --out, no embedded scene is generated into the cache.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import typer.main
+
+from benchmark.cli import app, main
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("benchmark", "datasets_builders", "methods")
+COMMAND = re.compile(r"`(ndbench [^`]+)`")
+# Values for the f-string fields of suggested commands (any value of the right kind will do).
+SAMPLES = {
+    "dataset": "voc",
+    "folder.name": "voc",
+    "folder.parent": "results/splits",
+    "splits_root": "results/splits",
+    "self.index.dataset": "voc",
+    "index.dataset": "voc",
+    "method": "knn",
+}
+FIELD = re.compile(r"\{([^{}]+)\}")
+
+
+def suggested_commands() -> list[tuple[str, str]]:
+    """(where, command) of every backticked ndbench command in the package source."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                for command in COMMAND.findall(line):
+                    found.append((f"{path.relative_to(ROOT)}:{number}", command))
+    return found
+
+
+def filled(command: str) -> list[str]:
+    unknown = [name for name in FIELD.findall(command) if name not in SAMPLES]
+    assert not unknown, f"add a sample value for {unknown} to SAMPLES"
+    return FIELD.sub(lambda m: SAMPLES[m.group(1)], command).split()[1:]
+
+
+COMMANDS = suggested_commands()
+
+
+def test_the_source_suggests_commands():
+    assert len(COMMANDS) >= 10 and any("build-splits {dataset} --root" in c for _, c in COMMANDS)
+
+
+@pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[f"{w} {c}" for w, c in COMMANDS])
+def test_a_suggested_command_parses_as_written(where, command, capsys):
+    args = filled(command)
+    assert main([*args, "--help"]) == 0, f"{where}: `{command}` -> {capsys.readouterr().err}"
+    capsys.readouterr()
+    root = typer.main.get_command(app)
+    name, rest = args[0], args[1:]
+    assert name in root.commands, f"{where}: `{command}`: ndbench has no command {name!r}"
+    try:
+        root.commands[name].make_context(name, rest)  # parses, checks required values; runs nothing
+    except Exception as exc:  # click usage errors
+        pytest.fail(f"{where}: `{command}` does not parse: {getattr(exc, 'format_message', exc.__str__)()}")
+
+
+# --- bad options, before any work ------------------------------------------------------------------
+CUDA_MISSING = [] if torch.cuda.is_available() else [(["run", "--method", "knn", "--device", "cuda"], "--device cuda")]
+BAD_OPTIONS = [
+    (["run", "--method", "knn", "--seeds", "x"], "cannot read --seeds 'x'"),
+    (["run", "--method", "knn", "--seeds", "-1"], "--seeds -1 is out of range"),
+    (["run", "--method", "knn", "--classes", "a,b"], "cannot read --classes 'a,b'"),
+    (["run", "--method", ","], "--method is empty"),
+    (["run", "--method", "knn,nope"], "unknown method 'nope'"),
+    (["run", "--method", "knn", "--set", "k=abc"], "option 'k' takes int, not 'abc'"),
+    (["run", "--method", "knn", "--set", "colour=3"], "has no option 'colour'"),
+    (["run", "--method", "knn", "--set", "k"], "cannot read --set 'k'"),
+    (["run", "--method", "knn", "--executor", "slurm"], "unknown executor 'slurm'"),
+    (["run", "--method", "knn", "--ray-address", "10.0.0.1:6379"], "--ray-address needs --executor ray"),
+    (["run", "--method", "knn", "--retries", "-1"], "--retries -1"),
+    (["run", "--method", "knn", "--weights", "/no/such/weights.safetensors"], "--weights /no/such"),
+    (["run", "--method", "knn", "--device", "tpu"], "unknown device 'tpu'"),
+    *CUDA_MISSING,
+    (["run", "--method", "knn", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["run", "--method", "knn", "--setting", "sideways"], "unknown setting 'sideways'"),
+    (["maps", "--method", "knn"], "method 'knn' has no anomaly maps"),
+    (["maps", "--split", "uni-class"], "cannot read --split"),
+    (["maps", "--n", "0"], "--n 0"),
+    (["maps", "--seed", "-5"], "--seed -5"),
+    (["maps", "--weights", "/no/such/file.pt"], "--weights /no/such/file.pt"),
+    (["build-splits", "voc", "--setting", "sideways"], "unknown setting 'sideways'"),
+    (["build-splits", "voc", "--normal", "1,2", "--setting", "uni-class"], "--normal defines a multi-class split"),
+    (["build-splits", "voc", "--normal", "1", "--classes", "2"], "--normal and --classes"),
+    (["build-splits", "voc", "--normal", ""], "empty --normal"),
+    (["build-splits", "voc", "--classes", "x"], "cannot read --classes 'x'"),
+    (["build-splits", "cifar10", "--year", "2012"], "--year does not apply to cifar10"),
+    (["build-splits", "voc", "--year", "2010"], "--year 2010"),
+    (["build-splits", "mnist", "--class-order", "alphabetical"], "--class-order does not apply to mnist"),
+    (["build-splits", "voc", "--class-order", "random"], "unknown class order 'random'"),
+    (["build-splits", "imagenet"], "unknown dataset 'imagenet'"),
+    (["pretrain", "--out", "weights.pt"], "does not end in .safetensors"),
+    (["pretrain", "--arch", "no_such_net"], "no_such_net"),
+    (["pretrain", "--device", "tpu"], "unknown device 'tpu'"),
+    (["demo", "--device", "tpu"], "unknown device 'tpu'"),
+    (["bench", "--arch", "no_such_vit"], "--arch no_such_vit: unknown timm model"),
+    (["bench", "--arch", "resnet18"], "--arch resnet18: backbone ResNet is not a timm VisionTransformer"),
+    (["bench", "--steps", "0"], "--steps"),
+    (["table"], "run `ndbench run --method knn` first"),
+    (["leaderboard"], "run `ndbench run --method knn` first"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_a_bad_option_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, needle):
+    cache, data = tmp_path / "cache", tmp_path / "data"
+    cache.mkdir()
+    monkeypatch.setenv("NDBENCH_CACHE", str(cache))
+    monkeypatch.setenv("NDBENCH_DATA", str(data))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out_args = [] if args[0] in ("pretrain", "demo", "bench") else ["--out", str(out)]
+    code = main([*args, *out_args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ndbench: error:"), err
+    assert needle in lines[0], err
+    assert not out.exists() and list(cache.iterdir()) == [] and not (tmp_path / "results").exists()
+
+
+def test_run_without_the_data_names_the_commands_that_get_it(tmp_path, monkeypatch, capsys):
+    """The hint of a new user's first `run` on VOC names commands that exist (`run` has no --root)."""
+    monkeypatch.setenv("NDBENCH_DATA", str(tmp_path / "data"))
+    code = main(["run", "--method", "defend", "--dataset", "voc", "--setting", "multi-class",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "voc root" in err and "does not exist" in err
+    assert "`ndbench build-splits voc --root DIR`" in err and "`ndbench download voc`" in err
+    assert "pass --root" not in err

@@ -1,0 +1,245 @@
+"""`build-splits coco-format`: a user's COCO-format files as a benchmark, what real exports get
+wrong (each one line, exit 2), and `run --dataset NAME` on the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from coco_format_fixtures import TEST, TRAIN, write_coco_format
+
+from benchmark.cli import main
+from benchmark.records import load_records
+from benchmark.runner import RunOptions, expand_jobs
+from datasets_builders.index import DatasetIndex
+from datasets_builders.splits import Manifest
+
+TINY_KNN = ["--set", "backbone=ndbench_vit_embedded", "--set", "img_size=64", "--weights", "none", "--device", "cpu"]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> dict[str, Path]:
+    return write_coco_format(tmp_path / "export")
+
+
+def build_args(source: dict[str, Path], out: Path, *extra: str, name: str = "mylab") -> list[str]:
+    return [
+        "build-splits", "coco-format", "--name", name,
+        "--train-annotations", str(source["train_annotations"]),
+        "--test-annotations", str(source["test_annotations"]),
+        "--train-images", str(source["images"]), "--test-images", str(source["images"]),
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def one_line_error(code: int, err: str, *needles: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("ndbench: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def edit(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_build_writes_the_protocol_with_file_ids_names_and_sub_folders(source, tmp_path, capsys):
+    out = tmp_path / "splits"
+    assert main(build_args(source, out, "--min-train-images", "2")) == 0
+    captured = capsys.readouterr()
+    index = DatasetIndex.read(out / "mylab")
+    assert index.dataset == "mylab" and index.class_names == {2: "cat", 5: "dog", 9: "bird", 11: "fish"}
+    assert index.root == source["images"].resolve()
+    assert index.row("train/3").path == "train/a/img_003.jpg" and index.row("train/3").classes == (2, 11)
+    assert index.row("train/9").classes == (5,)  # a crowd annotation counts
+    assert index.row("train/12").classes == () and index.row("test/8").classes == ()
+    assert len(index.subset("train")) == len(TRAIN) and len(index.subset("test")) == len(TEST)
+    # fish is in one training image only: --min-train-images 2 leaves it without a split.
+    built = sorted(p.relative_to(out / "mylab").as_posix() for p in (out / "mylab").glob("*/*.json"))
+    assert built == ["multi-class/except-2.json", "multi-class/except-5.json", "multi-class/except-9.json",
+                     "uni-class/2.json", "uni-class/5.json", "uni-class/9.json"]
+    assert "note: no split for classes in fewer than 2 training images: 11 fish" in captured.err
+    dog = Manifest.read(out / "mylab" / "uni-class" / "5.json")
+    assert dog.train == ["train/4", "train/5", "train/6", "train/7", "train/8", "train/9"]
+    assert [label for _, label in dog.test] == [1, 1, 0, 0, 0, 1, 1, 1]
+    except_cat = Manifest.read(out / "mylab" / "multi-class" / "except-2.json")
+    assert "train/3" in except_cat.train  # its fish is normal when only cat is left out
+    assert "mylab/uni-class/9" in captured.out and "#train" in captured.out
+    recipe = json.loads((out / "mylab" / "source.json").read_text())
+    assert recipe["kind"] == "coco-format" and recipe["train_annotations"] == str(source["train_annotations"])
+
+
+def test_without_min_train_images_every_shared_class_gets_splits(source, tmp_path, capsys):
+    out = tmp_path / "splits"
+    assert main(build_args(source, out, "--setting", "uni-class")) == 0
+    assert sorted(p.stem for p in (out / "mylab" / "uni-class").glob("*.json")) == ["11", "2", "5", "9"]
+    assert "note" not in capsys.readouterr().err
+
+
+def test_images_default_to_the_folder_holding_the_json(tmp_path, capsys):
+    source = write_coco_format(tmp_path / "export")
+    for subset in ("train", "test"):
+        moved = source["images"] / f"{subset}.json"
+        source[f"{subset}_annotations"].rename(moved)
+        source[f"{subset}_annotations"] = moved
+    args = ["build-splits", "coco-format", "--name", "mylab", "--train-annotations", str(source["train_annotations"]),
+            "--test-annotations", str(source["test_annotations"]), "--out", str(tmp_path / "splits")]
+    assert main(args) == 0, capsys.readouterr().err
+    index = DatasetIndex.read(tmp_path / "splits" / "mylab")
+    assert index.row("test/1").path == "test/img_001.jpg"
+
+
+def test_separate_image_folders_share_their_deepest_common_root(tmp_path, capsys):
+    source = write_coco_format(tmp_path / "export")
+    args = build_args(source, tmp_path / "splits")
+    args[args.index("--train-images") + 1] = str(source["images"] / "train")
+    args[args.index("--test-images") + 1] = str(source["images"] / "test")
+    for subset in ("train", "test"):
+        prefix = f"{subset}/"
+        edit(source[f"{subset}_annotations"],
+             lambda d, p=prefix: [i.update(file_name=i["file_name"].removeprefix(p)) for i in d["images"]])
+    assert main(args) == 0, capsys.readouterr().err
+    index = DatasetIndex.read(tmp_path / "splits" / "mylab")
+    assert index.root == source["images"].resolve() and index.row("train/2").path == "train/b/img_002.jpg"
+
+
+def _duplicate_image(data):
+    data["images"].append(dict(data["images"][0]))
+
+
+def _missing_image(data):
+    data["annotations"][0]["image_id"] = 999
+
+
+def _missing_category(data):
+    data["annotations"][0]["category_id"] = 77
+
+
+def _no_categories(data):
+    data["categories"] = []
+
+
+def _climbing_file_name(data):
+    data["images"][0]["file_name"] = "../elsewhere.jpg"
+
+
+@pytest.mark.parametrize(
+    ("subset", "change", "needles"),
+    [
+        ("train", _duplicate_image, ("lists image id 1 twice", "train.json")),
+        ("test", _missing_image, ("refers to image id 999", "test.json")),
+        ("train", _missing_category, ("category id 77", "train.json")),
+        ("test", _no_categories, ("empty 'categories' list", "test.json")),
+        ("train", _climbing_file_name, ("'../elsewhere.jpg'", "not inside its image folder")),
+    ],
+)
+def test_what_real_exports_get_wrong_is_one_line(source, tmp_path, capsys, subset, change, needles):
+    edit(source[f"{subset}_annotations"], change)
+    out = tmp_path / "splits"
+    one_line_error(main(build_args(source, out)), capsys.readouterr().err, *needles)
+    assert not out.exists()
+
+
+def test_an_image_file_in_train_and_test_is_refused(source, tmp_path, capsys):
+    def list_a_train_file(data):
+        data["images"][-1]["file_name"] = "train/b/img_002.jpg"
+
+    edit(source["test_annotations"], list_a_train_file)
+    line = one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err, "train/b/img_002.jpg")
+    assert "training" in line and "testing" in line
+
+
+def test_an_image_file_listed_twice_in_one_file_is_refused(source, tmp_path, capsys):
+    edit(source["train_annotations"], lambda d: d["images"][1].update(file_name=d["images"][0]["file_name"]))
+    one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err,
+                   "img_001.jpg twice", "images 1 and 2")
+
+
+def test_a_rebuild_with_fewer_classes_runs_only_the_current_splits(source, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(build_args(source, out / "splits", "--setting", "uni-class")) == 0
+    def drop_birds(data):
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 9]
+
+    edit(source["train_annotations"], drop_birds)
+    assert main(build_args(source, out / "splits", "--setting", "uni-class")) == 0
+    assert (out / "splits" / "mylab" / "uni-class" / "9.json").is_file()  # stale: built from the old files
+    jobs = expand_jobs(["knn"], dataset="mylab", settings=["uni-class"], classes=None, seeds=[0],
+                       options=RunOptions(out=out))
+    assert sorted(job.split for job in jobs) == ["11", "2", "5"]
+
+
+def test_the_same_file_through_a_symlink_is_the_same_image(source, tmp_path, capsys):
+    alias = source["images"] / "test" / "alias.jpg"
+    alias.symlink_to(source["images"] / "train" / "a" / "img_001.jpg")
+    edit(source["test_annotations"], lambda d: d["images"][0].update(file_name="test/alias.jpg"))
+    one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err, "img_001.jpg")
+
+
+def test_ids_may_repeat_across_the_two_files(source, tmp_path, capsys):
+    """Both files number their images from 1 (as exports do); that is not a shared image."""
+    assert set(TRAIN) & set(TEST)
+    assert main(build_args(source, tmp_path / "splits", "--setting", "uni-class")) == 0, capsys.readouterr().err
+
+
+def test_a_missing_image_file_is_named(source, tmp_path, capsys):
+    (source["images"] / "train" / "b" / "img_004.jpg").unlink()
+    one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err, "img_004.jpg", "missing")
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "needle"),
+    [
+        ("voc", [], "built-in dataset"),
+        ("../up", [], "not a plain folder name"),
+        ("mylab", ["--min-train-images", "-1"], "negative"),
+        ("mylab", ["--root", "somewhere"], "coco-format takes no --root"),
+    ],
+)
+def test_bad_options_are_one_line(source, tmp_path, capsys, name, extra, needle):
+    out = tmp_path / "o"
+    one_line_error(main(build_args(source, out, *extra, name=name)), capsys.readouterr().err, needle)
+    assert not out.exists()
+
+
+def test_missing_annotations_option_and_foreign_options(source, tmp_path, capsys):
+    code = main(["build-splits", "coco-format", "--name", "mylab", "--test-annotations",
+                 str(source["test_annotations"]), "--out", str(tmp_path / "o")])
+    one_line_error(code, capsys.readouterr().err, "--train-annotations")
+    code = main(["build-splits", "voc", "--name", "mylab", "--out", str(tmp_path / "o")])
+    one_line_error(code, capsys.readouterr().err, "coco-format options")
+
+
+def test_no_class_in_both_subsets(source, tmp_path, capsys):
+    edit(source["test_annotations"], lambda d: d.update(annotations=[]))
+    one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err, "no class occurs in both")
+
+
+def test_round_trip_build_then_run_knn(source, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(build_args(source, out / "splits", "--min-train-images", "2")) == 0
+    capsys.readouterr()
+    run = ["run", "--dataset", "mylab", "--method", "knn", "--setting", "all", "--out", str(out), *TINY_KNN]
+    assert main(run) == 0, capsys.readouterr().err
+    records = load_records(out)
+    assert sorted((r.setting, r.split) for r in records) == [
+        ("multi-class", "except-2"), ("multi-class", "except-5"), ("multi-class", "except-9"),
+        ("uni-class", "2"), ("uni-class", "5"), ("uni-class", "9"),
+    ]  # fmt: skip
+    for r in records:
+        assert r.dataset == "mylab" and 0.0 <= r.metrics["auroc"] <= 1.0
+        assert r.counts["test_normal"] + r.counts["test_novel"] == len(TEST)
+    assert "mylab uni-class" in capsys.readouterr().out
+    # A split the build skipped is not rebuilt behind the user's back: the error names the command.
+    line = one_line_error(main([*run, "--classes", "11"]), capsys.readouterr().err, "build-splits coco-format")
+    assert "--name mylab" in line and str(source["train_annotations"]) in line and "--classes 11" in line
+
+
+def test_run_on_an_unbuilt_name_names_the_build_command(tmp_path, capsys):
+    code = main(["run", "--dataset", "mylab", "--method", "knn", "--out", str(tmp_path / "results")])
+    one_line_error(code, capsys.readouterr().err, "unknown dataset 'mylab'", "build-splits coco-format")

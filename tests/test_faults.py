@@ -1,0 +1,375 @@
+"""Faults met in one process: job locks held or left behind, damaged records, methods that
+return NaN or crash, write failures, bad weights. (Separate processes: test_faults_processes.py;
+Ray workers: test_faults_ray.py.)"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from small_splits import fresh_out
+
+from benchmark import records as records_module
+from benchmark.cli import main
+from benchmark.locks import LockOwner, _process_start, lock_path, try_lock
+from benchmark.records import load_records, read_record, scores_path
+from benchmark.runner import Job, RunOptions, job_record_path
+from datasets_builders.atomic import atomic_write_bytes, write_error
+from datasets_builders.errors import NdbenchError, WriteFailure
+from methods.backbones import create_backbone
+from methods.pretrain import pretrain
+
+
+def faulty_args(out: Path, classes: str = "0", *sets: str) -> list[str]:
+    args = ["run", "--method", "faulty", "--setting", "uni-class", "--classes", classes, "--out", str(out),
+            "--device", "cpu"]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def record_of(out: Path, split: str, *overrides: tuple[str, object]) -> Path:
+    options = RunOptions(out=out)
+    return job_record_path(Job("faulty", "embedded", "uni-class", split, 0, tuple(sorted(overrides))), options)
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("ndbench:")]
+
+
+def leftovers(out: Path) -> list[str]:
+    """Lock and temporary files under the records folder."""
+    runs = out / "runs"
+    return sorted(p.name for p in runs.rglob("*") if p.name.endswith((".lock", ".tmp"))) if runs.exists() else []
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def write_lock(path: Path, owner: LockOwner) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(owner.__dict__) + "\n")
+
+
+# --- locks -------------------------------------------------------------------------------------
+def test_a_stale_lock_of_a_killed_run_is_taken_over_with_one_warning(splits_root, tmp_path, faulty, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    lock = lock_path(record_of(out, "0"))
+    write_lock(lock, LockOwner(socket.gethostname(), dead_pid(), "2024-01-01T00:00:00+00:00", "", "x" * 32))
+    assert main(faulty_args(out)) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in error_lines(err) if "stale lock" in line]
+    assert len(warnings) == 1 and str(lock) in warnings[0] and "is gone" in warnings[0], err
+    assert [r.split for r in load_records(out)] == ["0"] and leftovers(out) == []
+
+
+@pytest.mark.parametrize("owner", ["another host", "a live process here"])
+def test_a_job_locked_by_a_live_run_is_left_to_it_and_not_failed(splits_root, tmp_path, faulty, capsys, owner):
+    out = fresh_out(splits_root, tmp_path)
+    lock = lock_path(record_of(out, "1"))
+    if owner == "another host":
+        holder = LockOwner("node-17.cluster", 4242, "2024-01-01T00:00:00+00:00", "", "y" * 32)
+    else:
+        holder = LockOwner(socket.gethostname(), os.getpid(), "2024-01-01T00:00:00+00:00",
+                           _process_start(os.getpid()), "z" * 32)
+    write_lock(lock, holder)
+    assert main(faulty_args(out, "0,1")) == 0
+    err = capsys.readouterr().err
+    assert "1 jobs ran, 0 skipped (record exists; --force re-runs), 0 failed, 1 running elsewhere" in err
+    elsewhere = [line for line in error_lines(err) if "running elsewhere" in line]
+    assert len(elsewhere) == 1 and f"{holder.host} pid {holder.pid}" in elsewhere[0], err
+    assert "failed:" not in err
+    assert [r.split for r in load_records(out)] == ["0"]
+    assert json.loads(lock.read_text())["token"] == holder.token  # the other run's lock is untouched
+
+
+def test_a_reused_pid_does_not_keep_a_dead_runs_lock(tmp_path):
+    """A pid that is alive again, but as another process (other start time), is not the owner."""
+    record = tmp_path / "r.json"
+    write_lock(lock_path(record), LockOwner(socket.gethostname(), os.getpid(), "2024-01-01T00:00:00+00:00",
+                                            "1", "r" * 32))
+    attempt = try_lock(record)
+    assert attempt.lock is not None and "stale lock" in attempt.notes[0]
+    attempt.lock.release()
+    assert not lock_path(record).exists()
+
+
+def test_an_unreadable_lock_is_held_while_young_and_taken_over_when_old(tmp_path):
+    record = tmp_path / "r.json"
+    lock_path(record).write_text('{"host": "half-writ')
+    young = try_lock(record)
+    assert young.lock is None and "being written" in young.holder
+    old = lock_path(record).stat().st_mtime - 3600
+    os.utime(lock_path(record), (old, old))
+    taken = try_lock(record)
+    assert taken.lock is not None and "unreadable" in taken.notes[0]
+    assert json.loads(lock_path(record).read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_is_released_after_a_crash(splits_root, tmp_path, faulty, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0", "fault=raise")) == 1
+    assert "simulated crash" in capsys.readouterr().err
+    assert leftovers(out) == []
+
+
+# --- damaged records ---------------------------------------------------------------------------
+def test_damaged_records_are_skipped_by_readers_and_rerun_by_run(splits_root, tmp_path, faulty, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0,1,2")) == 0
+    truncated, edited = record_of(out, "0"), scores_path(record_of(out, "1"))
+    truncated.write_text(truncated.read_text()[:100])
+    lines = edited.read_text().splitlines()
+    lines[5] = lines[5].rsplit(",", 1)[0] + ",0.123"  # a hand-edited score
+    edited.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    for command in (["table"], ["leaderboard"]):
+        assert main([*command, "--out", str(out)]) == 0
+        warnings = error_lines(capsys.readouterr().err)
+        assert len(warnings) == 2, warnings
+        assert str(truncated) in warnings[0] and "not valid JSON" in warnings[0]
+        assert str(record_of(out, "1")) in warnings[1] and "changed or truncated" in warnings[1]
+    assert main(faulty_args(out, "0,1,2")) == 0
+    err = capsys.readouterr().err
+    assert "2 jobs ran, 1 skipped" in err and err.count("re-running its job") == 2
+    assert [r.split for r in load_records(out)] == ["0", "1", "2"]
+    assert error_lines(capsys.readouterr().err) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda d: d.pop("metrics"), "no 'metrics'"),
+        (lambda d: d["metrics"].update(auroc=float("nan")), "auroc is nan, not a number in [0, 1]"),
+        (lambda d: d["metrics"].update(auroc=1.7), "not a number in [0, 1]"),
+        (lambda d: d["metrics"].pop("auroc"), "no AUROC"),
+        (lambda d: d.update(seed="zero"), "seed is 'zero'"),
+        (lambda d: d.update(seed=True), "seed is True"),
+        (lambda d: d["counts"].update(train=-3), "count train"),
+        (lambda d: d.update(colour="blue"), "unknown field 'colour'"),
+        (lambda d: d.update(config=[1, 2]), "config is [1, 2]"),
+    ],
+    ids=["missing-field", "nan-metric", "metric-out-of-range", "no-auroc", "wrong-type", "bool-for-int",
+         "negative-count", "unknown-field", "list-for-dict"],
+)
+def test_a_hand_edited_record_is_refused_naming_the_file(splits_root, tmp_path, faulty, edit, needle):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out)) == 0
+    path = record_of(out, "0")
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, allow_nan=True))
+    with pytest.raises(NdbenchError) as info:
+        read_record(path)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_records_whose_scores_file_is_gone_or_not_json_are_skipped(splits_root, tmp_path, faulty):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0,1,2")) == 0
+    scores_path(record_of(out, "0")).unlink()
+    record_of(out, "1").write_bytes(b"\x00\xff\xfe garbage")
+    record_of(out, "2").write_text("[1, 2, 3]")
+    skipped: list[str] = []
+    assert load_records(out, on_skip=lambda exc: skipped.append(exc.problem)) == []
+    assert "scores file" in skipped[0] and "missing" in skipped[0]
+    assert "not valid JSON" in skipped[1] and "JSON list, not a record" in skipped[2]
+
+
+def test_records_written_before_scores_hashes_still_load(splits_root, tmp_path, faulty):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out)) == 0
+    path = record_of(out, "0")
+    data = json.loads(path.read_text())
+    del data["scores_sha256"]
+    path.write_text(json.dumps(data))
+    assert read_record(path).metrics == data["metrics"]
+    scores = scores_path(path)
+    scores.write_text("".join(scores.read_text().splitlines(keepends=True)[:-3]))  # truncated
+    with pytest.raises(NdbenchError, match="holds"):
+        read_record(path)
+
+
+# --- method failures ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fault", "needle", "code"),
+    [
+        ("nan", "MethodFailure: faulty returned 1 NaN or infinite scores", 1),
+        ("inf", "MethodFailure: faulty returned 1 NaN or infinite scores", 1),
+        ("short", "MethodFailure: faulty returned scores of shape", 1),
+        ("raise", "RuntimeError: simulated crash in fit", 1),
+        ("user-error", "simulated bad input (fix the simulated input)", 2),
+    ],
+)
+def test_a_failing_method_fails_its_job_alone(splits_root, tmp_path, faulty, capsys, fault, needle, code):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0,1,2", f"fault={fault}", "fault_split=1")) == code
+    err = capsys.readouterr().err
+    failed = [line for line in error_lines(err) if "failed:" in line]
+    assert len(failed) == 1 and "faulty embedded/uni-class/1 seed 0" in failed[0] and needle in failed[0], err
+    assert "2 jobs ran, 0 skipped (record exists; --force re-runs), 1 failed" in err
+    assert [r.split for r in load_records(out)] == ["0", "2"]
+    assert all(np.isfinite(list(r.metrics.values())).all() for r in load_records(out))
+    overrides = (("fault", fault), ("fault_split", "1"))
+    assert not record_of(out, "1", *overrides).exists() and not scores_path(record_of(out, "1", *overrides)).exists()
+    assert leftovers(out) == []
+
+
+def test_exit_code_is_2_when_only_bad_input_failed_and_1_when_a_job_crashed(splits_root, tmp_path, faulty,
+                                                                             capsys, monkeypatch):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0,1", "fault=user-error", "fault_split=0")) == 2
+
+    def crash_on_1_bad_input_on_2(self, train, **kwargs):
+        split = train.split_id.rsplit("/", 1)[1]
+        if split == "1":
+            raise RuntimeError("simulated crash")
+        if split == "2":
+            raise NdbenchError("simulated bad input")
+        self.fitted = True
+
+    monkeypatch.setattr(faulty, "fit", crash_on_1_bad_input_on_2)
+    assert main(faulty_args(out, "1,2")) == 1
+    err = capsys.readouterr().err
+    assert "simulated crash" in err and "simulated bad input" in err
+
+
+def test_retries_run_a_crashed_job_again(splits_root, tmp_path, faulty, capsys, monkeypatch):
+    out = fresh_out(splits_root, tmp_path)
+    calls = []
+    original = faulty.fit
+
+    def crash_once(self, train, **kwargs):
+        calls.append(train.split_id)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        return original(self, train, **kwargs)
+
+    monkeypatch.setattr(faulty, "fit", crash_once)
+    assert main([*faulty_args(out), "--retries", "1"]) == 0
+    assert len(calls) == 2 and [r.split for r in load_records(out)] == ["0"]
+    calls.clear()
+    assert main([*faulty_args(out), "--force"]) == 1  # no retries: the crash fails the job
+    assert "RuntimeError: transient" in capsys.readouterr().err
+
+
+# --- write failures ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("code", "fix"), [(errno.ENOSPC, "free disk space"), (errno.EROFS, "writable output folder")])
+def test_a_failed_write_leaves_no_file_and_says_what_to_do(tmp_path, monkeypatch, code, fix):
+    target = tmp_path / "out" / "record.json"
+
+    def failing_fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(WriteFailure) as info:
+        atomic_write_bytes(target, b"x" * 100)
+    assert str(target) in str(info.value) and fix in str(info.value)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_full_disk_stops_the_run_with_one_line(splits_root, tmp_path, faulty, capsys, monkeypatch):
+    out = fresh_out(splits_root, tmp_path)
+    real = records_module.atomic_write_text
+
+    def disk_full_on_split_1(path, text):
+        if "/1__" in str(path):
+            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return real(path, text)
+
+    monkeypatch.setattr(records_module, "atomic_write_text", disk_full_on_split_1)
+    assert main(faulty_args(out, "0,1,2")) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "free disk space" in lines[0], lines
+    assert [r.split for r in load_records(out)] == ["0"]  # job 2 never started
+    assert leftovers(out) == [] and not scores_path(record_of(out, "1")).exists()
+
+
+def test_a_record_write_interrupted_after_the_scores_leaves_neither(splits_root, tmp_path, faulty, monkeypatch):
+    out = fresh_out(splits_root, tmp_path)
+    real = records_module.atomic_write_text
+
+    def interrupted_record(path, text):
+        if str(path).endswith(".json"):
+            raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(records_module, "atomic_write_text", interrupted_record)
+    assert main(faulty_args(out)) == 130
+    assert list((out / "runs").rglob("*.csv")) == [] and leftovers(out) == []
+
+
+# --- bad weights -------------------------------------------------------------------------------
+def vit_state() -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in create_backbone("ndbench_vit_embedded", weights="none").state_dict().items()}
+
+
+def truncated(path: Path) -> Path:
+    save_file(vit_state(), str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def other_architecture(path: Path) -> Path:
+    state = create_backbone("ndbench_resnet_embedded", weights="none").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def nan_filled(path: Path) -> Path:
+    state = vit_state()
+    state["blocks.0.attn.qkv.weight"] = torch.full_like(state["blocks.0.attn.qkv.weight"], float("nan"))
+    save_file(state, str(path))
+    return path
+
+
+def inf_in_torch_file(path: Path) -> Path:
+    state = vit_state()
+    state["pos_embed"][0, 0, 0] = float("inf")
+    torch.save({"state_dict": state}, path.with_suffix(".pt"))
+    return path.with_suffix(".pt")
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (truncated, "cannot read weights file"),
+        (other_architecture, "does not fit ndbench_vit_embedded"),
+        (nan_filled, "NaN or infinite values (first in 'blocks.0.attn.qkv.weight')"),
+        (inf_in_torch_file, "NaN or infinite values (first in 'pos_embed')"),
+    ],
+)
+def test_bad_weights_are_one_line_before_any_job(splits_root, tmp_path, capsys, make, needle):
+    out = fresh_out(splits_root, tmp_path)
+    weights = make(tmp_path / "weights.safetensors")
+    code = main(["run", "--method", "knn", "--classes", "0,1", "--weights", str(weights), "--out", str(out),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and error_lines(err) == [line for line in err.splitlines() if line.strip()], err
+    assert len(error_lines(err)) == 1 and needle in err and "--weights" in err and "Traceback" not in err
+    assert not (out / "runs").exists()  # no job started
+
+
+def test_damaged_cached_pretrained_weights_say_to_delete_them(tmp_path):
+    weights = tmp_path / "cached.safetensors"
+    nan_filled(weights)
+    weights.with_suffix(".json").write_text(json.dumps({"heldout_accuracy": 0.9, "train_seconds": 1.0}))
+    with pytest.raises(NdbenchError) as info:
+        pretrain("ndbench_vit_embedded", out=weights)
+    assert "NaN or infinite" in str(info.value) and f"delete {weights}" in str(info.value)
+    weights.with_suffix(".json").write_text('{"heldout_accuracy": 0.9')
+    with pytest.raises(NdbenchError, match="is damaged"):
+        pretrain("ndbench_vit_embedded", out=weights)

@@ -1,0 +1,230 @@
+"""`ndbench run --save-models` and `ndbench score`: saved detectors with their provenance,
+scores identical to the run's, threshold labels, heat-map overlays, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from defend_fixtures import TINY_CONFIG, TINY_VIT
+from PIL import Image
+
+from benchmark.cli import main
+from benchmark.maps import TILE
+from benchmark.models import MODEL_FORMAT, MODEL_FORMAT_VERSION, load_model, model_path, save_model
+from benchmark.records import Record, load_records
+from benchmark.score import ImageFiles
+from datasets_builders.index import DatasetIndex
+from datasets_builders.splits import Manifest
+from methods.knn import KNNDetector
+from methods.registry import get
+
+CPU = torch.device("cpu")
+
+
+def write_images(folder: Path, n: int, seed: int, size: tuple[int, int] = (40, 40)) -> list[Path]:
+    """`n` random RGB PNGs named img0.png, img1.png, ... under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def toy_record(method: str) -> Record:
+    return Record(method=method, config_hash="c0ffee", config={}, dataset="embedded", setting="uni-class",
+                  split="0", split_sha256="ab" * 32, normal_classes=[0], seed=0, metrics={"auroc": 0.5},
+                  counts={}, train_seconds=0.0, inference_images_per_s=0.0, device="cpu", versions={},
+                  created="2024-01-01T00:00:00+00:00")
+
+
+def fit_and_save(detector, train: list[Path], folder: Path) -> Path:
+    """Fit on the image files, save with a threshold from scoring them (half called novel)."""
+    data = ImageFiles(train, detector.transform())
+    torch.manual_seed(0)
+    detector.fit(data, device=CPU)
+    scores = detector.score(data, device=CPU)
+    labels = np.arange(len(train)) >= len(train) // 2
+    path = folder / "toy.model.pt"
+    save_model(path, detector, toy_record(detector.name), labels.astype(int), scores)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny knn and a tiny mkd (random 32 px ViT) fitted on random PNGs, saved; and new images."""
+    base = tmp_path_factory.mktemp("score")
+    train = write_images(base / "train", 8, seed=0)
+    knn = fit_and_save(KNNDetector(**TINY_CONFIG), train, base / "knn")
+    mkd = fit_and_save(get("mkd", **TINY_CONFIG, epochs=1), train, base / "mkd")
+    return {"knn": knn, "mkd": mkd, "new": write_images(base / "new", 3, seed=1, size=(48, 30)), "base": base}
+
+
+def read_csv(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_scores_one_row_per_image_in_the_given_order(toy, tmp_path, capsys):
+    folder = toy["new"][0].parent
+    single = write_images(tmp_path / "one", 1, seed=5)[0]
+    output = tmp_path / "scores.csv"
+    assert main(["score", "--model", str(toy["knn"]), str(single), str(folder), "--output", str(output),
+                 "--device", "cpu"]) == 0
+    rows = read_csv(output.read_text())
+    order = [single, *sorted(folder.glob("*.png"))]
+    assert [r["image"] for r in rows] == [str(p) for p in order] and list(rows[0]) == ["image", "score"]
+    detector = KNNDetector.load(toy["knn"])  # the detector's own load reads the file too
+    expected = detector.score(ImageFiles(order, detector.transform()), device=CPU)
+    assert [float(r["score"]) for r in rows] == expected.tolist()
+    capsys.readouterr()
+    assert main(["score", "--model", str(toy["knn"]), str(single), str(folder), "--device", "cpu"]) == 0
+    assert read_csv(capsys.readouterr().out) == rows  # no --output: the CSV goes to stdout
+
+
+def test_threshold_labels_each_image_with_the_stored_statistic(toy, tmp_path):
+    output = tmp_path / "scores.csv"
+    train = sorted((toy["base"] / "train").glob("*.png"), key=lambda p: int(p.stem[3:]))
+    assert main(["score", "--model", str(toy["knn"]), *map(str, train), "--threshold", "--output", str(output),
+                 "--device", "cpu"]) == 0
+    rows = read_csv(output.read_text())
+    threshold = load_model(toy["knn"]).threshold
+    assert threshold is not None
+    assert [r["label"] for r in rows] == ["novel" if float(r["score"]) >= threshold else "normal" for r in rows]
+    # The threshold catches >= 95 % of the images called novel when it was stored (the second half).
+    assert all(r["label"] == "novel" for r in rows[len(rows) // 2:])
+
+
+def test_maps_writes_one_overlay_per_image(toy, tmp_path):
+    output, maps = tmp_path / "scores.csv", tmp_path / "maps"
+    images = [*toy["new"], toy["new"][0]]  # the same name twice gets a second file
+    assert main(["score", "--model", str(toy["mkd"]), *map(str, images), "--maps", str(maps),
+                 "--output", str(output), "--device", "cpu"]) == 0
+    rows = read_csv(output.read_text())
+    written = [Path(r["map"]) for r in rows]
+    assert [p.name for p in written] == ["img0.png", "img1.png", "img2.png", "img0-2.png"]
+    for path in written:
+        with Image.open(path) as overlay:
+            assert overlay.format == "PNG" and overlay.size == (48 * 6, 30 * 6)  # short side enlarged to >= TILE
+            assert min(overlay.size) >= TILE and np.asarray(overlay).std() > 0
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("missing model", "no model file"),
+        ("corrupt model", "cannot read model file"),
+        ("not a model", "is not an ndbench model file"),
+        ("unknown method", "unknown method 'nope'"),
+        ("other format", "model format 999"),
+        ("unreadable image", "cannot read image"),
+        ("empty folder", "holds no image files"),
+        ("missing image", "no image file or folder"),
+        ("maps without maps", "has no anomaly maps"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(toy, tmp_path, capsys, case, needle):
+    model, images, extra = toy["knn"], [str(toy["new"][0])], []
+    if case == "missing model":
+        model = tmp_path / "absent.model.pt"
+    elif case == "corrupt model":
+        model = tmp_path / "corrupt.model.pt"
+        model.write_bytes(toy["knn"].read_bytes()[:1000])
+    elif case == "not a model":
+        model = tmp_path / "state.pt"
+        torch.save({"weight": torch.zeros(2)}, model)
+    elif case in ("unknown method", "other format"):
+        payload = torch.load(toy["knn"], weights_only=False)
+        payload.update({"method": "nope"} if case == "unknown method" else {"format_version": 999})
+        model = tmp_path / "edited.model.pt"
+        torch.save(payload, model)
+    elif case == "unreadable image":
+        (tmp_path / "bad.png").write_text("not an image")
+        images.append(str(tmp_path / "bad.png"))
+    elif case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        images = [str(tmp_path / "empty")]
+    elif case == "missing image":
+        images.append(str(tmp_path / "absent.png"))
+    elif case == "maps without maps":
+        extra = ["--maps", str(tmp_path / "maps")]
+    output = tmp_path / "scores.csv"
+    code = main(["score", "--model", str(model), *images, "--output", str(output), "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert lines[0].startswith("ndbench: error:") and "Traceback" not in err
+    assert not output.exists() and not (tmp_path / "maps").exists()
+
+
+def test_saved_files_hold_format_provenance_and_threshold(toy):
+    saved = load_model(toy["mkd"])
+    info = saved.info
+    assert (info["format"], info["format_version"]) == (MODEL_FORMAT, MODEL_FORMAT_VERSION)
+    assert info["split"] == {"id": "embedded/uni-class/0", "sha256": "ab" * 32, "normal_classes": [0]}
+    assert info["weights"] == {"setting": "none", "file": None, "sha256": None}
+    assert info["threshold"]["statistic"] == "score at 95% TPR on the split's test set"
+    assert saved.detector.name == "mkd" and saved.detector.config.backbone == TINY_VIT
+
+
+def test_weights_from_a_file_are_stored_with_their_sha256(tmp_path):
+    import hashlib
+
+    from benchmark.models import weights_info
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"some weights")
+    config = KNNDetector(**{**TINY_CONFIG, "weights": str(weights)}).config
+    assert weights_info(config) == {"setting": str(weights), "file": str(weights),
+                                    "sha256": hashlib.sha256(b"some weights").hexdigest()}
+
+
+# --- slow: a real run's saved model ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_score_reproduces_a_jobs_test_scores_exactly(knn_results, tmp_path):
+    record = next(r for r in load_records(knn_results) if r.setting == "uni-class" and r.split == "0" and r.seed == 0)
+    record_file = next((knn_results / "runs" / "embedded" / "uni-class" / "knn").glob("0__*__seed0.json"))
+    splits = knn_results / "splits" / "embedded"
+    index, manifest = DatasetIndex.read(splits), Manifest.read(splits / "uni-class" / "0.json")
+    images = [str(Path(index.root) / index.row(image_id).path) for image_id, _ in manifest.test]
+    assert all(Path(p).suffix == ".png" for p in images)
+    output = tmp_path / "scores.csv"
+    model = model_path(record_file)
+    assert main(["score", "--model", str(model), *images, "--threshold", "--output", str(output),
+                 "--device", "cpu"]) == 0
+    mine = read_csv(output.read_text())
+    stored = read_csv(record_file.with_suffix(".scores.csv").read_text())
+    assert [float(r["score"]) for r in mine] == [float(r["score"]) for r in stored]  # identical, not close
+    novel = [m["label"] == "novel" for m, s in zip(mine, stored, strict=True) if s["label"] == "1"]
+    normal = [m["label"] == "novel" for m, s in zip(mine, stored, strict=True) if s["label"] == "0"]
+    assert np.mean(novel) >= 0.95 and np.mean(normal) == pytest.approx(record.metrics["fpr95"])
+    info = load_model(model).info
+    assert info["split"]["sha256"] == record.split_sha256 and info["config_hash"] == record.config_hash
+    assert info["weights"]["setting"] == "none" and info["seed"] == 0
+
+
+@pytest.mark.slow
+def test_skipped_jobs_without_a_model_are_named_and_force_saves_them(knn_results, splits_root, tmp_path, capsys):
+    import shutil
+
+    from small_splits import fresh_out
+
+    out = fresh_out(splits_root, tmp_path)
+    shutil.copytree(knn_results / "runs", out / "runs")
+    folder = out / "runs" / "embedded" / "uni-class" / "knn"
+    next(folder.glob("1__*__seed0.model.pt")).unlink()
+    args = ["run", "--method", "knn", "--classes", "0,1", "--weights", "none", "--device", "cpu",
+            "--out", str(out), "--save-models"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "0 jobs ran, 2 skipped" in err and "1 skipped job(s) have no saved model" in err
+    assert main([*args, "--classes", "1", "--force"]) == 0
+    assert "1 jobs ran" in capsys.readouterr().err
+    assert len(list(folder.glob("*__seed0.model.pt"))) == 2
