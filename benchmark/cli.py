@@ -461,8 +461,9 @@ def pretrain_command(
     ship: Annotated[
         bool,
         typer.Option(help="Make the weights the package ships: train the embedded CNN and ViT with their "
-                     "default recipes, measure them and write them with their manifest to methods/weights/ "
-                     "(ignores --arch, --out and --force). Tens of minutes on a CPU."),
+                     "default recipes (reusing cached ones unless --force), measure them and write them in "
+                     "float16 with their manifest to methods/weights/ (ignores --arch and --out). About an "
+                     "hour on one CPU thread."),
     ] = False,
 ) -> None:
     """Pre-train a small backbone on the embedded dataset's object-centric pool (offline
@@ -477,7 +478,7 @@ def pretrain_command(
         from methods.shipped_weights import WEIGHTS_DIR
         from methods.shipped_weights import ship as ship_weights
 
-        manifest = ship_weights(device=resolve_device(device), console=stderr_console())
+        manifest = ship_weights(device=resolve_device(device), console=stderr_console(), force=force)
         for name, entry in manifest["weights"].items():
             stdout_console().print(
                 f"{name}: test-instance accuracy {100 * entry['scene_test_instance_accuracy']:.1f} %, "

@@ -147,9 +147,10 @@ def write_half(source: Path, target: Path) -> None:
 
 
 def ship(*, device: torch.device | None = None, console: Console | None = None, folder: Path | None = None,
-         data: EmbeddedConfig | None = None) -> dict:
+         data: EmbeddedConfig | None = None, force: bool = False) -> dict:
     """Pre-train every shipped architecture with its default recipe on `data` (default: the
-    current default config), measure it, and write the files and the manifest to `folder`."""
+    current default config), measure it, and write the files and the manifest to `folder`.
+    Weights already in the cache for that architecture, data and recipe are reused unless `force`."""
     from .pretrain_eval import evaluate_backbone, heldout_scene_instance_accuracy, load_classifier, weight_classes
 
     data = data or EmbeddedConfig()
@@ -160,7 +161,7 @@ def ship(*, device: torch.device | None = None, console: Console | None = None, 
     teacher: Path | None = None
     for arch in SHIPPED_ARCHS:
         recipe = default_recipe(arch)
-        result = pretrain(arch, data=data, recipe=recipe, device=device, console=console, force=True,
+        result = pretrain(arch, data=data, recipe=recipe, device=device, console=console, force=force,
                           teacher_weights=teacher if recipe.dense_teacher else None)
         target = folder / f"{arch}.safetensors"
         write_half(result.weights, target)

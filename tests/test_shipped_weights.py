@@ -146,3 +146,22 @@ def test_mismatch_names_what_differs():
 
     assert "epochs" in mismatch(fitting, VIT, data, replace(recipe, epochs=recipe.epochs + 1))
     assert "seed" in mismatch(fitting, VIT, EmbeddedConfig(seed=1), recipe)
+
+
+def test_shipped_files_are_float16_with_the_classes_kept(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from methods.pretrain_eval import weight_classes
+    from methods.shipped_weights import write_half
+
+    source, target = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    weight = torch.tensor([1.0, 1 / 3, -2.5])
+    save_file({"w": weight, "steps": torch.tensor([7])}, str(source), metadata={"classes": json.dumps(["a", "b"])})
+    write_half(source, target)
+    with safe_open(str(target), framework="pt") as handle:
+        assert handle.get_tensor("w").dtype == torch.float16 and handle.get_tensor("steps").dtype == torch.int64
+        assert torch.allclose(handle.get_tensor("w").float(), weight, atol=1e-3)
+    assert weight_classes(target) == ("a", "b")
+    assert target.stat().st_size < source.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "half.safetensors"]  # no temp left
