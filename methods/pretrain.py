@@ -339,10 +339,10 @@ def training_loss(model: nn.Module, dense_head: DenseTargetHead | None, batch: B
     logits = model.forward_head(tokens)
     loss = nn.functional.cross_entropy(logits, y)
     if dense_head is not None:
-        loss = loss + recipe.dense_weight * dense_head(tokens, x)
+        feature, teacher_logits = dense_head.teacher_outputs(x)
+        loss = loss + recipe.dense_weight * dense_head(tokens, feature)
         if recipe.distill_weight:
-            with torch.no_grad():
-                target = dense_head.teacher(x).softmax(-1)
+            target = teacher_logits.softmax(-1)
             own = logits[:, : target.shape[1]].log_softmax(-1)
             loss = loss - recipe.distill_weight * (target * own).sum(-1).mean()
     if recipe.token_labels != "none" and recipe.token_label_weight:
@@ -368,18 +368,21 @@ class DenseTargetHead(nn.Module):
         self.prefix = vit.num_prefix_tokens
         self.grid = tuple(vit.patch_embed.grid_size)
         with torch.no_grad():
-            channels = self._target(torch.zeros(1, 3, size, size, device=next(teacher.parameters()).device)).shape[-1]
+            sample = torch.zeros(1, 3, size, size, device=next(teacher.parameters()).device)
+            channels = self.teacher_outputs(sample)[0].shape[-1]
         self.proj = nn.Linear(vit.embed_dim, channels)
 
     @torch.no_grad()
-    def _target(self, x: torch.Tensor) -> torch.Tensor:
-        # The deepest feature map at stride 8 (stage 2 of a ResNet), pooled to the patch grid.
-        feature = self.teacher.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+    def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the teacher: its deepest stride-8 feature map (stage 2 of a ResNet) pooled
+        to the patch grid, as (B, N, C) targets, and its class logits."""
+        final, (feature,) = self.teacher.forward_intermediates(x, indices=[2], intermediates_only=False)
         feature = nn.functional.adaptive_avg_pool2d(feature, self.grid)
-        return feature.flatten(2).transpose(1, 2)
+        return feature.flatten(2).transpose(1, 2), self.teacher.forward_head(final)
 
-    def forward(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        target = nn.functional.normalize(self._target(x), dim=-1)
+    def forward(self, tokens: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """The dense loss of patch tokens against the teacher's pooled features (`teacher_outputs`)."""
+        target = nn.functional.normalize(feature, dim=-1)
         pred = nn.functional.normalize(self.proj(tokens[:, self.prefix :]), dim=-1)
         return (pred - target).pow(2).sum(-1).mean()
 

@@ -164,3 +164,20 @@ def test_pretraining_starts_the_vit_stem_from_its_teacher(tmp_path, monkeypatch)
     cnn_state, vit_state = load_file(str(teacher.weights)), load_file(str(vit.weights))
     assert torch.equal(vit_state["patch_embed.backbone.0.weight"], cnn_state["conv1.weight"])
     assert torch.equal(vit_state["patch_embed.backbone.5.0.conv2.weight"], cnn_state["layer2.0.conv2.weight"])
+
+
+def test_one_teacher_pass_gives_its_stride8_targets_and_its_logits():
+    import timm
+
+    from methods.pretrain import DenseTargetHead
+
+    torch.manual_seed(0)
+    cnn = timm.create_model(CNN, num_classes=12).eval()
+    head = DenseTargetHead(timm.create_model(VIT, num_classes=12), cnn, 64)
+    x = torch.randn(2, 3, 64, 64)
+    feature, logits = head.teacher_outputs(x)
+    with torch.no_grad():
+        stride8 = cnn.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+        assert torch.allclose(logits, cnn(x), atol=1e-5)
+    assert feature.shape == (2, 64, stride8.shape[1])
+    assert torch.allclose(feature, stride8.flatten(2).transpose(1, 2))  # already at the 8x8 grid
