@@ -524,8 +524,9 @@ def demo_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     force: Annotated[bool, typer.Option(help="Re-run jobs whose record exists.")] = False,
 ) -> None:
-    """Offline demo on the embedded dataset: build splits, pre-train (or reuse) backbones, run
-    the methods on all 10 uni-class splits and print a per-class table like paper Table 6."""
+    """Offline demo on the embedded dataset: build splits, load the shipped pre-trained backbones
+    (pre-training them only for another embedded config), run the methods on all 10 uni-class
+    splits and print a per-class table like paper Table 6."""
     from methods.base import resolve_device
 
     from .demo import run_demo
