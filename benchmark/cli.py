@@ -458,19 +458,61 @@ def pretrain_command(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     force: Annotated[bool, typer.Option(help="Train again even when cached weights exist.")] = False,
+    ship: Annotated[
+        bool,
+        typer.Option(help="Make the weights the package ships: train the embedded CNN and ViT with their "
+                     "default recipes (reusing cached ones unless --force), measure them and write them in "
+                     "float16 with their manifest to methods/weights/ (ignores --arch and --out). About an "
+                     "hour on one CPU thread."),
+    ] = False,
 ) -> None:
     """Pre-train a small backbone on the embedded dataset's object-centric pool (offline
-    stand-in for the paper's ImageNet-21k pre-training); the embedded default uses it."""
+    stand-in for the paper's ImageNet-21k pre-training); the embedded default uses it. The
+    package ships such weights; this trains them again or for other settings."""
     from methods.base import resolve_device
     from methods.pretrain import pretrain
 
     if out is not None and out.suffix != ".safetensors":
         raise NdbenchError(f"--out {out} does not end in .safetensors", "name the weights file *.safetensors")
+    if ship:
+        from methods.shipped_weights import WEIGHTS_DIR
+        from methods.shipped_weights import ship as ship_weights
+
+        manifest = ship_weights(device=resolve_device(device), console=stderr_console(), force=force)
+        for name, entry in manifest["weights"].items():
+            stdout_console().print(
+                f"{name}: test-instance accuracy {100 * entry['scene_test_instance_accuracy']:.1f} %, "
+                f"pool held-out {100 * entry['pool_heldout_accuracy']:.1f} % -> {WEIGHTS_DIR / entry['file']}")
+        return
     result = pretrain(arch, out=out, device=resolve_device(device), console=stderr_console(), force=force)
     state = "cached" if result.cached else f"trained in {result.train_seconds:.0f} s"
     stdout_console().print(
         f"{arch}: held-out accuracy {100 * result.heldout_accuracy:.1f} % ({state}) -> {result.weights}"
     )
+
+
+@app.command("oracle")
+def oracle_command(
+    splits: Annotated[Path, typer.Option(help="Splits root holding embedded/ (from `ndbench build-splits "
+                                         "embedded --out ...`).")] = Path("results/splits"),
+    weights: Annotated[str, typer.Option(help="The ViT's weights: 'embedded' (shipped or cached) or a file "
+                                         "written by `ndbench pretrain`.")] = "embedded",
+    arch: Annotated[str, typer.Option(help="The ViT architecture the weights belong to.")] = "ndbench_vit_embedded",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """The embedded benchmark's oracle ceiling: AUROC per split when each test scene is scored
+    from its ground-truth boxes with the teacher's own patch-token class predictions."""
+    import pandas as pd
+
+    from methods.base import resolve_device
+
+    from .oracle import oracle_aurocs
+
+    rows = pd.DataFrame(oracle_aurocs(splits, weights, arch=arch, device=resolve_device(device)))
+    rows["class"] = rows["split"].str.removeprefix("except-").astype(int)  # multi-class: the novel class
+    table = rows.pivot(index="setting", columns="class", values="auroc") * 100
+    table["AVG"] = table.mean(axis=1)
+    stdout_console().print(table.round(1).to_markdown())
 
 
 @app.command("demo")
@@ -482,8 +524,9 @@ def demo_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     force: Annotated[bool, typer.Option(help="Re-run jobs whose record exists.")] = False,
 ) -> None:
-    """Offline demo on the embedded dataset: build splits, pre-train (or reuse) backbones, run
-    the methods on all 10 uni-class splits and print a per-class table like paper Table 6."""
+    """Offline demo on the embedded dataset: build splits, load the shipped pre-trained backbones
+    (pre-training them only for another embedded config), run the methods on all 10 uni-class
+    splits and print a per-class table like paper Table 6."""
     from methods.base import resolve_device
 
     from .demo import run_demo

@@ -5,6 +5,11 @@ so nothing is downloaded. The digit *instances* are split, stratified by class, 
 disjoint pools: one for train scenes, one for test scenes, one for the object-centric
 pre-training set, so no instance is seen in two roles.
 
+The pre-training pool is broader than the scenes, as ImageNet-21k is broader than VOC: its
+handwritten digits are deformed (affine, elastic, stroke width), and letters and digits
+rendered from matplotlib's fonts join them, all in the digits' own 8x8 form (see
+`datasets_builders.glyphs`), at object-centric and at scene sizes.
+
 A scene is an RGB image (64x64 by default) on a textured, tinted background with one
 dominant digit and, in 40 % of scenes, a few smaller digits of other classes (60/28/9/3 % of
 scenes hold 1/2/3/4 classes, roughly the shape of Pascal VOC), sometimes with a second
@@ -28,17 +33,21 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from .atomic import atomic_write_bytes
 from .errors import NdbenchError
+from .glyphs import DIGITS, FONT_FILES, LETTERS, GlyphAugment, augment_bitmap, block_counts, digit_bitmap, font_bitmap
 
 # Bump when the generator's output changes for an unchanged config (it keys the cache).
-GENERATOR_VERSION = "1"
+# 2: the broader pre-training pool (scenes unchanged, byte for byte).
+GENERATOR_VERSION = "2"
 N_CLASSES = 10
 POOLS = ("train", "test", "pretrain")
 # Independent random streams, so that e.g. the number of pre-training images does not
 # change the scenes.
-_STREAM_POOLS, _STREAM_TRAIN, _STREAM_TEST, _STREAM_PRETRAIN = range(4)
+_STREAM_POOLS, _STREAM_TRAIN, _STREAM_TEST, _STREAM_PRETRAIN, _STREAM_INSTANCES = range(5)
+PRETRAIN_SOURCES = ("handwritten digits", "font digits", "font letters")
 _REQUIRED_FILES = ("annotations/instances_train.json", "annotations/instances_val.json", "pools.json")
 
 
@@ -50,7 +59,7 @@ class EmbeddedConfig:
     image_size: int = 64
     n_train_scenes: int = 3000
     n_test_scenes: int = 1000
-    n_pretrain_images: int = 6000
+    n_pretrain_images: int = 30000
     # Share of each class's digit instances given to train scenes, test scenes, pre-training.
     pool_fractions: tuple[float, float, float] = (0.4, 0.2, 0.4)
     # Share of scenes holding exactly 1, 2, 3, 4 classes.
@@ -62,10 +71,20 @@ class EmbeddedConfig:
     small_height: tuple[float, float] = (14 / 64, 24 / 64)
     # Most any two objects' boxes may overlap: intersection / area of the smaller box.
     max_overlap: float = 0.2
-    # Pre-training images: one large digit (42-54 px at 64x64), centre jittered by up to
-    # this fraction of the image size.
+    # Pre-training images: one glyph each. Object-centric ones hold a large glyph (42-54 px
+    # at 64x64), centre jittered by up to `pretrain_jitter` of the image size; a share
+    # `pretrain_scene_sized` is drawn at the scenes' sizes (14-44 px) anywhere in the image.
     pretrain_height: tuple[float, float] = (42 / 64, 54 / 64)
     pretrain_jitter: float = 0.06
+    pretrain_scene_sized: float = 0.4
+    # Shares of the pool's images by source (PRETRAIN_SOURCES): handwritten digits of the
+    # pre-training instances, digits and letters from matplotlib's fonts.
+    pretrain_sources: tuple[float, float, float] = (0.5, 0.2, 0.3)
+    # Font digits share the handwritten digits' classes (True) or get ten classes of their own.
+    pretrain_font_digits_merged: bool = True
+    # Share of glyphs deformed by `pretrain_augment` (the others are drawn as the scenes draw).
+    pretrain_augmented: float = 0.8
+    pretrain_augment: GlyphAugment = GlyphAugment()
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,6 +101,11 @@ class EmbeddedConfig:
             problems.append(f"classes_per_image needs 1..{N_CLASSES} shares summing to 1")
         if not 0 <= self.repeat_fraction <= 1:
             problems.append("repeat_fraction must lie in [0, 1]")
+        sources = self.pretrain_sources
+        if len(sources) != len(PRETRAIN_SOURCES) or min(sources) < 0 or abs(sum(sources) - 1) > 1e-6:
+            problems.append(f"pretrain_sources needs {len(PRETRAIN_SOURCES)} shares summing to 1")
+        if not (0 <= self.pretrain_scene_sized <= 1 and 0 <= self.pretrain_augmented <= 1):
+            problems.append("pretrain_scene_sized and pretrain_augmented must lie in [0, 1]")
         if problems:
             raise NdbenchError(f"bad embedded dataset config: {'; '.join(problems)}",
                                "fix the EmbeddedConfig values")
@@ -157,23 +181,33 @@ def _check_complete(root: Path) -> None:
         )
 
 
-def load_pretrain_set(
-    config: EmbeddedConfig | None = None, console=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The object-centric pre-training images (N, H, W, 3) uint8 and their int64 labels,
-    cached as `pretrain.npz` in the dataset's cache folder."""
+@dataclass(frozen=True)
+class PretrainSet:
+    """The object-centric pre-training pool: one glyph per image."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64, indices into class_names
+    boxes: np.ndarray  # (N, 4) int64: the glyph's tight box, x, y, w, h
+    digit_index: np.ndarray  # (N,) int64: the `load_digits` instance, -1 for font glyphs
+    class_names: tuple[str, ...]
+
+
+def load_pretrain_set(config: EmbeddedConfig | None = None, console=None) -> PretrainSet:
+    """The pre-training pool of `config`, cached as `pretrain.npz` in the dataset's cache folder."""
     config = config or EmbeddedConfig()
     root = ensure_embedded(config, console=console)
     path = root / "pretrain.npz"
     if not path.is_file():
-        images, labels, digit_index = render_pretrain_set(config)
+        pool = render_pretrain_set(config, console=console)
         buffer = io.BytesIO()
-        np.savez(buffer, images=images, labels=labels, digit_index=digit_index)
+        np.savez(buffer, images=pool.images, labels=pool.labels, boxes=pool.boxes,
+                 digit_index=pool.digit_index, class_names=np.array(pool.class_names))
         atomic_write_bytes(path, buffer.getvalue())
-        return images, labels
+        return pool
     try:
         with np.load(path) as data:
-            return data["images"], data["labels"]
+            return PretrainSet(data["images"], data["labels"], data["boxes"], data["digit_index"],
+                               tuple(str(name) for name in data["class_names"]))
     except (OSError, ValueError, KeyError) as exc:
         raise NdbenchError(f"cannot read {path}: {exc}", f"delete {path} to regenerate it") from exc
 
@@ -344,29 +378,109 @@ def render_scene(
     return _to_uint8(image), objects
 
 
-def render_pretrain_set(config: EmbeddedConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Object-centric images: one large, roughly centred digit of the pre-training pool each,
-    classes balanced. Returns images (N, H, W, 3) uint8, labels int64, digit indices int64."""
-    digits, targets = _load_digits()
-    pool = digit_pools(config, targets)["pretrain"]
-    by_class = [pool[targets[pool] == c] for c in range(N_CLASSES)]
-    rng = np.random.default_rng([config.seed, _STREAM_PRETRAIN])
-    n, size = config.n_pretrain_images, config.image_size
-    labels = rng.permutation(np.resize(np.arange(N_CLASSES, dtype=np.int64), n))
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
-    digit_index = np.empty(n, dtype=np.int64)
-    jitter = config.pretrain_jitter * size
-    for i, c in enumerate(labels.tolist()):
-        digit_index[i] = rng.choice(by_class[c])
-        dark = bool(rng.random() < 0.5)
-        image = _background(rng, size, dark)
-        glyph = _glyph(digits[digit_index[i]], _heights(rng, config.pretrain_height, size), rng)
+def pretrain_class_names(config: EmbeddedConfig) -> tuple[str, ...]:
+    """The pre-training pool's classes, in label order: the ten digits first (so a classifier's
+    first ten outputs are the scenes' categories), then font digits when they are not merged,
+    then letters (case-sensitive)."""
+    names = [f"digit-{d}" for d in DIGITS]
+    _, font_digits, letters = config.pretrain_sources
+    if font_digits > 0 and not config.pretrain_font_digits_merged:
+        names += [f"font-digit-{d}" for d in DIGITS]
+    if letters > 0:
+        names += [f"letter-{c}" for c in LETTERS]
+    return tuple(names)
+
+
+def _object_image(
+    config: EmbeddedConfig, grid: np.ndarray, rng: np.random.Generator, scene_sized: bool
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """One glyph (an 8x8 grid) drawn as the scenes draw digits, on a scene background: large
+    and centred, or at a scene size anywhere. Returns the uint8 image and the glyph's box."""
+    size = config.image_size
+    dark = bool(rng.random() < 0.5)
+    image = _background(rng, size, dark)
+    if scene_sized:
+        span = (config.small_height[0], config.dominant_height[1])
+        glyph = _glyph(grid, _heights(rng, span, size), rng)
+        x, y = int(rng.integers(0, size - glyph.width + 1)), int(rng.integers(0, size - glyph.height + 1))
+    else:
+        glyph = _glyph(grid, _heights(rng, config.pretrain_height, size), rng)
+        jitter = config.pretrain_jitter * size
         cx, cy = size / 2 + rng.uniform(-jitter, jitter, size=2)
         x = int(np.clip(round(cx - glyph.width / 2), 0, size - glyph.width))
         y = int(np.clip(round(cy - glyph.height / 2), 0, size - glyph.height))
-        _paste(image, glyph, x, y, _random_colour(rng, (0.75, 1.0) if dark else (0.02, 0.3)))
-        images[i] = _to_uint8(image)
-    return images, labels, digit_index
+    _paste(image, glyph, x, y, _random_colour(rng, (0.75, 1.0) if dark else (0.02, 0.3)))
+    return _to_uint8(image), (x, y, glyph.width, glyph.height)
+
+
+def _visible_grid(bitmap: np.ndarray) -> np.ndarray:
+    """The 8x8 block counts of a bitmap, thickened until some block is mostly ink (a
+    hairline glyph would otherwise vanish when the scene renderer sharpens it)."""
+    grid = block_counts(bitmap)
+    while grid.max() < 0.75:
+        bitmap = ndimage.binary_dilation(bitmap)
+        grid = block_counts(bitmap)
+    return grid
+
+
+def render_pretrain_set(config: EmbeddedConfig, console=None) -> PretrainSet:
+    """Render the pre-training pool: `n_pretrain_images` glyphs, sources in the shares of
+    `pretrain_sources`, classes balanced within each source; handwritten digits come only
+    from the pre-training instances."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    digits, targets = _load_digits()
+    pool = digit_pools(config, targets)["pretrain"]
+    by_class = [pool[targets[pool] == c] for c in range(N_CLASSES)]
+    names = pretrain_class_names(config)
+    rng = np.random.default_rng([config.seed, _STREAM_PRETRAIN])
+    n, size = config.n_pretrain_images, config.image_size
+    sources = rng.permutation(np.repeat(np.arange(len(PRETRAIN_SOURCES)), _quota(config.pretrain_sources, n)))
+    font_digit_offset = 0 if config.pretrain_font_digits_merged else N_CLASSES
+    chars = {0: DIGITS, 1: DIGITS, 2: LETTERS}
+    draws = {k: rng.permutation(np.resize(np.arange(len(chars[k])), int((sources == k).sum()))) for k in chars}
+    seen = dict.fromkeys(chars, 0)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    labels = np.empty(n, dtype=np.int64)
+    boxes = np.empty((n, 4), dtype=np.int64)
+    digit_index = np.full(n, -1, dtype=np.int64)
+    with Progress(console=console or Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("rendering the pre-training pool", total=n)
+        for i, source in enumerate(sources.tolist()):
+            k = int(draws[source][seen[source]])
+            seen[source] += 1
+            augmented = bool(rng.random() < config.pretrain_augmented)
+            if source == 0:
+                digit_index[i] = rng.choice(by_class[k])
+                labels[i] = k
+                grid = digits[digit_index[i]]
+                bitmap = digit_bitmap(grid) if augmented else None
+            else:
+                font = FONT_FILES[int(rng.integers(len(FONT_FILES)))]
+                bitmap = font_bitmap(font, chars[source][k])
+                labels[i] = names.index(f"letter-{LETTERS[k]}") if source == 2 else k + font_digit_offset
+            if bitmap is not None:
+                if augmented:
+                    bitmap = augment_bitmap(bitmap, config.pretrain_augment, rng)
+                grid = _visible_grid(bitmap)
+            scene_sized = bool(rng.random() < config.pretrain_scene_sized)
+            images[i], boxes[i] = _object_image(config, grid, rng, scene_sized)
+            progress.advance(task)
+    return PretrainSet(images, labels, boxes, digit_index, names)
+
+
+def render_instances(config: EmbeddedConfig, pool_name: str, copies: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Every digit instance of pool `pool_name` ("train", "test", "pretrain") drawn `copies`
+    times object-centric, as the pre-training pool draws an undeformed handwritten digit.
+    Returns images (N, H, W, 3) uint8 and labels int64."""
+    if pool_name not in POOLS:
+        raise NdbenchError(f"unknown digit pool {pool_name!r}", f"use one of {', '.join(POOLS)}")
+    digits, targets = _load_digits()
+    indices = np.repeat(digit_pools(config, targets)[pool_name], copies)
+    rng = np.random.default_rng([config.seed, _STREAM_INSTANCES, POOLS.index(pool_name)])
+    images = np.stack([_object_image(config, digits[i], rng, scene_sized=False)[0] for i in indices.tolist()])
+    return images, targets[indices]
 
 
 # --- writing COCO ------------------------------------------------------------------------------

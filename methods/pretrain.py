@@ -1,8 +1,10 @@
 """Offline supervised pre-training of small backbones on the embedded object-centric pool.
 
-This stands in for the paper's ImageNet-21k pre-training: the pool holds one large digit
-per image and shares no digit instance with any scene. Weights are cached, keyed by
-(architecture, embedded data, recipe), so every later run reuses them.
+This stands in for the paper's ImageNet-21k pre-training: the pool holds one glyph per image
+(handwritten digits of instances no scene uses, deformed, plus font digits and letters; see
+`datasets_builders.embedded`). The package ships weights made by `ndbench pretrain --ship`
+(`methods/shipped_weights.py`); other data configs or recipes are trained on first use and
+cached, keyed by (architecture, embedded data, recipe).
 """
 
 from __future__ import annotations
@@ -28,41 +30,55 @@ from datasets_builders.atomic import atomic_write_text, write_error
 from datasets_builders.embedded import EmbeddedConfig, cache_root, load_pretrain_set
 from datasets_builders.errors import NdbenchError
 
-from . import embedded_archs  # noqa: F401  (registers the embedded architectures in timm)
 from .backbones import create_backbone, first_non_finite, read_state_dict
+from .embedded_archs import CNNStemPatchEmbed  # importing it registers the embedded archs in timm
 
 EMBEDDED_WEIGHTS = "embedded"  # the `weights` value that means "pre-trained by ndbench"
 DEFAULT_ARCH = "ndbench_vit_embedded"
-RECIPE_VERSION = "4"  # 4: token labels; 3: initial weights seeded (2 drew them from the global RNG)
+DEFAULT_CNN = "ndbench_resnet_embedded"
+# 6: the ViT's patch embedding is the CNN's stride-8 stem, started from the teacher's; 1 epoch;
+# 5: broader pool, patch labels from the glyph's box with a background class, the CNN's soft
+# labels; 4: token labels; 3: initial weights seeded (2 drew them from the global RNG)
+RECIPE_VERSION = "6"
+BACKGROUND = "background"  # the extra class of box token labels
+TOKEN_LABELS = ("none", "image", "box")
+IGNORE = -100  # cross-entropy's ignore index: patches only partly on the glyph's box
 
 
 @dataclass(frozen=True)
 class PretrainRecipe:
-    """Supervised recipe. Planning measured that a ViT trained from scratch needs warm-up
-    (OneCycle, AdamW, batch 64) and ~10 epochs of ~6,000 object-centric images. On ndbench's
-    rendered pool that plain recipe stayed at chance (measured: 9.8 % held-out after 10 epochs
-    at peak lr 3e-4, and no progress at 1e-3), while a small CNN learns in 2 epochs. So ViTs
-    also regress, from each patch token, the stride-8 feature map of a quickly trained CNN
-    (`dense_teacher`, a grid that matches the 8x8 patch grid): a local target for every token
-    that gets the transformer off its plateau (measured: ~73 % train accuracy after 6 epochs)."""
+    """Supervised recipe. A ViT trained from scratch on the rendered pool with the plain
+    recipe (OneCycle, AdamW, batch 64) stayed at chance (9.8 % held-out after 10 epochs at peak
+    lr 3e-4), while a small CNN learns in 2 epochs. So ViTs also learn from the CNN
+    (`dense_teacher`): they regress its stride-8 feature map from each patch token (a local
+    target that gets the transformer off its plateau) and match its class probabilities with
+    the CLS token (`distill_weight`, soft-label distillation)."""
 
-    epochs: int = 10
+    # 1 epoch: the shipped ViT's budget (~12 min of one idle CPU thread); more epochs still help.
+    epochs: int = 1
     batch_size: int = 64
     peak_lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.2
-    holdout_fraction: float = 0.1
+    holdout_fraction: float = 0.05
     seed: int = 0
-    dense_teacher: str | None = "ndbench_resnet_embedded"  # None: plain supervised training
+    dense_teacher: str | None = DEFAULT_CNN  # None: plain supervised training
+    # A ViT with the CNN stem (embedded_archs.CNNStemPatchEmbed) starts it from the teacher's.
+    stem_from_teacher: bool = True
     dense_weight: float = 1.0
-    # Token labelling (Jiang et al. 2021, "All Tokens Matter"): every patch token, through the
-    # classifier head, also predicts the image's class. Without it the patch tokens only
-    # describe local strokes: measured on embedded uni-class 0/3/6/9, a patch-level kNN over
-    # teacher patch tokens scored AUROC 45.2 and mkd 49.0 (chance); at weight 0.5 they score
-    # 58.1 and 57.6 (defend 60.8), while CLS-token knn moved 61.7 -> 60.7. Weight 1.0 cost knn
-    # more (AVG 59.1 -> 54.1 over ten classes).
+    distill_weight: float = 1.0  # cross-entropy to the dense teacher's softmax (CLS logits)
+    # Token labelling (Jiang et al. 2021, "All Tokens Matter"): patch tokens, through the
+    # classifier head, also predict a label. "image": every patch predicts the image's class;
+    # "box": patches on the glyph's box predict its class, patches off it an extra
+    # "background" class, patches partly on it nothing. Without token labels the patch tokens
+    # only described local strokes and mkd/defend stayed at chance on the embedded scenes.
+    token_labels: str = "box"
     token_label_weight: float = 0.5
     teacher_epochs: int = 3  # the CNN teacher's own recipe: same optimiser, these many epochs
+
+    def __post_init__(self) -> None:
+        if self.token_labels not in TOKEN_LABELS:
+            raise NdbenchError(f"unknown token_labels {self.token_labels!r}", f"use one of {', '.join(TOKEN_LABELS)}")
 
 
 @dataclass(frozen=True)
@@ -90,17 +106,27 @@ def pretrain_key(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> str
 
 def cnn_recipe(recipe: PretrainRecipe) -> PretrainRecipe:
     """The recipe of a CNN: `teacher_epochs` of plain supervised training. The ViT's dense
-    teacher and the CNN methods' embedded backbone are then one and the same cached file."""
-    return replace(recipe, epochs=recipe.teacher_epochs, dense_teacher=None, token_label_weight=0.0)
+    teacher and the CNN methods' embedded backbone are then one and the same file."""
+    return replace(recipe, epochs=recipe.teacher_epochs, dense_teacher=None, stem_from_teacher=False,
+                   distill_weight=0.0, token_labels="none", token_label_weight=0.0)
 
 
 def default_recipe(arch: str) -> PretrainRecipe:
     """The default recipe for `arch`: the ViT recipe for ViTs, `cnn_recipe` for the others."""
+    return PretrainRecipe() if is_vit(arch) else cnn_recipe(PretrainRecipe())
+
+
+def is_vit(arch: str) -> bool:
+    """Whether the timm model `arch` is a VisionTransformer (NdbenchError if timm has no such model)."""
     try:
-        is_vit = isinstance(timm.create_model(arch, pretrained=False), VisionTransformer)
+        return isinstance(timm.create_model(arch, pretrained=False), VisionTransformer)
     except (RuntimeError, ValueError) as exc:
         raise NdbenchError(f"cannot build model {arch!r}: {exc}", "pass a timm model name to --arch") from exc
-    return PretrainRecipe() if is_vit else cnn_recipe(PretrainRecipe())
+
+
+def head_classes(pool_classes: tuple[str, ...], recipe: PretrainRecipe) -> tuple[str, ...]:
+    """The classifier's outputs: the pool's classes, plus "background" for box token labels."""
+    return pool_classes + ((BACKGROUND,) if recipe.token_labels == "box" else ())
 
 
 def default_weights_path(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> Path:
@@ -108,11 +134,20 @@ def default_weights_path(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe
     return cache_root() / "pretrained" / f"{arch}-{pretrain_key(arch, data, recipe)}.safetensors"
 
 
-def _to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+def to_input(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) as the embedded archs' input: float, mean/std 0.5, `size` px."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != size:
         x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     return (x - 0.5) / 0.5  # mean/std 0.5, as the embedded archs' configs say
+
+
+def input_size(model: nn.Module) -> int:
+    """The square input size a model was built for."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        return int(patch_embed.img_size[0])
+    return int(model.pretrained_cfg.get("input_size", (3, 64, 64))[-1])
 
 
 def pretrain(
@@ -124,8 +159,12 @@ def pretrain(
     device: torch.device | None = None,
     console: Console | None = None,
     force: bool = False,
+    teacher_weights: Path | None = None,
 ) -> PretrainResult:
-    """Train `arch` (a timm name) to classify the object-centric pool; cache and return it."""
+    """Train `arch` (a timm name) to classify the object-centric pool; cache and return it.
+    A ViT's dense teacher is `teacher_weights`, else the teacher's embedded weights."""
+    from .shipped_weights import embedded_weights
+
     data = data or EmbeddedConfig()
     recipe = recipe or default_recipe(arch)
     device = device or torch.device("cpu")
@@ -135,62 +174,68 @@ def pretrain(
         info = _read_cached(out, info_path)
         return PretrainResult(out, arch, info["heldout_accuracy"], info["train_seconds"], True)
 
-    images, labels = load_pretrain_set(data)
-    num_classes = int(labels.max()) + 1
+    pool = load_pretrain_set(data, console=console)
+    classes = head_classes(pool.class_names, recipe)
     torch.manual_seed(recipe.seed)  # the initial weights too, whatever ran before in this process
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(arch, pretrained=False, num_classes=len(classes))
     except (RuntimeError, ValueError) as exc:
         raise NdbenchError(f"cannot build model {arch!r}: {exc}", "pass a timm model name to --arch") from exc
-    size = _input_size(model)
+    size = input_size(model)
     teacher = None
     if isinstance(model, VisionTransformer) and recipe.dense_teacher:
         teacher_recipe = cnn_recipe(recipe)
-        teacher_weights = pretrain(recipe.dense_teacher, data=data, recipe=teacher_recipe, device=device,
-                                   console=console).weights
-        teacher = create_backbone(recipe.dense_teacher, weights=teacher_weights, num_classes=0).to(device).eval()
+        if teacher_weights is None:
+            teacher_weights = embedded_weights(recipe.dense_teacher, data=data, recipe=teacher_recipe,
+                                               device=device, console=console)
+        teacher = create_backbone(recipe.dense_teacher, weights=teacher_weights,
+                                  num_classes=len(head_classes(pool.class_names, teacher_recipe)))
+        teacher = teacher.to(device).eval()
+        if recipe.stem_from_teacher and isinstance(model.patch_embed, CNNStemPatchEmbed):
+            model.patch_embed.load_cnn_stem(teacher.state_dict())
 
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    order = torch.randperm(len(labels), generator=generator).numpy()
-    n_hold = int(len(labels) * recipe.holdout_fraction)
-    hold, train = order[:n_hold], order[n_hold:]
-    x_train, y_train = _to_tensor(images[train], size), torch.from_numpy(labels[train]).long()
-    x_hold, y_hold = _to_tensor(images[hold], size), torch.from_numpy(labels[hold]).long()
+    order = torch.randperm(len(pool.labels), generator=generator).numpy()
+    n_hold = int(len(pool.labels) * recipe.holdout_fraction)
+    hold, train = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+    images = torch.from_numpy(pool.images)
+    labels = torch.from_numpy(pool.labels).long()
+    boxes = torch.from_numpy(pool.boxes).long()
 
     model.to(device)
     dense_head = DenseTargetHead(model, teacher, size).to(device) if teacher is not None else None
     params = list(model.parameters()) + (list(dense_head.parameters()) if dense_head else [])
     optimizer = torch.optim.AdamW(params, lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(y_train) / recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=recipe.peak_lr,
-        total_steps=recipe.epochs * steps_per_epoch,
-        pct_start=recipe.warmup_fraction,
-    )
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(recipe.epochs * steps_per_epoch, recipe.warmup_fraction))
+    train_index = torch.from_numpy(train)
     start = time.perf_counter()
     with Progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"pre-training {arch}", total=recipe.epochs * steps_per_epoch)
         for _ in range(recipe.epochs):
             model.train()
-            perm = torch.randperm(len(y_train), generator=generator)
+            perm = train_index[torch.randperm(len(train_index), generator=generator)]
             for i in range(steps_per_epoch):
                 idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-                x, y = x_train[idx].to(device), y_train[idx].to(device)
-                loss = training_loss(model, dense_head, x, y, recipe)
+                x = to_input(images[idx], size).to(device)
+                batch = Batch(x, labels[idx].to(device), boxes[idx].to(device), classes.index(BACKGROUND)
+                              if BACKGROUND in classes else -1)
+                loss = training_loss(model, dense_head, batch, recipe)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 progress.advance(task)
     seconds = time.perf_counter() - start
-    accuracy = evaluate(model, x_hold, y_hold, device)
+    accuracy = accuracy_on(model, pool.images[hold], pool.labels[hold], device)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"classes": json.dumps(classes)})
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -202,10 +247,11 @@ def pretrain(
         "arch": arch,
         "heldout_accuracy": accuracy,
         "train_seconds": seconds,
-        "num_classes": num_classes,
-        "train_images": int(len(y_train)),
-        "heldout_images": int(len(y_hold)),
+        "classes": list(classes),
+        "train_images": int(len(train)),
+        "heldout_images": int(len(hold)),
         "recipe": asdict(recipe),
+        "recipe_version": RECIPE_VERSION,
         "data": asdict(data),
     }
     atomic_write_text(info_path, json.dumps(info, indent=1, default=str) + "\n")
@@ -229,28 +275,86 @@ def _read_cached(weights: Path, info_path: Path) -> dict:
     return info
 
 
-def training_loss(model: nn.Module, dense_head: DenseTargetHead | None, x: torch.Tensor, y: torch.Tensor,
+def warmup_cosine(total_steps: int, warmup_fraction: float):
+    """Learning-rate factor per step: linear warm-up from ~0 to 1 over `warmup_fraction` of the
+    steps, then cosine decay to 0 (the shape of timm's and DeiT's schedules)."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch: inputs, image labels, the glyphs' boxes (x, y, w, h in input pixels)
+    and the background class (-1 when the head has none)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    boxes: torch.Tensor
+    background: int = -1
+
+
+def box_patch_overlap(boxes: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """(M, N): how much each box (x, y, w, h) covers each patch of a `grid` of `patch`-px
+    patches (raster order), as a share of the smaller of the two areas (a box inside one
+    patch covers it fully)."""
+    boxes = boxes.reshape(-1, 4).long()
+    rows, cols = grid
+    y0 = torch.arange(rows, device=boxes.device).repeat_interleave(cols) * patch
+    x0 = torch.arange(cols, device=boxes.device).repeat(rows) * patch
+    bx, by, bw, bh = (boxes[:, i : i + 1] for i in range(4))
+    ix = (torch.minimum(x0 + patch, bx + bw) - torch.maximum(x0, bx)).clamp(min=0)
+    iy = (torch.minimum(y0 + patch, by + bh) - torch.maximum(y0, by)).clamp(min=0)
+    return (ix * iy).float() / (bw * bh).clamp(min=1, max=patch * patch).float()
+
+
+def patch_labels(boxes: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], patch: int,
+                 background: int) -> torch.Tensor:
+    """Box token labels (B, N) of one glyph per image: its class where its box covers at least
+    half a patch (`box_patch_overlap` >= 0.5), `background` where it does not touch the
+    patch, IGNORE in between."""
+    overlap = box_patch_overlap(boxes, grid, patch)
+    out = torch.full(overlap.shape, IGNORE, dtype=torch.long, device=boxes.device)
+    on = overlap >= 0.5
+    out[on] = labels[:, None].expand_as(out)[on]
+    out[overlap == 0] = background
+    return out
+
+
+def training_loss(model: nn.Module, dense_head: DenseTargetHead | None, batch: Batch,
                   recipe: PretrainRecipe) -> torch.Tensor:
     """The pre-training loss of one batch: the classifier's cross-entropy; for a ViT also the
-    token-label cross-entropy and, with a dense teacher, the dense regression."""
+    token-label cross-entropy and, with a dense teacher, the dense regression and the
+    distillation of the teacher's class probabilities."""
+    x, y = batch.x, batch.y
     if not isinstance(model, VisionTransformer):
         return nn.functional.cross_entropy(model(x), y)
     tokens = model.forward_features(x)
-    loss = nn.functional.cross_entropy(model.forward_head(tokens), y)
+    logits = model.forward_head(tokens)
+    loss = nn.functional.cross_entropy(logits, y)
     if dense_head is not None:
-        loss = loss + recipe.dense_weight * dense_head(tokens, x)
-    if recipe.token_label_weight:
+        feature, teacher_logits = dense_head.teacher_outputs(x)
+        loss = loss + recipe.dense_weight * dense_head(tokens, feature)
+        if recipe.distill_weight:
+            target = teacher_logits.softmax(-1)
+            own = logits[:, : target.shape[1]].log_softmax(-1)
+            loss = loss - recipe.distill_weight * (target * own).sum(-1).mean()
+    if recipe.token_labels != "none" and recipe.token_label_weight:
         patch_logits = model.head(tokens[:, model.num_prefix_tokens :])
-        labels = y.repeat_interleave(patch_logits.shape[1])
-        loss = loss + recipe.token_label_weight * nn.functional.cross_entropy(patch_logits.flatten(0, 1), labels)
+        if recipe.token_labels == "image":
+            targets = y[:, None].expand(patch_logits.shape[:2])
+        else:
+            grid = tuple(model.patch_embed.grid_size)
+            targets = patch_labels(batch.boxes, y, grid, int(model.patch_embed.patch_size[0]), batch.background)
+        loss = loss + recipe.token_label_weight * nn.functional.cross_entropy(
+            patch_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     return loss
-
-
-def _input_size(model: nn.Module) -> int:
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None:
-        return int(patch_embed.img_size[0])
-    return int(model.pretrained_cfg.get("input_size", (3, 64, 64))[-1])
 
 
 class DenseTargetHead(nn.Module):
@@ -264,35 +368,49 @@ class DenseTargetHead(nn.Module):
         self.prefix = vit.num_prefix_tokens
         self.grid = tuple(vit.patch_embed.grid_size)
         with torch.no_grad():
-            channels = self._target(torch.zeros(1, 3, size, size, device=next(teacher.parameters()).device)).shape[-1]
+            sample = torch.zeros(1, 3, size, size, device=next(teacher.parameters()).device)
+            channels = self.teacher_outputs(sample)[0].shape[-1]
         self.proj = nn.Linear(vit.embed_dim, channels)
 
     @torch.no_grad()
-    def _target(self, x: torch.Tensor) -> torch.Tensor:
-        # The deepest feature map at stride 8 (stage 2 of a ResNet), pooled to the patch grid.
-        feature = self.teacher.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+    def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the teacher: its deepest stride-8 feature map (stage 2 of a ResNet) pooled
+        to the patch grid, as (B, N, C) targets, and its class logits."""
+        final, (feature,) = self.teacher.forward_intermediates(x, indices=[2], intermediates_only=False)
         feature = nn.functional.adaptive_avg_pool2d(feature, self.grid)
-        return feature.flatten(2).transpose(1, 2)
+        return feature.flatten(2).transpose(1, 2), self.teacher.forward_head(final)
 
-    def forward(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        target = nn.functional.normalize(self._target(x), dim=-1)
+    def forward(self, tokens: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """The dense loss of patch tokens against the teacher's pooled features (`teacher_outputs`)."""
+        target = nn.functional.normalize(feature, dim=-1)
         pred = nn.functional.normalize(self.proj(tokens[:, self.prefix :]), dim=-1)
         return (pred - target).pow(2).sum(-1).mean()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
-    """Top-1 accuracy of `model` on (x, y)."""
+def predict(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """The classifier's logits for uint8 images (N, H, W, 3)."""
     model.eval()
-    correct = 0
-    for i in range(0, len(y), 256):
-        correct += (model(x[i : i + 256].to(device)).argmax(1).cpu() == y[i : i + 256]).sum().item()
-    return correct / max(len(y), 1)
+    size = input_size(model)
+    rows = [model(to_input(images[i : i + batch_size], size).to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)]
+    return torch.cat(rows) if rows else torch.empty(0)
+
+
+def accuracy_on(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device) -> float:
+    """Top-1 accuracy of `model` on uint8 images and their labels."""
+    if len(labels) == 0:
+        return 0.0
+    return float((predict(model, images, device).argmax(1).numpy() == labels).mean())
 
 
 def resolve_weights(backbone: str, weights: str | Path | None, *, console: Console | None = None) -> str | Path | None:
     """Turn a config's `weights` into what `create_backbone` takes: "embedded" becomes the
-    cached pre-trained file of `backbone` (trained first when missing); others pass through."""
+    shipped weights of `backbone` when they fit the current data and recipe, else its cached
+    pre-trained file (trained first when missing); others pass through."""
     if weights == EMBEDDED_WEIGHTS:
-        return pretrain(backbone, console=console).weights
+        from .shipped_weights import embedded_weights
+
+        return embedded_weights(backbone, console=console)
     return weights
+

@@ -21,6 +21,9 @@ from datasets_builders.embedded import (
     ensure_embedded,
     load_pretrain_set,
     plan_scene_classes,
+    pretrain_class_names,
+    render_instances,
+    render_pretrain_set,
     scene_statistics,
 )
 from datasets_builders.errors import NdbenchError
@@ -102,7 +105,8 @@ def test_digit_pools_disjoint_and_respected(small_root: Path) -> None:
     assert used_train <= train and used_test <= test
     load_pretrain_set(SMALL, console=QUIET)
     with np.load(small_root / "pretrain.npz") as data:
-        assert set(data["digit_index"].tolist()) <= pretrain
+        handwritten = data["digit_index"][data["digit_index"] >= 0]
+        assert len(handwritten) and set(handwritten.tolist()) <= pretrain  # never a scene's instance
 
 
 def test_classes_per_image_follow_voc_shape(small_root: Path) -> None:
@@ -179,17 +183,52 @@ def test_sources_dispatch_builds_embedded(small_root: Path) -> None:
 
 
 def test_pretrain_set(small_root: Path) -> None:
-    images, labels = load_pretrain_set(SMALL, console=QUIET)
-    assert images.shape == (200, 64, 64, 3) and images.dtype == np.uint8
-    assert labels.dtype == np.int64
-    assert np.bincount(labels).tolist() == [20] * 10
-    again_images, again_labels = load_pretrain_set(SMALL, console=QUIET)  # from pretrain.npz
-    assert np.array_equal(images, again_images) and np.array_equal(labels, again_labels)
-    # Object-centric: the digit's colour differs from the border far more than the border
-    # varies, so the centre must differ from the corners.
-    centre = images[:, 24:40, 24:40].astype(float).std(axis=(1, 2)).mean()
-    corner = images[:, :6, :6].astype(float).std(axis=(1, 2)).mean()
-    assert centre > 3 * corner
+    pool = load_pretrain_set(SMALL, console=QUIET)
+    assert pool.images.shape == (200, 64, 64, 3) and pool.images.dtype == np.uint8
+    assert pool.labels.dtype == np.int64 and pool.boxes.shape == (200, 4)
+    assert pool.class_names == pretrain_class_names(SMALL) and len(pool.class_names) == 10 + 52
+    # Sources 50/20/30 %: 100 handwritten digits (10 per class), 40 font digits (merged with
+    # the handwritten classes, 4 per class), 60 letters over 52 classes.
+    handwritten = pool.digit_index >= 0
+    assert handwritten.sum() == 100 and np.bincount(pool.labels[handwritten]).tolist() == [10] * 10
+    assert np.bincount(pool.labels[~handwritten], minlength=62)[:10].tolist() == [4] * 10
+    assert (pool.labels >= 10).sum() == 60 and pool.labels.max() < 62
+    again = load_pretrain_set(SMALL, console=QUIET)  # from pretrain.npz
+    assert np.array_equal(pool.images, again.images) and np.array_equal(pool.labels, again.labels)
+    assert np.array_equal(pool.boxes, again.boxes) and again.class_names == pool.class_names
+    # The box holds the glyph: the glyph's colour differs from the background far more than
+    # the background varies, so pixels inside the box vary more than a same-size patch of pure
+    # background (the box's mirror image where it does not overlap the box).
+    x, y, w, h = pool.boxes.T
+    assert (x >= 0).all() and (y >= 0).all() and (x + w <= 64).all() and (y + h <= 64).all()
+    inside = [pool.images[i, y[i] : y[i] + h[i], x[i] : x[i] + w[i]].astype(float).std(axis=(0, 1)).mean()
+              for i in range(200)]
+    corner = pool.images[:, :4, :4].astype(float).std(axis=(1, 2)).mean(axis=1)
+    off_glyph = (x >= 4) | (y >= 4)
+    assert np.mean(inside) > 3 * corner[off_glyph].mean()
+
+
+def test_pretrain_sources_and_separate_font_digit_classes() -> None:
+    config = EmbeddedConfig(n_train_scenes=10, n_test_scenes=10, n_pretrain_images=60,
+                            pretrain_sources=(0.5, 0.5, 0.0), pretrain_font_digits_merged=False)
+    assert pretrain_class_names(config) == tuple(f"digit-{d}" for d in range(10)) + tuple(
+        f"font-digit-{d}" for d in range(10))
+    pool = render_pretrain_set(config, console=QUIET)
+    assert np.bincount(pool.labels).tolist() == [3] * 20  # 30 handwritten, 30 font digits
+    assert ((pool.labels >= 10) == (pool.digit_index < 0)).all()
+    with pytest.raises(NdbenchError, match="pretrain_sources"):
+        EmbeddedConfig(pretrain_sources=(0.5, 0.5, 0.5))
+
+
+def test_instances_of_a_pool_are_drawn_object_centric() -> None:
+    images, labels = render_instances(SMALL, "test", copies=2)
+    pools = embedded.digit_pools(SMALL)
+    assert images.shape == (2 * len(pools["test"]), 64, 64, 3)
+    assert np.array_equal(labels[::2], embedded._load_digits()[1][pools["test"]])
+    again, _ = render_instances(SMALL, "test", copies=2)
+    assert np.array_equal(images, again)
+    with pytest.raises(NdbenchError, match="unknown digit pool"):
+        render_instances(SMALL, "val")
 
 
 def test_cache_reused_without_regenerating(small_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,27 @@
-"""Pre-training recipes: which recipe each architecture gets, and where its weights are cached."""
+"""Pre-training recipes: which recipe each architecture gets, where its weights are cached,
+the losses (token labels from the image or the glyph's box, distillation) and the schedule."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from datasets_builders.embedded import EmbeddedConfig
 from datasets_builders.errors import NdbenchError
-from methods.pretrain import PretrainRecipe, cnn_recipe, default_recipe, default_weights_path
+from methods.pretrain import (
+    BACKGROUND,
+    IGNORE,
+    Batch,
+    PretrainRecipe,
+    box_patch_overlap,
+    cnn_recipe,
+    default_recipe,
+    default_weights_path,
+    head_classes,
+    patch_labels,
+    training_loss,
+    warmup_cosine,
+)
 
 CNN, VIT = "ndbench_resnet_embedded", "ndbench_vit_embedded"
 
@@ -14,9 +29,19 @@ CNN, VIT = "ndbench_resnet_embedded", "ndbench_vit_embedded"
 def test_vits_get_the_dense_recipe_and_cnns_the_short_one():
     assert default_recipe(VIT) == PretrainRecipe() and default_recipe(VIT).dense_teacher == CNN
     cnn = default_recipe(CNN)
-    assert (cnn.epochs, cnn.dense_teacher) == (PretrainRecipe().teacher_epochs, None)
+    assert (cnn.epochs, cnn.dense_teacher, cnn.token_labels, cnn.distill_weight) == (
+        PretrainRecipe().teacher_epochs, None, "none", 0.0)
     with pytest.raises(NdbenchError, match="cannot build model"):
         default_recipe("not_a_timm_model")
+    with pytest.raises(NdbenchError, match="token_labels"):
+        PretrainRecipe(token_labels="pixels")
+
+
+def test_box_token_labels_add_a_background_class():
+    pool = ("digit-0", "digit-1")
+    assert head_classes(pool, PretrainRecipe(token_labels="box")) == (*pool, BACKGROUND)
+    assert head_classes(pool, PretrainRecipe(token_labels="image")) == pool
+    assert head_classes(pool, cnn_recipe(PretrainRecipe())) == pool
 
 
 def test_the_vits_dense_teacher_is_the_cnn_methods_backbone(tmp_path, monkeypatch):
@@ -30,14 +55,13 @@ def test_the_vits_dense_teacher_is_the_cnn_methods_backbone(tmp_path, monkeypatc
 
 
 def test_pretraining_is_reproducible_whatever_ran_before(tmp_path, monkeypatch):
-    import torch
     from safetensors.torch import load_file
 
     from methods.pretrain import pretrain
 
     monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
     data = EmbeddedConfig(n_train_scenes=20, n_test_scenes=20, n_pretrain_images=128)
-    recipe = PretrainRecipe(epochs=1, batch_size=32, dense_teacher=None)
+    recipe = cnn_recipe(PretrainRecipe(teacher_epochs=1, batch_size=32))
     weights = []
     for i, prior in enumerate((0, 123)):
         torch.manual_seed(prior)  # another global RNG state, as other work in the process leaves it
@@ -47,24 +71,113 @@ def test_pretraining_is_reproducible_whatever_ran_before(tmp_path, monkeypatch):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_box_overlap_and_patch_labels():
+    # 4x4 grid of 8 px patches; box 1 covers patch (0, 0) fully and half of patch (0, 1); box 2
+    # is a 4x4 box inside patch (3, 3).
+    boxes = torch.tensor([[0, 0, 12, 8], [25, 25, 4, 4]])
+    overlap = box_patch_overlap(boxes, (4, 4), 8)
+    assert overlap.shape == (2, 16)
+    assert overlap[0, :3].tolist() == [1.0, 0.5, 0.0] and overlap[0, 4:].sum() == 0
+    assert overlap[1, 15] == 1.0 and overlap[1, :15].sum() == 0  # a box inside a patch covers it
+    labels = patch_labels(boxes[:1], torch.tensor([7]), (4, 4), 8, background=9)
+    assert labels[0, :2].tolist() == [7, 7] and labels[0, 2:].tolist() == [9] * 14
+    partial = patch_labels(torch.tensor([[0, 0, 10, 10]]), torch.tensor([3]), (4, 4), 8, background=9)
+    assert partial[0, [0, 1, 4, 5, 2]].tolist() == [3, IGNORE, IGNORE, IGNORE, 9]
+
+
+def _tiny_vit(num_classes: int):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                             num_classes=num_classes)
+
+
 def test_vit_patch_tokens_are_trained_to_predict_the_image_label():
     """Token labelling: each patch token, through the classifier head, is scored against the
     image's label, so the teacher's patch features carry the object's class."""
-    import timm
-    import torch
     from torch.nn.functional import cross_entropy
 
-    from methods.pretrain import training_loss
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                            depth=1, num_classes=10)
+    vit = _tiny_vit(10)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 3, 9])
+    batch = Batch(x, y, torch.zeros(4, 4, dtype=torch.long))
     tokens = vit.forward_features(x)
     plain = cross_entropy(vit.forward_head(tokens), y)
     per_token = torch.stack([cross_entropy(vit.head(tokens[i, 1:]), y[i].repeat(16)) for i in range(4)]).mean()
-    labelled = PretrainRecipe(dense_teacher=None, token_label_weight=0.5)
-    assert torch.allclose(training_loss(vit, None, x, y, labelled), plain + 0.5 * per_token)
+    labelled = PretrainRecipe(dense_teacher=None, token_labels="image", token_label_weight=0.5)
+    assert torch.allclose(training_loss(vit, None, batch, labelled), plain + 0.5 * per_token)
     off = PretrainRecipe(dense_teacher=None, token_label_weight=0.0)
-    assert torch.allclose(training_loss(vit, None, x, y, off), plain)
-    assert cnn_recipe(PretrainRecipe()).token_label_weight == 0.0  # CNNs have no tokens
+    assert torch.allclose(training_loss(vit, None, batch, off), plain)
+
+
+def test_box_token_labels_score_each_patch_against_its_own_label():
+    from torch.nn.functional import cross_entropy
+
+    vit = _tiny_vit(11)  # ten classes and background (10)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([4, 6])
+    boxes = torch.tensor([[0, 0, 16, 16], [8, 8, 24, 24]])
+    batch = Batch(x, y, boxes, background=10)
+    tokens = vit.forward_features(x)
+    targets = patch_labels(boxes, y, (4, 4), 8, 10)
+    assert (targets == 10).any() and (targets == 4).any() and (targets == 6).any()
+    per_patch = cross_entropy(vit.head(tokens[:, 1:]).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    recipe = PretrainRecipe(dense_teacher=None, token_labels="box", token_label_weight=0.5)
+    expected = cross_entropy(vit.forward_head(tokens), y) + 0.5 * per_patch
+    assert torch.allclose(training_loss(vit, None, batch, recipe), expected)
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(total_steps=10, warmup_fraction=0.2)
+    values = [factor(step) for step in range(10)]
+    assert values[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False)) and values[-1] < 0.05
+    assert warmup_cosine(total_steps=3, warmup_fraction=0.01)(0) == 1.0  # at least one warm-up step
+
+
+def test_the_vits_cnn_stem_is_the_cnns_first_two_stages():
+    import timm
+
+    torch.manual_seed(0)
+    cnn = timm.create_model(CNN, num_classes=0).eval()
+    vit = timm.create_model(VIT, num_classes=0).eval()
+    assert tuple(vit.patch_embed.patch_size) == (8, 8) and tuple(vit.patch_embed.grid_size) == (8, 8)
+    vit.patch_embed.load_cnn_stem(cnn.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    stride8 = cnn.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+    with torch.no_grad():
+        assert torch.allclose(vit.patch_embed.backbone(x), stride8)
+        assert vit.forward_features(x).shape == (2, 1 + 64, 128)
+    with pytest.raises(ValueError, match="lacks"):
+        vit.patch_embed.load_cnn_stem({})
+
+
+def test_pretraining_starts_the_vit_stem_from_its_teacher(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from methods.pretrain import pretrain
+
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    data = EmbeddedConfig(n_train_scenes=20, n_test_scenes=20, n_pretrain_images=64)
+    recipe = PretrainRecipe(epochs=0, teacher_epochs=1, batch_size=32)
+    teacher = pretrain(CNN, out=tmp_path / "cnn.safetensors", data=data, recipe=cnn_recipe(recipe))
+    vit = pretrain(VIT, out=tmp_path / "vit.safetensors", data=data, recipe=recipe, teacher_weights=teacher.weights)
+    cnn_state, vit_state = load_file(str(teacher.weights)), load_file(str(vit.weights))
+    assert torch.equal(vit_state["patch_embed.backbone.0.weight"], cnn_state["conv1.weight"])
+    assert torch.equal(vit_state["patch_embed.backbone.5.0.conv2.weight"], cnn_state["layer2.0.conv2.weight"])
+
+
+def test_one_teacher_pass_gives_its_stride8_targets_and_its_logits():
+    import timm
+
+    from methods.pretrain import DenseTargetHead
+
+    torch.manual_seed(0)
+    cnn = timm.create_model(CNN, num_classes=12).eval()
+    head = DenseTargetHead(timm.create_model(VIT, num_classes=12), cnn, 64)
+    x = torch.randn(2, 3, 64, 64)
+    feature, logits = head.teacher_outputs(x)
+    with torch.no_grad():
+        stride8 = cnn.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+        assert torch.allclose(logits, cnn(x), atol=1e-5)
+    assert feature.shape == (2, 64, stride8.shape[1])
+    assert torch.allclose(feature, stride8.flatten(2).transpose(1, 2))  # already at the 8x8 grid

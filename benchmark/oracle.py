@@ -1,0 +1,81 @@
+"""The oracle ceiling of the embedded benchmark: what a perfect distiller of the teacher could
+score. It reads each test scene's ground-truth boxes and the teacher's own patch-token class
+predictions (its pre-training classifier head applied to each patch token): an object's class
+probabilities are their mean over the patches its box covers, and an image's novelty score is
+1 - the largest probability mass any of its objects puts on the normal classes (for uni-class
+normal class c, 1 - max over objects of P(c))."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from timm.models.vision_transformer import VisionTransformer
+
+from datasets_builders.errors import NdbenchError
+from datasets_builders.index import DatasetIndex
+from datasets_builders.loading import load_split
+from datasets_builders.splits import SETTINGS, Manifest
+from methods.pretrain import DEFAULT_ARCH, resolve_weights
+from methods.pretrain_eval import (
+    OBJECT_PATCH,
+    digit_probabilities,
+    load_classifier,
+    load_scenes,
+    patch_tokens,
+    scene_overlap,
+)
+
+DATASET = "embedded"
+
+
+@torch.no_grad()
+def object_digit_probabilities(model: VisionTransformer, classes: tuple[str, ...], root: Path,
+                               device: torch.device) -> dict[str, np.ndarray]:
+    """Per test scene (by image id): (objects, 10) digit probabilities of each object, the mean
+    of its patches' (those its box covers by OBJECT_PATCH, else the one it covers most)."""
+    scenes = load_scenes(root, "val")
+    tokens = patch_tokens(model, np.stack([s.pixels for s in scenes]), device)
+    probs = digit_probabilities(model.head(tokens.to(device)).cpu(), classes)  # (S, N, 10)
+    out = {}
+    for scene, p in zip(scenes, probs, strict=True):
+        overlap = scene_overlap(model, scene)
+        on = overlap >= OBJECT_PATCH
+        on[torch.arange(len(on)), overlap.argmax(1)] = True
+        weights = on.float() / on.sum(1, keepdim=True)
+        out[str(scene.image_id)] = (weights @ p).numpy()
+    return out
+
+
+def oracle_scores(manifest: Manifest, objects: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (1 novel) and oracle novelty scores of a split's test images."""
+    normal = list(manifest.normal_classes)
+    labels = np.array([label for _, label in manifest.test])
+    scores = np.array([1.0 - objects[image_id][:, normal].sum(1).max() for image_id, _ in manifest.test])
+    return labels, scores
+
+
+def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: str = DEFAULT_ARCH,
+                  device: torch.device | None = None, settings: tuple[str, ...] = SETTINGS) -> list[dict]:
+    """Oracle AUROC of every embedded split under `splits_root` (as `ndbench build-splits
+    embedded` writes them) with `arch`'s `weights` ("embedded" or a file): one row per split."""
+    device = device or torch.device("cpu")
+    folder = Path(splits_root) / DATASET
+    index = DatasetIndex.read(folder)
+    names = {s: sorted(p.stem for p in (folder / s).glob("*.json")) for s in settings}
+    if not any(names.values()):
+        raise NdbenchError(f"no embedded split manifests under {folder}",
+                           f"run `ndbench build-splits embedded --out {splits_root}`")
+    model, classes = load_classifier(arch, Path(resolve_weights(arch, weights)), device)
+    if not isinstance(model, VisionTransformer):
+        raise NdbenchError(f"the oracle reads patch tokens; {arch} is not a ViT", "pass a ViT with --arch")
+    objects = object_digit_probabilities(model, classes, index.root, device)
+    rows = []
+    for setting, splits in names.items():
+        for name in splits:
+            _, manifest = load_split(splits_root, f"{DATASET}/{setting}/{name}")
+            labels, scores = oracle_scores(manifest, objects)
+            rows.append({"setting": setting, "split": name, "auroc": float(roc_auc_score(labels, scores))})
+    return rows
