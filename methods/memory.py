@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from rich.progress import Progress
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from datasets_builders.loading import fetch_items
 
@@ -83,6 +84,44 @@ class TrainImages:
         chunks = order.split(batch_size)
         for idx in tracked(chunks, progress, description, total=len(chunks)):
             yield self.images[idx.to(self.images.device)].to(device, torch.float32), idx
+
+
+class HeldInputs(Dataset):
+    """The distinct images of a `TrainImages` (a repeated image once) as training sees them,
+    held in float16: from its in-memory copy, or read from its dataset and rounded the same way.
+    Carries the dataset's `image_key` and index `positions`, so a frozen network's outputs on
+    them can live in the feature cache; `rows[i]` is training item i's row here."""
+
+    def __init__(self, data: TrainImages):
+        self.source = data
+        key = getattr(data.dataset, "image_key", None)
+        positions = getattr(data.dataset, "positions", None) if key is not None else None
+        if positions is None:
+            self.items, self.rows, self.positions = np.arange(len(data)), np.arange(len(data)), None
+        else:
+            unique, first, self.rows = np.unique(np.asarray(positions), return_index=True, return_inverse=True)
+            self.items, self.positions = first, unique
+        self.image_key = key
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, row: int) -> tuple[Tensor]:
+        return self.__getitems__([row])[0]
+
+    def __getitems__(self, rows: list[int]) -> list[tuple[Tensor]]:
+        items = self.items[list(rows)]
+        if self.source.images is not None:
+            x = self.source.images[torch.from_numpy(items).to(self.source.images.device)]
+        else:
+            x = torch.stack([got[0] for got in fetch_items(self.source.dataset, items.tolist())]).to(CACHE_DTYPE)
+        return [(image.float(),) for image in x]
+
+    def loader(self, data: Dataset, batch_size: int) -> DataLoader:
+        """Batches of `data` (a view of this set) in order, in this process: the images are in
+        memory (possibly on the GPU) or decoded by the dataset itself."""
+        return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0,
+                          generator=torch.Generator().manual_seed(0))  # seeded: no draw from the global RNG
 
 
 def draw_seed(generator: torch.Generator) -> int:
