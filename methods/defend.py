@@ -250,10 +250,10 @@ class MKDDetector(BaseDetector):
         if c.normalise:
             feats = F.normalize(feats, dim=-1)
         self.teacher_passes += x.shape[0]
-        self._count_teacher(x.shape[0])
         return feats, attention
 
     def _count_teacher(self, n: int) -> None:
+        """Count teacher passes made outside the feature cache (which counts its own)."""
         self.runtime.counts.add("frozen_passes" if self.teacher_frozen else "trained_passes", n)
 
     # --- the feature cache -----------------------------------------------------------------
@@ -337,6 +337,7 @@ class MKDDetector(BaseDetector):
         for x, idx in data.batches(c.batch_size, device=device, progress=progress,
                                    description=f"{self.name}: teacher targets"):
             feats, attn = self._teacher_batch(x, device)
+            self._count_teacher(len(x))
             targets[idx.to(store)] = feats.transpose(0, 1).to(store, CACHE_DTYPE)
             if attn is not None:
                 attention[idx.to(store)] = attn.float().to(store)
@@ -383,7 +384,11 @@ class MKDDetector(BaseDetector):
             loss_sum, steps = 0.0, 0
             for x, idx in data.batches(c.batch_size, device=device, generator=generator, progress=progress,
                                        description=f"{self.name}: MKD epoch {epoch + 1}/{c.epochs}"):
-                feats, attn = self._teacher_batch(x, device) if cached is None else cached(idx)
+                if cached is None:
+                    feats, attn = self._teacher_batch(x, device)
+                    self._count_teacher(len(x))
+                else:
+                    feats, attn = cached(idx)
                 keep_idx = dm.keep_indices(attn, n_patches, keep, c.guidance, generator, batch=len(x))
                 with autocast(device):
                     student = dm.student_features(self.student, x, keep_idx, c.distill_layers)
