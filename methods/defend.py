@@ -37,7 +37,7 @@ from .backbones import ViTFeatures, create_backbone
 from .base import BaseDetector, autocast, tracked
 from .cost import CostModel, FrozenPass
 from .features import FeatureTable, FrozenPart, compute_precision, planned_weights_identity, weights_identity
-from .memory import CACHE_DTYPE, HeldInputs, TrainImages, cache_device, draw_seed
+from .memory import CACHE_DTYPE, HeldInputs, TableRows, TrainImages, cache_device, draw_seed
 from .multicrop import MultiCropSpec, MultiCropViews
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
@@ -313,9 +313,10 @@ class MKDDetector(BaseDetector):
             memory_limit=limit, progress=progress, description=f"{self.name}: teacher targets")
         if table is None:
             return None
+        source = TableRows(table, device)
 
         def lookup(idx: Tensor) -> tuple[Tensor, Tensor | None]:
-            got = table.rows(held.rows[idx.cpu().numpy()])
+            got = source.rows(held.rows[idx.cpu().numpy()])
             attention = got[ATTENTION] if c.guidance == "teacher" else None
             return got[TARGETS].to(device).transpose(0, 1), attention
 

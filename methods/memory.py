@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from datasets_builders.loading import fetch_items
 
 from .base import BaseDetector, tracked
+from .features import FeatureTable
 
 # ndbench choice: cached images and unit-length targets lose < 1e-3 (under 1/8 of an 8-bit grey
 # level for images) in half precision, and take half the memory.
@@ -122,6 +123,27 @@ class HeldInputs(Dataset):
         memory (possibly on the GPU) or decoded by the dataset itself."""
         return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0,
                           generator=torch.Generator().manual_seed(0))  # seeded: no draw from the global RNG
+
+
+class TableRows:
+    """Rows of a feature table (see `methods.features`) for training batches: all of them
+    moved to the GPU once when they fit there (`cache_device`), else read per batch from the
+    table (memory-mapped shards or memory) on the CPU."""
+
+    def __init__(self, table: FeatureTable, device: torch.device):
+        self.table = table
+        self.resident: dict[str, Tensor] | None = None
+        if device.type == "cuda" and len(table):
+            size = sum(value.nbytes for value in table.rows([0]).values()) * len(table)
+            if cache_device(size, device).type == "cuda":
+                self.resident = {name: value.to(device) for name, value in table.all().items()}
+
+    def rows(self, items: Tensor | np.ndarray) -> dict[str, Tensor]:
+        """The rows of `items` by name (on the GPU when resident, else on the CPU)."""
+        if self.resident is None:
+            return self.table.rows(items)
+        index = torch.as_tensor(items, device=next(iter(self.resident.values())).device)
+        return {name: value[index] for name, value in self.resident.items()}
 
 
 def draw_seed(generator: torch.Generator) -> int:

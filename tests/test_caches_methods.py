@@ -119,3 +119,28 @@ def test_defend_shares_nothing_and_declares_no_cost_model(splits_root, tmp_path,
     plan, records, _ = run("defend", splits_root, tmp_path / "a", weights, ON, overrides, (0,))
     assert plan.frozen_with is None and set(records[0].extra["cost"]) == {"decodes", "image_reads"}
     assert not (tmp_path / "cache" / "store" / "features").exists()
+
+
+TINY_TRANSFORMALY = {"backbone": TINY_VIT, "img_size": 32, "epochs": 2, "batch_size": 16, "first_error_block": 1,
+                     "student_dropout": 0.0}
+
+
+def test_transformaly_teacher_states_cold_warm_and_off(splits_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    weights = vit_weights(tmp_path / "w.safetensors", 0)
+    args = ("transformaly", splits_root)
+    off_plan, off, off_scores = run(*args, tmp_path / "off", weights, OFF, TINY_TRANSFORMALY)
+    cold_plan, cold, cold_scores = run(*args, tmp_path / "cold", weights, ON, TINY_TRANSFORMALY)
+    warm_plan, warm, warm_scores = run(*args, tmp_path / "warm", weights, ON, TINY_TRANSFORMALY)
+    train, distinct_train, test, distinct_test = image_counts(splits_root, off)
+    assert total(off, "frozen_passes") == train + test == off_plan.frozen_with
+    assert total(cold, "frozen_passes") == distinct_train + distinct_test == cold_plan.frozen_with
+    assert total(warm, "frozen_passes") == 0 == warm_plan.frozen_with
+    for records, plan in ((off, off_plan), (cold, cold_plan), (warm, warm_plan)):
+        assert total(records, "trained_passes") == 3 * train + test == plan.trained  # 2 epochs + errors + scoring
+    for split in ("0", "1"):
+        # Training states are float16 and test states float32 with or without the cache; only
+        # the batching of rows another job computed differs (a few float32 ulp).
+        np.testing.assert_allclose(cold_scores[split], off_scores[split], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(warm_scores[split], cold_scores[split])
+    np.testing.assert_array_equal(cold_scores["0"], off_scores["0"])
