@@ -295,7 +295,7 @@ class MKDDetector(BaseDetector):
         c = self.config
         if not self.teacher_frozen:
             return self._cache_targets(data, device, progress)
-        held = HeldInputs(data)
+        held = HeldInputs.of(data)
         layers = self.teacher.depth if c.distill_layers == "all" else 1
         row_bytes = layers * self.teacher.num_patches * self.teacher.embed_dim * CACHE_DTYPE.itemsize
         part = self.teacher_part("train", device)

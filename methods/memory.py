@@ -88,21 +88,29 @@ class TrainImages:
 
 
 class HeldInputs(Dataset):
-    """The distinct images of a `TrainImages` (a repeated image once) as training sees them,
-    held in float16: from its in-memory copy, or read from its dataset and rounded the same way.
-    Carries the dataset's `image_key` and index `positions`, so a frozen network's outputs on
-    them can live in the feature cache; `rows[i]` is training item i's row here."""
+    """The distinct images of a training set (a repeated image once) as training sees them:
+    from the job's in-memory copy `images` when there is one, else read from `dataset` (and
+    rounded to `round_to` as the in-memory copy is). Carries the dataset's `image_key` and
+    index `positions`, so a frozen network's outputs on them can live in the feature cache;
+    `rows[i]` is training item i's row here."""
 
-    def __init__(self, data: TrainImages):
-        self.source = data
-        key = getattr(data.dataset, "image_key", None)
-        positions = getattr(data.dataset, "positions", None) if key is not None else None
+    def __init__(self, dataset: Dataset, images: Tensor | None, round_to: torch.dtype | None = None):
+        self.dataset = dataset
+        self.images = images
+        self.round_to = round_to
+        key = getattr(dataset, "image_key", None)
+        positions = getattr(dataset, "positions", None) if key is not None else None
         if positions is None:
-            self.items, self.rows, self.positions = np.arange(len(data)), np.arange(len(data)), None
+            self.items, self.rows, self.positions = np.arange(len(dataset)), np.arange(len(dataset)), None
         else:
             unique, first, self.rows = np.unique(np.asarray(positions), return_index=True, return_inverse=True)
             self.items, self.positions = first, unique
         self.image_key = key
+
+    @classmethod
+    def of(cls, data: TrainImages) -> HeldInputs:
+        """The images of a `TrainImages`, held in float16."""
+        return cls(data.dataset, data.images, CACHE_DTYPE)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -112,10 +120,11 @@ class HeldInputs(Dataset):
 
     def __getitems__(self, rows: list[int]) -> list[tuple[Tensor]]:
         items = self.items[list(rows)]
-        if self.source.images is not None:
-            x = self.source.images[torch.from_numpy(items).to(self.source.images.device)]
+        if self.images is not None:
+            x = self.images[torch.from_numpy(items).to(self.images.device)]
         else:
-            x = torch.stack([got[0] for got in fetch_items(self.source.dataset, items.tolist())]).to(CACHE_DTYPE)
+            x = torch.stack([got[0] for got in fetch_items(self.dataset, items.tolist())])
+            x = x if self.round_to is None else x.to(self.round_to)
         return [(image.float(),) for image in x]
 
     def loader(self, data: Dataset, batch_size: int) -> DataLoader:

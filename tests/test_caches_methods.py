@@ -7,15 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
+import pytest
 import torch
 from defend_fixtures import TINY_VIT
+from msad_rdad_fixtures import TINY_CNN, tiny_weights
 from safetensors.torch import save_file
 from small_splits import fresh_out
+from torchvision import transforms
 
 from benchmark.executors import run_local
 from benchmark.plan import plan_run
 from benchmark.records import load_records
 from benchmark.runner import RunOptions, expand_jobs, prepare
+from datasets_builders.image_store import Normalise, ResizeCropDecode, StagedTransform
 from datasets_builders.loading import load_split
 from methods.backbones import create_backbone
 from methods.runtime import CacheSettings
@@ -144,3 +149,48 @@ def test_transformaly_teacher_states_cold_warm_and_off(splits_root, tmp_path, mo
         np.testing.assert_allclose(cold_scores[split], off_scores[split], rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(warm_scores[split], cold_scores[split])
     np.testing.assert_array_equal(cold_scores["0"], off_scores["0"])
+
+
+# --- the CNN teachers: kdad's tapped maps, rdad's encoder maps --------------------------------
+TINY_CNNS = {
+    # kdad at the official 224/256 centre crop (a 37 px resize cropped to 32): its staged decode.
+    "kdad": {"backbone": TINY_CNN, "img_size": 32, "epochs": 2, "batch_size": 16, "mean": (0.5,) * 3,
+             "std": (0.5,) * 3, "teacher_layers": ("layer1", "layer2", "layer3", "layer4"),
+             "score_layers": ("layer2", "layer3", "layer4")},
+    "rdad": {"backbone": TINY_CNN, "img_size": 32, "epochs": 2, "batch_size": 16, "mean": (0.5,) * 3,
+             "std": (0.5,) * 3, "bottleneck_blocks": 1, "decoder_blocks": (1, 1, 1), "sigma": 0.5},
+}
+
+
+@pytest.mark.parametrize("method", sorted(TINY_CNNS))
+def test_cnn_teacher_maps_cold_warm_and_off(method, splits_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    weights = tiny_weights(tmp_path / "cnn.safetensors")
+    config = TINY_CNNS[method]
+    off_plan, off, off_scores = run(method, splits_root, tmp_path / "off", weights, OFF, config)
+    cold_plan, cold, cold_scores = run(method, splits_root, tmp_path / "cold", weights, ON, config)
+    warm_plan, warm, warm_scores = run(method, splits_root, tmp_path / "warm", weights, ON, config)
+    train, distinct_train, test, distinct_test = image_counts(splits_root, off)
+    assert total(off, "frozen_passes") == train + test == off_plan.frozen_with
+    assert total(cold, "frozen_passes") == distinct_train + distinct_test == cold_plan.frozen_with
+    assert total(warm, "frozen_passes") == 0 == warm_plan.frozen_with
+    assert total(warm, "decodes") == 0 and total(warm, "frozen_reads") == train + test
+    for records, plan in ((off, off_plan), (cold, cold_plan), (warm, warm_plan)):
+        assert total(records, "trained_passes") == 2 * train + test == plan.trained
+    for split in ("0", "1"):
+        # The maps are float32 in the cache as they always were in memory: the same numbers,
+        # up to the batching of rows another job computed (a few float32 ulp).
+        np.testing.assert_allclose(cold_scores[split], off_scores[split], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(warm_scores[split], cold_scores[split])
+    np.testing.assert_array_equal(cold_scores["0"], off_scores["0"])
+
+
+def test_resize_crop_decode_equals_resize_then_centre_crop():
+    image = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (75, 100, 3), dtype=np.uint8))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
+    old = transforms.Compose([transforms.Resize((37, 37), interpolation=transforms.InterpolationMode.LANCZOS,
+                                                antialias=True),
+                              transforms.CenterCrop(32), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    staged = StagedTransform(ResizeCropDecode(37, 32, "lanczos"), Normalise(mean, std))
+    assert torch.equal(staged(image), old(image))
+    assert staged.decode.signature != ResizeCropDecode(37, 30, "lanczos").signature
