@@ -60,6 +60,9 @@ PROTOTYPES_2X_OBSERVED = "2x-observed"
 # always stored so one entry serves every guidance). Test: the raw final-normed patch tokens in
 # float32, so cached scores equal uncached ones.
 TARGETS, ATTENTION, PATCHES = "targets", "attention", "patches"
+# `defend`'s teacher is tuned per job, but only its last blocks: the output tokens of the frozen
+# blocks before them (float32) are what its jobs share.
+PREFIX = "prefix"
 TRAIN_DTYPES = {TARGETS: CACHE_DTYPE, ATTENTION: torch.float32}
 TEST_DTYPE = torch.float32
 # Looks up the teacher's (targets [L, B, N, D] on the device, attention [B, N] or None) of a
@@ -237,15 +240,21 @@ class MKDDetector(BaseDetector):
                         generator: torch.Generator) -> None:
         """Hook for `defend`: MKD alone uses the pre-trained teacher as it is."""
 
-    def _teacher_batch(self, x: Tensor, device: torch.device,
-                       need_attention: bool | None = None) -> tuple[Tensor, Tensor | None]:
+    def _teacher_batch(self, x: Tensor, device: torch.device, need_attention: bool | None = None,
+                       prefix: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Teacher targets [L, B, N, D] (normalised when configured) and attention [B, N]
-        (by default only under teacher guidance)."""
+        (by default only under teacher guidance); from `prefix`, the output tokens of the
+        teacher's first `prefix_blocks()` blocks, when given."""
         c = self.config
         if need_attention is None:
             need_attention = c.guidance == "teacher"
         with torch.no_grad(), autocast(device):
-            feats, attention = dm.teacher_features(self.teacher, x, c.distill_layers, need_attention=need_attention)
+            if prefix is None:
+                feats, attention = dm.teacher_features(self.teacher, x, c.distill_layers,
+                                                       need_attention=need_attention)
+            else:
+                feats, attention = dm.teacher_features_from(self.teacher, prefix.to(device), self.prefix_blocks(),
+                                                            need_attention=need_attention)
         feats = feats.float()
         if c.normalise:
             feats = F.normalize(feats, dim=-1)
@@ -253,8 +262,12 @@ class MKDDetector(BaseDetector):
         return feats, attention
 
     def _count_teacher(self, n: int) -> None:
-        """Count teacher passes made outside the feature cache (which counts its own)."""
+        """Count whole teacher passes made outside the feature cache (which counts its own)."""
         self.runtime.counts.add("frozen_passes" if self.teacher_frozen else "trained_passes", n)
+
+    def prefix_blocks(self) -> int:
+        """How many of the teacher's first blocks stay as pre-trained (all for `mkd`)."""
+        return self.teacher.depth
 
     # --- the feature cache -----------------------------------------------------------------
     def teacher_part(self, use: str, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
@@ -335,10 +348,15 @@ class MKDDetector(BaseDetector):
         targets = torch.empty((n, layers, self.teacher.num_patches, self.teacher.embed_dim),
                               dtype=CACHE_DTYPE, device=store)
         attention = torch.empty((n, self.teacher.num_patches), device=store)
+        prefix = self._train_prefix(data, device, progress)
         for x, idx in data.batches(c.batch_size, device=device, progress=progress,
                                    description=f"{self.name}: teacher targets"):
-            feats, attn = self._teacher_batch(x, device)
-            self._count_teacher(len(x))
+            if prefix is None:
+                feats, attn = self._teacher_batch(x, device)
+                self._count_teacher(len(x))
+            else:
+                feats, attn = self._teacher_batch(x, device, prefix=prefix(idx))
+                self.runtime.counts.add("trained_passes", len(x))
             targets[idx.to(store)] = feats.transpose(0, 1).to(store, CACHE_DTYPE)
             if attn is not None:
                 attention[idx.to(store)] = attn.float().to(store)
@@ -348,6 +366,12 @@ class MKDDetector(BaseDetector):
             return feats, (attention[idx.to(store)] if c.guidance == "teacher" else None)
 
         return lookup
+
+    def _train_prefix(self, data: TrainImages, device: torch.device,
+                      progress: Progress | None) -> Callable[[Tensor], Tensor] | None:
+        """Hook for `defend`: the cached output tokens of the teacher's frozen prefix, by
+        training item (None: run the whole teacher)."""
+        return None
 
     def _test_targets(self, images: Dataset, device: torch.device, progress: Progress | None) -> FeatureTable | None:
         """The teacher's raw patch tokens of `images` from the feature cache (computed once per
@@ -440,12 +464,16 @@ class MKDDetector(BaseDetector):
                 errors = self.patch_error_map(x, device)
                 self._count_teacher(len(x))
             else:
-                teacher = table.rows(np.arange(start, start + len(x)))[PATCHES].to(device).transpose(0, 1)
+                teacher = self._teacher_from_rows(table.rows(np.arange(start, start + len(x))), device)
                 errors = self._errors_against(teacher, x, device)
             self.runtime.counts.add("trained_passes", len(x))
             start += len(x)
             rows.append(errors.mean(dim=1).cpu())
         return torch.cat(rows).double().numpy() if rows else np.zeros(0)
+
+    def _teacher_from_rows(self, rows: dict[str, Tensor], device: torch.device) -> Tensor:
+        """The teacher's features [L, B, N, D] of a batch from its feature-cache rows."""
+        return rows[PATCHES].to(device).transpose(0, 1)
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         """Per-patch distillation error upsampled (bilinear) to the image: [B, H, W] (CPU)."""
@@ -489,10 +517,89 @@ class DefendDetector(MKDDetector):
     paper = PAPER
     presets = {"embedded": EMBEDDED_DEFEND, "embedded/multi-class": EMBEDDED_MULTI_DEFEND,
                "paper-text": PAPER_TEXT_DEFEND}
-    teacher_frozen = False  # blocks 10-11 are tuned per job: its targets are computed per job
-    # No cost model yet: its dense tuning's passes depend on the dataset (dense_epochs) and
-    # nothing it computes is shared across jobs.
-    cost_model = BaseDetector.cost_model
+    teacher_frozen = False  # blocks 10-11 are tuned per job: only the blocks before them are shared
+
+    def prefix_blocks(self) -> int:
+        return self.teacher.depth - self.config.tuned_blocks
+
+    def _count_teacher(self, n: int) -> None:
+        if self.config.distill_layers == "last":  # the frozen prefix, then the tuned blocks
+            self.runtime.counts.add("frozen_passes", n)
+        self.runtime.counts.add("trained_passes", n)
+
+    # --- the feature cache: the frozen prefix ----------------------------------------------
+    def prefix_part(self, use: str, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
+        """The feature-cache key of the output tokens of the teacher's frozen blocks (all but
+        the `tuned_blocks` DEFEND tunes; untouched by it, so the pre-trained ones) on the
+        "train" images (float16-held, as MKD sees them) or the "test" images. None with random
+        weights, and with `distill_layers=all` (MKD then needs every block's output, so the
+        prefix is not used). `plan`: for a dry run."""
+        c = self.config
+        if c.distill_layers != "last":
+            return None
+        if plan:
+            identity = planned_weights_identity(c.backbone, c.weights)
+        else:
+            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        if identity is None:
+            return None
+        inputs = "/fp16-inputs" if use == "train" else ""
+        readout = f"tokens-before-last-{c.tuned_blocks}-blocks{inputs}"
+        return FrozenPart(identity, f"{c.backbone}@{c.img_size}/{readout}", compute_precision(device))
+
+    def cost_model(self, device: torch.device) -> CostModel:
+        """The frozen prefix once per train and test image (with `distill_layers=last`). Trained
+        passes per train image: one multi-crop step of the online network per DEFEND epoch
+        (the configured `dense_epochs`, else 3: a dry run cannot tell COCO, whose default is
+        10), the tuned blocks once for MKD's targets, the student every epoch; per test image:
+        the tuned blocks and the student."""
+        c = self.config
+        frozen = () if c.distill_layers != "last" else (
+            FrozenPass(self.prefix_part("train", device, plan=True), ("train",), TEST_DTYPE),
+            FrozenPass(self.prefix_part("test", device, plan=True), ("test",), TEST_DTYPE))
+        epochs = c.dense_epochs if c.dense_epochs is not None else 3
+        return CostModel(frozen=frozen, trained_per_train_image=float(epochs + 1 + c.epochs),
+                         trained_per_test_image=2.0)
+
+    def _prefix_table(self, images: Dataset, use: str, device: torch.device, progress: Progress | None,
+                      loader: Callable[[Dataset], DataLoader]) -> FeatureTable | None:
+        c = self.config
+        part = self.prefix_part(use, device)
+        if part is None or self.runtime.features.store is None or getattr(images, "image_key", None) is None:
+            return None
+        stop = self.prefix_blocks()
+
+        def compute(x: Tensor) -> dict[str, Tensor]:
+            with torch.no_grad(), autocast(device):
+                return {PREFIX: self.teacher.prefix_tokens(x.to(device, non_blocking=True), stop).float()}
+
+        return self.runtime.features.get_or_compute(
+            part, images, compute, loader=loader, dtype=TEST_DTYPE, memory_limit=c.max_cache_gb * 2**30,
+            progress=progress, description=f"{self.name}: frozen blocks 0-{stop - 1}")
+
+    def _train_prefix(self, data: TrainImages, device: torch.device,
+                      progress: Progress | None) -> Callable[[Tensor], Tensor] | None:
+        """The frozen prefix's tokens of the training images from the feature cache (None
+        without a store: the whole teacher runs, as it always did)."""
+        held = HeldInputs.of(data)
+        table = self._prefix_table(held, "train", device, progress, lambda d: held.loader(d, self.config.batch_size))
+        if table is None:
+            return None
+        source = TableRows(table, device)
+        return lambda idx: source.rows(held.rows[idx.cpu().numpy()])[PREFIX]
+
+    def _test_targets(self, images: Dataset, device: torch.device, progress: Progress | None) -> FeatureTable | None:
+        """The frozen prefix's tokens of the test images from the feature cache (the same in
+        every job of a grid); None without a store: the whole teacher runs per batch."""
+        return self._prefix_table(images, "test", device, progress, self.loader)
+
+    def _teacher_from_rows(self, rows: dict[str, Tensor], device: torch.device) -> Tensor:
+        """The tuned blocks (and the final norm) on the cached prefix tokens: [1, B, N, D]."""
+        with torch.no_grad(), autocast(device):
+            feats, _ = dm.teacher_features_from(self.teacher, rows[PREFIX].to(device), self.prefix_blocks(),
+                                                need_attention=False)
+        self.runtime.counts.add("trained_passes", len(rows[PREFIX]))
+        return feats
 
     def _new_teacher(self, weights) -> ViTFeatures:
         # The online network trains with drop-path (RN:DeFeND/leo.py:185); MKD uses it in eval mode.
@@ -570,6 +677,7 @@ class DefendDetector(MKDDetector):
                     group["weight_decay"] = float(decay[min(step, total - 1)])
                 optimizer.step()
                 scheduler.step()
+                self.runtime.counts.add("trained_passes", len(crops[0]))
                 step += 1
                 loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
         online_vit.requires_grad_(False)

@@ -117,13 +117,48 @@ def test_mkd_cache_keys_follow_weights_transform_and_layers(splits_root, tmp_pat
     assert total(raw, "frozen_passes") == passes - test_images  # raw test tokens are shared
 
 
-def test_defend_shares_nothing_and_declares_no_cost_model(splits_root, tmp_path, monkeypatch):
+TINY_DEFEND = {**TINY_MKD, "epochs": 1, "dense_epochs": 1, "num_prototypes": 4, "tuned_blocks": 1}
+
+
+def test_defend_frozen_prefix_cold_warm_and_off(splits_root, tmp_path, monkeypatch):
     monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
     weights = vit_weights(tmp_path / "w.safetensors", 0)
-    overrides = {**TINY_MKD, "epochs": 1, "dense_epochs": 1, "num_prototypes": 4}
-    plan, records, _ = run("defend", splits_root, tmp_path / "a", weights, ON, overrides, (0,))
-    assert plan.frozen_with is None and set(records[0].extra["cost"]) == {"decodes", "image_reads"}
-    assert not (tmp_path / "cache" / "store" / "features").exists()
+    off_plan, off, off_scores = run("defend", splits_root, tmp_path / "off", weights, OFF, TINY_DEFEND)
+    cold_plan, cold, cold_scores = run("defend", splits_root, tmp_path / "cold", weights, ON, TINY_DEFEND)
+    warm_plan, warm, warm_scores = run("defend", splits_root, tmp_path / "warm", weights, ON, TINY_DEFEND)
+    train, distinct_train, test, distinct_test = image_counts(splits_root, off)
+    # Block 0 (the frozen prefix) runs once per distinct image with the caches, once per job
+    # and image without; the tuned block 1, DEFEND and the student run in every job.
+    assert total(off, "frozen_passes") == train + test == off_plan.frozen_with
+    assert total(cold, "frozen_passes") == distinct_train + distinct_test == cold_plan.frozen_with
+    assert total(warm, "frozen_passes") == 0 == warm_plan.frozen_with
+    for records, plan in ((off, off_plan), (cold, cold_plan), (warm, warm_plan)):
+        # 1 DEFEND epoch + the tuned teacher's targets + 1 MKD epoch; tuned block + student per test image
+        assert total(records, "trained_passes") == 3 * train + 2 * test == plan.trained
+    for split in ("0", "1"):
+        # The prefix tokens are float32, so the tuned blocks see what they see without the cache.
+        np.testing.assert_allclose(cold_scores[split], off_scores[split], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(warm_scores[split], cold_scores[split])
+    np.testing.assert_array_equal(cold_scores["0"], off_scores["0"])
+
+
+def test_defend_prefix_is_the_untuned_blocks_and_all_layers_skip_it(tmp_path):
+    from methods.defend import DefendDetector
+
+    detector = DefendDetector(**{**TINY_DEFEND, "weights": str(vit_weights(tmp_path / "w.safetensors", 0))})
+    cpu = torch.device("cpu")
+    part = detector.prefix_part("test", cpu)
+    assert part is not None and "before-last-1-blocks" in part.part
+    assert detector.prefix_part("train", cpu).part != part.part  # float16-held training inputs
+    all_layers = DefendDetector(**{**TINY_DEFEND, "distill_layers": "all"})
+    assert all_layers.prefix_part("test", cpu) is None and all_layers.cost_model(cpu).frozen == ()
+    # The prefix path computes what the whole teacher computes.
+    teacher = detector._new_teacher("none").eval()
+    x = torch.randn(3, 3, 32, 32)
+    whole = teacher.forward_features(x, need_attention=True)
+    split = teacher.forward_features_from(teacher.prefix_tokens(x, 1), 1, need_attention=True)
+    assert torch.equal(whole["patches"], split["patches"])
+    assert torch.equal(whole["cls_attention"], split["cls_attention"])
 
 
 TINY_TRANSFORMALY = {"backbone": TINY_VIT, "img_size": 32, "epochs": 2, "batch_size": 16, "first_error_block": 1,
