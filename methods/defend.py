@@ -378,8 +378,11 @@ class MKDDetector(BaseDetector):
         machine); None when they are not cached (caching off, a tuned teacher, random weights)
         or would exceed `max_cache_gb` in memory: then scoring runs the teacher per batch."""
         c = self.config
+        # The store first: a saved model scored on its own must not resolve (or pre-train) weights.
+        if self.runtime.features.store is None or getattr(images, "image_key", None) is None:
+            return None
         part = self.teacher_part("test", device)
-        if part is None or self.runtime.features.store is None or getattr(images, "image_key", None) is None:
+        if part is None:
             return None
 
         def compute(x: Tensor) -> dict[str, Tensor]:
@@ -564,8 +567,10 @@ class DefendDetector(MKDDetector):
     def _prefix_table(self, images: Dataset, use: str, device: torch.device, progress: Progress | None,
                       loader: Callable[[Dataset], DataLoader]) -> FeatureTable | None:
         c = self.config
+        if self.runtime.features.store is None or getattr(images, "image_key", None) is None:
+            return None
         part = self.prefix_part(use, device)
-        if part is None or self.runtime.features.store is None or getattr(images, "image_key", None) is None:
+        if part is None:
             return None
         stop = self.prefix_blocks()
 
