@@ -674,9 +674,9 @@ def bench_command(
     ] = True,
     runs: Annotated[
         bool,
-        typer.Option(help="Also run the 10 embedded uni-class knn jobs with the caches off, cold and warm "
-                     "(random weights, a throw-away store): wall times, decodes and frozen passes per "
-                     "distinct image."),
+        typer.Option(help="Also run the 10 embedded uni-class knn jobs, and mkd jobs (classes 0 and 1 on a "
+                     "CPU, all 10 on CUDA), with the caches off, cold and warm (random weights, a "
+                     "throw-away store): wall times, decodes and frozen passes per distinct image."),
     ] = True,
     loader: Annotated[
         bool,
@@ -691,7 +691,7 @@ def bench_command(
     """Speed figures measured back to back in one run on one device: MKD training images/s
     with 50 % of tokens dropped vs none (goal >= 1.7x), defend scoring images/s, teacher
     passes per training image in MKD (goal: 1 per job), defend vs transformaly scoring, each
-    baseline's training images/s, knn runs with the caches off/cold/warm and image loading."""
+    baseline's training images/s, knn and mkd runs with the caches off/cold/warm and image loading."""
     import tempfile
 
     from rich.table import Table
@@ -700,7 +700,7 @@ def bench_command(
     from methods.base import resolve_device
 
     from .bench import baseline_training, bench_config, paper_comparison, run_bench
-    from .bench_data import knn_run_level, loader_speed
+    from .bench_data import knn_run_level, loader_speed, mkd_run_level
     from .runner import describe_device
 
     if min([img_size, *(v for v in (batch_size, steps) if v is not None)]) < 1:
@@ -725,6 +725,8 @@ def bench_command(
     with tempfile.TemporaryDirectory(prefix="ndbench-bench-") as work:
         if runs:
             rows += knn_run_level(Path(work) / "runs", str(torch_device), report=report, workers=workers)
+            rows += mkd_run_level(Path(work) / "mkd-runs", str(torch_device), report=report, workers=workers,
+                                  splits_root=Path(work) / "runs" / "splits")
         if loader:
             rows += loader_speed(Path(work) / "loader", report=report, img_size=img_size, workers=workers)
     title = (f"ndbench bench: {arch} at {img_size} px, batch {config.batch_size}, {config.steps} steps, "

@@ -50,6 +50,35 @@ class ResizeDecode:
 
 
 @dataclass(frozen=True)
+class ResizeCropDecode:
+    """PIL image -> uint8 array [crop, crop, 3], exactly as torchvision's
+    `Resize((resize, resize), interpolation, antialias)` then `CenterCrop(crop)` on a PIL image."""
+
+    resize: int
+    crop: int
+    interpolation: str = "bilinear"
+    antialias: bool = True
+
+    @property
+    def signature(self) -> str:
+        """What the decoded pixels depend on besides the image (part of the store key)."""
+        aa = "aa" if self.antialias else "noaa"
+        return f"resize-{self.resize}x{self.resize}-{self.interpolation}-{aa}-centre-crop-{self.crop}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.crop, self.crop, 3)
+
+    def __call__(self, image: PIL.Image.Image) -> np.ndarray:
+        resized = TF.resize(image.convert("RGB"), [self.resize, self.resize],
+                            interpolation=InterpolationMode(self.interpolation), antialias=self.antialias)
+        return np.array(TF.center_crop(resized, [self.crop, self.crop]), dtype=np.uint8)
+
+
+Decode = ResizeDecode | ResizeCropDecode
+
+
+@dataclass(frozen=True)
 class Normalise:
     """uint8 pixels [H, W, 3] -> float tensor [3, H, W]: /255, then (x - mean) / std
     (torchvision's ToTensor + Normalize)."""
@@ -78,7 +107,7 @@ class StagedTransform:
     """A transform in two stages, `finish(decode(image))`: datasets keep `decode`'s output in
     the image store and apply only `finish` when it is there."""
 
-    decode: ResizeDecode
+    decode: Decode
     finish: Normalise
 
     def __call__(self, image: PIL.Image.Image) -> Tensor:
@@ -106,7 +135,7 @@ class ImageStore:
     def root(self) -> Path:
         return self.store.root
 
-    def entry(self, key: ImageKey, decode: ResizeDecode) -> Entry:
+    def entry(self, key: ImageKey, decode: Decode) -> Entry:
         """The entry holding `key`'s images (one row per index position), schema set."""
         entry = self.store.entry(IMAGES_KIND, content_key(IMAGES_KIND, key.index_sha256, key.signature),
                                  key.n_index_rows, description=f"images {key.signature}")

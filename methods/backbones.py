@@ -289,10 +289,27 @@ class ViTFeatures(nn.Module):
         keys, prefix tokens included), restricted to the patch keys, averaged over heads and
         renormalised to sum to 1 over the patches.
         """
+        return self.forward_features_from(self.tokens(x), 0, return_blocks=return_blocks,
+                                          need_attention=need_attention)
+
+    def prefix_tokens(self, x: Tensor, stop: int) -> Tensor:
+        """The output of blocks 0..stop-1 [B, P+N, D]: what block `stop` sees."""
         h = self.tokens(x)
+        for block in self.model.blocks[:stop]:
+            h = block(h)
+        return h
+
+    def forward_features_from(
+        self, h: Tensor, start: int, *, return_blocks: bool = False, need_attention: bool = False
+    ) -> dict[str, Any]:
+        """`forward_features` from the input of block `start` (e.g. `prefix_tokens(x, start)`,
+        computed once for a frozen prefix): only blocks start.. run, and "blocks" holds their
+        outputs only."""
+        if not 0 <= start < self.depth:
+            raise ValueError(f"start must be a block of the {self.depth}, got {start}")
         blocks: list[Tensor] = []
         last_input = h
-        for block in self.model.blocks:
+        for block in self.model.blocks[start:]:
             last_input = h
             h = block(h)
             if return_blocks:

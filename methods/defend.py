@@ -18,7 +18,9 @@ difference between the paper, the released code and ndbench. The torch parts liv
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +35,9 @@ from datasets_builders.errors import NdbenchError
 from . import defend_model as dm
 from .backbones import ViTFeatures, create_backbone
 from .base import BaseDetector, autocast, tracked
-from .memory import CACHE_DTYPE, TrainImages, cache_device, draw_seed
+from .cost import CostModel, FrozenPass
+from .features import FeatureTable, FrozenPart, compute_precision, planned_weights_identity, weights_identity
+from .memory import CACHE_DTYPE, HeldInputs, TableRows, TrainImages, cache_device, draw_seed
 from .multicrop import MultiCropSpec, MultiCropViews
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
@@ -50,6 +54,20 @@ PAPER = "Salehi et al., Redefining Normal: A Novel Object-Level Approach for Mul
 RELEASED_BACKBONE = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
 PAPER_TEXT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 PROTOTYPES_2X_OBSERVED = "2x-observed"
+
+# The untuned teacher's outputs in the feature cache. Training: the distillation targets as MKD
+# keeps them (normalised when configured, float16: CACHE_DTYPE) and the CLS attention (float32,
+# always stored so one entry serves every guidance). Test: the raw final-normed patch tokens in
+# float32, so cached scores equal uncached ones.
+TARGETS, ATTENTION, PATCHES = "targets", "attention", "patches"
+# `defend`'s teacher is tuned per job, but only its last blocks: the output tokens of the frozen
+# blocks before them (float32) are what its jobs share.
+PREFIX = "prefix"
+TRAIN_DTYPES = {TARGETS: CACHE_DTYPE, ATTENTION: torch.float32}
+TEST_DTYPE = torch.float32
+# Looks up the teacher's (targets [L, B, N, D] on the device, attention [B, N] or None) of a
+# batch of training items.
+TargetLookup = Callable[[Tensor], tuple[Tensor, Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -171,6 +189,9 @@ class MKDDetector(BaseDetector):
     description = "Masked knowledge distillation (teacher-guided masking) on the untuned teacher"
     paper = PAPER
     presets = {"embedded": EMBEDDED_MKD, "embedded/multi-class": EMBEDDED_MULTI_MKD, "paper-text": PAPER_TEXT}
+    # Whether the distilled teacher is the pre-trained one as loaded (its outputs are then the
+    # same in every job and live in the feature cache); `defend` tunes it per job.
+    teacher_frozen: ClassVar[bool] = True
 
     def __init__(self, config: MKDConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -219,21 +240,105 @@ class MKDDetector(BaseDetector):
                         generator: torch.Generator) -> None:
         """Hook for `defend`: MKD alone uses the pre-trained teacher as it is."""
 
-    def _teacher_batch(self, x: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
-        """Teacher targets [L, B, N, D] (normalised when configured) and attention [B, N]."""
+    def _teacher_batch(self, x: Tensor, device: torch.device, need_attention: bool | None = None,
+                       prefix: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Teacher targets [L, B, N, D] (normalised when configured) and attention [B, N]
+        (by default only under teacher guidance); from `prefix`, the output tokens of the
+        teacher's first `prefix_blocks()` blocks, when given."""
         c = self.config
+        if need_attention is None:
+            need_attention = c.guidance == "teacher"
         with torch.no_grad(), autocast(device):
-            feats, attention = dm.teacher_features(self.teacher, x, c.distill_layers,
-                                                   need_attention=c.guidance == "teacher")
+            if prefix is None:
+                feats, attention = dm.teacher_features(self.teacher, x, c.distill_layers,
+                                                       need_attention=need_attention)
+            else:
+                feats, attention = dm.teacher_features_from(self.teacher, prefix.to(device), self.prefix_blocks(),
+                                                            need_attention=need_attention)
         feats = feats.float()
         if c.normalise:
             feats = F.normalize(feats, dim=-1)
         self.teacher_passes += x.shape[0]
         return feats, attention
 
-    def _cache_targets(self, data: TrainImages, device: torch.device, progress: Progress | None):
-        """Teacher targets [n, L, N, D] and attention [n, N] of every training image (one
-        teacher pass each), or None when they would exceed `max_cache_gb`."""
+    def _count_teacher(self, n: int) -> None:
+        """Count whole teacher passes made outside the feature cache (which counts its own)."""
+        self.runtime.counts.add("frozen_passes" if self.teacher_frozen else "trained_passes", n)
+
+    def prefix_blocks(self) -> int:
+        """How many of the teacher's first blocks stay as pre-trained (all for `mkd`)."""
+        return self.teacher.depth
+
+    # --- the feature cache -----------------------------------------------------------------
+    def teacher_part(self, use: str, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
+        """The feature-cache key of the untuned teacher's outputs on the "train" images (MKD's
+        targets and CLS attention, from the float16-held inputs) or the "test" images (raw
+        patch tokens); None when they are not shared across jobs (a tuned teacher, random
+        weights). `plan`: for a dry run, without pre-training missing embedded weights."""
+        c = self.config
+        if not self.teacher_frozen:
+            return None
+        if plan:
+            identity = planned_weights_identity(c.backbone, c.weights)
+        else:
+            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        if identity is None:
+            return None
+        if use == "train":
+            readout = f"mkd-targets/{c.distill_layers}/{'unit' if c.normalise else 'raw'}+cls-attention/fp16-inputs"
+        else:
+            readout = f"patch-tokens/{c.distill_layers}"
+        return FrozenPart(identity, f"{c.backbone}@{c.img_size}/{readout}", compute_precision(device))
+
+    def cost_model(self, device: torch.device) -> CostModel:
+        """One frozen teacher pass per train image (targets + attention) and per test image
+        (patch tokens); the student runs every epoch on every train image and once per test image."""
+        c = self.config
+        return CostModel(
+            frozen=(FrozenPass(self.teacher_part("train", device, plan=True), ("train",), TRAIN_DTYPES),
+                    FrozenPass(self.teacher_part("test", device, plan=True), ("test",), TEST_DTYPE)),
+            trained_per_train_image=float(c.epochs), trained_per_test_image=1.0)
+
+    def _train_targets(self, data: TrainImages, device: torch.device,
+                       progress: Progress | None) -> TargetLookup | None:
+        """Teacher targets and attention of every training image, one teacher pass per distinct
+        image (none for those the feature cache holds), or None when they would exceed
+        `max_cache_gb` in memory. The inputs are deterministic (the resized image, no
+        augmentation), which is what lets the frozen teacher's outputs be cached."""
+        c = self.config
+        if not self.teacher_frozen:
+            return self._cache_targets(data, device, progress)
+        held = HeldInputs.of(data)
+        layers = self.teacher.depth if c.distill_layers == "all" else 1
+        row_bytes = layers * self.teacher.num_patches * self.teacher.embed_dim * CACHE_DTYPE.itemsize
+        part = self.teacher_part("train", device)
+        limit = c.max_cache_gb * 2**30
+        cacheable = part is not None and held.image_key is not None and self.runtime.features.store is not None
+        if not cacheable and len(held) * row_bytes > limit:
+            return None
+
+        def compute(x: Tensor) -> dict[str, Tensor]:
+            feats, attention = self._teacher_batch(x.to(device), device, need_attention=True)
+            return {TARGETS: feats.transpose(0, 1), ATTENTION: attention.float()}
+
+        table = self.runtime.features.get_or_compute(
+            part, held, compute, loader=lambda d: held.loader(d, c.batch_size), dtype=TRAIN_DTYPES,
+            memory_limit=limit, progress=progress, description=f"{self.name}: teacher targets")
+        if table is None:
+            return None
+        source = TableRows(table, device)
+
+        def lookup(idx: Tensor) -> tuple[Tensor, Tensor | None]:
+            got = source.rows(held.rows[idx.cpu().numpy()])
+            attention = got[ATTENTION] if c.guidance == "teacher" else None
+            return got[TARGETS].to(device).transpose(0, 1), attention
+
+        return lookup
+
+    def _cache_targets(self, data: TrainImages, device: torch.device,
+                       progress: Progress | None) -> TargetLookup | None:
+        """Targets of a teacher tuned for this job (not shared, so kept in memory only), or
+        None when they would exceed `max_cache_gb`."""
         c = self.config
         n, layers = len(data), (self.teacher.depth if c.distill_layers == "all" else 1)
         size = n * layers * self.teacher.num_patches * self.teacher.embed_dim * CACHE_DTYPE.itemsize
@@ -243,13 +348,52 @@ class MKDDetector(BaseDetector):
         targets = torch.empty((n, layers, self.teacher.num_patches, self.teacher.embed_dim),
                               dtype=CACHE_DTYPE, device=store)
         attention = torch.empty((n, self.teacher.num_patches), device=store)
+        prefix = self._train_prefix(data, device, progress)
         for x, idx in data.batches(c.batch_size, device=device, progress=progress,
                                    description=f"{self.name}: teacher targets"):
-            feats, attn = self._teacher_batch(x, device)
+            if prefix is None:
+                feats, attn = self._teacher_batch(x, device)
+                self._count_teacher(len(x))
+            else:
+                feats, attn = self._teacher_batch(x, device, prefix=prefix(idx))
+                self.runtime.counts.add("trained_passes", len(x))
             targets[idx.to(store)] = feats.transpose(0, 1).to(store, CACHE_DTYPE)
             if attn is not None:
                 attention[idx.to(store)] = attn.float().to(store)
-        return targets, attention
+
+        def lookup(idx: Tensor) -> tuple[Tensor, Tensor | None]:
+            feats = targets[idx.to(store)].to(device).transpose(0, 1)
+            return feats, (attention[idx.to(store)] if c.guidance == "teacher" else None)
+
+        return lookup
+
+    def _train_prefix(self, data: TrainImages, device: torch.device,
+                      progress: Progress | None) -> Callable[[Tensor], Tensor] | None:
+        """Hook for `defend`: the cached output tokens of the teacher's frozen prefix, by
+        training item (None: run the whole teacher)."""
+        return None
+
+    def _test_targets(self, images: Dataset, device: torch.device, progress: Progress | None) -> FeatureTable | None:
+        """The teacher's raw patch tokens of `images` from the feature cache (computed once per
+        machine); None when they are not cached (caching off, a tuned teacher, random weights)
+        or would exceed `max_cache_gb` in memory: then scoring runs the teacher per batch."""
+        c = self.config
+        # The store first: a saved model scored on its own must not resolve (or pre-train) weights.
+        if self.runtime.features.store is None or getattr(images, "image_key", None) is None:
+            return None
+        part = self.teacher_part("test", device)
+        if part is None:
+            return None
+
+        def compute(x: Tensor) -> dict[str, Tensor]:
+            with torch.no_grad(), autocast(device):
+                feats, _ = dm.teacher_features(self.teacher, x.to(device, non_blocking=True), c.distill_layers,
+                                               need_attention=False)
+            return {PATCHES: feats.float().transpose(0, 1)}
+
+        return self.runtime.features.get_or_compute(
+            part, images, compute, loader=self.loader, dtype=TEST_DTYPE, memory_limit=c.max_cache_gb * 2**30,
+            progress=progress, description=f"{self.name}: teacher features")
 
     def distill(self, data: TrainImages, *, device: torch.device, progress: Progress | None,
                 generator: torch.Generator) -> None:
@@ -257,7 +401,7 @@ class MKDDetector(BaseDetector):
         the loss is the element-mean squared error, RN:DeFeND/vision_transformers.py:1044)."""
         c = self.config
         self.teacher_passes = 0
-        cache = self._cache_targets(data, device, progress)
+        cached = self._train_targets(data, device, progress)
         n_patches = self.teacher.num_patches
         keep = n_patches if c.guidance == "none" else dm.num_kept(n_patches, c.mask_ratio)
         groups = param_groups_weight_decay(self.student, c.weight_decay)
@@ -268,14 +412,15 @@ class MKDDetector(BaseDetector):
             loss_sum, steps = 0.0, 0
             for x, idx in data.batches(c.batch_size, device=device, generator=generator, progress=progress,
                                        description=f"{self.name}: MKD epoch {epoch + 1}/{c.epochs}"):
-                if cache is None:
+                if cached is None:
                     feats, attn = self._teacher_batch(x, device)
+                    self._count_teacher(len(x))
                 else:
-                    feats = cache[0][idx.to(cache[0].device)].to(device).transpose(0, 1)
-                    attn = cache[1][idx.to(cache[1].device)] if c.guidance == "teacher" else None
+                    feats, attn = cached(idx)
                 keep_idx = dm.keep_indices(attn, n_patches, keep, c.guidance, generator, batch=len(x))
                 with autocast(device):
                     student = dm.student_features(self.student, x, keep_idx, c.distill_layers)
+                self.runtime.counts.add("trained_passes", len(x))
                 target = dm.gather_patches(feats, keep_idx.to(device))
                 loss = dm.patch_errors(target, student, c.normalise).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -295,22 +440,43 @@ class MKDDetector(BaseDetector):
         """Per-patch distillation error [B, N] without masking (paper sec. 3.3), float32."""
         c = self.config
         self.teacher.eval()
-        self.student.eval()
         with torch.no_grad(), autocast(device):
             teacher, _ = dm.teacher_features(self.teacher, x, c.distill_layers, need_attention=False)
-            student = dm.student_features(self.student, x, None, c.distill_layers)
-        return dm.patch_errors(teacher, student, c.normalise)
+        return self._errors_against(teacher, x, device)
+
+    def _errors_against(self, teacher: Tensor, x: Tensor, device: torch.device) -> Tensor:
+        """Per-patch error [B, N] of the student on `x` against the teacher's features
+        [L, B, N, D] (computed now or read from the feature cache)."""
+        self.student.eval()
+        with torch.no_grad(), autocast(device):
+            student = dm.student_features(self.student, x, None, self.config.distill_layers)
+        return dm.patch_errors(teacher, student, self.config.normalise)
 
     def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
         """Mean over all patches of the squared teacher/student difference
-        (RN:DeFeND/main.py:222-242); higher = more novel."""
+        (RN:DeFeND/main.py:222-242); higher = more novel. The untuned teacher's features come
+        from the feature cache (every job of a grid scores the same test images)."""
         self._require_fitted()
-        self.teacher.to(device)
+        self.teacher.to(device).eval()
         self.student.to(device)
-        rows = []
+        table = self._test_targets(images, device, progress)
+        rows, start = [], 0
         for x, _, _ in tracked(self.loader(images), progress, f"{self.name}: scoring"):
-            rows.append(self.patch_error_map(x.to(device), device).mean(dim=1).cpu())
+            x = x.to(device)
+            if table is None:
+                errors = self.patch_error_map(x, device)
+                self._count_teacher(len(x))
+            else:
+                teacher = self._teacher_from_rows(table.rows(np.arange(start, start + len(x))), device)
+                errors = self._errors_against(teacher, x, device)
+            self.runtime.counts.add("trained_passes", len(x))
+            start += len(x)
+            rows.append(errors.mean(dim=1).cpu())
         return torch.cat(rows).double().numpy() if rows else np.zeros(0)
+
+    def _teacher_from_rows(self, rows: dict[str, Tensor], device: torch.device) -> Tensor:
+        """The teacher's features [L, B, N, D] of a batch from its feature-cache rows."""
+        return rows[PATCHES].to(device).transpose(0, 1)
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         """Per-patch distillation error upsampled (bilinear) to the image: [B, H, W] (CPU)."""
@@ -354,6 +520,91 @@ class DefendDetector(MKDDetector):
     paper = PAPER
     presets = {"embedded": EMBEDDED_DEFEND, "embedded/multi-class": EMBEDDED_MULTI_DEFEND,
                "paper-text": PAPER_TEXT_DEFEND}
+    teacher_frozen = False  # blocks 10-11 are tuned per job: only the blocks before them are shared
+
+    def prefix_blocks(self) -> int:
+        return self.teacher.depth - self.config.tuned_blocks
+
+    def _count_teacher(self, n: int) -> None:
+        if self.config.distill_layers == "last":  # the frozen prefix, then the tuned blocks
+            self.runtime.counts.add("frozen_passes", n)
+        self.runtime.counts.add("trained_passes", n)
+
+    # --- the feature cache: the frozen prefix ----------------------------------------------
+    def prefix_part(self, use: str, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
+        """The feature-cache key of the output tokens of the teacher's frozen blocks (all but
+        the `tuned_blocks` DEFEND tunes; untouched by it, so the pre-trained ones) on the
+        "train" images (float16-held, as MKD sees them) or the "test" images. None with random
+        weights, and with `distill_layers=all` (MKD then needs every block's output, so the
+        prefix is not used). `plan`: for a dry run."""
+        c = self.config
+        if c.distill_layers != "last":
+            return None
+        if plan:
+            identity = planned_weights_identity(c.backbone, c.weights)
+        else:
+            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        if identity is None:
+            return None
+        inputs = "/fp16-inputs" if use == "train" else ""
+        readout = f"tokens-before-last-{c.tuned_blocks}-blocks{inputs}"
+        return FrozenPart(identity, f"{c.backbone}@{c.img_size}/{readout}", compute_precision(device))
+
+    def cost_model(self, device: torch.device) -> CostModel:
+        """The frozen prefix once per train and test image (with `distill_layers=last`). Trained
+        passes per train image: one multi-crop step of the online network per DEFEND epoch
+        (the configured `dense_epochs`, else 3: a dry run cannot tell COCO, whose default is
+        10), the tuned blocks once for MKD's targets, the student every epoch; per test image:
+        the tuned blocks and the student."""
+        c = self.config
+        frozen = () if c.distill_layers != "last" else (
+            FrozenPass(self.prefix_part("train", device, plan=True), ("train",), TEST_DTYPE),
+            FrozenPass(self.prefix_part("test", device, plan=True), ("test",), TEST_DTYPE))
+        epochs = c.dense_epochs if c.dense_epochs is not None else 3
+        return CostModel(frozen=frozen, trained_per_train_image=float(epochs + 1 + c.epochs),
+                         trained_per_test_image=2.0)
+
+    def _prefix_table(self, images: Dataset, use: str, device: torch.device, progress: Progress | None,
+                      loader: Callable[[Dataset], DataLoader]) -> FeatureTable | None:
+        c = self.config
+        if self.runtime.features.store is None or getattr(images, "image_key", None) is None:
+            return None
+        part = self.prefix_part(use, device)
+        if part is None:
+            return None
+        stop = self.prefix_blocks()
+
+        def compute(x: Tensor) -> dict[str, Tensor]:
+            with torch.no_grad(), autocast(device):
+                return {PREFIX: self.teacher.prefix_tokens(x.to(device, non_blocking=True), stop).float()}
+
+        return self.runtime.features.get_or_compute(
+            part, images, compute, loader=loader, dtype=TEST_DTYPE, memory_limit=c.max_cache_gb * 2**30,
+            progress=progress, description=f"{self.name}: frozen blocks 0-{stop - 1}")
+
+    def _train_prefix(self, data: TrainImages, device: torch.device,
+                      progress: Progress | None) -> Callable[[Tensor], Tensor] | None:
+        """The frozen prefix's tokens of the training images from the feature cache (None
+        without a store: the whole teacher runs, as it always did)."""
+        held = HeldInputs.of(data)
+        table = self._prefix_table(held, "train", device, progress, lambda d: held.loader(d, self.config.batch_size))
+        if table is None:
+            return None
+        source = TableRows(table, device)
+        return lambda idx: source.rows(held.rows[idx.cpu().numpy()])[PREFIX]
+
+    def _test_targets(self, images: Dataset, device: torch.device, progress: Progress | None) -> FeatureTable | None:
+        """The frozen prefix's tokens of the test images from the feature cache (the same in
+        every job of a grid); None without a store: the whole teacher runs per batch."""
+        return self._prefix_table(images, "test", device, progress, self.loader)
+
+    def _teacher_from_rows(self, rows: dict[str, Tensor], device: torch.device) -> Tensor:
+        """The tuned blocks (and the final norm) on the cached prefix tokens: [1, B, N, D]."""
+        with torch.no_grad(), autocast(device):
+            feats, _ = dm.teacher_features_from(self.teacher, rows[PREFIX].to(device), self.prefix_blocks(),
+                                                need_attention=False)
+        self.runtime.counts.add("trained_passes", len(rows[PREFIX]))
+        return feats
 
     def _new_teacher(self, weights) -> ViTFeatures:
         # The online network trains with drop-path (RN:DeFeND/leo.py:185); MKD uses it in eval mode.
@@ -431,6 +682,7 @@ class DefendDetector(MKDDetector):
                     group["weight_decay"] = float(decay[min(step, total - 1)])
                 optimizer.step()
                 scheduler.step()
+                self.runtime.counts.add("trained_passes", len(crops[0]))
                 step += 1
                 loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
         online_vit.requires_grad_(False)

@@ -308,6 +308,17 @@ def teacher_features(vit: ViTFeatures, x: Tensor, layers: str, need_attention: b
     if layers not in LAYER_CHOICES:
         raise ValueError(f"distill_layers must be one of {LAYER_CHOICES}, got {layers!r}")
     out = vit.forward_features(x, return_blocks=layers == "all", need_attention=need_attention)
+    return _read_features(vit, out, layers)
+
+
+def teacher_features_from(vit: ViTFeatures, tokens: Tensor, start: int,
+                          need_attention: bool) -> tuple[Tensor, Tensor | None]:
+    """`teacher_features` for the last layer from the input of block `start` (the output of a
+    frozen prefix, `ViTFeatures.prefix_tokens`): only blocks start.. run."""
+    return _read_features(vit, vit.forward_features_from(tokens, start, need_attention=need_attention), "last")
+
+
+def _read_features(vit: ViTFeatures, out: dict, layers: str) -> tuple[Tensor, Tensor | None]:
     p = vit.num_prefix_tokens
     if layers == "last":
         feats = out["patches"][None]

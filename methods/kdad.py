@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
 from datasets_builders.errors import NdbenchError
+from datasets_builders.image_store import Normalise, ResizeCropDecode, StagedTransform
 
 from .backbones import create_backbone
 from .base import BaseDetector, autocast, tracked
-from .memory import Indexed, cache_device
+from .cost import CostModel, FrozenPass
+from .features import FeatureTable, FrozenPart, compute_precision, planned_weights_identity, weights_identity
+from .memory import HeldInputs, Indexed, TableRows, cache_device
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
@@ -285,18 +286,58 @@ class KDADDetector(BaseDetector):
         self.extra: dict = {}
 
     # --- input -----------------------------------------------------------------------------
-    def transform(self):
+    def transform(self) -> StagedTransform:
         """PIL image -> normalised tensor: a square resize to img_size / center_crop, then the
-        centre img_size crop (the official Resize((256, 256)) + CenterCrop(224) at 224 px)."""
+        centre img_size crop (the official Resize((256, 256)) + CenterCrop(224) at 224 px),
+        staged so the cropped pixels can be kept in the image store."""
         c = self.config
         mean, std = self.normalisation()
         side = round(c.img_size / c.center_crop)
-        return transforms.Compose([
-            transforms.Resize((side, side), interpolation=InterpolationMode(c.interpolation), antialias=True),
-            transforms.CenterCrop(c.img_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ])
+        return StagedTransform(ResizeCropDecode(side, c.img_size, c.interpolation, antialias=True),
+                               Normalise(mean, std))
+
+    # --- the feature cache -----------------------------------------------------------------
+    def teacher_part(self, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
+        """The feature-cache key of the frozen teacher's tapped maps (None with random
+        weights). The teacher stays in eval mode and sees the centre crop (no augmentation),
+        so its maps are the same in every job. `plan`: for a dry run."""
+        c = self.config
+        if plan:
+            identity = planned_weights_identity(c.backbone, c.weights)
+        else:
+            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        if identity is None:
+            return None
+        return FrozenPart(identity, f"{c.backbone}/taps:{','.join(c.teacher_layers)}", compute_precision(device))
+
+    def cost_model(self, device: torch.device) -> CostModel:
+        """One frozen teacher pass per train and test image; the student runs every epoch on
+        every train image and once per test image."""
+        return CostModel(frozen=(FrozenPass(self.teacher_part(device, plan=True), ("train", "test"), CACHE_DTYPE),),
+                         trained_per_train_image=float(self.config.epochs), trained_per_test_image=1.0)
+
+    def _teacher_table(self, images: Dataset, *, device: torch.device, budget: float, progress: Progress | None,
+                       description: str) -> FeatureTable | None:
+        """The teacher's maps of `images` (a dataset or `HeldInputs`) from the feature cache
+        (or in memory when they are not stored), or None when they exceed `budget` in memory."""
+        part = self.teacher_part(device)
+        stored = part is not None and getattr(images, "image_key", None) is not None \
+            and self.runtime.features.store is not None
+        if not stored and len(images) * sum(math.prod(s) for s in self.maps) * CACHE_DTYPE.itemsize > budget:
+            return None
+
+        def compute(x: Tensor) -> dict[str, Tensor]:
+            with torch.no_grad(), autocast(device):
+                feats = self.teacher(x.to(device))
+            return {_tap(i): f.to(CACHE_DTYPE) for i, f in enumerate(feats)}
+
+        def loader(data: Dataset) -> DataLoader:
+            if isinstance(images, HeldInputs):  # in memory: batches in this process
+                return images.loader(data, self.config.batch_size)
+            return self.loader(data)
+
+        return self.runtime.features.get_or_compute(part, images, compute, loader=loader, dtype=CACHE_DTYPE,
+                                                    memory_limit=budget, progress=progress, description=description)
 
     # --- models ----------------------------------------------------------------------------
     def build_teacher(self, weights) -> TappedTeacher:
@@ -345,8 +386,7 @@ class KDADDetector(BaseDetector):
             loss_sum, steps = 0.0, 0
             for x, idx in _batches(train, images, c.batch_size, device, generator, progress,
                                    f"kdad: epoch {epoch + 1}/{c.epochs}"):
-                loss = self.train_step(x, optimizer, device,
-                                       None if targets is None else [t[idx.to(t.device)].to(device) for t in targets])
+                loss = self.train_step(x, optimizer, device, None if targets is None else targets(idx))
                 loss_sum, steps = loss_sum + loss, steps + 1
         self.student.eval()
         self.extra = {
@@ -365,6 +405,8 @@ class KDADDetector(BaseDetector):
         if targets is None:
             with torch.no_grad(), autocast(device):
                 targets = self.teacher(x)
+            self.runtime.counts.add("frozen_passes", len(x))
+        self.runtime.counts.add("trained_passes", len(x))
         with autocast(device):
             predicted = self.student(x)
         loss = kdad_loss(predicted, targets, self.config.lamda)
@@ -374,22 +416,23 @@ class KDADDetector(BaseDetector):
         return float(loss.detach())
 
     def _cache_targets(self, train: Dataset, images: Tensor | None, *, device: torch.device, budget: float,
-                       progress: Progress | None) -> list[Tensor] | None:
-        """The teacher's maps of every training image (one teacher pass each; the teacher is frozen
-        and the images are not augmented), or None when they exceed the budget."""
-        shapes = self.maps
-        size = len(train) * sum(math.prod(s) for s in shapes) * CACHE_DTYPE.itemsize
-        if size > budget:
+                       progress: Progress | None):
+        """A lookup of the teacher's maps [per tap: B, C, H, W on `device`] of training items
+        (one teacher pass per distinct image, none for those the feature cache holds; the
+        teacher is frozen and the images are not augmented), or None when they exceed the
+        budget in memory."""
+        held = HeldInputs(train, images)
+        table = self._teacher_table(held, device=device, budget=budget, progress=progress,
+                                    description="kdad: teacher maps")
+        if table is None:
             return None
-        store = cache_device(size, device)
-        targets = [torch.empty((len(train), *s), dtype=CACHE_DTYPE, device=store) for s in shapes]
-        for x, idx in _batches(train, images, self.config.batch_size, device, None, progress,
-                               "kdad: teacher maps"):
-            with torch.no_grad(), autocast(device):
-                feats = self.teacher(x)
-            for target, feat in zip(targets, feats, strict=True):
-                target[idx.to(store)] = feat.to(store, CACHE_DTYPE)
-        return targets
+        source = TableRows(table, device)
+
+        def lookup(idx: Tensor) -> list[Tensor]:
+            rows = source.rows(held.rows[idx.cpu().numpy()])
+            return [rows[_tap(i)].to(device) for i in range(len(self.maps))]
+
+        return lookup
 
     # --- scoring ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -400,11 +443,26 @@ class KDADDetector(BaseDetector):
         self.teacher.to(device).eval()
         self.student.to(device).eval()
         keep = self._score_index()
-        rows = []
+        # With a store, the teacher's maps of the test images (the same in every job of a grid)
+        # come from the feature cache; without one, they are computed per batch.
+        table = None
+        if self.runtime.features.store is not None:
+            table = self._teacher_table(images, device=device, budget=self.config.max_cache_gb * 2**30,
+                                        progress=progress, description="kdad: teacher maps")
+        rows, start = [], 0
         for x, _, _ in tracked(self.loader(images), progress, "kdad: scoring"):
             x = x.to(device)
-            with autocast(device):
-                teacher, student = self.teacher(x), self.student(x)
+            self.runtime.counts.add("trained_passes", len(x))
+            if table is None:
+                self.runtime.counts.add("frozen_passes", len(x))
+                with autocast(device):
+                    teacher, student = self.teacher(x), self.student(x)
+            else:
+                got = table.rows(np.arange(start, start + len(x)))
+                teacher = [got[_tap(i)].to(device) for i in range(len(self.maps))]
+                with autocast(device):
+                    student = self.student(x)
+            start += len(x)
             rows.append(kdad_scores([student[i] for i in keep], [teacher[i] for i in keep],
                                     self.config.lamda).cpu())
         return torch.cat(rows).double().numpy() if rows else np.zeros(0)
@@ -427,6 +485,11 @@ class KDADDetector(BaseDetector):
         self.student = self.build_student(self.teacher).eval()
         self.student.load_state_dict(state["student"])
         self.extra = dict(state.get("extra", {}))
+
+
+def _tap(i: int) -> str:
+    """The feature-cache field of the i-th teacher tap."""
+    return f"tap{i}"
 
 
 # --- training data in memory -----------------------------------------------------------------

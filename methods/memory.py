@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from rich.progress import Progress
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from datasets_builders.loading import fetch_items
 
 from .base import BaseDetector, tracked
+from .features import FeatureTable
 
 # ndbench choice: cached images and unit-length targets lose < 1e-3 (under 1/8 of an 8-bit grey
 # level for images) in half precision, and take half the memory.
@@ -83,6 +85,74 @@ class TrainImages:
         chunks = order.split(batch_size)
         for idx in tracked(chunks, progress, description, total=len(chunks)):
             yield self.images[idx.to(self.images.device)].to(device, torch.float32), idx
+
+
+class HeldInputs(Dataset):
+    """The distinct images of a training set (a repeated image once) as training sees them:
+    from the job's in-memory copy `images` when there is one, else read from `dataset` (and
+    rounded to `round_to` as the in-memory copy is). Carries the dataset's `image_key` and
+    index `positions`, so a frozen network's outputs on them can live in the feature cache;
+    `rows[i]` is training item i's row here."""
+
+    def __init__(self, dataset: Dataset, images: Tensor | None, round_to: torch.dtype | None = None):
+        self.dataset = dataset
+        self.images = images
+        self.round_to = round_to
+        key = getattr(dataset, "image_key", None)
+        positions = getattr(dataset, "positions", None) if key is not None else None
+        if positions is None:
+            self.items, self.rows, self.positions = np.arange(len(dataset)), np.arange(len(dataset)), None
+        else:
+            unique, first, self.rows = np.unique(np.asarray(positions), return_index=True, return_inverse=True)
+            self.items, self.positions = first, unique
+        self.image_key = key
+
+    @classmethod
+    def of(cls, data: TrainImages) -> HeldInputs:
+        """The images of a `TrainImages`, held in float16."""
+        return cls(data.dataset, data.images, CACHE_DTYPE)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, row: int) -> tuple[Tensor]:
+        return self.__getitems__([row])[0]
+
+    def __getitems__(self, rows: list[int]) -> list[tuple[Tensor]]:
+        items = self.items[list(rows)]
+        if self.images is not None:
+            x = self.images[torch.from_numpy(items).to(self.images.device)]
+        else:
+            x = torch.stack([got[0] for got in fetch_items(self.dataset, items.tolist())])
+            x = x if self.round_to is None else x.to(self.round_to)
+        return [(image.float(),) for image in x]
+
+    def loader(self, data: Dataset, batch_size: int) -> DataLoader:
+        """Batches of `data` (a view of this set) in order, in this process: the images are in
+        memory (possibly on the GPU) or decoded by the dataset itself."""
+        return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0,
+                          generator=torch.Generator().manual_seed(0))  # seeded: no draw from the global RNG
+
+
+class TableRows:
+    """Rows of a feature table (see `methods.features`) for training batches: all of them
+    moved to the GPU once when they fit there (`cache_device`), else read per batch from the
+    table (memory-mapped shards or memory) on the CPU."""
+
+    def __init__(self, table: FeatureTable, device: torch.device):
+        self.table = table
+        self.resident: dict[str, Tensor] | None = None
+        if device.type == "cuda" and len(table):
+            size = sum(value.nbytes for value in table.rows([0]).values()) * len(table)
+            if cache_device(size, device).type == "cuda":
+                self.resident = {name: value.to(device) for name, value in table.all().items()}
+
+    def rows(self, items: Tensor | np.ndarray) -> dict[str, Tensor]:
+        """The rows of `items` by name (on the GPU when resident, else on the CPU)."""
+        if self.resident is None:
+            return self.table.rows(items)
+        index = torch.as_tensor(items, device=next(iter(self.resident.values())).device)
+        return {name: value[index] for name, value in self.resident.items()}
 
 
 def draw_seed(generator: torch.Generator) -> int:

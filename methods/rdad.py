@@ -32,6 +32,9 @@ from datasets_builders.errors import NdbenchError
 
 from .backbones import create_backbone
 from .base import BaseDetector, autocast, tracked
+from .cost import CostModel, FrozenPass
+from .features import FeatureTable, FrozenPart, compute_precision, planned_weights_identity, weights_identity
+from .memory import TableRows
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
@@ -316,6 +319,12 @@ def smooth(maps: Tensor, sigma: float) -> np.ndarray:
     return gaussian_filter(array, sigma=(0, sigma, sigma))
 
 
+# The frozen encoder's three maps in the feature cache, float32 as rdad always kept them (so
+# cached scores equal uncached ones); one entry serves train and test images.
+MAPS = ("scale1", "scale2", "scale3")
+MAPS_DTYPE = torch.float32
+
+
 def _draw_seed() -> int:
     """A seed for one epoch's order, drawn from torch's global generator (seeded per job)."""
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -357,6 +366,7 @@ class RDADDetector(BaseDetector):
         optimizer = torch.optim.Adam(self.trainable_parameters(), lr=c.lr, betas=c.betas)
         cache = self._cache_features(train, device, progress)
         losses = []
+        self.runtime.counts.add("trained_passes", len(train) * c.epochs)
         for epoch in range(c.epochs):
             self.model.train()
             total, count = 0.0, 0
@@ -379,23 +389,59 @@ class RDADDetector(BaseDetector):
         return float(loss.detach())
 
     def _encode(self, x: Tensor, device: torch.device) -> list[Tensor]:
+        self.runtime.counts.add("frozen_passes", len(x))
+        return self._encoder_maps(x, device)
+
+    def _encoder_maps(self, x: Tensor, device: torch.device) -> list[Tensor]:
         with autocast(device):
             return [f.float() for f in self.model.encode(x.to(device))]
 
-    def _cache_features(self, train: Dataset, device: torch.device, progress: Progress | None) -> list[Tensor] | None:
-        """The encoder maps of every training image (float32, CPU), or None past `max_cache_gb`."""
+    # --- the feature cache -----------------------------------------------------------------
+    def encoder_part(self, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
+        """The feature-cache key of the frozen encoder's maps (None with random weights). The
+        encoder stays in eval mode and sees the resized image (no augmentation), so its maps
+        are the same in every job. `plan`: for a dry run."""
+        c = self.config
+        if plan:
+            identity = planned_weights_identity(c.backbone, c.weights)
+        else:
+            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        if identity is None:
+            return None
+        return FrozenPart(identity, f"{c.backbone}/layers1-3", compute_precision(device))
+
+    def cost_model(self, device: torch.device) -> CostModel:
+        """One frozen encoder pass per train and test image; the OCBE and decoder run every
+        epoch on every train image and once per test image."""
+        return CostModel(frozen=(FrozenPass(self.encoder_part(device, plan=True), ("train", "test"), MAPS_DTYPE),),
+                         trained_per_train_image=float(self.config.epochs), trained_per_test_image=1.0)
+
+    def _encoder_table(self, images: Dataset, device: torch.device, progress: Progress | None) -> FeatureTable | None:
+        """The encoder maps of `images` from the feature cache (or in memory when they are not
+        stored), or None when they would exceed `max_cache_gb` in memory."""
         c = self.config
         reductions = self.model.encoder.feature_info.reduction()
         per_image = sum(ch * (c.img_size // r) ** 2 for ch, r in zip(self.model.channels, reductions, strict=True))
-        if len(train) * per_image * 4 > c.max_cache_gb * 2**30:
+        part = self.encoder_part(device)
+        limit = c.max_cache_gb * 2**30
+        stored = part is not None and getattr(images, "image_key", None) is not None \
+            and self.runtime.features.store is not None
+        if not stored and len(images) * per_image * MAPS_DTYPE.itemsize > limit:
             return None
-        chunks: list[list[Tensor]] = [[], [], []]
-        for x, _, _ in tracked(self.loader(train), progress, f"{self.name}: encoder features"):
-            for store, f in zip(chunks, self._encode(x, device), strict=True):
-                store.append(f.cpu())
-        return [torch.cat(store) for store in chunks]
 
-    def _batches(self, train: Dataset, cache: list[Tensor] | None, device: torch.device,
+        def compute(x: Tensor) -> dict[str, Tensor]:
+            return dict(zip(MAPS, self._encoder_maps(x, device), strict=True))
+
+        return self.runtime.features.get_or_compute(
+            part, images, compute, loader=self.loader, dtype=MAPS_DTYPE, memory_limit=limit, progress=progress,
+            description=f"{self.name}: encoder features")
+
+    def _cache_features(self, train: Dataset, device: torch.device, progress: Progress | None) -> TableRows | None:
+        """The encoder maps of every training image, or None past `max_cache_gb` in memory."""
+        table = self._encoder_table(train, device, progress)
+        return None if table is None else TableRows(table, device)
+
+    def _batches(self, train: Dataset, cache: TableRows | None, device: torch.device,
                  progress: Progress | None, description: str) -> Iterator[list[Tensor]]:
         """Shuffled batches of encoder maps (the official main.py:77 shuffles, keeping the last partial batch),
         in the same order whether the maps are cached or recomputed."""
@@ -406,16 +452,18 @@ class RDADDetector(BaseDetector):
             return
         chunks = order.split(self.config.batch_size)
         for idx in tracked(chunks, progress, description, total=len(chunks)):
-            yield [f[idx].to(device) for f in cache]
+            rows = cache.rows(idx)
+            yield [rows[name].to(device) for name in MAPS]
 
     # --- scoring ---------------------------------------------------------------------------
     @torch.no_grad()
-    def raw_maps(self, x: Tensor) -> Tensor:
-        """Unsmoothed summed (1 - cos) maps of a normalised batch at the image size [B, H, W]."""
+    def raw_maps(self, x: Tensor, features: list[Tensor] | None = None) -> Tensor:
+        """Unsmoothed summed (1 - cos) maps of a normalised batch at the image size [B, H, W];
+        `features`: its encoder maps when they are known (read from the feature cache)."""
         self._require_fitted()
         device = next(self.model.bottleneck.parameters()).device
         self.model.eval()
-        features = self._encode(x, device)
+        features = self._encode(x, device) if features is None else features
         with autocast(device):
             decoded = self.model.decode(features)
         return anomaly_maps(features, decoded, x.shape[-1])
@@ -425,12 +473,12 @@ class RDADDetector(BaseDetector):
         return torch.from_numpy(smooth(self.raw_maps(images), self.config.sigma)).float()
 
     @torch.no_grad()
-    def flat_scores(self, x: Tensor) -> np.ndarray:
+    def flat_scores(self, x: Tensor, features: list[Tensor] | None = None) -> np.ndarray:
         """Each image's flat distillation distance (see `flat_distances`) of a normalised batch."""
         self._require_fitted()
         device = next(self.model.bottleneck.parameters()).device
         self.model.eval()
-        features = self._encode(x, device)
+        features = self._encode(x, device) if features is None else features
         with autocast(device):
             decoded = self.model.decode(features)
         return flat_distances(features, decoded).double().cpu().numpy()
@@ -440,12 +488,21 @@ class RDADDetector(BaseDetector):
         distillation distance ("flat_loss"); higher = more novel."""
         self._require_fitted()
         self.model.to(device)
-        rows = []
+        # With a store, the encoder maps of the test images (the same in every job of a grid)
+        # come from the feature cache; without one, they are computed per batch.
+        table = self._encoder_table(images, device, progress) if self.runtime.features.store is not None else None
+        rows, start = [], 0
         for x, _, _ in tracked(self.loader(images), progress, f"{self.name}: scoring"):
+            features = None
+            if table is not None:
+                got = table.rows(np.arange(start, start + len(x)))
+                features = [got[name].to(device) for name in MAPS]
+            start += len(x)
+            self.runtime.counts.add("trained_passes", len(x))
             if self.config.score == "flat_loss":
-                rows.append(self.flat_scores(x.to(device)))
+                rows.append(self.flat_scores(x.to(device), features))
             else:
-                rows.append(smooth(self.raw_maps(x.to(device)), self.config.sigma).max(axis=(1, 2)))
+                rows.append(smooth(self.raw_maps(x.to(device), features), self.config.sigma).max(axis=(1, 2)))
         return np.concatenate(rows) if rows else np.zeros(0)
 
     def record_extra(self) -> dict:

@@ -31,13 +31,21 @@ from datasets_builders.errors import NdbenchError
 
 from .backbones import ViTFeatures, create_backbone
 from .base import BaseDetector, autocast, tracked
-from .memory import Indexed, cache_device
+from .cost import CostModel, FrozenPass
+from .features import FeatureTable, FrozenPart, compute_precision, planned_weights_identity, weights_identity
+from .memory import Indexed, TableRows
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
 PAPER = "Cohen & Avidan, Transformaly - Two (Feature Spaces) Are Better Than One, CVPR Workshops 2022"
 # ndbench choice: cached teacher states lose < 1e-3 relative in half precision, and take half the memory.
 CACHE_DTYPE = torch.float16
+# The frozen teacher's outputs in the feature cache: its block states and CLS feature. Training
+# states are kept in CACHE_DTYPE (as they always were); test states in float32, as scoring
+# without the cache computes them, so cached scores equal uncached ones.
+STATES, CLS = "states", "cls"
+TRAIN_DTYPES = {STATES: CACHE_DTYPE, CLS: torch.float32}
+TEST_DTYPES = {STATES: torch.float32, CLS: torch.float32}
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,7 @@ class TransformalyDetector(BaseDetector):
                                                 f"{self.name}: epoch {epoch + 1}/{c.epochs}"):
                 with autocast(device):
                     loss = self.students.loss(states, trained)
+                self.runtime.counts.add("trained_passes", len(states))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -270,27 +279,55 @@ class TransformalyDetector(BaseDetector):
             states, cls = teacher_states(self.teacher, x.to(device))
         return states, cls.float()
 
-    def _cache_states(self, train: Dataset, device: torch.device,
-                      progress: Progress | None) -> tuple[Tensor, Tensor] | None:
-        """Every training image's teacher states and CLS feature (one teacher pass each), or
-        None when the states would exceed `max_cache_gb`."""
-        t = self.teacher
-        shape = (t.depth + 1, t.num_prefix_tokens + t.num_patches, t.embed_dim)
-        size = len(train) * int(np.prod(shape)) * CACHE_DTYPE.itemsize
-        if size > self.config.max_cache_gb * 2**30:
+    # --- the feature cache -----------------------------------------------------------------
+    def teacher_part(self, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
+        """The feature-cache key of the frozen teacher's block states and CLS feature (None
+        with random weights). The teacher runs in eval mode (no dropout) on the resized image
+        (no augmentation), so its outputs are the same in every job. `plan`: for a dry run."""
+        c = self.config
+        if plan:
+            identity = planned_weights_identity(c.backbone, c.weights)
+        else:
+            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        if identity is None:
             return None
-        store = cache_device(size, device)
-        states = torch.empty((len(train), *shape), dtype=CACHE_DTYPE, device=store)
-        features = torch.empty((len(train), t.embed_dim), device=store)
-        loader = self.loader(Indexed(train))
-        for x, idx in tracked(loader, progress, f"{self.name}: teacher states"):
-            batch, cls = self._teacher_pass(x, device)
-            self.teacher_images += len(x)
-            states[idx.to(store)] = batch.to(store, CACHE_DTYPE)
-            features[idx.to(store)] = cls.to(store)
-        return states, features
+        return FrozenPart(identity, f"{c.backbone}@{c.img_size}/block-states+cls", compute_precision(device))
 
-    def _train_states(self, train: Dataset, cache: tuple[Tensor, Tensor] | None, device: torch.device,
+    def cost_model(self, device: torch.device) -> CostModel:
+        """One frozen teacher pass per train and test image; the students train every epoch
+        on every train image, then run once per train and test image."""
+        part = self.teacher_part(device, plan=True)
+        return CostModel(frozen=(FrozenPass(part, ("train",), TRAIN_DTYPES), FrozenPass(part, ("test",), TEST_DTYPES)),
+                         trained_per_train_image=float(self.config.epochs + 1), trained_per_test_image=1.0)
+
+    def _teacher_table(self, images: Dataset, dtypes: dict[str, torch.dtype], device: torch.device,
+                       progress: Progress | None, description: str) -> FeatureTable | None:
+        """The teacher's states and CLS features of `images` from the feature cache (or in
+        memory when they are not stored), or None when they would exceed `max_cache_gb` in memory."""
+        t = self.teacher
+        row_bytes = (t.depth + 1) * (t.num_prefix_tokens + t.num_patches) * t.embed_dim * dtypes[STATES].itemsize
+        part = self.teacher_part(device)
+        limit = self.config.max_cache_gb * 2**30
+        stored = part is not None and getattr(images, "image_key", None) is not None \
+            and self.runtime.features.store is not None
+        if not stored and len(images) * row_bytes > limit:
+            return None
+
+        def compute(x: Tensor) -> dict[str, Tensor]:
+            states, cls = self._teacher_pass(x, device)
+            self.teacher_images += len(x)
+            return {STATES: states, CLS: cls}
+
+        return self.runtime.features.get_or_compute(part, images, compute, loader=self.loader, dtype=dtypes,
+                                                    memory_limit=limit, progress=progress, description=description)
+
+    def _cache_states(self, train: Dataset, device: torch.device, progress: Progress | None) -> TableRows | None:
+        """Every training image's teacher states and CLS feature (one teacher pass each, none
+        for images the feature cache holds), or None when they would exceed `max_cache_gb`."""
+        table = self._teacher_table(train, TRAIN_DTYPES, device, progress, f"{self.name}: teacher states")
+        return None if table is None else TableRows(table, device)
+
+    def _train_states(self, train: Dataset, cache: TableRows | None, device: torch.device,
                       generator: torch.Generator | None, progress: Progress | None,
                       description: str) -> Iterator[tuple[Tensor, Tensor]]:
         """(teacher states float32 on `device`, CLS features on the CPU) per batch, shuffled by
@@ -301,16 +338,18 @@ class TransformalyDetector(BaseDetector):
             for x, _ in tracked(loader, progress, description):
                 states, cls = self._teacher_pass(x, device)
                 self.teacher_images += len(x)
+                self.runtime.counts.add("frozen_passes", len(x))
                 yield states.float(), cls.cpu()
             return
         n = len(train)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         chunks = order.split(self.config.batch_size)
         for idx in tracked(chunks, progress, description, total=len(chunks)):
-            idx = idx.to(cache[0].device)
-            yield cache[0][idx].to(device, torch.float32), cache[1][idx].cpu()
+            rows = cache.rows(idx)
+            yield rows[STATES].to(device, torch.float32), rows[CLS].cpu()
 
     def _errors(self, states: Tensor, blocks: list[int], device: torch.device) -> Tensor:
+        self.runtime.counts.add("trained_passes", len(states))
         with torch.no_grad(), autocast(device):
             return self.students.errors(states, blocks).float().cpu()
 
@@ -341,8 +380,17 @@ class TransformalyDetector(BaseDetector):
         self.students.to(device).eval()
         blocks = error_blocks(self.teacher.depth, self.config.first_error_block)
         errors, features = [], []
-        for x, _, _ in tracked(self.loader(images), progress, f"{self.name}: scoring"):
-            states, cls = self._teacher_pass(x, device)
+        table = None
+        if self.runtime.features.store is not None:  # without a store, per batch (nothing to keep)
+            table = self._teacher_table(images, TEST_DTYPES, device, progress, f"{self.name}: teacher states")
+        if table is not None:
+            batches = ((rows[STATES].to(device), rows[CLS]) for rows in
+                       (table.rows(idx) for idx in torch.arange(len(images)).split(self.config.batch_size)))
+        else:
+            batches = (self._teacher_pass(x, device) for x, _, _ in self.loader(images))
+        for states, cls in tracked(batches, progress, f"{self.name}: scoring"):
+            if table is None:
+                self.runtime.counts.add("frozen_passes", len(states))
             errors.append(self._errors(states.float(), blocks, device))
             features.append(cls.cpu())
         if not errors:
