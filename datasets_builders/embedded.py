@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -484,6 +484,28 @@ def render_instances(config: EmbeddedConfig, pool_name: str, copies: int = 1) ->
 
 
 # --- writing COCO ------------------------------------------------------------------------------
+def generator_fingerprint(config: EmbeddedConfig, n_images: int = 48, n_scenes: int = 8) -> str:
+    """sha256 of a small sample of what the generator makes from `config`: the digit pools, the
+    first pre-training images of a pool of `n_images` and `n_scenes` training scenes (pixels
+    and objects). Any change to what the generator draws changes it, even without a new
+    GENERATOR_VERSION, which is how shipped weights know they are stale."""
+    digest = hashlib.sha256()
+    digits, targets = _load_digits()
+    for name, indices in sorted(digit_pools(config, targets).items()):
+        digest.update(name.encode() + np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+    small = render_pretrain_set(replace(config, n_pretrain_images=n_images))
+    for array in (small.images, small.labels, small.boxes, small.digit_index):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps(small.class_names).encode())
+    pool = digit_pools(config, targets)["train"]
+    by_class = [pool[targets[pool] == c] for c in range(N_CLASSES)]
+    rng = np.random.default_rng([config.seed, _STREAM_TRAIN])
+    for plan in plan_scene_classes(config, n_scenes, rng):
+        pixels, objects = render_scene(config, plan, digits, by_class, rng)
+        digest.update(pixels.tobytes() + json.dumps(objects, sort_keys=True, default=int).encode())
+    return digest.hexdigest()
+
+
 def _write_scenes(config: EmbeddedConfig, root: Path) -> None:
     """Render every scene into `root` in COCO layout, plus `pools.json`."""
     digits, targets = _load_digits()

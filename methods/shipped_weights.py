@@ -21,7 +21,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from datasets_builders.atomic import atomic_write_text
-from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig
+from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig, generator_fingerprint
 from datasets_builders.errors import NdbenchError
 
 from .pretrain import (
@@ -181,6 +181,8 @@ def ship(*, device: torch.device | None = None, console: Console | None = None, 
     manifest = {
         "command": SHIP_COMMAND,
         "generator_version": GENERATOR_VERSION,
+        # Checked by the test suite, not at load time (it renders a sample: seconds).
+        "generator_fingerprint": generator_fingerprint(data),
         "recipe_version": RECIPE_VERSION,
         "data": _plain(asdict(data)),
         "weights": entries,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig
+from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig, generator_fingerprint
 from datasets_builders.errors import NdbenchError
 from methods import shipped_weights
 from methods.pretrain import RECIPE_VERSION, PretrainResult, default_recipe, resolve_weights
@@ -46,6 +46,8 @@ def test_the_manifest_matches_the_code():
     assert manifest is not None, STALE
     assert manifest["command"] == SHIP_COMMAND
     assert manifest["generator_version"] == GENERATOR_VERSION, STALE
+    # What the generator draws, not only its version number: an unversioned change fails here too.
+    assert manifest["generator_fingerprint"] == generator_fingerprint(EmbeddedConfig()), STALE
     assert manifest["recipe_version"] == RECIPE_VERSION, STALE
     assert manifest["data"] == _plain(asdict(EmbeddedConfig())), STALE
     assert sorted(manifest["weights"]) == sorted(SHIPPED_ARCHS)
@@ -170,3 +172,15 @@ def test_shipped_files_are_float16_with_the_classes_kept(tmp_path):
     assert weight_classes(target) == ("a", "b")
     assert target.stat().st_size < source.stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "half.safetensors"]  # no temp left
+
+
+def test_the_fingerprint_sees_a_generator_change_without_a_version_bump(monkeypatch):
+    from datasets_builders import embedded
+
+    data = EmbeddedConfig()
+    before = generator_fingerprint(data)
+    real = embedded._background
+    monkeypatch.setattr(embedded, "_background", lambda rng, size, dark: real(rng, size, dark) * 0.99)
+    assert generator_fingerprint(data) != before
+    monkeypatch.undo()
+    assert generator_fingerprint(data) == before
