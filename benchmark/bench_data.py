@@ -80,6 +80,7 @@ def run_level(method: str, work: Path, device: str, report: Callable[[str], None
     matter for speed). Splits are built under `work` unless `splits_root` holds them; the store
     is `work`/store."""
     work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
     splits = Path(splits_root) if splits_root is not None else work / "splits"
     overrides = dict(overrides or {})
     probe = RunOptions(out=work / "off", splits_root=splits, device=device)

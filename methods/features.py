@@ -77,14 +77,21 @@ def weights_identity(backbone: str, weights: str | Path | None) -> str | None:
 
 
 def planned_weights_identity(backbone: str, weights: str | Path | None) -> str | None:
-    """`weights_identity` without side effects, for a dry run: embedded weights that are not
-    pre-trained yet get a placeholder identity (nothing is stored under it)."""
+    """`weights_identity` without side effects, for a dry run: embedded weights are the shipped
+    file when it fits, else the cached one; when neither exists yet they get a placeholder
+    identity (nothing is stored under it)."""
     from .pretrain import EMBEDDED_WEIGHTS, default_recipe, default_weights_path
 
     if weights == EMBEDDED_WEIGHTS:
         from datasets_builders.embedded import EmbeddedConfig
 
-        path = default_weights_path(backbone, EmbeddedConfig(), default_recipe(backbone))
+        from .shipped_weights import shipped_file
+
+        data, recipe = EmbeddedConfig(), default_recipe(backbone)
+        shipped = shipped_file(backbone, data, recipe)
+        if shipped is not None:
+            return weights_identity(backbone, shipped)
+        path = default_weights_path(backbone, data, recipe)
         return weights_identity(backbone, path) if path.is_file() else f"untrained:{path}"
     if weights not in (None, "none", "hub") and not Path(weights).is_file():
         return f"missing:{weights}"

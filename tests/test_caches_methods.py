@@ -234,7 +234,7 @@ def test_resize_crop_decode_equals_resize_then_centre_crop():
 def test_mkd_run_level_bench_counts_teacher_passes_per_distinct_image(splits_root, tmp_path):
     from benchmark.bench_data import mkd_run_level
 
-    rows = {r.name: r for r in mkd_run_level(tmp_path, "cpu", report=lambda _: None,
+    rows = {r.name: r for r in mkd_run_level(tmp_path / "mkd-runs", "cpu", report=lambda _: None,
                                              overrides={"backbone": TINY_VIT, "img_size": 32, "epochs": 1},
                                              workers=0, splits_root=splits_root)}
     assert {"mkd x 2 jobs, caches off", "mkd x 2 jobs, caches cold", "mkd x 2 jobs, caches warm"} <= set(rows)

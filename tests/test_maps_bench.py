@@ -145,7 +145,7 @@ def test_bench_config_is_sized_by_device():
 def test_knn_run_level_counts_decodes_and_passes_per_distinct_image(splits_root, tmp_path):
     from benchmark.bench_data import knn_run_level
 
-    rows = {r.name: r for r in knn_run_level(tmp_path, "cpu", report=lambda _: None, classes=[0, 1],
+    rows = {r.name: r for r in knn_run_level(tmp_path / "runs", "cpu", report=lambda _: None, classes=[0, 1],
                                              overrides={"backbone": TINY_VIT, "img_size": 32}, workers=0,
                                              splits_root=splits_root)}
     assert rows["decodes per distinct image, caches cold"].value == 1.0

@@ -184,3 +184,11 @@ def test_the_fingerprint_sees_a_generator_change_without_a_version_bump(monkeypa
     assert generator_fingerprint(data) != before
     monkeypatch.undo()
     assert generator_fingerprint(data) == before
+
+
+def test_a_dry_run_names_the_shipped_weights_it_will_use():
+    from methods.features import planned_weights_identity, weights_identity
+
+    shipped = shipped_file(VIT, EmbeddedConfig(), default_recipe(VIT))
+    assert shipped is not None
+    assert planned_weights_identity(VIT, "embedded") == weights_identity(VIT, shipped)
