@@ -36,7 +36,7 @@ from . import defend_model as dm
 from .backbones import ViTFeatures, create_backbone
 from .base import BaseDetector, autocast, tracked
 from .cost import CostModel, FrozenPass
-from .features import FeatureTable, FrozenPart, compute_precision, planned_weights_identity, weights_identity
+from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
 from .memory import CACHE_DTYPE, HeldInputs, TableRows, TrainImages, cache_device, draw_seed
 from .multicrop import MultiCropSpec, MultiCropViews
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
@@ -278,10 +278,7 @@ class MKDDetector(BaseDetector):
         c = self.config
         if not self.teacher_frozen:
             return None
-        if plan:
-            identity = planned_weights_identity(c.backbone, c.weights)
-        else:
-            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        identity = frozen_weights_identity(c.backbone, c.weights, plan=plan)
         if identity is None:
             return None
         if use == "train":
@@ -540,10 +537,7 @@ class DefendDetector(MKDDetector):
         c = self.config
         if c.distill_layers != "last":
             return None
-        if plan:
-            identity = planned_weights_identity(c.backbone, c.weights)
-        else:
-            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        identity = frozen_weights_identity(c.backbone, c.weights, plan=plan)
         if identity is None:
             return None
         inputs = "/fp16-inputs" if use == "train" else ""

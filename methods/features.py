@@ -98,6 +98,17 @@ def planned_weights_identity(backbone: str, weights: str | Path | None) -> str |
     return weights_identity(backbone, weights)
 
 
+def frozen_weights_identity(backbone: str, weights: str | Path | None, *, plan: bool = False) -> str | None:
+    """The identity feature-cache keys use for a config's (backbone, weights): of the weights a
+    run resolves to, or with `plan` (a dry run) of those it would resolve to, without
+    pre-training missing embedded weights."""
+    if plan:
+        return planned_weights_identity(backbone, weights)
+    from .pretrain import resolve_weights
+
+    return weights_identity(backbone, resolve_weights(backbone, weights))
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's contents, remembered under the cache root by (path, inode, size,
     mtime, ctime) so a large weights file is hashed once, not once per job."""

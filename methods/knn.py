@@ -21,7 +21,7 @@ from .backbones import create_backbone
 from .base import BaseDetector, autocast
 from .cost import CostModel, FrozenPass
 from .defend import PAPER_TEXT, RELEASED_BACKBONE
-from .features import FrozenPart, compute_precision, planned_weights_identity, weights_identity
+from .features import FrozenPart, compute_precision, frozen_weights_identity
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
@@ -72,10 +72,7 @@ class KNNDetector(BaseDetector):
         """The feature-cache key of the pooled features (None with random weights). `plan`:
         for a dry run, without pre-training missing embedded weights."""
         c = self.config
-        if plan:
-            identity = planned_weights_identity(c.backbone, c.weights)
-        else:
-            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        identity = frozen_weights_identity(c.backbone, c.weights, plan=plan)
         if identity is None:
             return None
         return FrozenPart(identity, f"{c.backbone}/{POOLED}", compute_precision(device))

@@ -33,7 +33,7 @@ from datasets_builders.errors import NdbenchError
 from .backbones import create_backbone
 from .base import BaseDetector, autocast, tracked
 from .cost import CostModel, FrozenPass
-from .features import FeatureTable, FrozenPart, compute_precision, planned_weights_identity, weights_identity
+from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
 from .memory import TableRows
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
@@ -402,10 +402,7 @@ class RDADDetector(BaseDetector):
         encoder stays in eval mode and sees the resized image (no augmentation), so its maps
         are the same in every job. `plan`: for a dry run."""
         c = self.config
-        if plan:
-            identity = planned_weights_identity(c.backbone, c.weights)
-        else:
-            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        identity = frozen_weights_identity(c.backbone, c.weights, plan=plan)
         if identity is None:
             return None
         return FrozenPart(identity, f"{c.backbone}/layers1-3", compute_precision(device))

@@ -32,7 +32,7 @@ from datasets_builders.errors import NdbenchError
 from .backbones import ViTFeatures, create_backbone
 from .base import BaseDetector, autocast, tracked
 from .cost import CostModel, FrozenPass
-from .features import FeatureTable, FrozenPart, compute_precision, planned_weights_identity, weights_identity
+from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
 from .memory import Indexed, TableRows
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
@@ -285,10 +285,7 @@ class TransformalyDetector(BaseDetector):
         with random weights). The teacher runs in eval mode (no dropout) on the resized image
         (no augmentation), so its outputs are the same in every job. `plan`: for a dry run."""
         c = self.config
-        if plan:
-            identity = planned_weights_identity(c.backbone, c.weights)
-        else:
-            identity = weights_identity(c.backbone, resolve_weights(c.backbone, c.weights))
+        identity = frozen_weights_identity(c.backbone, c.weights, plan=plan)
         if identity is None:
             return None
         return FrozenPart(identity, f"{c.backbone}@{c.img_size}/block-states+cls", compute_precision(device))
