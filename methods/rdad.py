@@ -457,12 +457,7 @@ class RDADDetector(BaseDetector):
     def raw_maps(self, x: Tensor, features: list[Tensor] | None = None) -> Tensor:
         """Unsmoothed summed (1 - cos) maps of a normalised batch at the image size [B, H, W];
         `features`: its encoder maps when they are known (read from the feature cache)."""
-        self._require_fitted()
-        device = next(self.model.bottleneck.parameters()).device
-        self.model.eval()
-        features = self._encode(x, device) if features is None else features
-        with autocast(device):
-            decoded = self.model.decode(features)
+        features, decoded = self._encode_decode(x, features)
         return anomaly_maps(features, decoded, x.shape[-1])
 
     def anomaly_map(self, images: Tensor) -> Tensor:
@@ -472,13 +467,18 @@ class RDADDetector(BaseDetector):
     @torch.no_grad()
     def flat_scores(self, x: Tensor, features: list[Tensor] | None = None) -> np.ndarray:
         """Each image's flat distillation distance (see `flat_distances`) of a normalised batch."""
+        features, decoded = self._encode_decode(x, features)
+        return flat_distances(features, decoded).double().cpu().numpy()
+
+    def _encode_decode(self, x: Tensor, features: list[Tensor] | None) -> tuple[list[Tensor], list[Tensor]]:
+        """The encoder maps of a normalised batch (`features` when known) and their decoding."""
         self._require_fitted()
         device = next(self.model.bottleneck.parameters()).device
         self.model.eval()
         features = self._encode(x, device) if features is None else features
         with autocast(device):
             decoded = self.model.decode(features)
-        return flat_distances(features, decoded).double().cpu().numpy()
+        return features, decoded
 
     def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
         """Per image, the maximum of its smoothed anomaly map ("map_max") or its flat
