@@ -42,11 +42,15 @@ class BenchConfig:
 
 # What `ndbench bench` runs with when --batch-size / --steps are not given: the GPU-sized
 # configuration (BenchConfig's defaults) on CUDA or with --full; on a CPU a smaller one meant to
-# keep the whole bench within 10 minutes on 2 cores. Measured on 2 cores: batch 32 / 5 steps took
-# 23 min and 11 GB; batch 16 / 3 steps 4 min 49 s without the data figures, but one such run
-# reached 12.6 GB of resident memory before its data figures (msad's fit alone: 4.7 GB at batch
-# 16, 3.1 GB at 8), so a CPU gets batch 8.
-CPU_BENCH = {"batch_size": 8, "steps": 3}
+# keep the whole bench within 5 minutes on 2 cores (10 on a machine twice as slow). Measured on
+# 2 idle cores: batch 32 / 5 steps took 23 min and 11 GB with every section; the ViT-B/16
+# scoring comparison and the baselines' training figures alone took 7 min 42 s and 12.9 GB at
+# batch 8 (msad's fit: 4.7 GB at batch 16), so on a CPU they run on request (--compare,
+# --baselines) or with --full. The MKD step's speed-up from token dropping needs batch 16 to
+# show (1.71x at 16, 1.62x at 8: a step's fixed costs weigh more in small batches); the MKD
+# and defend rows at batch 16 take ~1 min.
+CPU_BENCH = {"batch_size": 16, "steps": 3}
+CPU_SKIPS = ("compare", "baselines")
 
 
 def bench_config(device: torch.device, full: bool = False, **given) -> BenchConfig:
@@ -54,6 +58,14 @@ def bench_config(device: torch.device, full: bool = False, **given) -> BenchConf
     of the device (`CPU_BENCH` on a CPU unless `full`)."""
     sized = {} if full or device.type == "cuda" else CPU_BENCH
     return BenchConfig(**{**sized, **{k: v for k, v in given.items() if v is not None}})
+
+
+def section_enabled(name: str, given: bool | None, device: torch.device, full: bool) -> bool:
+    """Whether the bench runs section `name`: as `given`, else on unless it is one of
+    `CPU_SKIPS` on a CPU without `full`."""
+    if given is not None:
+        return given
+    return full or device.type == "cuda" or name not in CPU_SKIPS
 
 
 @dataclass(frozen=True)

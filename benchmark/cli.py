@@ -651,7 +651,7 @@ def bench_command(
     ),
     img_size: Annotated[int, typer.Option(help="Input size in pixels.")] = 224,
     batch_size: Annotated[
-        int | None, typer.Option(help="Images per step. Default: 32 on CUDA or with --full, 8 on a CPU.")
+        int | None, typer.Option(help="Images per step. Default: 32 on CUDA or with --full, 16 on a CPU.")
     ] = None,
     steps: Annotated[
         int | None,
@@ -660,24 +660,27 @@ def bench_command(
     ] = None,
     full: Annotated[
         bool,
-        typer.Option(help="The GPU-sized configuration (batch 32, 5 steps) on any device; on a 2-core CPU "
-                     "it takes over 20 minutes and ~11 GB."),
+        typer.Option(help="The GPU-sized configuration (batch 32, 5 steps, every section) on any device; "
+                     "on a 2-core CPU it takes over 20 minutes and ~11 GB."),
     ] = False,
     compare: Annotated[
-        bool,
+        bool | None,
         typer.Option(help="Also time defend vs transformaly scoring on ViT-B/16 shapes (fair 224 px and "
-                     "original 384 px presets; paper Table 10). Minutes on a CPU."),
-    ] = True,
+                     "original 384 px presets; paper Table 10). Default: on with CUDA or --full, off on a "
+                     "CPU (minutes and ~13 GB with --baselines)."),
+    ] = None,
     baselines: Annotated[
-        bool,
+        bool | None,
         typer.Option(help="Also time the training images/s of each baseline (transformaly, kdad, msad, "
-                     "rdad, dsvdd) at its paper backbone and input size, at --batch-size. Minutes on a CPU."),
-    ] = True,
+                     "rdad, dsvdd) at its paper backbone and input size, at --batch-size. Default: on "
+                     "with CUDA or --full, off on a CPU."),
+    ] = None,
     runs: Annotated[
         bool,
-        typer.Option(help="Also run the 10 embedded uni-class knn jobs, and mkd jobs (classes 0 and 1 on a "
-                     "CPU, all 10 on CUDA), with the caches off, cold and warm (random weights, a "
-                     "throw-away store): wall times, decodes and frozen passes per distinct image."),
+        typer.Option(help="Also run the 10 embedded uni-class knn jobs and the 10 mkd jobs (on a CPU "
+                     "without --full: mkd jobs 0 and 1, students trained 1 epoch) with the caches off, cold "
+                     "and warm (random weights, a throw-away store): wall times, decodes and frozen passes "
+                     "per distinct image."),
     ] = True,
     loader: Annotated[
         bool,
@@ -700,7 +703,7 @@ def bench_command(
     from methods.backbones import ViTFeatures, create_backbone
     from methods.base import resolve_device
 
-    from .bench import baseline_training, bench_config, paper_comparison, run_bench
+    from .bench import baseline_training, bench_config, paper_comparison, run_bench, section_enabled
     from .bench_data import knn_run_level, loader_speed, mkd_run_level
     from .runner import describe_device
 
@@ -718,16 +721,20 @@ def bench_command(
     def report(what: str) -> None:
         stderr_console().print(f"measuring: {what}")
 
+    skipped = [f"--{name}" for name, given in (("compare", compare), ("baselines", baselines))
+               if not section_enabled(name, given, torch_device, full)]
+    if skipped:
+        report(f"not on a CPU by default: {' and '.join(skipped)} (pass them, or --full)")
     rows = run_bench(config, torch_device, report=report)
-    if compare:
+    if section_enabled("compare", compare, torch_device, full):
         rows += paper_comparison(config, torch_device, report=report)
-    if baselines:
+    if section_enabled("baselines", baselines, torch_device, full):
         rows += baseline_training(config, torch_device, report=report)
     with tempfile.TemporaryDirectory(prefix="ndbench-bench-") as work:
         if runs:
             rows += knn_run_level(Path(work) / "runs", str(torch_device), report=report, workers=workers)
             rows += mkd_run_level(Path(work) / "mkd-runs", str(torch_device), report=report, workers=workers,
-                                  splits_root=Path(work) / "runs" / "splits")
+                                  splits_root=Path(work) / "runs" / "splits", full=full)
         if loader:
             rows += loader_speed(Path(work) / "loader", report=report, img_size=img_size, workers=workers)
     title = (f"ndbench bench: {arch} at {img_size} px, batch {config.batch_size}, {config.steps} steps, "

@@ -235,13 +235,13 @@ def test_mkd_run_level_bench_counts_teacher_passes_per_distinct_image(splits_roo
     from benchmark.bench_data import mkd_run_level
 
     rows = {r.name: r for r in mkd_run_level(tmp_path / "mkd-runs", "cpu", report=lambda _: None,
-                                             overrides={"backbone": TINY_VIT, "img_size": 32, "epochs": 1},
-                                             workers=0, splits_root=splits_root)}
-    assert {"mkd x 2 jobs, caches off", "mkd x 2 jobs, caches cold", "mkd x 2 jobs, caches warm"} <= set(rows)
+                                             classes=[0, 1], workers=0, splits_root=splits_root,
+                                             overrides={"backbone": TINY_VIT, "img_size": 32, "epochs": 1})}
+    assert {f"mkd x 2 (1-epoch) jobs, caches {mode}" for mode in ("off", "cold", "warm")} <= set(rows)
     assert rows["mkd teacher passes per distinct image, caches cold"].value == 1.0
     assert rows["mkd teacher passes per distinct image, caches off"].value > 1.0
     assert rows["mkd decodes + teacher passes, caches warm"].value == 0
     assert all(rows[name].met for name in ("mkd teacher passes per distinct image, caches cold",
                                            "mkd decodes + teacher passes, caches warm"))
-    off, warm = rows["mkd x 2 jobs, caches off"].value, rows["mkd x 2 jobs, caches warm"].value
+    off, warm = (rows[f"mkd x 2 (1-epoch) jobs, caches {mode}"].value for mode in ("off", "warm"))
     assert rows["mkd run speed-up with caches, warm"].value == pytest.approx(off / warm)

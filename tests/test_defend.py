@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -322,6 +323,26 @@ def test_save_load_round_trip(fitted_defend, toy, tmp_path):
     assert loaded.record_extra() == fitted_defend.record_extra()
     with pytest.raises(NdbenchError, match="not 'mkd'"):
         MKDDetector.load(path)
+
+
+def test_eval_batch_size_batches_scoring_without_changing_scores(fitted_defend, toy, monkeypatch):
+    seen = []
+    original = DefendDetector.loader
+
+    def loader(self, data, **kwargs):
+        made = original(self, data, **kwargs)
+        seen.append(made.batch_size)
+        return made
+
+    monkeypatch.setattr(DefendDetector, "loader", loader)
+    before = fitted_defend.score(toy[1], device=CPU)
+    assert seen == [fitted_defend.config.batch_size]  # unset: the training batch size
+    monkeypatch.setattr(fitted_defend, "config", replace(fitted_defend.config, eval_batch_size=5))
+    after = fitted_defend.score(toy[1], device=CPU)
+    assert seen[-1] == 5
+    np.testing.assert_allclose(after, before, rtol=1e-5)
+    with pytest.raises(NdbenchError, match="eval_batch_size 0"):
+        get("mkd", **TINY_CONFIG, eval_batch_size=0)
 
 
 @pytest.mark.parametrize(

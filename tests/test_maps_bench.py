@@ -142,6 +142,18 @@ def test_bench_config_is_sized_by_device():
     assert bench_config(cpu, batch_size=4, steps=None).batch_size == 4
 
 
+def test_bench_sections_are_chosen_by_device_unless_given():
+    from benchmark.bench import section_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not section_enabled("compare", None, cpu, full=False)
+    assert not section_enabled("baselines", None, cpu, full=False)
+    assert section_enabled("runs", None, cpu, full=False)
+    assert section_enabled("compare", None, cpu, full=True) and section_enabled("baselines", None, cuda, full=False)
+    assert section_enabled("compare", True, cpu, full=False)
+    assert not section_enabled("baselines", False, cuda, full=True)
+
+
 def test_knn_run_level_counts_decodes_and_passes_per_distinct_image(splits_root, tmp_path):
     from benchmark.bench_data import knn_run_level
 
