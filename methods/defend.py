@@ -63,6 +63,9 @@ TARGETS, ATTENTION, PATCHES = "targets", "attention", "patches"
 # `defend`'s teacher is tuned per job, but only its last blocks: the output tokens of the frozen
 # blocks before them (float32) are what its jobs share.
 PREFIX = "prefix"
+# Version of the frozen-prefix cache entries: version 1 could hold tokens from a CNN stem whose
+# batch-norm statistics the dense phase had moved (fixed in `DenseNetwork.train`).
+PREFIX_VERSION = 2
 TRAIN_DTYPES = {TARGETS: CACHE_DTYPE, ATTENTION: torch.float32}
 TEST_DTYPE = torch.float32
 # Looks up the teacher's (targets [L, B, N, D] on the device, attention [B, N] or None) of a
@@ -561,7 +564,7 @@ class DefendDetector(MKDDetector):
         if identity is None:
             return None
         inputs = "/fp16-inputs" if use == "train" else ""
-        readout = f"tokens-before-last-{c.tuned_blocks}-blocks{inputs}"
+        readout = f"tokens-before-last-{c.tuned_blocks}-blocks/v{PREFIX_VERSION}{inputs}"
         return FrozenPart(identity, f"{c.backbone}@{c.img_size}/{readout}", compute_precision(device))
 
     def cost_model(self, device: torch.device) -> CostModel:

@@ -102,6 +102,18 @@ class DenseNetwork(nn.Module):
         self.head = head
         self.frozen_blocks = frozen_blocks
 
+    def train(self, mode: bool = True) -> DenseNetwork:
+        """Training mode (drop-path on, as RN:DeFeND/leo.py:185 tunes), except for batch norms
+        whose parameters are frozen: their running statistics are part of the pre-trained
+        weights and stay as they are (the released ViT-B has none; a hybrid ViT's CNN stem
+        does, and in training mode every tuning step would move them)."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
     def patch_tokens(self, x: Tensor) -> Tensor:
         """Final-normed patch tokens [B, N, D]. The first `frozen_blocks` blocks run without
         autograd: they receive no update, so their graph is not needed."""

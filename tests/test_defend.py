@@ -185,6 +185,21 @@ def test_defend_trains_exactly_the_last_two_blocks_head_and_prototypes():
     assert grouped == len(expected)
 
 
+def test_dense_tuning_keeps_the_frozen_stems_batch_norm_statistics():
+    """The embedded hybrid ViT's CNN stem has batch norms: frozen, they must not follow the
+    crops' statistics while the online network trains (the cached frozen prefix relies on it)."""
+    vit = ViTFeatures(create_backbone("ndbench_vit_embedded", weights="none", num_classes=0, dynamic_img_size=True))
+    dm.freeze_for_defend(vit, 2)
+    online = dm.DenseNetwork(vit, dm.ProjectionHead(vit.embed_dim, 4, 16, 8, 3), frozen_blocks=vit.depth - 2)
+    norms = [m for m in vit.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    online.train()
+    online([torch.randn(2, 3, 64, 64) * 3 + 1, torch.randn(2, 3, 24, 24)])
+    assert norms and not any(m.training for m in norms)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
+    assert vit.model.blocks[-1].training and vit.model.blocks[0].training  # drop-path stays on
+
+
 def test_ema_teacher_moves_by_the_momentum_rule_only():
     online, ema, _ = dense_networks()
     with torch.no_grad():
