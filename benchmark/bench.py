@@ -42,8 +42,9 @@ class BenchConfig:
 
 # What `ndbench bench` runs with when --batch-size / --steps are not given: the GPU-sized
 # configuration (BenchConfig's defaults) on CUDA or with --full; on a CPU a smaller one meant to
-# keep the whole bench near 5 minutes on 2 idle cores (5 min 28 s measured). Measured on
-# 2 idle cores: batch 32 / 5 steps took 23 min and 11 GB with every section; the ViT-B/16
+# keep the whole bench within 5 minutes on 2 idle cores (4 min 7 s measured with an empty cache,
+# 2.7 GB; 5 min 28 s on a slower machine of the same kind), so within 10 on one twice as slow.
+# Measured on 2 idle cores: batch 32 / 5 steps took 23 min and 11 GB with every section; the ViT-B/16
 # scoring comparison and the baselines' training figures alone took 7 min 42 s and 12.9 GB at
 # batch 8 (msad's fit: 4.7 GB at batch 16), so on a CPU they run on request (--compare,
 # --baselines) or with --full. The MKD step's speed-up from token dropping needs batch 16 to
