@@ -18,14 +18,14 @@ import torch
 
 from datasets_builders.image_store import ImageKey, ImageStore, StagedTransform
 from datasets_builders.index import DatasetIndex
-from datasets_builders.loading import PARTS
+from datasets_builders.loading import PARTS, per_class_repeat_counts
 from datasets_builders.splits import Manifest
 from methods.base import resolve_device
 from methods.cost import CostModel, FrozenPass
 from methods.features import feature_entry
 from methods.runtime import open_store
 
-from .runner import Job, RunOptions, build_detector, job_record_path
+from .runner import Job, RunOptions, build_detector, job_record_path, weighting
 
 
 @dataclass
@@ -101,56 +101,66 @@ def plan_run(jobs: list[Job], options: RunOptions) -> RunPlan:
             "train": np.asarray([index.position(i) for i in manifest.train], dtype=np.int64),
             "test": np.asarray([index.position(i) for i, _ in manifest.test], dtype=np.int64),
         }
+        if weighting(job) == "per-class":  # as `job_data` repeats them
+            repeats = per_class_repeat_counts([index.rows[p] for p in positions["train"]], manifest.normal_classes)
+            positions["train"] = np.repeat(positions["train"], repeats)
         skipped = job_record_path(job, options, detector).is_file() and not options.force
-        plan.jobs.append(JobPlan(job, len(positions["train"]), len(positions["test"]), skipped))
+        plan.jobs.append(JobPlan(job, len(manifest.train), len(manifest.test), skipped))
         counts = plan.methods.setdefault(job.method, MethodPlan(job.method))
         if skipped:
             counts.skipped += 1
             continue
         counts.jobs += 1
-        _plan_job(detector, index, positions, device, state, counts)
+        _plan_job(detector, job.split_id, index, positions, device, state, counts)
     return plan
 
 
-def _plan_job(detector, index: DatasetIndex, positions: dict[str, np.ndarray], device: torch.device,
+def _plan_job(detector, split_id: str, index: DatasetIndex, positions: dict[str, np.ndarray], device: torch.device,
               state: _StoreState, counts: MethodPlan) -> None:
-    model: CostModel | None = detector.cost_model(device)
+    model: CostModel | None = detector.cost_model(device, split_id)
     transform = detector.transform()
     staged = isinstance(transform, StagedTransform)
     image_key = (ImageKey(index.sha256, transform.decode.signature, len(index.rows), transform.finish.signature)
                  if staged else None)
     files = index.storage == "files"
+    # Per listed image: whether the job decodes it, with the caches (`needed`) and without.
     needed = {part: np.zeros(len(positions[part]), dtype=bool) for part in PARTS}
+    needed_without = {part: np.zeros(len(positions[part]), dtype=bool) for part in PARTS}
     if model is None:
         for part in PARTS:
-            needed[part][:] = True
+            needed[part][:] = needed_without[part][:] = True
     else:
         counts.add_model_counts()
         for part in PARTS:
             needed[part] |= model.needs_images(part)
+            needed_without[part] |= model.needs_images(part)
         for frozen in model.frozen:
             for part in frozen.parts:
                 where = positions[part]
-                counts.frozen_without += len(where)
+                # A repeated image (per-class weighting) passes once per job, cached or not.
+                first = np.zeros(len(where), dtype=bool)
+                first[np.unique(where, return_index=True)[1]] = True
+                counts.frozen_without += int(first.sum())
+                needed_without[part] |= first
                 if frozen.part is None or image_key is None or state.store is None:
-                    missing = np.ones(len(where), dtype=bool)
+                    missing = first
                 else:
                     held = state.features(frozen, image_key)
-                    missing = ~held[where]
+                    missing = ~held[where] & first
                     held[where] = True
                 counts.frozen_with += int(missing.sum())
                 needed[part] |= missing
         counts.trained += int(round(model.trained_per_train_image * len(positions["train"])
                                     + model.trained_per_test_image * len(positions["test"])))
     for part in PARTS:
-        counts.images += len(positions[part])
+        counts.images += len(np.unique(positions[part]))
         if not files:
             continue
-        counts.decodes_without += len(positions[part])
+        counts.decodes_without += int(needed_without[part].sum())
         wanted = positions[part][needed[part]]
         if staged and state.store is not None and part in detector.store_parts:
             held = state.images(image_key)
-            counts.decodes_with += int((~held[wanted]).sum())
+            counts.decodes_with += len(np.unique(wanted[~held[wanted]]))
             held[wanted] = True
         else:
             counts.decodes_with += len(wanted)

@@ -148,9 +148,13 @@ class ManifestDataset(Dataset):
         self._count("image_reads", int(ok.sum()))
         pixels = records[PIXELS]
         if not ok.all():
-            for k in np.flatnonzero(~ok):
+            # An image listed twice in the batch (a repeated training image) is decoded once.
+            missing, first, inverse = np.unique(positions[~ok], return_index=True, return_inverse=True)
+            todo = np.flatnonzero(~ok)
+            for k in todo[first]:
                 pixels[k] = self.transform.decode(self._decode_source(items[k]))
-            entry.write(positions[~ok], records[~ok])
+            pixels[todo] = pixels[todo[first]][inverse]
+            entry.write(missing, records[todo[first]])
         return pixels
 
     def pending(self, items: list[int] | None = None) -> int:
@@ -182,8 +186,7 @@ class ManifestDataset(Dataset):
     def per_class_repeats(self, normal_classes) -> ManifestDataset:
         """The same images, each listed once per class of `normal_classes` it holds (at least
         once): the weighting of a training set built by concatenating per-class image sets."""
-        normal = set(normal_classes)
-        counts = [max(1, len(normal.intersection(row.classes))) for row in self._rows]
+        counts = per_class_repeat_counts(self._rows, normal_classes)
         return self._items([i for i, count in enumerate(counts) for _ in range(count)])
 
     def take(self, n: int) -> ManifestDataset:
@@ -243,6 +246,13 @@ class ManifestDataset(Dataset):
         if pixels is None:  # no items at all
             pixels = np.empty((0, 1, 1), dtype=np.uint8)
         return pixels
+
+
+def per_class_repeat_counts(rows, normal_classes) -> list[int]:
+    """How often each index row is listed in a training set concatenated from per-class image
+    sets: once per class of `normal_classes` the image holds, at least once."""
+    normal = set(normal_classes)
+    return [max(1, len(normal.intersection(row.classes))) for row in rows]
 
 
 def base_items(data: Dataset) -> tuple[ManifestDataset, list[int]] | None:

@@ -157,10 +157,10 @@ class BaseDetector(ABC):
         """Use a job's runtime (the runner calls this before `fit`)."""
         self._runtime = runtime
 
-    def cost_model(self, device: torch.device) -> CostModel | None:
-        """The forward passes this method makes per image (frozen parts with their cache keys,
-        trained passes), for ndbench run --dry-run and the record's counts; None when the
-        method declares none (then only decodes are counted and predicted)."""
+    def cost_model(self, device: torch.device, split_id: str = "") -> CostModel | None:
+        """The forward passes this method makes per image on split `split_id` (frozen parts with
+        their cache keys, trained passes), for ndbench run --dry-run and the record's counts;
+        None when the method declares none (then only decodes are counted and predicted)."""
         return None
 
     @classmethod

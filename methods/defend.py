@@ -310,7 +310,7 @@ class MKDDetector(BaseDetector):
             readout = f"patch-tokens/{c.distill_layers}"
         return FrozenPart(identity, f"{c.backbone}@{c.img_size}/{readout}", compute_precision(device))
 
-    def cost_model(self, device: torch.device) -> CostModel:
+    def cost_model(self, device: torch.device, split_id: str = "") -> CostModel:
         """One frozen teacher pass per train image (targets + attention) and per test image
         (patch tokens); the student runs every epoch on every train image and once per test image."""
         c = self.config
@@ -567,17 +567,17 @@ class DefendDetector(MKDDetector):
         readout = f"tokens-before-last-{c.tuned_blocks}-blocks/v{PREFIX_VERSION}{inputs}"
         return FrozenPart(identity, f"{c.backbone}@{c.img_size}/{readout}", compute_precision(device))
 
-    def cost_model(self, device: torch.device) -> CostModel:
+    def cost_model(self, device: torch.device, split_id: str = "") -> CostModel:
         """The frozen prefix once per train and test image (with `distill_layers=last`). Trained
         passes per train image: one multi-crop step of the online network per DEFEND epoch
-        (the configured `dense_epochs`, else 3: a dry run cannot tell COCO, whose default is
-        10), the tuned blocks once for MKD's targets, the student every epoch; per test image:
+        (the configured `dense_epochs`, else the paper's for `split_id`: 10 on COCO, 3
+        elsewhere), the tuned blocks once for MKD's targets, the student every epoch; per test image:
         the tuned blocks and the student."""
         c = self.config
         frozen = () if c.distill_layers != "last" else (
             FrozenPass(self.prefix_part("train", device, plan=True), ("train",), TEST_DTYPE),
             FrozenPass(self.prefix_part("test", device, plan=True), ("test",), TEST_DTYPE))
-        epochs = c.dense_epochs if c.dense_epochs is not None else 3
+        epochs = c.dense_epochs if c.dense_epochs is not None else default_dense_epochs(split_id)
         return CostModel(frozen=frozen, trained_per_train_image=float(epochs + 1 + c.epochs),
                          trained_per_test_image=2.0)
 
@@ -736,5 +736,9 @@ def dense_epochs(config: DefendConfig, train: Dataset) -> int:
     """The configured DEFEND epochs, else the paper's (sec. 4.3): 10 on COCO, 3 elsewhere."""
     if config.dense_epochs is not None:
         return config.dense_epochs
-    split = str(getattr(train, "split_id", ""))
-    return 10 if split.split("/")[0] == "coco" else 3
+    return default_dense_epochs(str(getattr(train, "split_id", "")))
+
+
+def default_dense_epochs(split_id: str) -> int:
+    """The paper's DEFEND epochs for a split (sec. 4.3): 10 on COCO, 3 elsewhere."""
+    return 10 if split_id.split("/")[0] == "coco" else 3

@@ -241,6 +241,9 @@ class FeatureCache:
             _, stored = entry.read(positions)  # checks every row once (crc); bad rows come back False
         self.counts.add("frozen_reads", int(stored.sum()))
         missing = np.flatnonzero(~stored)
+        twins = _repeats(images, missing)  # items whose image is listed earlier too: computed once
+        if len(twins):
+            missing = np.setdiff1d(missing, twins)
         chunks: dict[str, list[np.ndarray]] = {}
         memory_rows = np.full(n, -1, dtype=np.int64)
         if len(missing):
@@ -277,8 +280,25 @@ class FeatureCache:
             # The outputs changed shape under the same key, so the entry was emptied: once more.
             return self.get_or_compute(part, images, compute, loader=loader, dtype=dtype, memory_limit=memory_limit,
                                        progress=progress, description=description)
+        if len(twins):
+            all_positions = images.positions
+            first = {}
+            for item in missing:
+                first.setdefault(all_positions[item], item)
+            source = np.asarray([first[all_positions[item]] for item in twins], dtype=np.int64)
+            stored[twins], memory_rows[twins] = stored[source], memory_rows[source]
         memory = {name: np.concatenate(parts) for name, parts in chunks.items()}
         return FeatureTable(n, entry, positions, stored, memory, memory_rows)
+
+
+def _repeats(images: Dataset, items: np.ndarray) -> np.ndarray:
+    """Those of `items` whose image (index position) an earlier one of `items` shows as well:
+    a training set that lists an image once per normal class it holds."""
+    positions = getattr(images, "positions", None)
+    if positions is None or len(items) < 2:
+        return np.zeros(0, dtype=np.int64)
+    _, first = np.unique(positions[items], return_index=True)
+    return np.setdiff1d(items, items[first])
 
 
 

@@ -307,7 +307,7 @@ class KDADDetector(BaseDetector):
             return None
         return FrozenPart(identity, f"{c.backbone}/taps:{','.join(c.teacher_layers)}", compute_precision(device))
 
-    def cost_model(self, device: torch.device) -> CostModel:
+    def cost_model(self, device: torch.device, split_id: str = "") -> CostModel:
         """One frozen teacher pass per train and test image; the student runs every epoch on
         every train image and once per test image."""
         return CostModel(frozen=(FrozenPass(self.teacher_part(device, plan=True), ("train", "test"), CACHE_DTYPE),),

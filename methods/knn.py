@@ -77,7 +77,7 @@ class KNNDetector(BaseDetector):
             return None
         return FrozenPart(identity, f"{c.backbone}/{POOLED}", compute_precision(device))
 
-    def cost_model(self, device: torch.device) -> CostModel:
+    def cost_model(self, device: torch.device, split_id: str = "") -> CostModel:
         """One frozen backbone pass per train and test image; nothing is trained."""
         return CostModel(frozen=(FrozenPass(self.frozen_part(device, plan=True), ("train", "test"), FEATURE_DTYPE),))
 

@@ -55,14 +55,15 @@ class TrainImages:
     def load(cls, dataset: Dataset, detector: BaseDetector, *, device: torch.device, budget: float,
              progress: Progress | None) -> TrainImages:
         """Decode `dataset` once into memory, unless it exceeds `budget` bytes."""
-        first = dataset[0][0]
-        size = len(dataset) * first.numel() * CACHE_DTYPE.itemsize
-        if size > budget:
-            return cls(dataset, detector, None)
-        store = cache_device(size, device)
-        images = torch.empty((len(dataset), *first.shape), dtype=CACHE_DTYPE, device=store)
+        images, store = None, None
         loader = detector.loader(Indexed(dataset), batch_size=64)
         for x, idx in tracked(loader, progress, f"{detector.name}: loading training images"):
+            if images is None:  # the size from the first batch: no extra decode to probe it
+                size = len(dataset) * x[0].numel() * CACHE_DTYPE.itemsize
+                if size > budget:
+                    return cls(dataset, detector, None)
+                store = cache_device(size, device)
+                images = torch.empty((len(dataset), *x.shape[1:]), dtype=CACHE_DTYPE, device=store)
             images[idx.to(store)] = x.to(store, CACHE_DTYPE)
         return cls(dataset, detector, images)
 

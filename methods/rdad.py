@@ -407,7 +407,7 @@ class RDADDetector(BaseDetector):
             return None
         return FrozenPart(identity, f"{c.backbone}/layers1-3", compute_precision(device))
 
-    def cost_model(self, device: torch.device) -> CostModel:
+    def cost_model(self, device: torch.device, split_id: str = "") -> CostModel:
         """One frozen encoder pass per train and test image; the OCBE and decoder run every
         epoch on every train image and once per test image."""
         return CostModel(frozen=(FrozenPass(self.encoder_part(device, plan=True), ("train", "test"), MAPS_DTYPE),),

@@ -290,7 +290,7 @@ class TransformalyDetector(BaseDetector):
             return None
         return FrozenPart(identity, f"{c.backbone}@{c.img_size}/block-states+cls", compute_precision(device))
 
-    def cost_model(self, device: torch.device) -> CostModel:
+    def cost_model(self, device: torch.device, split_id: str = "") -> CostModel:
         """One frozen teacher pass per train and test image; the students train every epoch
         on every train image, then run once per train and test image."""
         part = self.teacher_part(device, plan=True)

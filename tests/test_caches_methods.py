@@ -38,11 +38,11 @@ def vit_weights(path: Path, seed: int) -> Path:
 
 
 def run(method: str, splits_root: Path, out_root: Path, weights: Path, caching: CacheSettings, overrides: dict,
-        classes=(0, 1)):
+        classes=(0, 1), setting: str = "uni-class"):
     """(dry-run plan of `method`, its records sorted by split, per split the scores)."""
     out = fresh_out(splits_root, out_root)
     options = RunOptions(out=out, device="cpu", weights=str(weights), progress=False, caching=caching)
-    jobs = expand_jobs([method], settings=["uni-class"], classes=list(classes), seeds=[0], options=options,
+    jobs = expand_jobs([method], settings=[setting], classes=list(classes), seeds=[0], options=options,
                        overrides=overrides)
     prepare(jobs, options)
     plan = plan_run(jobs, options).methods[method]
@@ -94,6 +94,34 @@ def test_mkd_teacher_outputs_cold_warm_and_off(splits_root, tmp_path, monkeypatc
     np.testing.assert_array_equal(cold_scores["0"], off_scores["0"])  # the first job computed all it read
 
 
+def test_the_dry_run_counts_repeated_multi_class_training_images(splits_root, tmp_path, monkeypatch):
+    """Under the per-class weighting an image holding two normal classes is trained on twice,
+    but decoded and passed through the frozen teacher once; the dry run predicts both."""
+    weights = vit_weights(tmp_path / "w.safetensors", 0)
+    _, manifest = load_split(splits_root, "embedded/multi-class/except-0")
+    distinct = len(manifest.train) + len(manifest.test)
+    for method, overrides in (("mkd", {**TINY_MKD, "epochs": 1}), ("knn", {"backbone": TINY_VIT, "img_size": 32})):
+        monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / method / "cache"))  # a cold store for each
+        for name, caching in (("off", OFF), ("cold", ON)):
+            label = f"{method}, caches {name}"
+            plan, records, _ = run(method, splits_root, tmp_path / method / name, weights, caching, overrides, (0,),
+                                   "multi-class")
+            (record,) = records
+            repeated = record.counts["train_items"]
+            assert record.multi_class_weighting == "per-class", label
+            assert repeated > record.counts["train"] == len(manifest.train), label
+            cost = record.extra["cost"]
+            trained = repeated + len(manifest.test) if method == "mkd" else 0  # 1 epoch + scoring
+            assert cost["trained_passes"] == trained == plan.trained, label
+            # Each distinct image passes through the frozen network once per job, cached or not.
+            assert cost["frozen_passes"] == distinct == plan.frozen_with == plan.frozen_without, label
+            assert cost["decodes"] == plan.decodes_with, label
+            if name == "off":
+                assert cost["decodes"] == plan.decodes_without, label
+            if name == "cold":  # each image decoded once; without the store, once per listing
+                assert cost["decodes"] == distinct, label
+
+
 def test_mkd_cache_keys_follow_weights_transform_and_layers(splits_root, tmp_path, monkeypatch):
     monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "w.safetensors"
@@ -140,6 +168,17 @@ def test_defend_frozen_prefix_cold_warm_and_off(splits_root, tmp_path, monkeypat
         np.testing.assert_allclose(cold_scores[split], off_scores[split], rtol=1e-4, atol=1e-6)
         np.testing.assert_array_equal(warm_scores[split], cold_scores[split])
     np.testing.assert_array_equal(cold_scores["0"], off_scores["0"])
+
+
+def test_defends_planned_passes_follow_the_papers_epochs_per_dataset():
+    from methods.defend import DefendDetector
+
+    cpu = torch.device("cpu")
+    paper = DefendDetector(**{**TINY_DEFEND, "dense_epochs": None, "epochs": 10})
+    # DEFEND epochs (10 on COCO, 3 elsewhere; paper 4.3) + the tuned teacher's targets + MKD epochs.
+    assert paper.cost_model(cpu, "coco/uni-class/1").trained_per_train_image == 10 + 1 + 10
+    assert paper.cost_model(cpu, "voc/uni-class/1").trained_per_train_image == 3 + 1 + 10
+    assert DefendDetector(**TINY_DEFEND).cost_model(cpu, "coco/uni-class/1").trained_per_train_image == 1 + 1 + 1
 
 
 def test_defend_prefix_is_the_untuned_blocks_and_all_layers_skip_it(tmp_path):
