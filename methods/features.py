@@ -241,7 +241,8 @@ class FeatureCache:
             _, stored = entry.read(positions)  # checks every row once (crc); bad rows come back False
         self.counts.add("frozen_reads", int(stored.sum()))
         missing = np.flatnonzero(~stored)
-        twins = _repeats(images, missing)  # items whose image is listed earlier too: computed once
+        listed = positions if positions is not None else getattr(images, "positions", None)
+        twins, sources = _repeats(listed, missing)  # an image listed twice is computed once
         if len(twins):
             missing = np.setdiff1d(missing, twins)
         chunks: dict[str, list[np.ndarray]] = {}
@@ -281,25 +282,21 @@ class FeatureCache:
             return self.get_or_compute(part, images, compute, loader=loader, dtype=dtype, memory_limit=memory_limit,
                                        progress=progress, description=description)
         if len(twins):
-            all_positions = images.positions
-            first = {}
-            for item in missing:
-                first.setdefault(all_positions[item], item)
-            source = np.asarray([first[all_positions[item]] for item in twins], dtype=np.int64)
-            stored[twins], memory_rows[twins] = stored[source], memory_rows[source]
+            stored[twins], memory_rows[twins] = stored[sources], memory_rows[sources]
         memory = {name: np.concatenate(parts) for name, parts in chunks.items()}
         return FeatureTable(n, entry, positions, stored, memory, memory_rows)
 
 
-def _repeats(images: Dataset, items: np.ndarray) -> np.ndarray:
-    """Those of `items` whose image (index position) an earlier one of `items` shows as well:
-    a training set that lists an image once per normal class it holds."""
-    positions = getattr(images, "positions", None)
-    if positions is None or len(items) < 2:
-        return np.zeros(0, dtype=np.int64)
-    _, first = np.unique(positions[items], return_index=True)
-    return np.setdiff1d(items, items[first])
-
+def _repeats(listed: np.ndarray | None, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(those of `items` whose image, by index position in `listed`, an earlier one of `items`
+    shows as well, and that earlier item for each): a training set that lists an image once per
+    normal class it holds."""
+    if listed is None or len(items) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(listed[items], return_index=True, return_inverse=True)
+    sources = items[first][inverse.reshape(-1)]
+    repeated = sources != items
+    return items[repeated], sources[repeated]
 
 
 def feature_entry(store: ArrayStore, part: FrozenPart, key: ImageKey,
