@@ -6,6 +6,7 @@ They play the part ImageNet-21k backbones play in the paper: pre-trained (superv
 
 from __future__ import annotations
 
+import torch
 from timm.layers import Format, PatchEmbed, nchw_to
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
@@ -48,7 +49,10 @@ class CNNStemPatchEmbed(PatchEmbed):
         self.backbone.load_state_dict(mapped)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.proj(self.backbone(x))
+        # Channels-last convolutions and max pooling run ~1.7x faster on CPU here (oneDNN), which
+        # makes a no-gradient ViT pass ~13 % faster; the outputs agree to float rounding. The
+        # weights keep the default layout, so state dicts save as they always did.
+        x = self.proj(self.backbone(x.contiguous(memory_format=torch.channels_last)))
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)  # NCHW -> NLC
         elif self.output_fmt != Format.NCHW:

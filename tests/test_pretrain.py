@@ -151,6 +151,20 @@ def test_the_vits_cnn_stem_is_the_cnns_first_two_stages():
         vit.patch_embed.load_cnn_stem({})
 
 
+def test_the_stem_runs_channels_last_with_the_same_tokens_and_plainly_stored_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    embed = timm.create_model(VIT, num_classes=0).eval().patch_embed
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        plain = embed.norm(embed.proj(embed.backbone(x.contiguous())).flatten(2).transpose(1, 2))
+        assert torch.allclose(embed(x), plain, atol=1e-5)
+    # The layout is the input's only: the weights stay contiguous, so safetensors saves them as is.
+    save_file(embed.state_dict(), str(tmp_path / "stem.safetensors"))
+
+
 def test_pretraining_starts_the_vit_stem_from_its_teacher(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
