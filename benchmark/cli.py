@@ -462,8 +462,8 @@ def pretrain_command(
         bool,
         typer.Option(help="Make the weights the package ships: train the embedded CNN and ViT with their "
                      "default recipes (reusing cached ones unless --force), measure them and write them in "
-                     "float16 with their manifest to methods/weights/ (ignores --arch and --out). About an "
-                     "hour on one CPU thread."),
+                     "float16 with their manifest to methods/weights/ (ignores --arch and --out). About "
+                     "30 min on one CPU thread."),
     ] = False,
 ) -> None:
     """Pre-train a small backbone on the embedded dataset's object-centric pool (offline

@@ -36,7 +36,7 @@ from .embedded_archs import CNNStemPatchEmbed  # importing it registers the embe
 EMBEDDED_WEIGHTS = "embedded"  # the `weights` value that means "pre-trained by ndbench"
 DEFAULT_ARCH = "ndbench_vit_embedded"
 DEFAULT_CNN = "ndbench_resnet_embedded"
-# 6: the ViT's patch embedding is the CNN's stride-8 stem, started from the teacher's; 1 epoch;
+# 6: the ViT's patch embedding is the CNN's stride-8 stem, started from the teacher's;
 # 5: broader pool, patch labels from the glyph's box with a background class, the CNN's soft
 # labels; 4: token labels; 3: initial weights seeded (2 drew them from the global RNG)
 RECIPE_VERSION = "6"
@@ -54,8 +54,9 @@ class PretrainRecipe:
     target that gets the transformer off its plateau) and match its class probabilities with
     the CLS token (`distill_weight`, soft-label distillation)."""
 
-    # 1 epoch: the shipped ViT's budget (~12 min of one idle CPU thread); more epochs still help.
-    epochs: int = 1
+    # 4 epochs (~24 min on one CPU thread of a busy 2-core machine): the ViT names 98.1 % of the
+    # test scenes' digit instances rendered object-centric, 85.5 % after 1 epoch.
+    epochs: int = 4
     batch_size: int = 64
     peak_lr: float = 1e-3
     weight_decay: float = 0.05

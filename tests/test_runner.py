@@ -76,7 +76,7 @@ def test_defend_runs_the_cards_commands_on_the_embedded_default(tmp_path, capsys
     assert record.config["backbone"] == "ndbench_vit_embedded" and record.config["weights"] == "embedded"
     assert record.extra["teacher_passes_per_image"] == 1.0 and record.extra["student_tokens_kept"] == 32
     assert record.extra["num_prototypes"] == 20 and record.extra["observed_classes"] == 10
-    assert (record.config["dense_epochs"], record.config["epochs"], record.config["head_hidden"]) == (2, 2, 384)
+    assert (record.config["dense_epochs"], record.config["epochs"], record.config["head_hidden"]) == (1, 2, 384)
     assert record.metrics["auroc"] > 0.55, record.metrics
 
 
@@ -195,7 +195,7 @@ def test_embedded_presets_are_layered_by_setting(tmp_path):
         return build_detector(Job("defend", dataset, setting, "0", 0, overrides), options).config
 
     uni, multi = config("embedded", "uni-class"), config("embedded", "multi-class")
-    assert (uni.epochs, uni.dense_epochs, uni.lr, uni.head_hidden) == (2, 2, 1e-3, 384)
+    assert (uni.epochs, uni.dense_epochs, uni.lr, uni.head_hidden) == (2, 1, 1e-3, 384)
     # lr, batch size and head from the base layer
     assert (multi.epochs, multi.dense_epochs, multi.lr, multi.batch_size, multi.head_out) == (2, 1, 1e-3, 8, 64)
     assert config("embedded", "multi-class", (("epochs", 5),)).epochs == 5

@@ -30,9 +30,9 @@ from methods.shipped_weights import (
 )
 
 VIT = "ndbench_vit_embedded"
-# Floors under the shipped weights' test-instance accuracy (measured: CNN 96.7 %, ViT 85.5 %
-# with 3 renders per instance; the aim for the ViT is 97 %, which takes more than its 1 epoch).
-MIN_INSTANCE_ACCURACY = {"ndbench_resnet_embedded": 0.95, VIT: 0.84}
+# Floors under the shipped weights' test-instance accuracy (measured: CNN 96.7 %, ViT 98.1 %
+# with 3 renders per instance; the ViT's aim, as an ImageNet-21k ViT knows VOC's objects, is 97 %).
+MIN_INSTANCE_ACCURACY = {"ndbench_resnet_embedded": 0.95, VIT: 0.97}
 STALE = f"the shipped weights are stale: run `{SHIP_COMMAND}` and commit methods/weights/"
 
 
