@@ -16,9 +16,8 @@ from .runner import RunOptions, expand_jobs
 
 # Methods of the default demo: the sanity baseline, the paper's method with and without its
 # dense tuning, and the paper's strongest competitor. Measured on 2 idle cores, cold, with the
-# shipped backbones: knn ~1.3 s, mkd ~10 s, defend ~28 s and transformaly ~9 s per uni-class
-# split, 8 min 28 s in all with the splits (fresh clone, empty cache; 14 min on a slower
-# machine of the same kind).
+# shipped backbones: knn ~1.2 s, mkd ~8.3 s, defend ~17 s and transformaly ~8.7 s per
+# uni-class split, 6 min 18 s in all with the splits (empty cache).
 DEMO_METHODS = ("knn", "mkd", "defend", "transformaly")
 SETTINGS_DEFAULT = ("uni-class",)
 SETTINGS_FULL = ("uni-class", "multi-class")
