@@ -5,6 +5,7 @@ cluster started once for the module: the other jobs finish, the lost one is repo
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import ray
 from small_splits import fresh_out
 
 from benchmark.executors import execute
+from benchmark.locks import _read_owner
 from benchmark.records import load_records, scores_path
 from benchmark.runner import DONE, FAILED, SKIPPED, RunOptions, expand_jobs
 
@@ -37,6 +39,18 @@ def jobs_and_options(out: Path, markers: Path, fault: str, retries: int = 0):
     return jobs, options
 
 
+def wait_until_gone(lock: Path, limit_s: float = 60.0) -> None:
+    """Wait for the process that holds `lock` to be gone. Ray reports a killed worker once its
+    sockets close, which the kernel does before the process has finished exiting; on a loaded
+    machine a re-run can start in between and rightly leave the job to a still-live owner."""
+    owner = _read_owner(lock)
+    assert owner is not None, lock
+    deadline = time.monotonic() + limit_s
+    while not owner.is_gone():
+        assert time.monotonic() < deadline, f"{owner.describe()} still runs after {limit_s} s"
+        time.sleep(0.1)
+
+
 def outcome(out: Path) -> dict[str, tuple[dict, str]]:
     """Per split: the metrics and the scores file's text."""
     return {r.split: (r.metrics, scores_path(next((out / "runs").rglob(f"{r.split}__*.json"))).read_text())
@@ -57,6 +71,7 @@ def test_a_killed_worker_fails_its_job_alone_and_a_rerun_completes_it(splits_roo
     assert (markers / "killed-1").exists()
     assert sorted(outcome(ray_out)) == ["0", "2"]
     # The killed worker's lock is left behind; the re-run takes it over (its owner is gone).
+    wait_until_gone(next((ray_out / "runs").rglob("*.lock")))
     results = execute(jobs, options, "ray")
     assert [r.status for r in results] == [SKIPPED, DONE, SKIPPED], [r.error for r in results]
     assert any("stale lock" in note for note in results[1].notes)
