@@ -310,6 +310,12 @@ def run_command(
         typer.Option(help="List the jobs and, per method, the images to decode and the frozen and trained "
                      "forward passes with and without the caches; run nothing."),
     ] = False,
+    parallel: Annotated[
+        str,
+        typer.Option(help="--executor local: jobs run at once, each in its own worker process on CPUs / N "
+                     "torch threads. 'auto': one per CPU (as many as the free memory holds) on CPU, 1 on "
+                     "CUDA. Small models run faster side by side than on more threads each."),
+    ] = "1",
     ray_cpus_per_job: Annotated[
         float | None,
         typer.Option(help="--executor ray: CPUs each job reserves (its torch threads). Default: with GPUs, "
@@ -329,9 +335,10 @@ def run_command(
 
     from .build import requested_settings
     from .executors import RayResources, execute
+    from .parallel import jobs_at_once
     from .records import load_records_at
     from .runner import RunOptions, expand_jobs
-    from .validate import check_executor, check_weights, parse_methods, parse_seeds
+    from .validate import check_executor, check_parallel, check_weights, parse_methods, parse_seeds
 
     methods = parse_methods(method)
     settings = list(requested_settings(setting))
@@ -340,6 +347,7 @@ def run_command(
     resolve_device(device)
     check_weights(weights)
     check_executor(executor, ray_address, retries)
+    parallel_jobs = check_parallel(parallel, executor)
     overrides = _parse_overrides(option or [])
     caching = CacheSettings(enabled=cache, budget_gb=cache_budget_gb, workers=workers)
     resources = RayResources(ray_cpus_per_job, ray_gpus_per_job)
@@ -355,12 +363,14 @@ def run_command(
         overrides=overrides,
         preset=preset or "",
     )
+    at_once = jobs_at_once(parallel_jobs, device, len(jobs))
     if dry_run:
         from .plan import plan_run, print_plan
 
         print_plan(plan_run(jobs, options), stdout_console())
         return
-    results = execute(jobs, options, executor, ray_address, console=stderr_console(), resources=resources)
+    results = execute(jobs, options, executor, ray_address, console=stderr_console(), resources=resources,
+                      parallel=at_once)
     records = load_records_at([r.record for r in results if r.record is not None])
     print_tables(out, records, dataset, settings, paper=False)
     code = report_results(results, stderr_console())
@@ -524,6 +534,12 @@ def demo_command(
     out: Annotated[Path, typer.Option(help=OUT_HELP)] = Path("results"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     force: Annotated[bool, typer.Option(help="Re-run jobs whose record exists.")] = False,
+    parallel: Annotated[
+        str,
+        typer.Option(help="Jobs run at once, each in its own worker process (as ndbench run --parallel). "
+                     "'auto': one per CPU on CPU, each on one torch thread, so the table does not depend "
+                     "on the number of cores; 1 on CUDA."),
+    ] = "auto",
 ) -> None:
     """Offline demo on the embedded dataset: build splits, load the shipped pre-trained backbones
     (pre-training them only for another embedded config), run the methods on all 10 uni-class
@@ -531,9 +547,10 @@ def demo_command(
     from methods.base import resolve_device
 
     from .demo import run_demo
+    from .parallel import parse_parallel
 
     resolve_device(device)
-    code = run_demo(full=full, out=out, device=device, force=force)
+    code = run_demo(full=full, out=out, device=device, force=force, parallel=parse_parallel(parallel))
     if code:
         raise typer.Exit(code)
 

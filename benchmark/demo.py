@@ -9,6 +9,7 @@ from methods.registry import available
 
 from .console import stderr_console, stdout_console
 from .executors import execute
+from .parallel import jobs_at_once
 from .records import load_records_at
 from .report import build_report
 from .reporting import print_tables, report_results
@@ -29,14 +30,16 @@ def demo_methods(full: bool) -> list[str]:
     return names if full else [m for m in DEMO_METHODS if m in names]
 
 
-def run_demo(*, full: bool, out: Path, device: str, force: bool) -> int:
-    """Run the demo; print and write per-class tables, write the HTML report; return the exit code."""
+def run_demo(*, full: bool, out: Path, device: str, force: bool, parallel: int | None = None) -> int:
+    """Run the demo (`parallel` jobs at once; None: `auto_parallel`); print and write per-class
+    tables, write the HTML report; return the exit code."""
     start = time.perf_counter()
     options = RunOptions(out=out, device=device, force=force)
     settings = list(SETTINGS_FULL if full else SETTINGS_DEFAULT)
     jobs = expand_jobs(demo_methods(full), dataset="embedded", settings=settings, classes=None,
                        seeds=[0], options=options)
-    results = execute(jobs, options, "local", console=stderr_console())
+    at_once = jobs_at_once(parallel, device, len(jobs))
+    results = execute(jobs, options, "local", console=stderr_console(), parallel=at_once)
     records = load_records_at([r.record for r in results if r.record is not None])
     paths = print_tables(out, records, "embedded", settings, paper=False)
     code = report_results(results, stderr_console())

@@ -19,6 +19,7 @@ from datasets_builders.errors import NdbenchError, WriteFailure
 
 from .console import stderr_console
 from .interrupts import Interrupted, signals_raise_keyboard_interrupt
+from .parallel import run_parallel
 from .runner import DONE, FAILED, SKIPPED, Job, JobResult, RunOptions, job_progress, prepare, safe_run_job
 
 EXECUTORS = ("local", "ray")
@@ -214,10 +215,14 @@ def _cancel(ray, pending: dict) -> list[JobResult]:
 def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_address: str | None = None,
             console: Console | None = None,
             on_result: Callable[[JobResult], None] | None = None,
-            resources: RayResources = RayResources()) -> list[JobResult]:
-    """Prepare shared work once, then run the jobs with the chosen executor."""
+            resources: RayResources = RayResources(), parallel: int = 1) -> list[JobResult]:
+    """Prepare shared work once, then run the jobs with the chosen executor; `local` runs
+    `parallel` jobs at a time (in worker processes when more than one)."""
     if executor not in EXECUTORS:
         raise NdbenchError(f"unknown executor {executor!r}", "use local or ray")
+    if executor == "local" and parallel > 1 and len(jobs) > 1:
+        return run_parallel(jobs, options, parallel, console, on_result, print_notes=_print_notes,
+                            before=lambda: prepare(jobs, options))
     prepare(jobs, options)
     if executor == "ray":
         return run_ray(jobs, options, ray_address, console, on_result, resources)

@@ -65,6 +65,16 @@ def check_executor(executor: str, ray_address: str | None, retries: int) -> None
         raise NdbenchError(f"--retries {retries} is negative", "use --retries 0 (the default) or more")
 
 
+def check_parallel(parallel: str, executor: str) -> int | None:
+    """`--parallel` (a positive number, or None for auto) with `--executor`."""
+    from .parallel import parse_parallel
+
+    if executor != "local" and parallel != "1":
+        raise NdbenchError("--parallel is for --executor local", "drop --parallel (Ray places jobs itself: "
+                           "see --ray-cpus-per-job)")
+    return parse_parallel(parallel)
+
+
 def check_maps_method(method: str) -> None:
     """The --method of ndbench maps: a method with anomaly maps."""
     from methods.registry import available, get_class

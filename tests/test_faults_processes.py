@@ -112,6 +112,35 @@ def test_an_interrupt_mid_job_stops_cleanly_and_a_rerun_resumes(splits_root, tmp
     assert [r.split for r in load_records(out)] == ["0", "1"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_of_a_parallel_run_stops_its_workers_cleanly(splits_root, tmp_path, markers, faulty, capsys,
+                                                                   signum):
+    """The signal goes to the parent alone (as `kill PID` sends it); it stops the workers."""
+    out = fresh_out(splits_root, tmp_path)
+    args = [*run_args(out, "0,1,2", markers), "--parallel", "2"]
+    process = start(args, tmp_path)
+    wait_for(markers / "started-1", process)  # one worker blocks in job 1; the other runs jobs 0 and 2
+    deadline = time.monotonic() + PATIENCE_S
+    while len([n for n in files_under(out) if n.endswith(".json")]) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.05)
+    workers = [int(pid) for split, pid in (line.split() for line in (markers / "fits.log").read_text().splitlines())]
+    process.send_signal(signum)
+    code, err = finish(process)
+    assert code == 128 + signum
+    name = signal.Signals(signum).name
+    assert error_lines(err) == [f"ndbench: interrupted by {name}: 2 of 3 jobs finished and their records are "
+                                "kept; run the same command again to resume"], err
+    assert "Traceback" not in err
+    assert not [n for n in files_under(out) if n.endswith((".lock", ".tmp"))]
+    for pid in set(workers):
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    (markers / "release").touch()
+    assert main(args) == 0
+    assert "1 jobs ran, 2 skipped" in capsys.readouterr().err
+
+
 def limit_file_size(limit: int):
     """preexec_fn: files may not grow past `limit` bytes; writing more raises OSError EFBIG
     (SIGXFSZ, which would kill the process instead, is ignored)."""

@@ -1,0 +1,242 @@
+"""Jobs side by side in worker processes on one machine (`--parallel N`).
+
+Small models do not keep several CPU threads busy: on 2 cores, two one-thread jobs at once ran
+the embedded demo's jobs ~1.35x faster than one two-thread job at a time. Each worker process
+runs one job at a time on `cpus // N` torch threads and no DataLoader workers of its own; the
+parent keeps the job progress bar and prints each result as it arrives.
+
+Stopping: workers ignore SIGINT (a Ctrl-C reaches the whole process group) and the parent
+sends each of them one SIGTERM, so every running job gets exactly one `Interrupted` and its
+`finally` blocks remove its lock and temporary files. A worker process that dies (killed, out
+of memory) fails the jobs it and its siblings were running, or tries them again with
+`--retries`; the other jobs go on in a fresh pool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import Progress
+
+from datasets_builders.errors import NdbenchError, WriteFailure
+from methods.base import resolve_device
+from methods.registry import REGISTRY
+from methods.runtime import available_cpus
+
+from .interrupts import Interrupted
+from .runner import DONE, FAILED, SKIPPED, Job, JobResult, RunOptions, build_detector, job_progress, safe_run_job
+
+# Seconds stopped workers get to remove their locks and temporary files before they are killed.
+STOP_GRACE_S = 10.0
+# Memory one embedded job's worker process peaks at on CPU (1.1 GB measured, with room to
+# spare): `auto` starts no more workers than the available memory holds.
+WORKER_MEMORY_BYTES = 2 * 2**30
+
+
+def auto_parallel(device: str, jobs: int, cpus: int | None = None, memory: int | None = None) -> int:
+    """Jobs to run at once for `--parallel auto`: one per CPU (each on one thread: small models
+    gain more from this than from more threads per job), no more than the jobs, nor than the
+    available memory holds; one on CUDA, where one job keeps the device busy."""
+    if resolve_device(device).type != "cpu":
+        return 1
+    cpus = available_cpus() if cpus is None else cpus
+    memory = available_memory() if memory is None else memory
+    return max(1, min(cpus, jobs, memory // WORKER_MEMORY_BYTES))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new processes (MemAvailable), or a large number when unknown."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62
+
+
+def parse_parallel(value: str) -> int | None:
+    """`--parallel`: a positive number, or None for `auto` (see `auto_parallel`)."""
+    if value == "auto":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise NdbenchError(f"--parallel {value} is not a positive number or auto", "use e.g. --parallel 2 or auto")
+    return number
+
+
+def jobs_at_once(parallel: int | None, device: str, jobs: int) -> int:
+    """The jobs to run at once: `parallel`, or `auto_parallel` for None."""
+    return auto_parallel(device, jobs) if parallel is None else parallel
+
+
+def start_order(jobs: list[Job], options: RunOptions) -> list[int]:
+    """Job numbers in the order to start them: each method's first job first (it computes the
+    frozen outputs that the method's other jobs then read from the feature cache, so two
+    workers do not compute them at once), then the others; each group the costliest first by
+    the methods' trained passes per image (so the run does not end waiting on one long job)."""
+    device = resolve_device(options.device)
+    cost = []
+    for job in jobs:
+        model = build_detector(job, options).cost_model(device, job.split_id)
+        cost.append(0.0 if model is None else model.trained_per_train_image + model.trained_per_test_image)
+    firsts: dict[str, int] = {}
+    for number, job in enumerate(jobs):
+        firsts.setdefault(job.method, number)
+    leads = sorted(firsts.values(), key=lambda number: -cost[number])
+    rest = sorted(set(range(len(jobs))) - set(leads), key=lambda number: (-cost[number], number))
+    return leads + rest
+
+
+def _worker_started(threads: int, methods: dict[str, type]) -> None:
+    """Set up a worker process: its torch threads, the parent's registered methods (those
+    registered at run time too, not only the built-in and entry-point ones), and SIGINT
+    ignored (the parent forwards a stop as one SIGTERM; an idle worker just ends on it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    for name, cls in methods.items():
+        REGISTRY.register(name)(cls)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_job(signum: int, frame) -> None:
+    # Once only: a second SIGTERM (a service manager's and the parent's) must not break the
+    # clean-up the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _run_in_worker(job: Job, options: RunOptions, threads: int) -> JobResult:
+    signal.signal(signal.SIGTERM, _stop_job)
+    try:
+        return safe_run_job(job, options, None, cpus=threads)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _ready() -> None:
+    """A task that only makes the pool start a worker."""
+
+
+@dataclass
+class _Pool:
+    """A process pool and the jobs (by number) it is running."""
+
+    size: int
+    threads: int
+    executor: ProcessPoolExecutor = field(init=False)
+    running: dict[Future, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        REGISTRY.load()
+        self.executor = ProcessPoolExecutor(self.size, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_started,
+                                            initargs=(self.threads, dict(REGISTRY.classes)))
+
+    def start(self) -> None:
+        """Start every worker now (each imports torch for seconds), not at its first job."""
+        for _ in range(self.size):
+            self.executor.submit(_ready)
+
+    def submit(self, number: int, job: Job, options: RunOptions) -> None:
+        self.running[self.executor.submit(_run_in_worker, job, options, self.threads)] = number
+
+    def stop(self) -> list[JobResult]:
+        """Stop every worker (one SIGTERM each), wait for them, and return the results of
+        jobs that finished meanwhile."""
+        # The executor has no public way to signal its workers (Python 3.14 adds one).
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        done, _ = wait(self.running, timeout=STOP_GRACE_S)
+        for process in processes:
+            process.join(timeout=STOP_GRACE_S)
+            if process.is_alive():
+                process.kill()
+        return [f.result() for f in done if not f.cancelled() and f.exception() is None]
+
+
+def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: Console | None = None,
+                 on_result: Callable[[JobResult], None] | None = None,
+                 print_notes: Callable[[JobResult, Progress | None, Console | None], None] | None = None,
+                 before: Callable[[], None] = lambda: None) -> list[JobResult]:
+    """Run jobs `parallel` at a time in worker processes, each on `cpus // parallel` torch
+    threads; return their results in job order. `before` runs in this process while the
+    workers start (the run's shared preparation)."""
+    threads = max(1, available_cpus() // parallel)
+    results: dict[int, JobResult] = {}
+    tries = [0] * len(jobs)
+    pool = _Pool(min(parallel, max(1, len(jobs))), threads)
+    pool.start()
+    try:
+        before()
+        waiting = start_order(jobs, options)
+    except BaseException:
+        pool.stop()
+        raise
+    progress = job_progress(console) if options.progress else None
+    if progress is not None:
+        progress.start()
+    try:
+        task = progress.add_task(f"jobs ({pool.size} at once, {threads} thread{'s' * (threads > 1)} each)",
+                                 total=len(jobs)) if progress else None
+        while waiting or pool.running:
+            while waiting and len(pool.running) < pool.size:
+                number = waiting.pop(0)
+                tries[number] += 1
+                pool.submit(number, jobs[number], options)
+            done, _ = wait(pool.running, timeout=0.5, return_when=FIRST_COMPLETED)
+            broken = False
+            for future in done:
+                number = pool.running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    if tries[number] <= options.retries:
+                        waiting.insert(0, number)
+                        continue
+                    result = _died(jobs[number], tries[number])
+                results[number] = result
+                if print_notes is not None:
+                    print_notes(result, progress, console)
+                if on_result:
+                    on_result(result)
+                if progress is not None:
+                    progress.advance(task)
+            if broken:  # a fresh pool for the jobs still to run
+                pool.executor.shutdown(wait=True)
+                pool = _Pool(pool.size, threads)
+        return [results[number] for number in range(len(jobs))]
+    except (Interrupted, KeyboardInterrupt) as exc:
+        late = pool.stop()
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        stop.finished = sum(r.status in (DONE, SKIPPED) for r in [*results.values(), *late])
+        stop.total = len(jobs)
+        raise stop from None
+    except WriteFailure:
+        pool.stop()
+        raise
+    finally:
+        if progress is not None:
+            progress.stop()
+        pool.executor.shutdown(wait=True)
+
+
+def _died(job: Job, tries: int) -> JobResult:
+    note = f" (tried {tries} times)" if tries > 1 else ""
+    return JobResult(job, FAILED, error=f"the worker process running it died (killed, out of memory?){note}; "
+                     "run the same command again to re-run it, or pass --retries 1")

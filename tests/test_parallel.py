@@ -1,0 +1,121 @@
+"""`--parallel N`: jobs side by side in worker processes. The records equal those of a run one
+job at a time, a method registered at run time reaches the workers, a worker killed mid-job
+(as an out-of-memory kill would) fails its jobs while the rest go on, and `--retries` runs them
+again. Interrupts of a parallel CLI run are tested in test_faults_processes.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from small_splits import fresh_out
+
+from benchmark.executors import execute
+from benchmark.parallel import auto_parallel, parse_parallel, start_order
+from benchmark.records import load_records, scores_path
+from benchmark.runner import DONE, FAILED, SKIPPED, RunOptions, expand_jobs
+from datasets_builders.errors import NdbenchError
+
+GIB = 2**30
+
+
+def jobs_and_options(out: Path, markers: Path, fault: str, retries: int = 0, classes=(0, 1, 2, 3)):
+    options = RunOptions(out=out, device="cpu", progress=False, retries=retries)
+    overrides = {"fault": fault, "fault_split": "1", "markers": str(markers)}
+    jobs = expand_jobs(["faulty"], settings=["uni-class"], classes=list(classes), seeds=[0], options=options,
+                       overrides=overrides)
+    return jobs, options
+
+
+def outcome(out: Path) -> dict[str, tuple[dict, str]]:
+    """Per split: the metrics and the scores file's text."""
+    return {r.split: (r.metrics, scores_path(next((out / "runs").rglob(f"{r.split}__*.json"))).read_text())
+            for r in load_records(out)}
+
+
+def fits(markers: Path) -> list[tuple[str, int]]:
+    """(split, pid) of every fit, in order."""
+    return [(split, int(pid)) for split, pid in
+            (line.split() for line in (markers / "fits.log").read_text().splitlines())]
+
+
+@pytest.fixture
+def markers(tmp_path) -> Path:
+    folder = tmp_path / "markers"
+    folder.mkdir()
+    return folder
+
+
+def test_auto_runs_one_job_per_cpu_within_memory_and_the_jobs():
+    assert auto_parallel("cpu", jobs=40, cpus=2, memory=64 * GIB) == 2
+    assert auto_parallel("cpu", jobs=40, cpus=16, memory=64 * GIB) == 16
+    assert auto_parallel("cpu", jobs=3, cpus=16, memory=64 * GIB) == 3
+    assert auto_parallel("cpu", jobs=40, cpus=16, memory=5 * GIB) == 2
+    assert auto_parallel("cpu", jobs=40, cpus=16, memory=GIB) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_parallel_must_be_a_positive_number_or_auto(value):
+    with pytest.raises(NdbenchError, match="--parallel"):
+        parse_parallel(value)
+    assert parse_parallel("3") == 3 and parse_parallel("auto") is None
+
+
+def test_each_method_starts_once_before_the_rest_run_costliest_first(splits_root, tmp_path):
+    options = RunOptions(out=fresh_out(splits_root, tmp_path), device="cpu", progress=False)
+    jobs = expand_jobs(["knn", "mkd", "defend", "transformaly"], settings=["uni-class"], classes=[0, 1, 2],
+                       seeds=[0], options=options)
+    order = [(jobs[number].method, jobs[number].split) for number in start_order(jobs, options)]
+    # Trained passes per image on the embedded presets: defend 6, transformaly 4, mkd 3, knn 0.
+    assert order[:4] == [("defend", "0"), ("transformaly", "0"), ("mkd", "0"), ("knn", "0")]
+    assert order[4:] == [(m, s) for m in ("defend", "transformaly", "mkd", "knn") for s in ("1", "2")]
+
+
+@pytest.mark.slow
+def test_parallel_jobs_write_the_records_of_a_run_one_job_at_a_time(splits_root, tmp_path, markers, faulty):
+    # "faulty" is registered at run time only (no entry point): the workers get it from the parent.
+    one_out, parallel_out = fresh_out(splits_root, tmp_path / "one"), fresh_out(splits_root, tmp_path / "parallel")
+    jobs, options = jobs_and_options(one_out, markers, "none")
+    assert [r.status for r in execute(jobs, options, "local")] == [DONE] * 4
+    (markers / "fits.log").unlink()
+
+    jobs, options = jobs_and_options(parallel_out, markers, "none")
+    results = execute(jobs, options, "local", parallel=2)
+    assert [r.status for r in results] == [DONE] * 4, [r.error for r in results]
+    assert [r.job for r in results] == jobs
+    pids = {pid for _, pid in fits(markers)}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids  # one worker may take all: these jobs are short
+    assert outcome(parallel_out) == outcome(one_out)
+    assert not list((parallel_out / "runs").rglob("*.lock"))
+    assert [r.status for r in execute(jobs, options, "local", parallel=2)] == [SKIPPED] * 4
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_its_jobs_the_others_go_on_and_a_rerun_completes_them(splits_root, tmp_path,
+                                                                                    markers, faulty):
+    out = fresh_out(splits_root, tmp_path)
+    jobs, options = jobs_and_options(out, markers, "kill-once")
+    results = execute(jobs, options, "local", parallel=2)
+    statuses = [r.status for r in results]
+    assert statuses[1] == FAILED and (markers / "killed-1").exists()
+    # Killing one worker stops the pool: a job the other worker was running fails with it.
+    for result in results:
+        assert result.status == DONE or "the worker process running it died" in result.error, result.error
+    assert "--retries 1" in results[1].error
+    assert statuses[2:].count(DONE) >= 1  # the pool was started again for the jobs after the kill
+    results = execute(jobs, options, "local", parallel=2)
+    assert all(r.status in (DONE, SKIPPED) for r in results), [r.error for r in results]
+    assert sorted(outcome(out)) == ["0", "1", "2", "3"]
+    assert not list((out / "runs").rglob("*.lock"))
+
+
+@pytest.mark.slow
+def test_retries_run_jobs_whose_worker_died_again(splits_root, tmp_path, markers, faulty):
+    out = fresh_out(splits_root, tmp_path)
+    jobs, options = jobs_and_options(out, markers, "kill-once", retries=1)
+    results = execute(jobs, options, "local", parallel=2)
+    assert [r.status for r in results] == [DONE] * 4, [r.error for r in results]
+    killed = [pid for split, pid in fits(markers) if split == "1"]
+    assert len(killed) == 2 and killed[0] != killed[1]
+    assert sorted(outcome(out)) == ["0", "1", "2", "3"]
