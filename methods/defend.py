@@ -34,7 +34,7 @@ from datasets_builders.errors import NdbenchError
 
 from . import defend_model as dm
 from .backbones import ViTFeatures, create_backbone
-from .base import BaseDetector, autocast, tracked
+from .base import BaseDetector, autocast, fused_adam, tracked
 from .cost import CostModel, FrozenPass
 from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
 from .memory import CACHE_DTYPE, HeldInputs, TableRows, TrainImages, cache_device, draw_seed
@@ -428,7 +428,7 @@ class MKDDetector(BaseDetector):
         n_patches = self.teacher.num_patches
         keep = n_patches if c.guidance == "none" else dm.num_kept(n_patches, c.mask_ratio)
         groups = param_groups_weight_decay(self.student, c.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas)
+        optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, **fused_adam(device))
         self.student.train()
         loss_sum, steps = 0.0, 0
         for epoch in range(c.epochs):
@@ -659,7 +659,7 @@ class DefendDetector(MKDDetector):
                                  frozen_blocks=online_vit.depth - c.tuned_blocks).to(device)
         optimizer = torch.optim.AdamW(
             dm.dense_param_groups(online, c.dense_lr_backbone, c.dense_lr_head, c.dense_weight_decay),
-            weight_decay=c.dense_weight_decay)
+            weight_decay=c.dense_weight_decay, **fused_adam(device))
         # Schedules span every step of every epoch, counted as RN:DeFeND/leo.py:161 does.
         total = max(1, (len(train) // c.dense_batch_size + 1) * epochs)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=c.dense_final_lr)

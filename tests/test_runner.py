@@ -201,3 +201,12 @@ def test_embedded_presets_are_layered_by_setting(tmp_path):
     assert config("embedded", "multi-class", (("epochs", 5),)).epochs == 5
     paper = config("voc", "multi-class")
     assert (paper.epochs, paper.lr, paper.backbone) == (10, 1e-5, "vit_base_patch16_224.augreg2_in21k_ft_in1k")
+
+
+@pytest.mark.parametrize(("version", "device", "fused"), [("2.3.1", "cpu", False), ("2.4.0+cpu", "cpu", True),
+                                                         ("2.14.1+cu130", "cpu", True), ("2.1.0", "cuda", True)])
+def test_adam_gets_its_fused_kernel_where_torch_has_one(monkeypatch, version, device, fused):
+    from methods.base import fused_adam
+
+    monkeypatch.setattr(torch, "__version__", version)
+    assert fused_adam(torch.device(device)) == ({"fused": True} if fused else {})

@@ -213,7 +213,7 @@ def test_defaults_and_presets():
         "vit_base_patch16_384.orig_in21k_ft_in1k", 384, (0.5,) * 3, (0.5,) * 3)
     embedded = TransformalyDetector.with_preset("embedded").config
     assert (embedded.backbone, embedded.weights, embedded.img_size) == ("ndbench_vit_embedded", "embedded", 64)
-    assert (embedded.epochs, embedded.lr, embedded.first_error_block) == (3, 1e-4, 2)
+    assert (embedded.epochs, embedded.lr, embedded.first_error_block) == (2, 1e-4, 2)
     with pytest.raises(NdbenchError, match="pca_variance"):
         TransformalyDetector(pca_variance=1.5)
 
