@@ -61,6 +61,17 @@ def files_under(out: Path) -> list[str]:
     return sorted(p.name for p in runs.rglob("*") if p.is_file()) if runs.exists() else []
 
 
+def stop_and_check(process: subprocess.Popen, signum: int, finished: int, total: int) -> None:
+    """Send `signum`; the run must exit 128 + signum with the one interrupt line, no traceback."""
+    process.send_signal(signum)
+    code, err = finish(process)
+    assert code == 128 + signum
+    name = signal.Signals(signum).name
+    assert error_lines(err) == [f"ndbench: interrupted by {name}: {finished} of {total} jobs finished and their "
+                                "records are kept; run the same command again to resume"], err
+    assert "Traceback" not in err
+
+
 @pytest.fixture
 def markers(tmp_path) -> Path:
     folder = tmp_path / "markers"
@@ -97,13 +108,7 @@ def test_an_interrupt_mid_job_stops_cleanly_and_a_rerun_resumes(splits_root, tmp
     args = run_args(out, "0,1", markers)
     process = start(args, tmp_path)
     wait_for(markers / "started-1", process)  # job 0 finished, job 1 is in fit
-    process.send_signal(signum)
-    code, err = finish(process)
-    assert code == 128 + signum
-    name = signal.Signals(signum).name
-    assert error_lines(err) == [f"ndbench: interrupted by {name}: 1 of 2 jobs finished and their records are "
-                                "kept; run the same command again to resume"], err
-    assert "Traceback" not in err
+    stop_and_check(process, signum, finished=1, total=2)
     kept = files_under(out)
     assert len(kept) == 2 and all(n.startswith("0__") for n in kept), kept  # job 0's record + scores only
     (markers / "release").touch()
@@ -126,13 +131,7 @@ def test_an_interrupt_of_a_parallel_run_stops_its_workers_cleanly(splits_root, t
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
         time.sleep(0.05)
     workers = [int(pid) for split, pid in (line.split() for line in (markers / "fits.log").read_text().splitlines())]
-    process.send_signal(signum)
-    code, err = finish(process)
-    assert code == 128 + signum
-    name = signal.Signals(signum).name
-    assert error_lines(err) == [f"ndbench: interrupted by {name}: 2 of 3 jobs finished and their records are "
-                                "kept; run the same command again to resume"], err
-    assert "Traceback" not in err
+    stop_and_check(process, signum, finished=2, total=3)
     assert not [n for n in files_under(out) if n.endswith((".lock", ".tmp"))]
     for pid in set(workers):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
