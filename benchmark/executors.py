@@ -13,30 +13,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rich.console import Console
-from rich.progress import Progress
 
 from datasets_builders.errors import NdbenchError, WriteFailure
 
-from .console import stderr_console
 from .interrupts import Interrupted, signals_raise_keyboard_interrupt
 from .parallel import run_parallel
-from .runner import DONE, FAILED, SKIPPED, Job, JobResult, RunOptions, job_progress, prepare, safe_run_job
+from .runner import (
+    FAILED,
+    Job,
+    JobResult,
+    RunOptions,
+    interrupted_after,
+    job_progress,
+    prepare,
+    print_notes,
+    safe_run_job,
+)
 
 EXECUTORS = ("local", "ray")
 # Seconds a cancelled Ray job gets to remove its lock and temporary files after an interrupt.
 RAY_CANCEL_GRACE_S = 10.0
-
-
-def _print_notes(result: JobResult, progress: Progress | None, console: Console | None) -> None:
-    target = progress.console if progress is not None else console or stderr_console()
-    for note in result.notes:
-        target.print(note, markup=False, soft_wrap=True)
-
-
-def _interrupted(exc: Interrupted, results, total: int) -> Interrupted:
-    exc.finished = sum(r.status in (DONE, SKIPPED) for r in results)
-    exc.total = total
-    return exc
 
 
 def run_local(jobs: list[Job], options: RunOptions, console: Console | None = None,
@@ -53,13 +49,13 @@ def run_local(jobs: list[Job], options: RunOptions, console: Console | None = No
                 progress.update(task, description=f"jobs: {job.describe()}")
             result = safe_run_job(job, options, progress)
             results.append(result)
-            _print_notes(result, progress, console)
+            print_notes(result, progress, console)
             if on_result:
                 on_result(result)
             if progress is not None:
                 progress.advance(task)
     except Interrupted as exc:
-        raise _interrupted(exc, results, len(jobs)) from None
+        raise interrupted_after(exc, results, len(jobs)) from None
     finally:
         if progress is not None:
             progress.stop()
@@ -173,7 +169,7 @@ def run_ray(jobs: list[Job], options: RunOptions, address: str | None = None,
                         job = pending.pop(ref)
                         result = _ray_result(ray, ref, job)
                         results[job] = result
-                        _print_notes(result, progress, console)
+                        print_notes(result, progress, console)
                         if on_result:
                             on_result(result)
                         if progress is not None:
@@ -185,7 +181,7 @@ def run_ray(jobs: list[Job], options: RunOptions, address: str | None = None,
         except (KeyboardInterrupt, Interrupted) as exc:
             late = _cancel(ray, pending)
             signum = exc.signum if isinstance(exc, Interrupted) else received[-1] if received else signal.SIGINT
-            raise _interrupted(Interrupted(signum), [*results.values(), *late], len(jobs)) from None
+            raise interrupted_after(Interrupted(signum), [*results.values(), *late], len(jobs)) from None
         except WriteFailure:
             _cancel(ray, pending)
             raise
@@ -221,7 +217,7 @@ def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_a
     if executor not in EXECUTORS:
         raise NdbenchError(f"unknown executor {executor!r}", "use local or ray")
     if executor == "local" and parallel > 1 and len(jobs) > 1:
-        return run_parallel(jobs, options, parallel, console, on_result, print_notes=_print_notes,
+        return run_parallel(jobs, options, parallel, console, on_result,
                             before=lambda: prepare(jobs, options))
     prepare(jobs, options)
     if executor == "ray":

@@ -23,7 +23,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.progress import Progress
 
 from datasets_builders.errors import NdbenchError, WriteFailure
 from methods.base import resolve_device
@@ -31,7 +30,17 @@ from methods.registry import REGISTRY
 from methods.runtime import available_cpus
 
 from .interrupts import Interrupted
-from .runner import DONE, FAILED, SKIPPED, Job, JobResult, RunOptions, build_detector, job_progress, safe_run_job
+from .runner import (
+    FAILED,
+    Job,
+    JobResult,
+    RunOptions,
+    build_detector,
+    interrupted_after,
+    job_progress,
+    print_notes,
+    safe_run_job,
+)
 
 # Seconds stopped workers get to remove their locks and temporary files before they are killed.
 STOP_GRACE_S = 10.0
@@ -172,7 +181,6 @@ class _Pool:
 
 def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: Console | None = None,
                  on_result: Callable[[JobResult], None] | None = None,
-                 print_notes: Callable[[JobResult, Progress | None, Console | None], None] | None = None,
                  before: Callable[[], None] = lambda: None) -> list[JobResult]:
     """Run jobs `parallel` at a time in worker processes, each on `cpus // parallel` torch
     threads; return their results in job order. `before` runs in this process while the
@@ -212,8 +220,7 @@ def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: C
                         continue
                     result = _died(jobs[number], tries[number])
                 results[number] = result
-                if print_notes is not None:
-                    print_notes(result, progress, console)
+                print_notes(result, progress, console)
                 if on_result:
                     on_result(result)
                 if progress is not None:
@@ -225,9 +232,7 @@ def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: C
     except (Interrupted, KeyboardInterrupt) as exc:
         late = pool.stop()
         stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
-        stop.finished = sum(r.status in (DONE, SKIPPED) for r in [*results.values(), *late])
-        stop.total = len(jobs)
-        raise stop from None
+        raise interrupted_after(stop, [*results.values(), *late], len(jobs)) from None
     except WriteFailure:
         pool.stop()
         raise

@@ -11,6 +11,7 @@ import hashlib
 import platform
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from datasets_builders.errors import NdbenchError, WriteFailure
@@ -33,6 +35,8 @@ from methods.registry import get_class
 from methods.runtime import CacheSettings, JobRuntime
 
 from .build import BuildRequest, build_splits
+from .console import stderr_console
+from .interrupts import Interrupted
 from .locks import try_lock
 from .metrics import novelty_metrics
 from .records import Record, read_record, record_path, write_record
@@ -436,6 +440,20 @@ def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None
             if tries > options.retries:
                 note = f" (tried {tries} times)" if tries > 1 else ""
                 return JobResult(job, FAILED, error=f"{type(exc).__name__}: {exc}{note}")
+
+
+def print_notes(result: JobResult, progress: Progress | None, console: Console | None) -> None:
+    """Print a job result's warning lines above the progress display (or on `console`)."""
+    target = progress.console if progress is not None else console or stderr_console()
+    for note in result.notes:
+        target.print(note, markup=False, soft_wrap=True)
+
+
+def interrupted_after(exc: Interrupted, results: Iterable[JobResult], total: int) -> Interrupted:
+    """`exc` with how many of `total` jobs had finished (their records exist) among `results`."""
+    exc.finished = sum(r.status in (DONE, SKIPPED) for r in results)
+    exc.total = total
+    return exc
 
 
 def job_progress(console) -> Progress:
