@@ -392,14 +392,19 @@ def _note_missing_models(results) -> None:
 
 
 def _parse_overrides(items: list[str]) -> dict:
-    """`NAME=VALUE` pairs; values parsed as JSON when they can be (numbers, booleans, lists)."""
+    """`NAME=VALUE` pairs; values parsed as JSON when they can be (numbers, booleans, lists),
+    Python's True, False and None read as true, false and null."""
     import json
 
+    python_literals = {"True": True, "False": False, "None": None}
     parsed = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise NdbenchError(f"cannot read --set {item!r}", "write it as NAME=VALUE, e.g. --set epochs=1")
+        if value in python_literals:
+            parsed[name] = python_literals[value]
+            continue
         try:
             parsed[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -510,8 +515,10 @@ def oracle_command(
     arch: Annotated[str, typer.Option(help="The ViT architecture the weights belong to.")] = "ndbench_vit_embedded",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """The embedded benchmark's oracle ceiling: AUROC per split when each test scene is scored
-    from its ground-truth boxes with the teacher's own patch-token class predictions."""
+    """The embedded benchmark's oracle ceilings: AUROC per split when each test scene is scored
+    with the teacher's own patch-token class predictions, by two rules. 'boxes': 1 - the
+    normal mass of the most normal ground-truth object (is a normal object present?).
+    'patch-mean': the distillers' rule, the mean over all patches of 1 - the patch's normal mass."""
     import pandas as pd
 
     from methods.base import resolve_device
@@ -520,9 +527,9 @@ def oracle_command(
 
     rows = pd.DataFrame(oracle_aurocs(splits, weights, arch=arch, device=resolve_device(device)))
     rows["class"] = rows["split"].str.removeprefix("except-").astype(int)  # multi-class: the novel class
-    table = rows.pivot(index="setting", columns="class", values="auroc") * 100
+    table = rows.pivot(index=["setting", "rule"], columns="class", values="auroc") * 100
     table["AVG"] = table.mean(axis=1)
-    stdout_console().print(table.round(1).to_markdown())
+    stdout_console().print(table.round(1).reset_index().to_markdown(index=False), soft_wrap=True, markup=False)
 
 
 @app.command("demo")

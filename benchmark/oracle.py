@@ -1,12 +1,19 @@
-"""The oracle ceiling of the embedded benchmark: what a perfect distiller of the teacher could
-score. It reads each test scene's ground-truth boxes and the teacher's own patch-token class
-predictions (its pre-training classifier head applied to each patch token): an object's class
-probabilities are their mean over the patches its box covers, and an image's novelty score is
-1 - the largest probability mass any of its objects puts on the normal classes (for uni-class
-normal class c, 1 - max over objects of P(c))."""
+"""The oracle ceilings of the embedded benchmark: what a perfect distiller of the teacher could
+score. Both read the teacher's own patch-token class predictions (its pre-training classifier
+head applied to each patch token) on each test scene:
+
+- "boxes": with the scene's ground-truth boxes, an object's class probabilities are their mean
+  over the patches its box covers, and the image's novelty score is 1 - the largest probability
+  mass any of its objects puts on the normal classes (uni-class normal class c: 1 - max over
+  objects of P(c)). This asks what the split's labels ask: is a normal object present?
+- "patch-mean": the score rule of the distillers (mean over all patches of a per-patch error,
+  paper sec. 3.3) fed with a perfect per-patch error, 1 - the patch's mass on the normal
+  classes; no boxes. Its AUROC is the ceiling of that rule with these patch tokens.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +36,23 @@ from methods.pretrain_eval import (
 )
 
 DATASET = "embedded"
+RULES = ("boxes", "patch-mean")
+
+
+@dataclass(frozen=True)
+class SceneProbabilities:
+    """A test scene's digit probabilities: (objects, 10) per ground-truth object, the mean of
+    its patches' (those its box covers by OBJECT_PATCH, else the one it covers most), and
+    (patches, 10) per patch token."""
+
+    objects: np.ndarray
+    patches: np.ndarray
 
 
 @torch.no_grad()
-def object_digit_probabilities(model: VisionTransformer, classes: tuple[str, ...], root: Path,
-                               device: torch.device) -> dict[str, np.ndarray]:
-    """Per test scene (by image id): (objects, 10) digit probabilities of each object, the mean
-    of its patches' (those its box covers by OBJECT_PATCH, else the one it covers most)."""
+def scene_digit_probabilities(model: VisionTransformer, classes: tuple[str, ...], root: Path,
+                              device: torch.device) -> dict[str, SceneProbabilities]:
+    """The digit probabilities of every test scene, by image id."""
     scenes = load_scenes(root, "val")
     tokens = patch_tokens(model, np.stack([s.pixels for s in scenes]), device)
     probs = digit_probabilities(model.head(tokens.to(device)).cpu(), classes)  # (S, N, 10)
@@ -45,22 +62,29 @@ def object_digit_probabilities(model: VisionTransformer, classes: tuple[str, ...
         on = overlap >= OBJECT_PATCH
         on[torch.arange(len(on)), overlap.argmax(1)] = True
         weights = on.float() / on.sum(1, keepdim=True)
-        out[str(scene.image_id)] = (weights @ p).numpy()
+        out[str(scene.image_id)] = SceneProbabilities((weights @ p).numpy(), p.numpy())
     return out
 
 
-def oracle_scores(manifest: Manifest, objects: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (1 novel) and oracle novelty scores of a split's test images."""
+def oracle_scores(manifest: Manifest, scenes: dict[str, SceneProbabilities],
+                  rule: str = "boxes") -> tuple[np.ndarray, np.ndarray]:
+    """Labels (1 novel) and oracle novelty scores of a split's test images under `rule`."""
+    if rule not in RULES:
+        raise NdbenchError(f"unknown oracle rule {rule!r}", f"use one of {', '.join(RULES)}")
     normal = list(manifest.normal_classes)
     labels = np.array([label for _, label in manifest.test])
-    scores = np.array([1.0 - objects[image_id][:, normal].sum(1).max() for image_id, _ in manifest.test])
-    return labels, scores
+    if rule == "boxes":
+        scores = [1.0 - scenes[image_id].objects[:, normal].sum(1).max() for image_id, _ in manifest.test]
+    else:
+        scores = [1.0 - scenes[image_id].patches[:, normal].sum(1).mean() for image_id, _ in manifest.test]
+    return labels, np.array(scores)
 
 
 def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: str = DEFAULT_ARCH,
                   device: torch.device | None = None, settings: tuple[str, ...] = SETTINGS) -> list[dict]:
-    """Oracle AUROC of every embedded split under `splits_root` (as `ndbench build-splits
-    embedded` writes them) with `arch`'s `weights` ("embedded" or a file): one row per split."""
+    """Oracle AUROCs of every embedded split under `splits_root` (as `ndbench build-splits
+    embedded` writes them) with `arch`'s `weights` ("embedded" or a file): one row per split
+    and rule."""
     device = device or torch.device("cpu")
     folder = Path(splits_root) / DATASET
     index = DatasetIndex.read(folder)
@@ -71,11 +95,13 @@ def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: 
     model, classes = load_classifier(arch, Path(resolve_weights(arch, weights)), device)
     if not isinstance(model, VisionTransformer):
         raise NdbenchError(f"the oracle reads patch tokens; {arch} is not a ViT", "pass a ViT with --arch")
-    objects = object_digit_probabilities(model, classes, index.root, device)
+    scenes = scene_digit_probabilities(model, classes, index.root, device)
     rows = []
     for setting, splits in names.items():
         for name in splits:
             _, manifest = load_split(splits_root, f"{DATASET}/{setting}/{name}")
-            labels, scores = oracle_scores(manifest, objects)
-            rows.append({"setting": setting, "split": name, "auroc": float(roc_auc_score(labels, scores))})
+            for rule in RULES:
+                labels, scores = oracle_scores(manifest, scenes, rule)
+                rows.append({"setting": setting, "rule": rule, "split": name,
+                             "auroc": float(roc_auc_score(labels, scores))})
     return rows

@@ -16,7 +16,7 @@ import pytest
 import torch
 import typer.main
 
-from benchmark.cli import app, main
+from benchmark.cli import _parse_overrides, app, main
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("benchmark", "datasets_builders", "methods")
@@ -148,3 +148,10 @@ def test_run_without_the_data_names_the_commands_that_get_it(tmp_path, monkeypat
     assert code == 2 and "voc root" in err and "does not exist" in err
     assert "`ndbench build-splits voc --root DIR`" in err and "`ndbench download voc`" in err
     assert "pass --root" not in err
+
+
+def test_set_values_read_as_json_or_as_python_literals():
+    parsed = _parse_overrides(["gcn=False", "pretrain=true", "eval_batch_size=None", "epochs=3", "lr=1e-3",
+                               "weights=/data/vit.safetensors", "global_scale=[0.3, 1.0]", "name=True-ish"])
+    assert parsed == {"gcn": False, "pretrain": True, "eval_batch_size": None, "epochs": 3, "lr": 1e-3,
+                      "weights": "/data/vit.safetensors", "global_scale": [0.3, 1.0], "name": "True-ish"}

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from small_splits import SMALL
 
-from benchmark.oracle import oracle_aurocs, oracle_scores
+from benchmark.oracle import SceneProbabilities, oracle_aurocs, oracle_scores
 from datasets_builders.embedded import digit_pools, ensure_embedded
 from datasets_builders.errors import NdbenchError
 from datasets_builders.splits import Manifest
@@ -43,24 +43,41 @@ def test_digit_columns_merge_font_and_handwritten_digits():
     assert probs.shape == (1, 10) and probs[0, 3] > 0.99 and probs.sum() <= 1.0
 
 
-def test_oracle_scores_one_minus_the_best_objects_normal_mass():
-    def obj(**mass):
-        p = np.zeros(10)
-        for digit, value in mass.items():
-            p[int(digit[1:])] = value
-        return p
+def _probs(**mass) -> np.ndarray:
+    p = np.zeros(10)
+    for digit, value in mass.items():
+        p[int(digit[1:])] = value
+    return p
 
-    objects = {
-        "a": np.stack([obj(d3=0.9)]),                       # normal: one confident 3
-        "b": np.stack([obj(d3=0.1, d5=0.8), obj(d3=0.2)]),  # novel: no object is a 3
-        "c": np.stack([obj(d3=0.05), obj(d3=0.7)]),         # normal: the small object is the 3
+
+def _scene(objects: list[np.ndarray], patches: list[np.ndarray] | None = None) -> SceneProbabilities:
+    return SceneProbabilities(np.stack(objects), np.stack(patches if patches is not None else objects))
+
+
+def test_oracle_scores_one_minus_the_best_objects_normal_mass():
+    scenes = {
+        "a": _scene([_probs(d3=0.9)]),                        # normal: one confident 3
+        "b": _scene([_probs(d3=0.1, d5=0.8), _probs(d3=0.2)]),  # novel: no object is a 3
+        "c": _scene([_probs(d3=0.05), _probs(d3=0.7)]),         # normal: the small object is the 3
     }
-    labels, scores = oracle_scores(_manifest([3], [("a", 0), ("b", 1), ("c", 0)]), objects)
+    labels, scores = oracle_scores(_manifest([3], [("a", 0), ("b", 1), ("c", 0)]), scenes)
     assert labels.tolist() == [0, 1, 0]
     assert np.allclose(scores, [0.1, 0.8, 0.3])
     # Multi-class: the mass on all normal classes of the best object.
-    _, scores = oracle_scores(_manifest([3, 5], [("b", 1)]), objects)
+    _, scores = oracle_scores(_manifest([3, 5], [("b", 1)]), scenes)
     assert np.allclose(scores, [0.1])
+
+
+def test_patch_mean_oracle_averages_every_patchs_non_normal_mass():
+    # Four patches: one on a confident 3, three on background that carry some 3 and some 5.
+    patches = [_probs(d3=0.9), _probs(d3=0.5), _probs(d3=0.3, d5=0.6), _probs(d5=0.2)]
+    scenes = {"a": _scene([_probs(d3=0.9)], patches)}
+    _, scores = oracle_scores(_manifest([3], [("a", 0)]), scenes, "patch-mean")
+    assert np.allclose(scores, [1 - (0.9 + 0.5 + 0.3 + 0.0) / 4])  # boxes play no part
+    _, scores = oracle_scores(_manifest([3, 5], [("a", 0)]), scenes, "patch-mean")
+    assert np.allclose(scores, [1 - (0.9 + 0.5 + 0.9 + 0.2) / 4])
+    with pytest.raises(NdbenchError, match="unknown oracle rule"):
+        oracle_scores(_manifest([3], [("a", 0)]), scenes, "max")
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +140,21 @@ def test_patch_probe_counts_patches_on_and_off_the_boxes(random_vit, splits_root
 
 def test_oracle_aurocs_cover_every_split(random_vit, splits_root):
     rows = oracle_aurocs(splits_root, random_vit, device=torch.device("cpu"))
-    assert [r["setting"] for r in rows] == ["uni-class"] * 10 + ["multi-class"] * 10
-    assert [r["split"] for r in rows[:3]] == ["0", "1", "2"] and rows[10]["split"] == "except-0"
+    assert [r["setting"] for r in rows] == ["uni-class"] * 20 + ["multi-class"] * 20
+    assert [r["rule"] for r in rows[:4]] == ["boxes", "patch-mean"] * 2
+    assert [r["split"] for r in rows[:6:2]] == ["0", "1", "2"] and rows[20]["split"] == "except-0"
     assert all(0.0 <= r["auroc"] <= 1.0 for r in rows)
     with pytest.raises(NdbenchError, match="build-splits"):
         oracle_aurocs(splits_root.parent / "nothing-here", random_vit)
+
+
+def test_oracle_command_prints_both_rules_per_setting(random_vit, splits_root, capsys):
+    from benchmark.cli import main
+
+    assert main(["oracle", "--splits", str(splits_root), "--weights", str(random_vit), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith(("| uni-class", "| multi-class"))]
+    assert [row[:2] for row in rows] == [["multi-class", "boxes"], ["multi-class", "patch-mean"],
+                                         ["uni-class", "boxes"], ["uni-class", "patch-mean"]]
+    assert all(len(row) == 2 + 10 + 1 for row in rows)  # setting, rule, 10 classes, AVG
