@@ -81,7 +81,8 @@ def test_defaults_follow_the_official_cifar10_recipe():
     assert (c.lr, c.epochs, c.milestones, c.batch_size, c.weight_decay) == (1e-4, 150, (50,), 200, 5e-7)
     assert (c.ae_lr, c.ae_epochs, c.ae_milestones, c.ae_batch_size, c.ae_weight_decay) == (1e-4, 350, (250,), 200,
                                                                                              5e-7)
-    assert DSVDDDetector.with_preset("embedded").config.img_size == 64
+    embedded = DSVDDDetector.with_preset("embedded").config
+    assert (embedded.img_size, embedded.ae_epochs, embedded.epochs) == (32, 1, 1)
     with pytest.raises(NdbenchError, match="activation"):
         DSVDDDetector(activation="relu")
 
