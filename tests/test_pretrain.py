@@ -172,7 +172,7 @@ def test_pretraining_starts_the_vit_stem_from_its_teacher(tmp_path, monkeypatch)
 
     monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
     data = EmbeddedConfig(n_train_scenes=20, n_test_scenes=20, n_pretrain_images=64)
-    recipe = PretrainRecipe(epochs=0, teacher_epochs=1, batch_size=32)
+    recipe = PretrainRecipe(epochs=0, teacher_epochs=1, batch_size=32, cosine_epochs=0.0)
     teacher = pretrain(CNN, out=tmp_path / "cnn.safetensors", data=data, recipe=cnn_recipe(recipe))
     vit = pretrain(VIT, out=tmp_path / "vit.safetensors", data=data, recipe=recipe, teacher_weights=teacher.weights)
     cnn_state, vit_state = load_file(str(teacher.weights)), load_file(str(vit.weights))
