@@ -18,8 +18,8 @@ from .runner import RunOptions, expand_jobs
 # Methods of the default demo: the sanity baseline, the paper's method with and without its
 # dense tuning, and the paper's strongest competitor. Measured on 2 idle cores, cold, with the
 # shipped backbones and two one-thread jobs side by side (`--parallel auto`): per uni-class
-# split (fit + score) knn ~1.6 s, mkd ~12.6 s, defend ~26.5 s, transformaly ~11.3 s; 4 min 50 s
-# in all with the scenes and splits (empty cache).
+# split (fit) knn ~1.2 s, mkd ~9.1 s, defend ~21.9 s, transformaly ~8.2 s; 4 min 56 s in all
+# with scoring, the scenes and the splits (empty cache).
 DEMO_METHODS = ("knn", "mkd", "defend", "transformaly")
 SETTINGS_DEFAULT = ("uni-class",)
 SETTINGS_FULL = ("uni-class", "multi-class")
