@@ -148,6 +148,11 @@ def head_classes(pool_classes: tuple[str, ...], recipe: PretrainRecipe) -> tuple
     return pool_classes + ((BACKGROUND,) if recipe.token_labels == "box" else ())
 
 
+def background_index(classes: tuple[str, ...]) -> int:
+    """The head output of the background class, -1 when the head has none."""
+    return classes.index(BACKGROUND) if BACKGROUND in classes else -1
+
+
 def default_weights_path(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> Path:
     """The cache file of a pre-training run."""
     return cache_root() / "pretrained" / f"{arch}-{pretrain_key(arch, data, recipe)}.safetensors"
@@ -211,8 +216,8 @@ def pretrain(
         with Progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task(f"fine-tuning {arch} (cosine classifier)", total=cosine_steps(recipe, len(train)))
             cosine_finetune(model, torch.from_numpy(pool.images), torch.from_numpy(pool.labels).long(),
-                            torch.from_numpy(pool.boxes).long(), train, recipe, classes.index(BACKGROUND)
-                            if BACKGROUND in classes else -1, device, progress, task)
+                            torch.from_numpy(pool.boxes).long(), train, recipe, background_index(classes),
+                            device, progress, task)
         seconds = first.train_seconds + time.perf_counter() - start
     else:
         hold, train, seconds = _train_first_stage(model, arch, pool, classes, data, recipe, device, console,
@@ -275,7 +280,7 @@ def _train_first_stage(model: nn.Module, arch: str, pool, classes: tuple[str, ..
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(recipe.epochs * steps_per_epoch, recipe.warmup_fraction))
     train_index = torch.from_numpy(train)
-    background = classes.index(BACKGROUND) if BACKGROUND in classes else -1
+    background = background_index(classes)
     start = time.perf_counter()
     with Progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"pre-training {arch}", total=recipe.epochs * steps_per_epoch)
