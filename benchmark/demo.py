@@ -19,7 +19,7 @@ from .runner import RunOptions, expand_jobs
 # dense tuning, and the paper's strongest competitor. Measured on 2 idle cores, cold, with the
 # shipped backbones and two one-thread jobs side by side (`--parallel auto`): per uni-class
 # split (fit) knn ~1.2 s, mkd ~9.1 s, defend ~21.9 s, transformaly ~8.2 s; 4 min 56 s in all
-# with scoring, the scenes and the splits (empty cache).
+# with scoring, the scenes and the splits (empty cache), up to 5 min 31 s on slower days.
 DEMO_METHODS = ("knn", "mkd", "defend", "transformaly")
 SETTINGS_DEFAULT = ("uni-class",)
 SETTINGS_FULL = ("uni-class", "multi-class")
