@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -31,13 +32,16 @@ from methods.runtime import available_cpus
 
 from .interrupts import Interrupted
 from .runner import (
+    DONE,
     FAILED,
     Job,
     JobResult,
     RunOptions,
     build_detector,
+    finished_record,
     interrupted_after,
     job_progress,
+    job_record_path,
     print_notes,
     safe_run_job,
 )
@@ -194,6 +198,7 @@ def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: C
     threads = max(1, available_cpus() // parallel)
     results: dict[int, JobResult] = {}
     tries = [0] * len(jobs)
+    submitted = [0.0] * len(jobs)
     pool = _Pool(min(parallel, max(1, len(jobs))), threads)
     pool.start()
     try:
@@ -212,6 +217,7 @@ def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: C
             while waiting and len(pool.running) < pool.size:
                 number = waiting.pop(0)
                 tries[number] += 1
+                submitted[number] = time.time()
                 pool.submit(number, jobs[number], options)
             done, _ = wait(pool.running, timeout=0.5, return_when=FIRST_COMPLETED)
             broken = False
@@ -221,10 +227,11 @@ def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: C
                     result = future.result()
                 except BrokenProcessPool:
                     broken = True
-                    if tries[number] <= options.retries:
+                    result = _written_before_break(jobs[number], options, submitted[number])
+                    if result is None and tries[number] <= options.retries:
                         waiting.insert(0, number)
                         continue
-                    result = _died(jobs[number], tries[number])
+                    result = result or _died(jobs[number], tries[number])
                 results[number] = result
                 print_notes(result, progress, console)
                 if on_result:
@@ -246,6 +253,17 @@ def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: C
         if progress is not None:
             progress.stop()
         pool.executor.shutdown(wait=True)
+
+
+def _written_before_break(job: Job, options: RunOptions, since: float) -> JobResult | None:
+    """The job as done when its worker wrote its record (after `since`, the time it was
+    submitted) before the pool broke: a sibling worker's death fails every running future,
+    finished or not, and a retry would report such a job as skipped."""
+    path = job_record_path(job, options)
+    record, _ = finished_record(path)
+    if record is None or path.stat().st_mtime < since:
+        return None
+    return JobResult(job, DONE, path, record.metrics["auroc"])
 
 
 def _died(job: Job, tries: int) -> JobResult:

@@ -6,13 +6,14 @@ again. Interrupts of a parallel CLI run are tested in test_faults_processes.py."
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 from small_splits import fresh_out
 
 from benchmark.executors import execute
-from benchmark.parallel import auto_parallel, parse_parallel, start_order
+from benchmark.parallel import _written_before_break, auto_parallel, parse_parallel, start_order
 from benchmark.records import load_records, scores_path
 from benchmark.runner import DONE, FAILED, SKIPPED, RunOptions, expand_jobs
 from datasets_builders.errors import NdbenchError
@@ -108,6 +109,22 @@ def test_a_killed_worker_fails_its_jobs_the_others_go_on_and_a_rerun_completes_t
     assert all(r.status in (DONE, SKIPPED) for r in results), [r.error for r in results]
     assert sorted(outcome(out)) == ["0", "1", "2", "3"]
     assert not list((out / "runs").rglob("*.lock"))
+
+
+def test_a_job_whose_record_its_broken_worker_wrote_counts_as_done(splits_root, tmp_path, markers, faulty):
+    # When one worker dies the pool fails every running future, also that of a sibling job that
+    # had already written its record: it must count as done, not be run again (and reported as
+    # skipped), while a record older than the attempt or no record at all leaves it to retry.
+    out = fresh_out(splits_root, tmp_path)
+    jobs, options = jobs_and_options(out, markers, "none", classes=(0, 1))
+    before = time.time() - 1.0
+    assert _written_before_break(jobs[0], options, before) is None  # nothing written yet
+    assert [r.status for r in execute(jobs[:1], options, "local")] == [DONE]
+    result = _written_before_break(jobs[0], options, before)
+    assert result is not None and result.status == DONE and result.record.is_file()
+    assert result.auroc == load_records(out)[0].metrics["auroc"]
+    assert _written_before_break(jobs[0], options, time.time() + 60.0) is None  # written before the attempt
+    assert _written_before_break(jobs[1], options, before) is None
 
 
 @pytest.mark.slow
