@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rich.console import Console
 
@@ -102,10 +102,10 @@ def start_order(jobs: list[Job], options: RunOptions) -> list[int]:
     device = resolve_device(options.device)
     # Passes per image follow the method's configuration and the dataset, not the split or the
     # seed: one cost model per configuration (building one may build the backbone, ~0.1 s).
-    by_config: dict[tuple, float] = {}
+    by_config: dict[Job, float] = {}
     cost = []
     for job in jobs:
-        key = (job.method, job.dataset, job.setting, job.overrides, job.preset)
+        key = replace(job, split="", seed=0)
         if key not in by_config:
             model = build_detector(job, options).cost_model(device, job.split_id)
             by_config[key] = 0.0 if model is None else model.trained_per_train_image + model.trained_per_test_image
