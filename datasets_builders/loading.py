@@ -279,6 +279,24 @@ def fetch_items(data: Dataset, items: list[int]) -> list:
     return batched(list(items)) if batched is not None else [data[item] for item in items]
 
 
+class IndexedImages(Dataset):
+    """The input images of a dataset's items with their positions, `(tensor, item)`, so what is
+    computed from a batch can be stored by item."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        return self.data[item][0], item
+
+    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, int]]:
+        """Several items at once, fetched together when the dataset can (a stored batch)."""
+        return [(got[0], item) for got, item in zip(fetch_items(self.data, items), items, strict=True)]
+
+
 def decodes_files(data: Dataset) -> bool:
     """Whether reading `data` decodes image files (so DataLoader workers pay off)."""
     found = base_items(data)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datasets_builders.errors import NdbenchError
+from datasets_builders.loading import IndexedImages
 
 from .base import BaseDetector, tracked
 from .registry import register
@@ -359,17 +360,6 @@ def svdd_step(net: nn.Module, x: Tensor, c: Tensor) -> Tensor:
     return (net(x) - c).pow(2).sum(dim=1).mean()
 
 
-class _Indexed(Dataset):
-    def __init__(self, data: Dataset):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, item: int) -> Tensor:
-        return self.data[item][0]
-
-
 class _TrainImages:
     """The preprocessed training images, decoded once and kept in memory when they fit the
     budget; else read (and preprocessed) batch by batch each epoch."""
@@ -391,7 +381,7 @@ class _TrainImages:
             torch.device("cpu"))
         chunks: list[Tensor] = []
         lo, hi = float("inf"), float("-inf")
-        for x in tracked(detector.loader(_Indexed(dataset)), progress, "dsvdd: loading images"):
+        for x, _ in tracked(detector.loader(IndexedImages(dataset)), progress, "dsvdd: loading images"):
             if detector.config.gcn:
                 g = global_contrast_normalization(x)
                 lo, hi = min(lo, float(g.min())), max(hi, float(g.max()))
@@ -414,8 +404,9 @@ class _TrainImages:
         n = len(self.dataset)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         if self.images is None:
-            loader = DataLoader(Subset(_Indexed(self.dataset), order.tolist()), batch_size=batch_size, num_workers=0)
-            for x in tracked(loader, progress, description):
+            loader = DataLoader(Subset(IndexedImages(self.dataset), order.tolist()), batch_size=batch_size,
+                                num_workers=0)
+            for x, _ in tracked(loader, progress, description):
                 yield self.detector.preprocess(x.to(device))
             return
         chunks = order.split(batch_size)

@@ -42,7 +42,7 @@ from datasets_builders.atomic import atomic_write_text
 from datasets_builders.counts import Counts
 from datasets_builders.embedded import cache_root
 from datasets_builders.image_store import ImageKey
-from datasets_builders.loading import fetch_items
+from datasets_builders.loading import IndexedImages
 
 FEATURES_KIND = "features"
 # Bump when a change to ndbench alters cached outputs for unchanged keys.
@@ -130,22 +130,6 @@ def file_sha256(path: Path) -> str:
     except Exception:  # noqa: BLE001 - the memo is an optimisation; an unwritable cache must not fail the job
         pass
     return value
-
-
-class _Items(Dataset):
-    """The input tensors of a dataset's items with their item numbers."""
-
-    def __init__(self, data: Dataset):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, item: int) -> tuple[Tensor, int]:
-        return self.data[item][0], item
-
-    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, int]]:
-        return [(got[0], item) for got, item in zip(fetch_items(self.data, items), items, strict=True)]
 
 
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -248,7 +232,7 @@ class FeatureCache:
         chunks: dict[str, list[np.ndarray]] = {}
         memory_rows = np.full(n, -1, dtype=np.int64)
         if len(missing):
-            batches = loader(Subset(_Items(images), missing.tolist()))
+            batches = loader(Subset(IndexedImages(images), missing.tolist()))
             from .base import tracked  # here, not at the top: base imports this module
 
             kept = 0

@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from datasets_builders.errors import NdbenchError
 from datasets_builders.image_store import Normalise, ResizeCropDecode, StagedTransform
+from datasets_builders.loading import IndexedImages
 
 from .backbones import create_backbone
 from .base import BaseDetector, autocast, tracked
 from .cost import CostModel, FrozenPass
 from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
-from .memory import HeldInputs, Indexed, TableRows, cache_device
+from .memory import HeldInputs, TableRows, cache_device
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
@@ -499,7 +500,7 @@ def _images_in_memory(detector: BaseDetector, data: Dataset, *, device: torch.de
         return None
     store = cache_device(size, device)
     images = torch.empty((len(data), *first.shape), device=store)
-    for x, idx in tracked(detector.loader(Indexed(data)), progress, f"{detector.name}: loading images"):
+    for x, idx in tracked(detector.loader(IndexedImages(data)), progress, f"{detector.name}: loading images"):
         images[idx.to(store)] = x.to(store)
     return images
 
@@ -513,7 +514,7 @@ def _batches(data: Dataset, images: Tensor | None, batch_size: int, device: torc
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     chunks = order.split(batch_size)
     if images is None:
-        loader = DataLoader(Subset(Indexed(data), order.tolist()), batch_size=batch_size, num_workers=0)
+        loader = DataLoader(Subset(IndexedImages(data), order.tolist()), batch_size=batch_size, num_workers=0)
         for x, idx in tracked(loader, progress, description):
             yield x.to(device), idx
         return

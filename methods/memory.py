@@ -14,7 +14,7 @@ from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datasets_builders.loading import fetch_items
+from datasets_builders.loading import IndexedImages, fetch_items
 
 from .base import BaseDetector, tracked
 from .features import FeatureTable
@@ -22,23 +22,6 @@ from .features import FeatureTable
 # ndbench choice: cached images and unit-length targets lose < 1e-3 (under 1/8 of an 8-bit grey
 # level for images) in half precision, and take half the memory.
 CACHE_DTYPE = torch.float16
-
-
-class Indexed(Dataset):
-    """A dataset's images with their positions, so cached targets can be looked up."""
-
-    def __init__(self, data: Dataset):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, item: int) -> tuple[Tensor, int]:
-        return self.data[item][0], item
-
-    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, int]]:
-        """Several items at once, fetched together when the dataset can (a stored batch)."""
-        return [(got[0], item) for got, item in zip(fetch_items(self.data, items), items, strict=True)]
 
 
 class TrainImages:
@@ -56,7 +39,7 @@ class TrainImages:
              progress: Progress | None) -> TrainImages:
         """Decode `dataset` once into memory, unless it exceeds `budget` bytes."""
         images, store = None, None
-        loader = detector.loader(Indexed(dataset), batch_size=64)
+        loader = detector.loader(IndexedImages(dataset), batch_size=64)
         for x, idx in tracked(loader, progress, f"{detector.name}: loading training images"):
             if images is None:  # the size from the first batch: no extra decode to probe it
                 size = len(dataset) * x[0].numel() * CACHE_DTYPE.itemsize
@@ -76,7 +59,7 @@ class TrainImages:
         from `generator`, or in dataset order without one."""
         n = len(self.dataset)
         if self.images is None:
-            loader = self.detector.loader(Indexed(self.dataset), batch_size=batch_size,
+            loader = self.detector.loader(IndexedImages(self.dataset), batch_size=batch_size,
                                           shuffle=generator is not None,
                                           seed=draw_seed(generator) if generator is not None else 0)
             for x, idx in tracked(loader, progress, description):

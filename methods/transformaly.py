@@ -28,12 +28,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from datasets_builders.errors import NdbenchError
+from datasets_builders.loading import IndexedImages
 
 from .backbones import ViTFeatures, create_backbone
 from .base import BaseDetector, autocast, fused_adam, tracked
 from .cost import CostModel, FrozenPass
 from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
-from .memory import Indexed, TableRows
+from .memory import TableRows
 from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
 from .registry import register
 
@@ -333,7 +334,7 @@ class TransformalyDetector(BaseDetector):
         `generator` or in dataset order without one; from the cache, else from the teacher."""
         if cache is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator else 0
-            loader = self.loader(Indexed(train), shuffle=generator is not None, seed=seed)
+            loader = self.loader(IndexedImages(train), shuffle=generator is not None, seed=seed)
             for x, _ in tracked(loader, progress, description):
                 states, cls = self._teacher_pass(x, device)
                 self.teacher_images += len(x)
