@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -20,6 +21,7 @@ from methods.backbones import ViTFeatures, create_backbone
 from methods.defend import DefendDetector, MKDDetector, dense_epochs, num_prototypes
 from methods.multicrop import MultiCropSpec, MultiCropViews, relative_boxes, sample_crop_boxes
 from methods.registry import get
+from methods.runtime import JobRuntime
 
 CPU = torch.device("cpu")
 
@@ -124,6 +126,37 @@ def test_views_are_cut_from_the_original_resolution():
     assert all(torch.equal(a, b) for a, b in zip(crops, again, strict=True))  # same (seed, epoch, item)
     views.epoch = 1
     assert not torch.equal(views[0][0][0], crops[0])
+
+
+class PidRecordingToy(ToyDataset):
+    """The toy images, appending the pid of the process that reads each one to `log`."""
+
+    def __init__(self, log, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = log
+
+    def __getitem__(self, item: int):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return super().__getitem__(item)
+
+
+def test_dense_views_are_cut_in_the_runtimes_workers_with_the_same_result(tmp_path):
+    scores, readers = [], []
+    test = ToyDataset(8, 8, seed=6)
+    for workers in (0, 2):
+        log = tmp_path / f"pids-{workers}"
+        detector = get("defend", **TINY_CONFIG, epochs=1, dense_epochs=2, dense_batch_size=8)
+        runtime = JobRuntime.in_memory()
+        runtime.workers = workers
+        detector.use_runtime(runtime)
+        torch.manual_seed(0)
+        detector.fit(PidRecordingToy(log, 16, 0, seed=5), device=CPU)
+        scores.append(detector.score(test, device=CPU))
+        readers.append(set(log.read_text().split()))
+    assert readers[0] == {str(os.getpid())}
+    assert readers[1] - {str(os.getpid())}  # the views were cut in worker processes
+    np.testing.assert_array_equal(scores[0], scores[1])
 
 
 # --- DEFEND: which parameters learn, the EMA teacher, the queue --------------------------------
