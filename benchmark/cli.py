@@ -291,8 +291,8 @@ def run_command(
     ] = False,
     workers: Annotated[
         int | None,
-        typer.Option(help="DataLoader worker processes that decode image files and cut defend's crops "
-                     "(0: in the main process). Default: one per CPU but one, at most 8."),
+        typer.Option(help="DataLoader worker processes that decode image files (and, on a GPU, cut "
+                     "defend's crops); 0: in the main process. Default: one per CPU but one, at most 8."),
     ] = None,
     cache: Annotated[
         bool,

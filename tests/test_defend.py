@@ -16,9 +16,10 @@ from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
 from datasets_builders.errors import NdbenchError
+from methods import defend as defend_module
 from methods import defend_model as dm
 from methods.backbones import ViTFeatures, create_backbone
-from methods.defend import DefendDetector, MKDDetector, dense_epochs, num_prototypes
+from methods.defend import DefendDetector, MKDDetector, dense_epochs, num_prototypes, view_workers
 from methods.multicrop import MultiCropSpec, MultiCropViews, relative_boxes, sample_crop_boxes
 from methods.registry import get
 from methods.runtime import JobRuntime
@@ -141,15 +142,19 @@ class PidRecordingToy(ToyDataset):
         return super().__getitem__(item)
 
 
-def test_dense_views_are_cut_in_the_runtimes_workers_with_the_same_result(tmp_path):
+def test_dense_views_are_cut_in_the_runtimes_workers_on_a_gpu_only():
+    runtime = JobRuntime.in_memory()
+    runtime.workers = 3
+    assert view_workers(runtime, torch.device("cuda")) == 3 and view_workers(runtime, CPU) == 0
+
+
+def test_dense_views_cut_in_workers_give_the_same_result(tmp_path, monkeypatch):
     scores, readers = [], []
     test = ToyDataset(8, 8, seed=6)
     for workers in (0, 2):
         log = tmp_path / f"pids-{workers}"
         detector = get("defend", **TINY_CONFIG, epochs=1, dense_epochs=2, dense_batch_size=8)
-        runtime = JobRuntime.in_memory()
-        runtime.workers = workers
-        detector.use_runtime(runtime)
+        monkeypatch.setattr(defend_module, "view_workers", lambda runtime, device, n=workers: n)
         torch.manual_seed(0)
         detector.fit(PidRecordingToy(log, 16, 0, seed=5), device=CPU)
         scores.append(detector.score(test, device=CPU))
