@@ -6,7 +6,8 @@
   passes per distinct image; and the wall-time speed-ups, measured back to back. The same for
   a few `mkd` jobs (its untuned teacher's passes are cached; its student trains in every job).
 - Loader: a generated tree of VOC-sized JPEGs decoded and resized to 224 px by DataLoaders
-  with 0, 1 and N workers, and read back from the image store.
+  with 0, 1 and N workers, and read back from the image store; `defend`'s multi-crop views cut
+  from them with 0 and N workers.
 
 Everything is written under a throw-away folder (`work`), the store included.
 """
@@ -23,7 +24,7 @@ import PIL.Image
 import torch
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from datasets_builders.array_store import ArrayStore
 from datasets_builders.image_store import ImageStore, Normalise, ResizeDecode, StagedTransform
@@ -31,6 +32,7 @@ from datasets_builders.index import DatasetIndex, IndexRow
 from datasets_builders.loading import ManifestDataset, load_split
 from datasets_builders.splits import Manifest
 from methods.backbones import create_backbone
+from methods.multicrop import MultiCropSpec, MultiCropViews
 from methods.runtime import CacheSettings, default_workers
 
 from .bench import BenchRow
@@ -44,6 +46,8 @@ MIN_SPEEDUP_COLD = 2.5
 MIN_SPEEDUP_WARM = 10.0
 MIN_STORE_OVER_DECODE = 5.0
 MODES = ("off", "cold", "warm")
+# Images whose `defend` views the loader section cuts (~16 ms each on one core at 224 px).
+VIEWS_IMAGES = 256
 # The mkd run-level figures on a CPU: two uni-class jobs whose students train 1 epoch. The
 # counted teacher passes and decodes do not depend on epochs or on how many jobs share the
 # store; time does: the 10 jobs x 3 modes at 1 epoch took 6 min 15 s of a 9 min 19 s bench on
@@ -198,6 +202,25 @@ def jpeg_tree(folder: Path, n: int, size: tuple[int, int] = (500, 375),
     return index, manifest
 
 
+def defend_views_speed(data: ManifestDataset, workers: int, n_images: int,
+                       report: Callable[[str], None] = print) -> list[BenchRow]:
+    """Images/s of cutting `defend`'s multi-crop views (the released 2 x 224 + 4 x 96 px) from
+    the first `n_images` of `data`'s original files, with 0 and `workers` DataLoader workers (on
+    a GPU its dense phase cuts them in `--workers` processes)."""
+    views = Subset(MultiCropViews(data, MultiCropSpec(), (0.5,) * 3, (0.5,) * 3, seed=0), range(n_images))
+    rows, speeds = [], {}
+    for count in sorted({0, workers}):
+        report(f"cutting defend's views of {n_images} JPEGs, {count} workers")
+        start = time.perf_counter()
+        for _ in DataLoader(views, batch_size=32, num_workers=count):
+            pass
+        speeds[count] = n_images / (time.perf_counter() - start)
+        rows.append(BenchRow(f"defend multi-crop views, {count} workers", speeds[count], "images/s"))
+    if workers > 0:
+        rows.append(BenchRow(f"defend views, {workers} / 0 workers", speeds[workers] / speeds[0], "x"))
+    return rows
+
+
 def _images_per_second(data: ManifestDataset, workers: int, batch_size: int) -> float:
     start = time.perf_counter()
     seen = sum(len(x) for x, _, _ in DataLoader(data, batch_size=batch_size, num_workers=workers))
@@ -218,6 +241,7 @@ def loader_speed(work: Path, report: Callable[[str], None] = print, n_images: in
         report(f"decoding {n_images} JPEGs to {img_size} px, {count} workers")
         speeds[count] = _images_per_second(data, count, batch_size)
         rows.append(BenchRow(f"decode + resize, {count} workers", speeds[count], "images/s"))
+    rows += defend_views_speed(data, workers, min(n_images, VIEWS_IMAGES), report)
     stored = ManifestDataset(index, manifest, "test", transform=transform,
                              store=ImageStore(ArrayStore(Path(work) / "store")))
     report("filling the image store")

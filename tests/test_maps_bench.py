@@ -181,3 +181,6 @@ def test_loader_speed_reads_the_store_and_decodes_with_workers(tmp_path):
     assert ratio.value == pytest.approx(rows["read from the image store, 0 workers"].value
                                         / rows["decode + resize, 1 workers"].value)
     assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 8
+    views = rows["defend views, 2 / 0 workers"]
+    assert views.value == pytest.approx(rows["defend multi-crop views, 2 workers"].value
+                                        / rows["defend multi-crop views, 0 workers"].value)
