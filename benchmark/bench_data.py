@@ -24,7 +24,7 @@ import PIL.Image
 import torch
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from datasets_builders.array_store import ArrayStore
 from datasets_builders.image_store import ImageStore, Normalise, ResizeDecode, StagedTransform
@@ -211,20 +211,18 @@ def defend_views_speed(data: ManifestDataset, workers: int, n_images: int,
     rows, speeds = [], {}
     for count in sorted({0, workers}):
         report(f"cutting defend's views of {n_images} JPEGs, {count} workers")
-        start = time.perf_counter()
-        for _ in DataLoader(views, batch_size=32, num_workers=count):
-            pass
-        speeds[count] = n_images / (time.perf_counter() - start)
+        speeds[count] = _images_per_second(views, count, 32)
         rows.append(BenchRow(f"defend multi-crop views, {count} workers", speeds[count], "images/s"))
     if workers > 0:
         rows.append(BenchRow(f"defend views, {workers} / 0 workers", speeds[workers] / speeds[0], "x"))
     return rows
 
 
-def _images_per_second(data: ManifestDataset, workers: int, batch_size: int) -> float:
+def _images_per_second(data: Dataset, workers: int, batch_size: int) -> float:
     start = time.perf_counter()
-    seen = sum(len(x) for x, _, _ in DataLoader(data, batch_size=batch_size, num_workers=workers))
-    return seen / (time.perf_counter() - start)
+    for _ in DataLoader(data, batch_size=batch_size, num_workers=workers):
+        pass
+    return len(data) / (time.perf_counter() - start)
 
 
 def loader_speed(work: Path, report: Callable[[str], None] = print, n_images: int = 1000, img_size: int = 224,
