@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from datasets_builders.embedded import N_CLASSES
 from methods.registry import available
 
 from .console import stderr_console, stdout_console
 from .executors import execute
-from .parallel import jobs_at_once
+from .parallel import early_workers, jobs_at_once
 from .records import load_records_at
 from .report import build_report
 from .reporting import print_tables, report_results
@@ -37,10 +38,14 @@ def run_demo(*, full: bool, out: Path, device: str, force: bool, parallel: int |
     start = time.perf_counter()
     options = RunOptions(out=out, device=device, force=force)
     settings = list(SETTINGS_FULL if full else SETTINGS_DEFAULT)
-    jobs = expand_jobs(demo_methods(full), dataset="embedded", settings=settings, classes=None,
-                       seeds=[0], options=options)
-    at_once = jobs_at_once(parallel, device, len(jobs))
-    results = execute(jobs, options, "local", console=stderr_console(), parallel=at_once)
+    methods = demo_methods(full)
+    # One job per method, setting and class (the embedded dataset has a split per class): the
+    # workers start before the jobs are expanded, which generates the scenes on a first run.
+    at_once = jobs_at_once(parallel, device, len(methods) * len(settings) * N_CLASSES)
+    with early_workers(at_once) as pool:
+        jobs = expand_jobs(methods, dataset="embedded", settings=settings, classes=None, seeds=[0],
+                           options=options)
+        results = execute(jobs, options, "local", console=stderr_console(), parallel=at_once, pool=pool)
     records = load_records_at([r.record for r in results if r.record is not None])
     paths = print_tables(out, records, "embedded", settings, paper=False)
     code = report_results(results, stderr_console())

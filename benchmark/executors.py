@@ -17,7 +17,7 @@ from rich.console import Console
 from datasets_builders.errors import NdbenchError, WriteFailure
 
 from .interrupts import Interrupted, signals_raise_keyboard_interrupt
-from .parallel import run_parallel
+from .parallel import WorkerPool, run_parallel
 from .runner import (
     FAILED,
     Job,
@@ -211,14 +211,16 @@ def _cancel(ray, pending: dict) -> list[JobResult]:
 def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_address: str | None = None,
             console: Console | None = None,
             on_result: Callable[[JobResult], None] | None = None,
-            resources: RayResources = RayResources(), parallel: int = 1) -> list[JobResult]:
+            resources: RayResources = RayResources(), parallel: int = 1,
+            pool: WorkerPool | None = None) -> list[JobResult]:
     """Prepare shared work once, then run the jobs with the chosen executor; `local` runs
-    `parallel` jobs at a time (in worker processes when more than one)."""
+    `parallel` jobs at a time (in worker processes when more than one: those of `pool`, when
+    started early by `parallel.early_workers`)."""
     if executor not in EXECUTORS:
         raise NdbenchError(f"unknown executor {executor!r}", "use local or ray")
     if executor == "local" and parallel > 1 and len(jobs) > 1:
         return run_parallel(jobs, options, parallel, console, on_result,
-                            before=lambda: prepare(jobs, options))
+                            before=lambda: prepare(jobs, options), pool=pool)
     prepare(jobs, options)
     if executor == "ray":
         return run_ray(jobs, options, ray_address, console, on_result, resources)

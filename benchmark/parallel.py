@@ -18,9 +18,10 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from rich.console import Console
@@ -150,8 +151,9 @@ def _ready() -> None:
 
 
 @dataclass
-class _Pool:
-    """A process pool and the jobs (by number) it is running."""
+class WorkerPool:
+    """A process pool of `size` workers on `threads` torch threads each, and the jobs (by
+    number) it is running."""
 
     size: int
     threads: int
@@ -172,11 +174,15 @@ class _Pool:
     def submit(self, number: int, job: Job, options: RunOptions) -> None:
         self.running[self.executor.submit(_run_in_worker, job, options, self.threads)] = number
 
+    def processes(self) -> list[multiprocessing.Process]:
+        """The worker processes started so far."""
+        # The executor has no public way to list or signal its workers (Python 3.14 adds one).
+        return list((getattr(self.executor, "_processes", None) or {}).values())
+
     def stop(self) -> list[JobResult]:
         """Stop every worker (one SIGTERM each), wait for them, and return the results of
         jobs that finished meanwhile."""
-        # The executor has no public way to signal its workers (Python 3.14 adds one).
-        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        processes = self.processes()
         self.executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             if process.is_alive():
@@ -189,18 +195,44 @@ class _Pool:
         return [f.result() for f in done if not f.cancelled() and f.exception() is None]
 
 
+def new_pool(parallel: int, workers: int | None = None) -> WorkerPool:
+    """A pool of `workers` (default `parallel`) worker processes, each on `cpus // parallel`
+    torch threads, started now."""
+    pool = WorkerPool(parallel if workers is None else workers, max(1, available_cpus() // parallel))
+    pool.start()
+    return pool
+
+
+@contextmanager
+def early_workers(parallel: int) -> Iterator[WorkerPool | None]:
+    """Worker processes started before the jobs are known, for `run_parallel` to use: each
+    spends seconds importing torch, which overlaps whatever this process does meanwhile
+    (generating the embedded scenes: ~13 s on one core, the other one idle). None for one job
+    at a time. The pool is stopped on leaving."""
+    pool = new_pool(parallel) if parallel > 1 else None
+    try:
+        yield pool
+    except BaseException:
+        if pool is not None:
+            pool.stop()
+        raise
+    finally:
+        if pool is not None:
+            pool.executor.shutdown(wait=True)
+
+
 def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: Console | None = None,
                  on_result: Callable[[JobResult], None] | None = None,
-                 before: Callable[[], None] = lambda: None) -> list[JobResult]:
+                 before: Callable[[], None] = lambda: None, pool: WorkerPool | None = None) -> list[JobResult]:
     """Run jobs `parallel` at a time in worker processes, each on `cpus // parallel` torch
-    threads; return their results in job order. `before` runs in this process while the
-    workers start (the run's shared preparation)."""
-    threads = max(1, available_cpus() // parallel)
+    threads (in `pool` when given: one from `early_workers`); return their results in job
+    order. `before` runs in this process while the workers start (the run's shared preparation)."""
     results: dict[int, JobResult] = {}
     tries = [0] * len(jobs)
     submitted = [0.0] * len(jobs)
-    pool = _Pool(min(parallel, max(1, len(jobs))), threads)
-    pool.start()
+    if pool is None:
+        pool = new_pool(parallel, min(parallel, max(1, len(jobs))))
+    threads = pool.threads
     try:
         before()
         waiting = start_order(jobs, options)
@@ -240,7 +272,7 @@ def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: C
                     progress.advance(task)
             if broken:  # a fresh pool for the jobs still to run
                 pool.executor.shutdown(wait=True)
-                pool = _Pool(pool.size, threads)
+                pool = WorkerPool(pool.size, threads)
         return [results[number] for number in range(len(jobs))]
     except (Interrupted, KeyboardInterrupt) as exc:
         late = pool.stop()

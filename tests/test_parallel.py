@@ -13,7 +13,7 @@ import pytest
 from small_splits import fresh_out
 
 from benchmark.executors import execute
-from benchmark.parallel import _written_before_break, auto_parallel, parse_parallel, start_order
+from benchmark.parallel import _written_before_break, auto_parallel, early_workers, parse_parallel, start_order
 from benchmark.records import load_records, scores_path
 from benchmark.runner import DONE, FAILED, SKIPPED, RunOptions, expand_jobs
 from datasets_builders.errors import NdbenchError
@@ -90,6 +90,37 @@ def test_parallel_jobs_write_the_records_of_a_run_one_job_at_a_time(splits_root,
     assert outcome(parallel_out) == outcome(one_out)
     assert not list((parallel_out / "runs").rglob("*.lock"))
     assert [r.status for r in execute(jobs, options, "local", parallel=2)] == [SKIPPED] * 4
+
+
+@pytest.mark.slow
+def test_workers_started_before_the_jobs_are_known_run_them(splits_root, tmp_path, markers, faulty):
+    # The demo starts its workers before it expands the jobs (which may generate the scenes).
+    out = fresh_out(splits_root, tmp_path)
+    with early_workers(2) as pool:
+        started = {process.pid for process in pool.processes()}
+        jobs, options = jobs_and_options(out, markers, "none")
+        results = execute(jobs, options, "local", parallel=2, pool=pool)
+    assert [r.status for r in results] == [DONE] * 4, [r.error for r in results]
+    assert len(started) == 2 and {pid for _, pid in fits(markers)} <= started
+    assert not any(_alive(pid) for pid in started)
+
+
+def test_early_workers_stop_when_the_work_before_the_jobs_fails():
+    with pytest.raises(NdbenchError, match="no such split"):
+        with early_workers(2) as pool:
+            started = {process.pid for process in pool.processes()}
+            raise NdbenchError("no such split", "build it")
+    assert len(started) == 2 and not any(_alive(pid) for pid in started)
+    with early_workers(1) as pool:
+        assert pool is None  # one job at a time runs in this process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.slow
