@@ -6,8 +6,7 @@ from pathlib import Path
 
 from datasets_builders.errors import NdbenchError
 from datasets_builders.splits import parse_class_list
-from methods.backbones import HUB, NO_WEIGHTS
-from methods.pretrain import EMBEDDED_WEIGHTS
+from methods.weight_sources import EMBEDDED_WEIGHTS, HUB, NO_WEIGHTS
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
 

@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from datasets_builders.errors import NdbenchError
 
 from . import embedded_archs  # noqa: F401  (registers the ndbench_* architectures in timm)
+from .weight_sources import HUB, NO_WEIGHTS
 
-HUB = "hub"
-NO_WEIGHTS = "none"
 WEIGHTS_FIX = "pass --weights PATH (a timm/torch state dict or .safetensors) or --weights none for random init"
 # Classifier prefixes of timm models; head keys are dropped when the class count differs.
 HEAD_PREFIXES = ("head", "fc", "classifier", "head.fc", "last_linear")

@@ -32,8 +32,8 @@ from datasets_builders.errors import NdbenchError
 
 from .backbones import create_backbone, first_non_finite, read_state_dict
 from .embedded_archs import CNNStemPatchEmbed  # importing it registers the embedded archs in timm
+from .weight_sources import EMBEDDED_WEIGHTS
 
-EMBEDDED_WEIGHTS = "embedded"  # the `weights` value that means "pre-trained by ndbench"
 DEFAULT_ARCH = "ndbench_vit_embedded"
 DEFAULT_CNN = "ndbench_resnet_embedded"
 # 7: a second stage, a cosine classifier on the ViT's normalised tokens (methods.cosine_finetune);

@@ -155,3 +155,14 @@ def test_set_values_read_as_json_or_as_python_literals():
                                "weights=/data/vit.safetensors", "global_scale=[0.3, 1.0]", "name=True-ish"])
     assert parsed == {"gcn": False, "pretrain": True, "eval_batch_size": None, "epochs": 3, "lr": 1e-3,
                       "weights": "/data/vit.safetensors", "global_scale": [0.3, 1.0], "name": "True-ish"}
+
+
+def test_the_command_line_answers_help_without_importing_torch():
+    # `ndbench --help` and each command's --help are read before any work: importing the CLI
+    # must not pull in torch and timm (~6 s on a 2-core machine).
+    import subprocess
+    import sys
+
+    code = "import sys, benchmark.cli; print(sorted({'torch', 'timm', 'torchvision'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
