@@ -19,8 +19,8 @@ from .runner import RunOptions, expand_jobs
 # Methods of the default demo: the sanity baseline, the paper's method with and without its
 # dense tuning, and the paper's strongest competitor. Measured on 2 idle cores, cold, with the
 # shipped backbones and two one-thread jobs side by side (`--parallel auto`): per uni-class
-# split (fit) knn ~1.2 s, mkd ~9.1 s, defend ~21.9 s, transformaly ~8.2 s; 4 min 56 s in all
-# with scoring, the scenes and the splits (empty cache), up to 5 min 31 s on slower days.
+# split (fit) knn ~1.4 s, mkd ~10.2 s, defend ~26.8 s, transformaly ~9.0 s; 4 min 56 s to
+# 6 min 37 s in all (the machine's speed varies by day and hour), ~29 s of it before the first job.
 DEMO_METHODS = ("knn", "mkd", "defend", "transformaly")
 SETTINGS_DEFAULT = ("uni-class",)
 SETTINGS_FULL = ("uni-class", "multi-class")
