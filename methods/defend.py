@@ -39,9 +39,10 @@ from .cost import CostModel, FrozenPass
 from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
 from .memory import CACHE_DTYPE, HeldInputs, TableRows, TrainImages, cache_device, draw_seed
 from .multicrop import MultiCropSpec, MultiCropViews
-from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
+from .pretrain import resolve_weights
 from .registry import register
 from .runtime import JobRuntime
+from .weight_sources import EMBEDDED_WEIGHTS
 
 PAPER = "Salehi et al., Redefining Normal: A Novel Object-Level Approach for Multi-Object Novelty Detection, ACCV 2024"
 

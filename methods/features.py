@@ -80,7 +80,8 @@ def planned_weights_identity(backbone: str, weights: str | Path | None) -> str |
     """`weights_identity` without side effects, for a dry run: embedded weights are the shipped
     file when it fits, else the cached one; when neither exists yet they get a placeholder
     identity (nothing is stored under it)."""
-    from .pretrain import EMBEDDED_WEIGHTS, default_recipe, default_weights_path
+    from .pretrain import default_recipe, default_weights_path
+    from .weight_sources import EMBEDDED_WEIGHTS
 
     if weights == EMBEDDED_WEIGHTS:
         from datasets_builders.embedded import EmbeddedConfig

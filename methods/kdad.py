@@ -31,8 +31,9 @@ from .base import BaseDetector, autocast, tracked
 from .cost import CostModel, FrozenPass
 from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
 from .memory import HeldInputs, TableRows, cache_device
-from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
+from .pretrain import resolve_weights
 from .registry import register
+from .weight_sources import EMBEDDED_WEIGHTS
 
 PAPER = ("Salehi, Sadjadi, Baselizadeh, Rohban & Rabiee, Multiresolution Knowledge Distillation for "
          "Anomaly Detection, CVPR 2021")

@@ -22,8 +22,9 @@ from .base import BaseDetector, autocast
 from .cost import CostModel, FrozenPass
 from .defend import PAPER_TEXT, RELEASED_BACKBONE
 from .features import FrozenPart, compute_precision, frozen_weights_identity
-from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
+from .pretrain import resolve_weights
 from .registry import register
+from .weight_sources import EMBEDDED_WEIGHTS
 
 POOLED = "pooled"
 # Features stay float32 in the cache: ~3 KB per image for ViT-B, and scores equal uncached ones.

@@ -36,8 +36,9 @@ from datasets_builders.errors import NdbenchError
 
 from .backbones import create_backbone
 from .base import BaseDetector, autocast, tracked
-from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
+from .pretrain import resolve_weights
 from .registry import register
+from .weight_sources import EMBEDDED_WEIGHTS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -35,8 +35,9 @@ from .base import BaseDetector, autocast, fused_adam, tracked
 from .cost import CostModel, FrozenPass
 from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
 from .memory import TableRows
-from .pretrain import EMBEDDED_WEIGHTS, resolve_weights
+from .pretrain import resolve_weights
 from .registry import register
+from .weight_sources import EMBEDDED_WEIGHTS
 
 PAPER = "Cohen & Avidan, Transformaly - Two (Feature Spaces) Are Better Than One, CVPR Workshops 2022"
 # ndbench choice: cached teacher states lose < 1e-3 relative in half precision, and take half the memory.
