@@ -13,6 +13,7 @@ import gzip
 import math
 import pickle
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,13 @@ def build_cifar_index(root: Path, *, variant: str, labels: str = "coarse") -> Da
                 position += 1
             read.append(path)
     read.append(meta_path)
+    return _single_object_index(variant, root, rows, names, read)
+
+
+def _single_object_index(variant: str, root: Path, rows: list[IndexRow], names: Sequence[str],
+                         read: list[Path]) -> DatasetIndex:
+    """The index of a CIFAR/MNIST-style dataset (images stored in its own array files,
+    `storage` = the variant), fingerprinted by the files `read`."""
     return DatasetIndex(
         dataset=variant,
         root=Path(root),
@@ -268,14 +276,7 @@ def build_mnist_index(root: Path, *, variant: str) -> DatasetIndex:
             rows.append(IndexRow(image_id, image_id, subset, (label,)))
         read += [images_path, labels_path]
     names = MNIST_CLASS_NAMES if variant == "mnist" else FMNIST_CLASS_NAMES
-    return DatasetIndex(
-        dataset=variant,
-        root=Path(root),
-        rows=rows,
-        class_names=dict(enumerate(names)),
-        source_sha256=sha256_of_files(read),
-        storage=variant,
-    )
+    return _single_object_index(variant, root, rows, names, read)
 
 
 def _check_mnist_variant(variant: str) -> None:
