@@ -42,6 +42,7 @@ from .multicrop import MultiCropSpec, MultiCropViews
 from .pretrain import resolve_weights
 from .registry import register
 from .runtime import JobRuntime
+from .validation import CACHE_GB, DROP_RATE, MOMENTUM, STD, between, check_ranges, count, non_negative, positive
 from .weight_sources import EMBEDDED_WEIGHTS
 
 PAPER = "Salehi et al., Redefining Normal: A Novel Object-Level Approach for Multi-Object Novelty Detection, ACCV 2024"
@@ -113,13 +114,14 @@ class MKDConfig:
             raise NdbenchError(
                 f"unknown distill_layers {self.distill_layers!r}", f"use one of {', '.join(dm.LAYER_CHOICES)}"
             )
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise NdbenchError(f"mask_ratio {self.mask_ratio} is out of range", "use a value in [0, 1)")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise NdbenchError(f"eval_batch_size {self.eval_batch_size} is not positive",
-                               "give 1 or more, or leave it unset to use batch_size")
         if self.student_init not in STUDENT_INITS:
             raise NdbenchError(f"unknown student_init {self.student_init!r}", f"use one of {', '.join(STUDENT_INITS)}")
+        check_ranges(
+            self, img_size=count(), std=STD, mask_ratio=between(0, 1, high_open=True),
+            student_drop_path=DROP_RATE, lr=positive(), betas=MOMENTUM.each(nonempty=True),
+            weight_decay=non_negative(), epochs=count(), batch_size=count(),
+            eval_batch_size=count().or_none("to use batch_size"), max_cache_gb=CACHE_GB,
+        )
 
 
 STUDENT_INITS = ("mae", "timm")
@@ -168,7 +170,21 @@ class DefendConfig(MKDConfig):
         if isinstance(k, str) and k != PROTOTYPES_2X_OBSERVED or isinstance(k, int) and k < 1:
             raise NdbenchError(f"num_prototypes {k!r} is not valid",
                                f"use a positive number or {PROTOTYPES_2X_OBSERVED!r}")
-        if self.global_crops < 1 or self.local_crops < 0 or self.global_crops + self.local_crops < 2:
+        check_ranges(
+            self, tuned_blocks=count(), head_hidden=count(), head_out=count(), head_layers=count(),
+            temperature=positive(), sinkhorn_eps=positive(), sinkhorn_iters=count(),
+            global_crops=count(), local_crops=count(0),
+            global_scale=between(0, 1, low_open=True).pair(), local_scale=between(0, 1, low_open=True).pair(),
+            local_crop_px=count(), local_crop_reference_px=count(),
+            # Globals must overlap by twice this fraction of the image, which must stay below all of it.
+            min_intersection=between(0, 0.5, high_open=True), roi_size=count(),
+            momentum_teacher=between(0, 1), momentum_teacher_end=between(0, 1),
+            queue_length=count(0).because("0 turns the queue off"), queue_per_image=count(),
+            dense_lr_backbone=positive(), dense_lr_head=positive(), dense_final_lr=non_negative(),
+            dense_weight_decay=non_negative(), dense_weight_decay_end=non_negative(), dense_drop_path=DROP_RATE,
+            dense_epochs=count().or_none("to take the paper's by dataset"), dense_batch_size=count(),
+        )
+        if self.global_crops + self.local_crops < 2:
             raise NdbenchError("DEFEND needs at least one global crop and two crops in all",
                                "set global_crops >= 1 and global_crops + local_crops >= 2")
 

@@ -25,6 +25,7 @@ from datasets_builders.loading import IndexedImages
 
 from .base import BaseDetector, tracked
 from .registry import register
+from .validation import CACHE_GB, STD, check_ranges, count, non_negative, positive
 
 PAPER = ("Ruff, Vandermeulen, Goernitz, Deecke, Siddiqui, Binder, Mueller & Kloft, Deep One-Class "
          "Classification, ICML 2018")
@@ -78,11 +79,17 @@ class DSVDDConfig:
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise NdbenchError(f"unknown activation {self.activation!r}", f"use one of {', '.join(ACTIVATIONS)}")
-        if self.img_size < STRIDE:
-            raise NdbenchError(f"img_size {self.img_size} is too small for the LeNet", f"use {STRIDE} px or more")
-        if self.decoder_size is not None and self.decoder_size < SEED_GRID:
-            raise NdbenchError(f"decoder_size {self.decoder_size} is smaller than the decoder's {SEED_GRID} px seed",
-                               "use e.g. 32, or None to decode at img_size")
+        batch = count(2).because("BatchNorm cannot train on one image: a batch of 1 skips every step")
+        milestones = count().each()
+        seed = f"the decoder starts from a {SEED_GRID} px seed"
+        check_ranges(
+            self, img_size=count(STRIDE).because("the LeNet pools three times"), std=STD,
+            rep_dim=count(SEED_GRID * SEED_GRID), bn_eps=positive(), eps=positive(),
+            decoder_size=count(SEED_GRID).or_none("to decode at img_size").because(seed),
+            ae_lr=positive(), ae_epochs=count(0), ae_milestones=milestones, ae_batch_size=batch,
+            ae_weight_decay=non_negative(), lr=positive(), epochs=count(0).because("0 skips the one-class phase"),
+            milestones=milestones, batch_size=batch, weight_decay=non_negative(), max_cache_gb=CACHE_GB,
+        )
         if self.rep_dim % (SEED_GRID * SEED_GRID):
             raise NdbenchError(f"rep_dim {self.rep_dim} is not a multiple of {SEED_GRID * SEED_GRID}",
                                "use e.g. 128 (the decoder reshapes the code to a 4x4 grid)")

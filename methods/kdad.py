@@ -33,6 +33,7 @@ from .features import FeatureTable, FrozenPart, compute_precision, frozen_weight
 from .memory import HeldInputs, TableRows, cache_device
 from .pretrain import resolve_weights
 from .registry import register
+from .validation import CACHE_GB, STD, between, check_ranges, count, non_negative, positive
 from .weight_sources import EMBEDDED_WEIGHTS
 
 PAPER = ("Salehi, Sadjadi, Baselizadeh, Rohban & Rabiee, Multiresolution Knowledge Distillation for "
@@ -87,11 +88,14 @@ class KDADConfig:
                 f"score_layers {self.score_layers} must be a non-empty subset of teacher_layers",
                 f"use names from {', '.join(self.teacher_layers)}",
             )
-        if not 0 < self.center_crop <= 1:
-            raise NdbenchError(f"center_crop {self.center_crop} is out of range", "use a value in (0, 1]")
         if self.interpolation not in INTERPOLATIONS:
             raise NdbenchError(f"unknown interpolation {self.interpolation!r}",
                                f"use one of {', '.join(INTERPOLATIONS)}")
+        check_ranges(
+            self, img_size=count(), center_crop=between(0, 1, low_open=True), std=STD, student_width=count(),
+            student_convs=count().each(nonempty=True), lamda=non_negative(), lr=positive(), batch_size=count(),
+            epochs=count(), max_cache_gb=CACHE_GB,
+        )
 
 
 # The embedded preset: ndbench's offline ResNet-10-style CNN (pre-trained on the object-centric

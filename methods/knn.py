@@ -24,6 +24,7 @@ from .defend import PAPER_TEXT, RELEASED_BACKBONE
 from .features import FrozenPart, compute_precision, frozen_weights_identity
 from .pretrain import resolve_weights
 from .registry import register
+from .validation import STD, check_ranges, count
 from .weight_sources import EMBEDDED_WEIGHTS
 
 POOLED = "pooled"
@@ -44,6 +45,10 @@ class KNNConfig:
     std: tuple[float, float, float] | None = None
     k: int = 2  # DN2 (Bergman et al. 2020): k = 2 nearest neighbours
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range numbers (one NdbenchError naming the field and the valid range)."""
+        check_ranges(self, img_size=count(), std=STD, k=count(), batch_size=count())
 
 
 @register("knn")

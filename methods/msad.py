@@ -38,6 +38,7 @@ from .backbones import create_backbone
 from .base import BaseDetector, autocast, tracked
 from .pretrain import resolve_weights
 from .registry import register
+from .validation import CACHE_GB, MOMENTUM, STD, between, check_ranges, check_value, count, non_negative, positive
 from .weight_sources import EMBEDDED_WEIGHTS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,18 +86,19 @@ class MSADConfig:
     max_cache_gb: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise NdbenchError(f"temperature {self.temperature} must be positive", "use e.g. 0.25")
-        if self.k < 1:
-            raise NdbenchError(f"k {self.k} must be at least 1", "use e.g. k=2")
-        if not 0 < self.center_crop <= 1:
-            raise NdbenchError(f"center_crop {self.center_crop} is out of range", "use a value in (0, 1]")
         if self.interpolation not in INTERPOLATIONS:
             raise NdbenchError(f"unknown interpolation {self.interpolation!r}",
                                f"use one of {', '.join(INTERPOLATIONS)}")
-        if self.view_source_size is not None and self.view_source_size < 1:
-            raise NdbenchError(f"view_source_size {self.view_source_size} must be positive",
-                               "use e.g. 256, or None to keep the stored images")
+        probability = between(0, 1)
+        check_ranges(
+            self, img_size=count(), center_crop=between(0, 1, low_open=True), std=STD, temperature=positive(),
+            lr=positive(), weight_decay=non_negative(), momentum=MOMENTUM, epochs=count(), batch_size=count(),
+            k=count(), crop_scale=between(0, 1, low_open=True).pair(), jitter=non_negative().each(nonempty=True),
+            jitter_p=probability, grayscale_p=probability, blur_sigma=positive().pair(), blur_p=probability,
+            flip_p=probability, view_source_size=count().or_none("to keep the stored images"),
+            max_cache_gb=CACHE_GB,
+        )
+        check_value("jitter's hue", self.jitter[-1], between(0, 0.5).because("the last item is ColorJitter's hue"))
 
 
 # The embedded preset: ndbench's offline ResNet-10-style CNN (the stand-in for ImageNet weights)

@@ -37,6 +37,7 @@ from .features import FeatureTable, FrozenPart, compute_precision, frozen_weight
 from .memory import TableRows
 from .pretrain import resolve_weights
 from .registry import register
+from .validation import CACHE_GB, MOMENTUM, STD, check_ranges, count, non_negative, positive
 from .weight_sources import EMBEDDED_WEIGHTS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,14 +84,20 @@ class RDADConfig:
             raise NdbenchError(f"unknown loss {self.loss!r}", f"use one of {', '.join(LOSSES)}")
         if self.score not in SCORES:
             raise NdbenchError(f"unknown score {self.score!r}", f"use one of {', '.join(SCORES)}")
+        check_ranges(
+            self, img_size=count(32).because("the bottleneck works at 1/32 of the image"), std=STD,
+            bottleneck_blocks=count(), decoder_blocks=count().each(nonempty=True), lr=positive(),
+            betas=MOMENTUM.each(nonempty=True), epochs=count(), batch_size=count(),
+            sigma=non_negative().because("0 smooths nothing"), max_cache_gb=CACHE_GB,
+        )
         if self.img_size % 32:
             raise NdbenchError(
                 f"img_size {self.img_size} is not a multiple of 32",
                 "use a multiple of 32 (the bottleneck works at 1/32 of the image), e.g. 256",
             )
-        if self.bottleneck_blocks < 1 or min(self.decoder_blocks) < 1 or len(self.decoder_blocks) != 3:
-            raise NdbenchError("bottleneck_blocks and the three decoder_blocks must be at least 1",
-                               "use e.g. bottleneck_blocks=3, decoder_blocks=(3, 4, 6)")
+        if len(self.decoder_blocks) != 3:
+            raise NdbenchError(f"decoder_blocks {self.decoder_blocks!r} is not valid",
+                               "give three block counts, e.g. decoder_blocks=(3, 4, 6)")
 
 
 # The embedded preset: ndbench's offline ResNet-10-style CNN (one basic block per stage, 32/64/128

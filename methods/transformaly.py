@@ -37,6 +37,7 @@ from .features import FeatureTable, FrozenPart, compute_precision, frozen_weight
 from .memory import TableRows
 from .pretrain import resolve_weights
 from .registry import register
+from .validation import CACHE_GB, DROP_RATE, STD, between, check_ranges, count, positive
 from .weight_sources import EMBEDDED_WEIGHTS
 
 PAPER = "Cohen & Avidan, Transformaly - Two (Feature Spaces) Are Better Than One, CVPR Workshops 2022"
@@ -97,10 +98,12 @@ class TransformalyConfig:
     max_cache_gb: float = 16.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.pca_variance < 1.0:
-            raise NdbenchError(f"pca_variance {self.pca_variance} is out of range", "use a value in (0, 1)")
-        if self.first_error_block < 0:
-            raise NdbenchError(f"first_error_block {self.first_error_block} is negative", "use 0 or more")
+        check_ranges(
+            self, img_size=count(), std=STD, epochs=count(), batch_size=count(), lr=positive(),
+            student_dropout=DROP_RATE, first_error_block=count(0),
+            pca_variance=between(0, 1, low_open=True, high_open=True), gmm_components=count(),
+            gmm_max_iter_features=count(), gmm_max_iter_errors=count(), max_cache_gb=CACHE_GB,
+        )
 
 
 # The embedded preset: ndbench's offline ViT (depth 6, 64 px) on ~470 train / 1000 test images,
