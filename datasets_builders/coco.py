@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from pycocotools.coco import COCO
 
-from .errors import NdbenchError
+from .errors import NdbenchError, not_a_folder
 from .index import DatasetIndex, IndexRow, sha256_of_files
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -220,7 +220,7 @@ def _check_files_exist(image_dir: Path, file_names: list[str], json_path: Path, 
     """Every image the JSON lists must be on disk under `image_dir`."""
     if not image_dir.is_dir():
         raise NdbenchError(
-            f"{dataset}: image folder {image_dir} (for {json_path.name}) does not exist",
+            f"{dataset}: image folder {image_dir} (for {json_path.name}) {not_a_folder(image_dir)}",
             f"put the images of {json_path.name} there",
         )
     # One directory listing instead of a stat per image (COCO train holds ~83k files).

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_text
 from .coco import CocoSubset, index_from_instances
-from .errors import NdbenchError
+from .errors import NdbenchError, not_a_file, not_a_folder
 from .index import DatasetIndex, IndexRow
 from .sources import DATASETS
 from .splits import protocol_classes
@@ -92,7 +92,7 @@ def build_coco_format_index(source: CocoFormatSource) -> DatasetIndex:
     for subset, path in annotations.items():
         if not path.is_file():
             raise NdbenchError(
-                f"{source.name}: {subset} annotation file {path} does not exist",
+                f"{source.name}: {subset} annotation file {path} {not_a_file(path)}",
                 f"pass the COCO instances JSON with --{subset}-annotations",
             )
     if annotations["train"].resolve() == annotations["test"].resolve():
@@ -104,7 +104,7 @@ def build_coco_format_index(source: CocoFormatSource) -> DatasetIndex:
     for subset, folder in folders.items():
         if not folder.is_dir():
             raise NdbenchError(
-                f"{source.name}: {subset} image folder {folder} does not exist",
+                f"{source.name}: {subset} image folder {folder} {not_a_folder(folder)}",
                 f"pass the folder the file_name entries are relative to with --{subset}-images",
             )
     root = Path(os.path.commonpath([str(folders["train"]), str(folders["test"])]))

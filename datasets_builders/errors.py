@@ -4,6 +4,8 @@ The CLI turns it into a single line on stderr and exit code 2. Its message names
 and, where there is one, the fix.
 """
 
+from pathlib import Path
+
 
 class NdbenchError(Exception):
     """Bad input or environment that the user can fix; shown as one line, never a traceback."""
@@ -22,3 +24,16 @@ class NdbenchError(Exception):
 class WriteFailure(NdbenchError):
     """An output could not be written (disk full, file too large, read-only folder). Every
     later write would fail too, so a run stops at once instead of failing job after job."""
+
+
+def not_a_folder(path: Path) -> str:
+    """What is wrong with a path that is not a folder: "is a file, not a folder" or "does not exist"."""
+    return "is a file, not a folder" if Path(path).exists() else "does not exist"
+
+
+def not_a_file(path: Path) -> str:
+    """What is wrong with a path that is not a regular file: "is a folder, not a file", ... ."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder, not a file"
+    return "is not a regular file" if path.exists() else "does not exist"

@@ -130,35 +130,121 @@ class DatasetIndex:
 
     @classmethod
     def read(cls, folder: Path) -> DatasetIndex:
-        """Read an index written by `write`."""
+        """Read an index written by `write`; a missing, damaged or inconsistent index file is
+        one NdbenchError naming the file and the command that rebuilds it."""
         folder = Path(folder)
         csv_path, meta_path = folder / "index.csv", folder / "index.json"
         for p in (csv_path, meta_path):
             if not p.is_file():
-                raise NdbenchError(
-                    f"no dataset index at {p}",
-                    f"run `ndbench build-splits {folder.name} --out {folder.parent}` first",
-                )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        with csv_path.open(newline="", encoding="utf-8") as handle:
-            rows = [
-                IndexRow(
-                    rec["image_id"],
-                    rec["path"],
-                    rec["subset"],
-                    tuple(int(c) for c in rec["classes"].split()),
-                )
-                for rec in csv.DictReader(handle)
-            ]
-        return cls(
-            dataset=meta["dataset"],
-            root=Path(meta["root"]),
-            rows=rows,
-            class_names={int(k): v for k, v in meta["class_names"].items()},
-            source_sha256=meta["source_sha256"],
-            storage=meta["storage"],
-            builder_version=meta["builder_version"],
-        )
+                raise NdbenchError(f"no dataset index at {p}", build_index_fix(folder, "first"))
+        meta = _read_meta(meta_path)
+        rows = _read_rows(csv_path, meta["class_names"])
+        try:
+            index = cls(
+                dataset=meta["dataset"],
+                root=Path(meta["root"]),
+                rows=rows,
+                class_names=meta["class_names"],
+                source_sha256=meta["source_sha256"],
+                storage=meta["storage"],
+                builder_version=meta["builder_version"],
+            )
+        except (NdbenchError, ValueError) as exc:
+            problem = exc.problem if isinstance(exc, NdbenchError) else str(exc)
+            raise _damaged(meta_path, problem) from exc
+        if index.sha256 != meta["index_sha256"]:
+            raise _damaged(csv_path, f"its rows do not match the index_sha256 in {meta_path.name} "
+                                     "(one of the two was edited or replaced)")
+        return index
+
+
+# index.json: key -> the type its value must have.
+_META_TYPES = {
+    "dataset": str,
+    "root": str,
+    "storage": str,
+    "builder_version": str,
+    "source_sha256": str,
+    "index_sha256": str,
+    "class_names": dict,
+}
+_CSV_COLUMNS = ["image_id", "path", "subset", "classes"]
+
+
+def build_index_fix(folder: Path, when: str = "") -> str:
+    """The hint that (re)builds the index in `folder` (a built-in dataset's or a custom one's)."""
+    from .coco_format import build_command_for  # coco_format imports this module
+    from .sources import is_builtin
+
+    folder = Path(folder)
+    if is_builtin(folder.name):
+        command = f"`ndbench build-splits {folder.name} --out {folder.parent}`"
+    else:  # from the recipe recorded beside the index, else a template
+        command = f"`{build_command_for(folder, folder.name)} --out {folder.parent}`"
+    return f"run {command} {when}" if when else f"rebuild it with {command}"
+
+
+def _damaged(path: Path, what: str) -> NdbenchError:
+    """The error for an index file that exists but cannot be used."""
+    return NdbenchError(f"dataset index {path} is damaged: {what}", build_index_fix(path.parent))
+
+
+def _read_meta(path: Path) -> dict:
+    """`index.json` as a dict with checked types; class names keyed by int."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, f"not readable JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"a JSON object was expected, found {type(meta).__name__}")
+    for key, kind in _META_TYPES.items():
+        if key not in meta:
+            raise _damaged(path, f"the key {key!r} is missing")
+        if not isinstance(meta[key], kind):
+            raise _damaged(path, f"{key!r} is {type(meta[key]).__name__}, not {kind.__name__}")
+    names: dict[int, str] = {}
+    for key, name in meta["class_names"].items():
+        if not re.fullmatch(r"-?\d+", key) or not isinstance(name, str):
+            raise _damaged(path, f"class_names entry {key!r}: {name!r} is not an integer id and a name")
+        names[int(key)] = name
+    if not names:
+        raise _damaged(path, "class_names is empty")
+    return {**meta, "class_names": names}
+
+
+def _read_rows(path: Path, class_names: dict[int, str]) -> list[IndexRow]:
+    """The rows of `index.csv`, each checked against the columns, subsets and class ids."""
+    rows: list[IndexRow] = []
+    seen: set[str] = set()
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise _damaged(path, "the file is empty")
+            if header != _CSV_COLUMNS:
+                raise _damaged(path, f"its header is {','.join(header)!r}, not {','.join(_CSV_COLUMNS)!r}")
+            for record in reader:
+                if not record:
+                    continue  # a blank line, as csv.DictReader skips it
+                line = reader.line_num
+                if len(record) != len(_CSV_COLUMNS):
+                    raise _damaged(path, f"line {line} has {len(record)} fields, not {len(_CSV_COLUMNS)}")
+                image_id, image_path, subset, classes = record
+                if subset not in SUBSETS:
+                    raise _damaged(path, f"line {line}: subset {subset!r} is not one of {', '.join(SUBSETS)}")
+                if image_id in seen:
+                    raise _damaged(path, f"line {line}: image id {image_id!r} appears twice")
+                seen.add(image_id)
+                ids = []
+                for text in classes.split():
+                    if not re.fullmatch(r"-?\d+", text) or int(text) not in class_names:
+                        raise _damaged(path, f"line {line}: class id {text!r} is not a class of index.json")
+                    ids.append(int(text))
+                rows.append(IndexRow(image_id, image_path, subset, tuple(ids)))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise _damaged(path, f"not readable CSV ({exc})") from exc
+    return rows
 
 
 def sha256_of_files(paths: Iterable[Path]) -> str:

@@ -9,6 +9,7 @@ from .errors import NdbenchError
 from .index import DatasetIndex
 
 DATASETS = ("voc", "coco", "cifar10", "cifar100", "mnist", "fmnist", "embedded")
+ROOT_FIX = "pass the folder holding the {d} files with --root; the README shows the layout"
 
 
 def default_root(dataset: str) -> Path:
@@ -61,11 +62,15 @@ def build_index(
 
         config = embedded_config or EmbeddedConfig()
         scene_root = ensure_embedded(config, console=console) if root is None else Path(root)
+        if scene_root.exists() and not scene_root.is_dir():
+            raise NdbenchError(f"embedded root {scene_root} is a file, not a folder", ROOT_FIX.format(d=dataset))
         from .coco import build_coco_index
 
         return build_coco_index(scene_root, year="", dataset="embedded")
     # Absolute, so index.json still finds the images from another working directory.
     root = (Path(root) if root is not None else default_root(dataset)).resolve()
+    if root.exists() and not root.is_dir():
+        raise NdbenchError(f"{dataset} root {root} is a file, not a folder", ROOT_FIX.format(d=dataset))
     if not root.exists():
         raise NdbenchError(
             f"{dataset} root {root} does not exist",
