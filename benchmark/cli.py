@@ -16,7 +16,7 @@ from datasets_builders.splits import protocol_classes
 from .console import stderr_console, stdout_console
 from .interrupts import Interrupted, signals_raise_interrupted
 from .reporting import class_names_under, print_tables, report_results
-from .validate import parse_ids
+from .validate import check_output_file, check_output_folder, parse_ids
 
 app = typer.Typer(
     name="ndbench",
@@ -346,7 +346,7 @@ def run_command(
     seed_list = parse_seeds(seeds)
     resolve_device(device)
     check_weights(weights)
-    check_executor(executor, ray_address, retries)
+    check_executor(executor, ray_address, retries, ray_cpus_per_job, ray_gpus_per_job)
     parallel_jobs = check_parallel(parallel, executor)
     overrides = _parse_overrides(option or [])
     caching = CacheSettings(enabled=cache, budget_gb=cache_budget_gb, workers=workers)
@@ -489,6 +489,8 @@ def pretrain_command(
 
     if out is not None and out.suffix != ".safetensors":
         raise NdbenchError(f"--out {out} does not end in .safetensors", "name the weights file *.safetensors")
+    if out is not None and not ship:
+        check_output_file(out, "--out")
     if ship:
         from methods.shipped_weights import WEIGHTS_DIR
         from methods.shipped_weights import ship as ship_weights
@@ -618,6 +620,8 @@ def report_command(
 
     from .runner import job_progress
 
+    if report_dir is not None:
+        check_output_folder(report_dir, "--report-dir")
     with job_progress(stderr_console()) as progress:
         result = build_report(out, report_dir, warn=warn, progress=progress)
     stdout_console().print(
@@ -654,6 +658,10 @@ def score_command(
     from .runner import job_progress
     from .score import ScoreRequest, prepare_scoring, run_scoring
 
+    if output is not None:
+        check_output_file(output, "--output")
+    if maps is not None:
+        check_output_folder(maps, "--maps")
     request = ScoreRequest(model=model, images=tuple(images), output=output, maps=maps, threshold=threshold,
                            device=device)
     scoring = prepare_scoring(request)
@@ -737,9 +745,13 @@ def bench_command(
         raise NdbenchError(f"--workers {workers} is negative", "give 0 or more")
     torch_device = resolve_device(device)
     try:  # --arch must name a timm ViT
-        ViTFeatures(create_backbone(arch, weights="none", num_classes=0))
+        vit = ViTFeatures(create_backbone(arch, weights="none", num_classes=0))
     except NdbenchError as exc:
         raise NdbenchError(f"--arch {arch}: {exc.problem}", exc.fix) from exc
+    patch = vit.patch_size[0]
+    if img_size % patch or img_size < 2 * patch:  # whole patches, at least 2x2 of them
+        raise NdbenchError(f"--img-size {img_size} does not cut into whole {patch}-pixel patches of {arch} "
+                           "(2x2 at least)", f"use a multiple of {patch}, {2 * patch} or more")
     config = bench_config(torch_device, full, arch=arch, img_size=img_size, batch_size=batch_size, steps=steps)
 
     def report(what: str) -> None:

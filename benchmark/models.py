@@ -54,8 +54,15 @@ class SavedModel:
     @property
     def threshold(self) -> float | None:
         """The stored decision threshold (score at 95 % TPR on the test set), if any."""
-        value = self.info.get("threshold", {}).get("value")
-        return None if value is None else float(value)
+        stored = self.info.get("threshold")
+        if stored is None:
+            return None
+        value = stored.get("value") if isinstance(stored, dict) else stored
+        try:
+            return None if value is None else float(value)
+        except (TypeError, ValueError):
+            raise NdbenchError(f"{self.path}: its stored threshold {value!r} is not a number",
+                               "save the model again: run its job once more with --save-models --force") from None
 
 
 def model_path(record_file: Path) -> Path:

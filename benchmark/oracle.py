@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import VisionTransformer
 
@@ -25,6 +26,7 @@ from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import load_split
 from datasets_builders.splits import SETTINGS, Manifest
+from methods.backbones import create_backbone
 from methods.pretrain import DEFAULT_ARCH, resolve_weights
 from methods.pretrain_eval import (
     OBJECT_PATCH,
@@ -33,7 +35,9 @@ from methods.pretrain_eval import (
     load_scenes,
     patch_tokens,
     scene_overlap,
+    weight_classes,
 )
+from methods.weight_sources import EMBEDDED_WEIGHTS, HUB, NO_WEIGHTS
 
 DATASET = "embedded"
 RULES = ("boxes", "patch-mean")
@@ -80,11 +84,32 @@ def oracle_scores(manifest: Manifest, scenes: dict[str, SceneProbabilities],
     return labels, np.array(scores)
 
 
+def check_oracle_inputs(arch: str, weights: str | Path) -> None:
+    """Raise NdbenchError unless `arch` is a timm ViT (checked before any pre-training starts)
+    and `weights` is "embedded" or a safetensors file with a classifier head (as `ndbench
+    pretrain` writes them)."""
+    if not isinstance(create_backbone(arch, weights=NO_WEIGHTS, num_classes=0), VisionTransformer):
+        raise NdbenchError(f"the oracle reads patch tokens; --arch {arch} is not a ViT",
+                           f"pass a ViT with --arch, e.g. the default {DEFAULT_ARCH}")
+    if weights == EMBEDDED_WEIGHTS:
+        return
+    hint = f"give {EMBEDDED_WEIGHTS!r} or a .safetensors file written by `ndbench pretrain`"
+    if weights in (HUB, NO_WEIGHTS):
+        raise NdbenchError(f"--weights {weights}: the oracle needs the pre-training classifier head", hint)
+    if not Path(weights).is_file():
+        raise NdbenchError(f"--weights {weights}: no such file", hint)
+    try:
+        weight_classes(Path(weights))
+    except (OSError, SafetensorError) as exc:
+        raise NdbenchError(f"--weights {weights}: not a readable safetensors file ({exc})", hint) from exc
+
+
 def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: str = DEFAULT_ARCH,
                   device: torch.device | None = None, settings: tuple[str, ...] = SETTINGS) -> list[dict]:
     """Oracle AUROCs of every embedded split under `splits_root` (as `ndbench build-splits
     embedded` writes them) with `arch`'s `weights` ("embedded" or a file): one row per split
     and rule."""
+    check_oracle_inputs(arch, weights)
     device = device or torch.device("cpu")
     folder = Path(splits_root) / DATASET
     index = DatasetIndex.read(folder)
@@ -93,8 +118,6 @@ def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: 
         raise NdbenchError(f"no embedded split manifests under {folder}",
                            f"run `ndbench build-splits embedded --out {splits_root}`")
     model, classes = load_classifier(arch, Path(resolve_weights(arch, weights)), device)
-    if not isinstance(model, VisionTransformer):
-        raise NdbenchError(f"the oracle reads patch tokens; {arch} is not a ViT", "pass a ViT with --arch")
     scenes = scene_digit_probabilities(model, classes, index.root, device)
     rows = []
     for setting, splits in names.items():

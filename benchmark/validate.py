@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from datasets_builders.errors import NdbenchError
@@ -25,8 +26,9 @@ def check_seed(seed: int, option: str = "--seed") -> int:
 
 def parse_seeds(text: str) -> list[int]:
     """`--seeds 0,1,2`."""
-    seeds = parse_class_list(text, "--seeds", "seeds") if text else [0]
-    return [check_seed(seed, "--seeds") for seed in seeds]
+    if not text.strip():
+        raise NdbenchError("--seeds is empty", "give one seed or more, e.g. --seeds 0,1,2; the default is 0")
+    return [check_seed(seed, "--seeds") for seed in parse_class_list(text, "--seeds", "seeds")]
 
 
 def parse_methods(text: str) -> list[str]:
@@ -52,14 +54,18 @@ def check_weights(weights: str | None) -> None:
         )
 
 
-def check_executor(executor: str, ray_address: str | None, retries: int) -> None:
-    """`--executor`, `--ray-address` and `--retries` together."""
+def check_executor(executor: str, ray_address: str | None, retries: int,
+                   ray_cpus_per_job: float | None = None, ray_gpus_per_job: float | None = None) -> None:
+    """`--executor`, the Ray-only options and `--retries` together."""
     from .executors import EXECUTORS
 
     if executor not in EXECUTORS:
         raise NdbenchError(f"unknown executor {executor!r}", f"use --executor {' or '.join(EXECUTORS)}")
-    if ray_address is not None and executor != "ray":
-        raise NdbenchError("--ray-address needs --executor ray", "add --executor ray or drop --ray-address")
+    ray_only = {"--ray-address": ray_address, "--ray-cpus-per-job": ray_cpus_per_job,
+                "--ray-gpus-per-job": ray_gpus_per_job}
+    for option, value in ray_only.items():
+        if value is not None and executor != "ray":
+            raise NdbenchError(f"{option} needs --executor ray", f"add --executor ray or drop {option}")
     if retries < 0:
         raise NdbenchError(f"--retries {retries} is negative", "use --retries 0 (the default) or more")
 
@@ -81,3 +87,36 @@ def check_maps_method(method: str) -> None:
     if not hasattr(get_class(method), "anomaly_map"):
         with_maps = [m for m in available() if hasattr(get_class(m), "anomaly_map")]
         raise NdbenchError(f"method {method!r} has no anomaly maps", f"use --method {' or '.join(with_maps)}")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """`option` names a file that can be written: not a folder, under a writable folder (the
+    nearest one that exists; the rest is made when the file is written). Checked before the
+    work whose result it receives; creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise NdbenchError(f"{option} {path} is a folder", f"give a file path with {option}")
+    _check_writable_place(path.parent, option)
+
+
+def check_output_folder(path: Path, option: str) -> None:
+    """`option` names a folder that is, or can be made, writable; creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NdbenchError(f"{option} {path} is a file, not a folder", f"give a folder with {option}")
+    _check_writable_place(path, option)
+
+
+def _check_writable_place(folder: Path, option: str) -> None:
+    """The nearest existing one of `folder` and its parents is a writable folder."""
+    for place in (folder, *folder.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise NdbenchError(f"{option}: {place} is a file, not a folder", f"choose another place with {option}")
+            try:  # a real probe: access() says yes to root even where nothing can be created
+                with tempfile.TemporaryFile(dir=place):
+                    pass
+            except OSError as exc:
+                raise NdbenchError(f"{option}: cannot write in {place} ({exc.strerror or exc})",
+                                   f"choose a writable place with {option}") from None
+            return

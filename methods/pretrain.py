@@ -302,9 +302,9 @@ def _train_first_stage(model: nn.Module, arch: str, pool, classes: tuple[str, ..
 
 def _save(model: nn.Module, classes: tuple[str, ...], out: Path) -> None:
     """Write `model`'s weights to `out` atomically, its head's classes in the metadata."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"classes": json.dumps(classes)})
         os.replace(tmp, out)

@@ -118,6 +118,17 @@ BAD_OPTIONS = [
     (["bench", "--arch", "resnet18"], "--arch resnet18: backbone ResNet is not a timm VisionTransformer"),
     (["bench", "--steps", "0"], "--steps"),
     (["table"], "run `ndbench run --method knn` first"),
+    (["run", "--method", "knn", "--seeds", ""], "--seeds is empty"),
+    (["run", "--method", "knn", "--ray-cpus-per-job", "2"], "--ray-cpus-per-job needs --executor ray"),
+    (["run", "--method", "knn", "--ray-gpus-per-job", "0.5"], "--ray-gpus-per-job needs --executor ray"),
+    (["bench", "--img-size", "100"], "--img-size 100 does not cut into whole 16-pixel patches"),
+    (["pretrain", "--out", "/dev/null/w.safetensors"], "--out: /dev/null is a file, not a folder"),
+    (["oracle", "--weights", "/no/such.safetensors"], "--weights /no/such.safetensors: no such file"),
+    (["oracle", "--weights", "hub"], "the oracle needs the pre-training classifier head"),
+    (["oracle", "--arch", "resnet18"], "--arch resnet18 is not a ViT"),
+    (["score", "--model", "m.model.pt", "--output", "/dev/null/s.csv", "a.png"], "--output: /dev/null is a file"),
+    (["score", "--model", "m.model.pt", "--maps", "/dev/null/maps", "a.png"], "--maps: /dev/null is a file"),
+    (["report", "--report-dir", "/dev/null/page"], "--report-dir: /dev/null is a file"),
     (["leaderboard"], "run `ndbench run --method knn` first"),
 ]
 
@@ -130,7 +141,7 @@ def test_a_bad_option_is_one_line_before_any_work(tmp_path, monkeypatch, capsys,
     monkeypatch.setenv("NDBENCH_DATA", str(data))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    out_args = [] if args[0] in ("pretrain", "demo", "bench") else ["--out", str(out)]
+    out_args = [] if args[0] in ("pretrain", "demo", "bench", "oracle", "score") else ["--out", str(out)]
     code = main([*args, *out_args])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]

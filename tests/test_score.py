@@ -185,6 +185,17 @@ def test_weights_from_a_file_are_stored_with_their_sha256(tmp_path):
                                     "sha256": hashlib.sha256(b"some weights").hexdigest()}
 
 
+@pytest.mark.parametrize("stored", ["x", {"value": "abc"}, {"value": [1]}])
+def test_a_damaged_stored_threshold_is_one_line_not_a_traceback(toy, tmp_path, capsys, stored):
+    saved = torch.load(toy["knn"], weights_only=False)
+    saved["threshold"] = stored
+    damaged = tmp_path / "damaged.model.pt"
+    torch.save(saved, damaged)
+    assert main(["score", "--model", str(damaged), *map(str, toy["new"]), "--threshold"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stored threshold" in err and "is not a number" in err, err
+
+
 # --- slow: a real run's saved model ----------------------------------------------------------
 
 @pytest.mark.slow
