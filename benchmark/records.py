@@ -21,6 +21,7 @@ from pathlib import Path
 
 from datasets_builders.atomic import atomic_write_text
 from datasets_builders.errors import NdbenchError
+from datasets_builders.splits import SETTINGS
 
 RECORD_SCHEMA = 1
 
@@ -132,6 +133,8 @@ def _record_problem(data, scores_file: Path) -> str | None:
         if not _fits(value, hints[name]):
             hint = hints[name]
             return f"{name} is {value!r:.40}, not {hint.__name__ if isinstance(hint, type) else hint}"
+    if data["setting"] not in SETTINGS:
+        return f"setting {data['setting']!r:.40} is not one of {', '.join(SETTINGS)}"
     for metric, value in data["metrics"].items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             return f"metric {metric} is {value!r}, not a number in [0, 1]"

@@ -161,9 +161,10 @@ def test_damaged_records_are_skipped_by_readers_and_rerun_by_run(splits_root, tm
         (lambda d: d["counts"].update(train=-3), "count train"),
         (lambda d: d.update(colour="blue"), "unknown field 'colour'"),
         (lambda d: d.update(config=[1, 2]), "config is [1, 2]"),
+        (lambda d: d.update(setting="weird"), "setting 'weird' is not one of uni-class, multi-class"),
     ],
     ids=["missing-field", "nan-metric", "metric-out-of-range", "no-auroc", "wrong-type", "bool-for-int",
-         "negative-count", "unknown-field", "list-for-dict"],
+         "negative-count", "unknown-field", "list-for-dict", "unknown-setting"],
 )
 def test_a_hand_edited_record_is_refused_naming_the_file(splits_root, tmp_path, faulty, edit, needle):
     out = fresh_out(splits_root, tmp_path)
