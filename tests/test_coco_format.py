@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_checks import one_line_error
 from coco_format_fixtures import TEST, TRAIN, write_coco_format
 
 from benchmark.cli import main
@@ -31,15 +32,6 @@ def build_args(source: dict[str, Path], out: Path, *extra: str, name: str = "myl
         "--train-images", str(source["images"]), "--test-images", str(source["images"]),
         "--out", str(out), *extra,
     ]  # fmt: skip
-
-
-def one_line_error(code: int, err: str, *needles: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("ndbench: error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def edit(path: Path, change) -> None:

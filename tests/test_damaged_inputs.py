@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_checks import one_line_error
 from coco_fixtures import write_coco_tree
 from coco_format_fixtures import write_coco_format
 
@@ -18,16 +19,6 @@ from benchmark.cli import main
 from datasets_builders.coco_format import CocoFormatSource, write_recipe
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex, IndexRow
-
-
-def one_line_error(code: int, err: str, *needles: str) -> str:
-    """Assert the CLI ended with exit 2 and one `ndbench: error:` line holding every needle."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("ndbench: error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def tiny_index(folder: Path, dataset: str = "embedded") -> Path:
