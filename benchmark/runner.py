@@ -35,7 +35,7 @@ from methods.registry import get_class
 from methods.runtime import CacheSettings, JobRuntime
 
 from .build import BuildRequest, build_splits
-from .console import stderr_console
+from .console import QuietProgress, stderr_console
 from .interrupts import Interrupted
 from .locks import try_lock
 from .metrics import novelty_metrics
@@ -458,7 +458,7 @@ def interrupted_after(exc: Interrupted, results: Iterable[JobResult], total: int
 
 def job_progress(console) -> Progress:
     """The progress display of a run: the job bar plus each method's fit/score bars."""
-    return Progress(
+    return QuietProgress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -4,6 +4,7 @@ it plots, its figures, and the record loader's tolerance of damaged files."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from html.parser import HTMLParser
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 from sklearn.metrics import roc_curve
 from small_splits import fresh_out
 
@@ -20,6 +22,7 @@ from benchmark.cli import main
 from benchmark.metrics import fpr_at_tpr, roc_points, threshold_at_tpr
 from benchmark.records import Record, write_record
 from benchmark.report_data import gather, map_caption, missing_jobs, read_record_files, split_scores
+from benchmark.runner import job_progress
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -206,6 +209,20 @@ def test_report_without_records_is_one_line(tmp_path, capsys):
     assert len(lines) == 1 and "no readable records" in lines[0] and "Traceback" not in err
 
 
+def test_finished_progress_leaves_no_blank_line_on_a_non_terminal():
+    def shown(add_and_keep: bool) -> str:
+        console = Console(file=io.StringIO(), width=80)
+        with job_progress(console) as progress:
+            task = progress.add_task("figures", total=1)
+            progress.advance(task)
+            if not add_and_keep:
+                progress.remove_task(task)
+        return console.file.getvalue()
+
+    assert shown(add_and_keep=False) == ""
+    assert "figures" in shown(add_and_keep=True)
+
+
 # --- slow: real knn records ------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -214,7 +231,7 @@ def test_report_from_real_knn_records(knn_results, capsys):
     captured = capsys.readouterr()
     index = knn_results / "report" / "index.html"
     assert str(index) in captured.out.replace("\n", "")
-    assert "warning" not in captured.err
+    assert captured.err == ""  # no warning, and no blank line left by the finished progress bars
     page = read_page(index)
     assert "script" not in page.tags
     check_images(page, index.parent)
