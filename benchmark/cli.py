@@ -569,7 +569,7 @@ def maps_command(
     method: Annotated[str, typer.Option(help="A method with anomaly maps: defend, mkd or rdad.")] = "defend",
     dataset: Annotated[str, typer.Option(help=f"One of {', '.join(DATASETS)}.")] = "embedded",
     split: Annotated[str, typer.Option(help="SETTING/NAME, e.g. uni-class/3 or multi-class/except-3.")] = "uni-class/0",
-    n: Annotated[int, typer.Option(help="Test images to show, half normal and half novel.")] = 16,
+    n: Annotated[int, typer.Option(help="Test images to show (1-128), half normal and half novel.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the fit and of the choice of images.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     weights: Annotated[
@@ -581,12 +581,11 @@ def maps_command(
     images beside their per-patch novelty heat-maps, each captioned normal/novel and its score."""
     from methods.base import resolve_device
 
-    from .maps import MapsRequest, draw_maps, parse_split
+    from .maps import MapsRequest, check_image_count, draw_maps, parse_split
     from .runner import RunOptions, expand_jobs, job_progress
     from .validate import check_maps_method, check_seed, check_weights
 
-    if n < 1:
-        raise NdbenchError(f"--n {n} is too small", "ask for at least one image")
+    check_image_count(n)
     check_maps_method(method)
     check_seed(seed)
     resolve_device(device)

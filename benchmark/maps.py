@@ -25,6 +25,7 @@ from .runner import Job, RunOptions, build_detector, job_data, seed_everything
 
 TILE = 160  # pixels per shown image side
 CAPTION = 16  # pixels of caption above each pair
+MAX_IMAGES = 128  # a grid past this is tens of megabytes and no longer readable as one figure
 # The heat scale (low -> high): matplotlib's "turbo", a jet-like rainbow (dark blue, cyan,
 # yellow, dark red) whose lightness changes smoothly, so equal steps look equal.
 HEAT_COLORMAP = "turbo"
@@ -50,11 +51,18 @@ def parse_split(text: str) -> tuple[str, str]:
     return setting, name
 
 
+def check_image_count(n: int) -> None:
+    """Refuse a number of grid images outside 1..MAX_IMAGES."""
+    if n < 1:
+        raise NdbenchError(f"--n {n} is too small", "ask for at least one image")
+    if n > MAX_IMAGES:
+        raise NdbenchError(f"--n {n} is too many for one grid", f"ask for at most {MAX_IMAGES} images")
+
+
 def pick_images(labels: np.ndarray, n: int, seed: int) -> list[int]:
     """Positions of up to `n` test images, half normal and half novel where both exist,
     drawn with `seed`; normal ones first."""
-    if n < 1:
-        raise NdbenchError(f"--n {n} is too small", "ask for at least one image")
+    check_image_count(n)
     rng = np.random.default_rng(seed)
     novel = np.flatnonzero(labels == NOVEL)
     normal = np.flatnonzero(labels != NOVEL)

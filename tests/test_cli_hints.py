@@ -97,6 +97,7 @@ BAD_OPTIONS = [
     (["maps", "--method", "knn"], "method 'knn' has no anomaly maps"),
     (["maps", "--split", "uni-class"], "cannot read --split"),
     (["maps", "--n", "0"], "--n 0"),
+    (["maps", "--n", "100000"], "--n 100000 is too many for one grid"),
     (["maps", "--seed", "-5"], "--seed -5"),
     (["maps", "--weights", "/no/such/file.pt"], "--weights /no/such/file.pt"),
     (["build-splits", "voc", "--setting", "sideways"], "unknown setting 'sideways'"),
