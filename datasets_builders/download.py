@@ -142,14 +142,28 @@ def download_dataset(
     where = f" from the mirror {plan.mirror}" if plan.mirror else ""
     year = f" {plan.year}" if plan.year else ""
     _say(console, f"{plan.dataset}{year}: {len(plan.files)} file(s) into {plan.root}{where}")
+    state = plan.root / STATE_FOLDER
+    new_folders = [folder for folder in (state, *state.parents) if not folder.exists()]
     try:
-        plan.root.mkdir(parents=True, exist_ok=True)
-        (plan.root / STATE_FOLDER).mkdir(exist_ok=True)
+        state.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NdbenchError(f"cannot write to {plan.root}: {exc.strerror or exc}", "pass a writable --root") from exc
-    for file in plan.files:
-        result.outcomes.append((file, _ensure(file, plan, request, console)))
+    try:
+        for file in plan.files:
+            result.outcomes.append((file, _ensure(file, plan, request, console)))
+    except BaseException:
+        _remove_empty(new_folders)  # a failed first try leaves no empty --root behind
+        raise
     return result
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each folder (deepest first) that is still empty; keep any that holds a file."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _say(console: Console, text: str) -> None:

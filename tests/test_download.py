@@ -186,6 +186,7 @@ def test_a_file_missing_on_the_server_is_one_line(server, serve, tmp_path, monke
     (serve / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
     code, _, err = run(["download", "mnist", "--root", str(tmp_path / "m")], capsys)
     one_line_error(code, err, "HTTP 404", f"{server.url}mnist/t10k-images-idx3-ubyte.gz", "--mirror")
+    assert any((tmp_path / "m").rglob("*ubyte*"))  # the files fetched before it are kept
 
 
 def test_no_network_is_one_line_naming_the_url_and_the_fix(serve, tmp_path, monkeypatch, capsys):
@@ -193,6 +194,7 @@ def test_no_network_is_one_line_naming_the_url_and_the_fix(serve, tmp_path, monk
     use_table(monkeypatch, {("mnist", None): publish(serve, "mnist", None, dead)})
     code, _, err = run(["download", "mnist", "--root", str(tmp_path / "m")], capsys)
     one_line_error(code, err, f"cannot reach {dead}mnist/", "--mirror", "README")
+    assert not (tmp_path / "m").exists()  # nothing fetched: no empty root or state folder left
 
 
 def test_mirror_replaces_the_official_hosts(server, serve, tmp_path, monkeypatch, capsys):
