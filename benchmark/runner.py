@@ -33,6 +33,8 @@ from methods.base import BaseDetector, config_hash, resolve_device
 from methods.pretrain import resolve_weights
 from methods.registry import get_class
 from methods.runtime import CacheSettings, JobRuntime
+from methods.shipped_weights import check_embedded_arch
+from methods.weight_sources import EMBEDDED_WEIGHTS
 
 from .build import BuildRequest, build_splits
 from .console import QuietProgress, stderr_console
@@ -178,7 +180,9 @@ def expand_jobs(
         if setting not in SETTINGS:
             raise NdbenchError(f"unknown setting {setting!r}", "use uni-class or multi-class")
         for method in methods:  # unknown or mistyped --set options, too
-            build_detector(Job(method, dataset, setting, "", 0, frozen, preset), options)
+            config = build_detector(Job(method, dataset, setting, "", 0, frozen, preset), options).config
+            if getattr(config, "weights", None) == EMBEDDED_WEIGHTS:
+                check_embedded_arch(config.backbone)
     index = ensure_index(dataset, options)
     known = index.class_ids()
     chosen = known if classes is None else classes

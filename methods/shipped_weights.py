@@ -33,6 +33,7 @@ from .pretrain import (
     default_weights_path,
     pretrain,
 )
+from .weight_sources import EMBEDDED_WEIGHTS, HUB
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MANIFEST = "manifest.json"
@@ -127,6 +128,19 @@ def embedded_weights(
         Console(stderr=True, highlight=False).print(
             f"{arch}: not using the shipped weights ({why}); pre-training into {cached.parent}", soft_wrap=True)
     return pretrain(arch, data=data, recipe=recipe, device=device, console=console).weights
+
+
+def check_embedded_arch(arch: str) -> None:
+    """Refuse "embedded" weights for a backbone that would need an hours-long pre-training on
+    the embedded pool first: any but the embedded dataset's own, unless `ndbench pretrain
+    --arch` already made them (the cache file runs find)."""
+    if arch in SHIPPED_ARCHS or default_weights_path(arch, EmbeddedConfig(), default_recipe(arch)).is_file():
+        return
+    raise NdbenchError(
+        f"--weights {EMBEDDED_WEIGHTS}: {arch} has no embedded weights (they are made for "
+        f"{' and '.join(SHIPPED_ARCHS)}; pre-training {arch} on the digit pool takes hours)",
+        f"pass --weights {HUB}, a weights file, or pre-train it first with `ndbench pretrain --arch {arch}`",
+    )
 
 
 def write_half(source: Path, target: Path) -> None:

@@ -30,6 +30,7 @@ SAMPLES = {
     "self.index.dataset": "voc",
     "index.dataset": "voc",
     "method": "knn",
+    "arch": "vit_tiny_patch16_224",
 }
 FIELD = re.compile(r"\{([^{}]+)\}")
 
@@ -131,6 +132,8 @@ BAD_OPTIONS = [
     (["score", "--model", "m.model.pt", "--maps", "/dev/null/maps", "a.png"], "--maps: /dev/null is a file"),
     (["report", "--report-dir", "/dev/null/page"], "--report-dir: /dev/null is a file"),
     (["leaderboard"], "run `ndbench run --method knn` first"),
+    (["run", "--method", "knn", "--set", "backbone=vit_tiny_patch16_224", "--weights", "embedded"],
+     "vit_tiny_patch16_224 has no embedded weights"),
 ]
 
 

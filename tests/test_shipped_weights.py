@@ -15,13 +15,14 @@ import torch
 from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig, generator_fingerprint
 from datasets_builders.errors import NdbenchError
 from methods import shipped_weights
-from methods.pretrain import RECIPE_VERSION, PretrainResult, default_recipe, resolve_weights
+from methods.pretrain import RECIPE_VERSION, PretrainResult, default_recipe, default_weights_path, resolve_weights
 from methods.pretrain_eval import heldout_scene_instance_accuracy, load_classifier
 from methods.shipped_weights import (
     MANIFEST,
     SHIP_COMMAND,
     SHIPPED_ARCHS,
     WEIGHTS_DIR,
+    check_embedded_arch,
     embedded_weights,
     mismatch,
     read_manifest,
@@ -108,6 +109,20 @@ def test_fitting_shipped_weights_are_used_without_training(tmp_path, monkeypatch
     monkeypatch.setattr(shipped_weights, "WEIGHTS_DIR", tmp_path / "weights")
     assert resolve_weights(VIT, "embedded") == weights
     assert resolve_weights(VIT, "hub") == "hub"  # other values pass through
+
+
+def test_embedded_weights_for_another_backbone_need_its_pretraining_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    for arch in SHIPPED_ARCHS:
+        check_embedded_arch(arch)
+    other = "vit_tiny_patch16_224"
+    with pytest.raises(NdbenchError, match=f"{other} has no embedded weights") as refused:
+        check_embedded_arch(other)
+    assert f"ndbench pretrain --arch {other}" in refused.value.fix
+    cached = default_weights_path(other, EmbeddedConfig(), default_recipe(other))  # what pretrain writes
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    check_embedded_arch(other)
 
 
 def test_a_corrupt_shipped_file_is_refused_in_one_line(tmp_path):
