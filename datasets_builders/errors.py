@@ -4,15 +4,23 @@ The CLI turns it into a single line on stderr and exit code 2. Its message names
 and, where there is one, the fix.
 """
 
+import re
 from pathlib import Path
+
+# How torch's DataLoader re-raises an error of one of its worker processes: the worker's whole
+# traceback becomes the message, ending with the error's own "module.Type: message" line.
+WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
 
 
 class NdbenchError(Exception):
     """Bad input or environment that the user can fix; shown as one line, never a traceback."""
 
     def __init__(self, problem: str, fix: str | None = None):
+        lines = str(problem).splitlines()
+        if fix is None and lines and WORKER_ERROR.match(lines[0]):
+            lines = [next(line for line in reversed(lines) if line.strip()).split(": ", 1)[-1]]
         # One line, whatever a wrapped library message brought along.
-        self.problem = " ".join(str(problem).splitlines())
+        self.problem = " ".join(lines)
         self.fix = None if fix is None else " ".join(str(fix).splitlines())
         super().__init__(f"{self.problem} ({self.fix})" if self.fix else self.problem)
 

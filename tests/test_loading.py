@@ -221,3 +221,23 @@ def test_load_split_bad_id_and_missing_manifest(cifar10, tmp_path: Path) -> None
         load_split(tmp_path, "cifar10/3")
     with pytest.raises(NdbenchError, match="no split manifest"):
         load_split(tmp_path, "cifar10/uni-class/4")
+
+
+class _DamagedImages(torch.utils.data.Dataset):
+    """Two items whose decoding fails as a damaged image file does."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, item: int):
+        try:
+            raise OSError("cannot identify image file")
+        except OSError as exc:
+            raise NdbenchError(f"cannot read image {item}.png: {exc}", "the file is damaged; replace it") from exc
+
+
+def test_an_error_in_a_loader_worker_keeps_its_own_one_line_message() -> None:
+    # torch re-raises it with the worker's whole traceback as the message.
+    with pytest.raises(NdbenchError) as raised:
+        list(DataLoader(_DamagedImages(), num_workers=1))
+    assert str(raised.value) == "cannot read image 0.png: cannot identify image file (the file is damaged; replace it)"
