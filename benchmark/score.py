@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from datasets_builders.atomic import atomic_write_bytes, atomic_write_text
 from datasets_builders.errors import NdbenchError
+from datasets_builders.loading import open_rgb
 from methods.base import resolve_device
 from methods.registry import available, get_class
 
@@ -65,12 +66,7 @@ def collect_images(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
 
 def open_image(path: Path) -> PIL.Image.Image:
     """An image file as RGB, as the dataset loaders open it; one clear error when unreadable."""
-    try:
-        with PIL.Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, PIL.UnidentifiedImageError) as exc:
-        raise NdbenchError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-                           "pass image files PIL can open (PNG, JPEG, ...)") from exc
+    return open_rgb(path, "pass image files PIL can open (PNG, JPEG, ...)")
 
 
 class ImageFiles(Dataset):

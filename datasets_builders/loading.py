@@ -12,6 +12,7 @@ pixels at the input size are read from the store when there, else decoded and wr
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,21 @@ from .splits import Manifest
 PARTS = ("train", "test")
 Transform = Callable[[PIL.Image.Image], Tensor]
 
+
+
+def open_rgb(path: Path, fix: str) -> PIL.Image.Image:
+    """An image file as RGB; any failure to decode it is one NdbenchError with `fix`."""
+    try:
+        with warnings.catch_warnings():
+            # Large images (> ~89 MP) only warn; those past PIL's limit fail below, in one line.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                return image.convert("RGB")
+    # Decoding damaged bytes raises OSError, SyntaxError (PNG chunks), ValueError, struct
+    # errors, DecompressionBombError...: all mean the same to the user.
+    except Exception as exc:  # noqa: BLE001
+        message = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise NdbenchError(f"cannot read image {path}: {message}", fix) from exc
 
 class ManifestDataset(Dataset):
     """The images of one manifest part with their labels, as `(tensor, label, image_id)`.
@@ -210,15 +226,7 @@ class ManifestDataset(Dataset):
                 f"image {row.image_id!r} of {self.index.dataset} is missing: expected {path}",
                 f"check the dataset root ({self.index.root}) or rebuild the index",
             )
-        try:
-            with PIL.Image.open(path) as image:
-                return image.convert("RGB")
-        # Decoding damaged bytes raises OSError, SyntaxError (PNG chunks), ValueError, struct
-        # errors, DecompressionBombError...: all mean the same to the user.
-        except Exception as exc:  # noqa: BLE001
-            raise NdbenchError(
-                f"cannot read image {path}: {exc}", "the file is damaged; replace it"
-            ) from exc
+        return open_rgb(path, "the file is damaged; replace it")
 
     def _array_pixels(self) -> np.ndarray:
         if self._pixels is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex, IndexRow
-from datasets_builders.loading import ManifestDataset, load_split
+from datasets_builders.loading import ManifestDataset, load_split, open_rgb
 from datasets_builders.single_object import build_cifar_index, build_mnist_index
 from datasets_builders.splits import multi_class_split, uni_class_split
 
@@ -241,3 +242,14 @@ def test_an_error_in_a_loader_worker_keeps_its_own_one_line_message() -> None:
     with pytest.raises(NdbenchError) as raised:
         list(DataLoader(_DamagedImages(), num_workers=1))
     assert str(raised.value) == "cannot read image 0.png: cannot identify image file (the file is damaged; replace it)"
+
+
+def test_an_oversized_image_is_one_line_and_a_large_one_opens_quietly(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # PIL warns past 100 px, refuses past 200
+    for side in (12, 20):
+        PIL.Image.new("RGB", (side, side)).save(tmp_path / f"{side}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_rgb(tmp_path / "12.png", "fix").size == (12, 12)
+    with pytest.raises(NdbenchError, match=r"cannot read image .*20\.png: Image size \(400 pixels\) exceeds"):
+        open_rgb(tmp_path / "20.png", "fix")
