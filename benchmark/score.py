@@ -139,9 +139,23 @@ def prepare_scoring(request: ScoreRequest) -> Scoring:
     saved = load_model(request.model)
     check_request(saved, request)
     device = resolve_device(request.device)
+    check_no_overwrite(request, paths)
     for path in paths:
         open_image(path)
     return Scoring(request, saved, paths, device)
+
+
+def check_no_overwrite(request: ScoreRequest, paths: list[Path]) -> None:
+    """Refuse an --output or a map file that would replace one of the inputs or the model."""
+    inputs = {path.resolve(): path for path in [*paths, Path(request.model)]}
+    if request.output is not None and Path(request.output).resolve() in inputs:
+        raise NdbenchError(f"--output {request.output} is one of the inputs; writing it would replace that file",
+                           "write the CSV to another file")
+    if request.maps is not None:
+        for target in map_targets(Path(request.maps), paths):
+            if target.resolve() in inputs:
+                raise NdbenchError(f"--maps {request.maps} would overwrite the input image {inputs[target.resolve()]}",
+                                   "write the maps to another folder")
 
 
 def run_scoring(scoring: Scoring, progress=None) -> ScoreResult:
@@ -176,16 +190,23 @@ def write_maps(detector, data: ImageFiles, folder: Path, alpha: float) -> list[P
     heat = torch.cat(heats).numpy()
     low, high = float(heat.min()), float(heat.max())
     scaled = (heat - low) / max(high - low, 1e-12)
-    written: list[Path] = []
-    for i in range(len(data)):
+    targets = map_targets(folder, data.paths)
+    for i, target in enumerate(targets):
         image = data.image(i)
-        target = _unique(folder / f"{data.paths[i].stem}.png", written)
         shown = overlay(image, scaled[i], alpha, size=_shown_size(image.size))
         buffer = io.BytesIO()
         shown.save(buffer, format="PNG")
         atomic_write_bytes(target, buffer.getvalue())
-        written.append(target)
-    return written
+    return targets
+
+
+def map_targets(folder: Path, paths: list[Path]) -> list[Path]:
+    """The overlay file of each image under `folder`: `<stem>.png`, or `<stem>-2.png`, `-3`,
+    ... when an earlier image of the call took the name."""
+    targets: list[Path] = []
+    for path in paths:
+        targets.append(_unique(folder / f"{path.stem}.png", targets))
+    return targets
 
 
 def _shown_size(size: tuple[int, int]) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import one_line_error
 from defend_fixtures import TINY_CONFIG, TINY_VIT
 from PIL import Image
 
@@ -161,6 +162,23 @@ def test_bad_input_is_one_line_and_exit_2(toy, tmp_path, capsys, case, needle):
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert lines[0].startswith("ndbench: error:") and "Traceback" not in err
     assert not output.exists() and not (tmp_path / "maps").exists()
+
+
+@pytest.mark.parametrize("target", ["output image", "output model", "maps over inputs"])
+def test_outputs_never_replace_an_input_or_the_model(toy, tmp_path, capsys, target):
+    images = [tmp_path / "in" / p.name for p in toy["new"]]
+    images[0].parent.mkdir()
+    for source, copy in zip(toy["new"], images, strict=True):
+        copy.write_bytes(source.read_bytes())
+    model = tmp_path / "mkd.model.pt"
+    model.write_bytes(toy["mkd"].read_bytes())
+    before = {path: path.read_bytes() for path in [*images, model]}
+    extra = {"output image": ["--output", str(images[1])], "output model": ["--output", str(model)],
+             "maps over inputs": ["--maps", str(images[0].parent)]}[target]
+    code = main(["score", "--model", str(model), str(images[0].parent), "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    one_line_error(code, err, "overwrite the input image" if target == "maps over inputs" else "is one of the inputs")
+    assert {path: path.read_bytes() for path in before} == before
 
 
 def test_saved_files_hold_format_provenance_and_threshold(toy):
