@@ -114,8 +114,9 @@ def build_splits_command(
 
     custom = (name, train_annotations, test_annotations, train_images, test_images)
     if dataset == "coco-format":
-        if root is not None or year is not None:
-            raise NdbenchError("coco-format takes no --root or --year",
+        if root is not None or year is not None or class_order != "paper":
+            raise NdbenchError("coco-format takes no --root, --year or --class-order (class ids follow the file's "
+                               "category ids)",
                                "give --train-annotations, --test-annotations (and --train-images, --test-images)")
         _build_coco_format(custom, out=out, setting=setting, normal=normal, classes=classes,
                            min_train_images=min_train_images)
@@ -592,9 +593,12 @@ def maps_command(
     check_weights(weights)
     request = MapsRequest(method=method, dataset=dataset, split=split, n=n, seed=seed)
     options = RunOptions(out=out, device=device, weights=weights)
-    setting, _ = parse_split(split)
-    # Validates the method and dataset, builds the splits when missing.
-    expand_jobs([method], dataset=dataset, settings=[setting], classes=[], seeds=[seed], options=options)
+    setting, name = parse_split(split)
+    # A protocol split names its class ("3", "except-3"): checked against the dataset's classes.
+    kind = name.removeprefix("except-")
+    classes = [int(kind)] if kind.isdigit() else []
+    # Validates the method, dataset and class, builds the splits when missing.
+    expand_jobs([method], dataset=dataset, settings=[setting], classes=classes, seeds=[seed], options=options)
     with job_progress(stderr_console()) as progress:
         path = draw_maps(request, options, progress)
     stdout_console().print(f"wrote {path}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import BUILDER_VERSION
 from .atomic import atomic_write_text
 from .errors import NdbenchError
-from .index import DatasetIndex
+from .index import DatasetIndex, build_index_fix
 
 SETTINGS = ("uni-class", "multi-class")
 NORMAL, NOVEL = 0, 1
@@ -100,14 +100,12 @@ class Manifest:
         """Read a manifest file and check its sha256."""
         path = Path(path)
         # <splits root>/<dataset>/<setting>/<name>.json
-        dataset, splits_root = path.parent.parent.name, path.parent.parent.parent
-        rebuild = f"rebuild it with `ndbench build-splits {dataset} --out {splits_root}`"
+        dataset_folder = path.parent.parent
+        rebuild = build_index_fix(dataset_folder)  # a custom dataset's own build command, too
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
-            raise NdbenchError(
-                f"no split manifest at {path}", f"build it with `ndbench build-splits {dataset} --out {splits_root}`"
-            ) from exc
+            raise NdbenchError(f"no split manifest at {path}", build_index_fix(dataset_folder, "to build it")) from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise NdbenchError(f"split manifest {path} is not valid JSON", rebuild) from exc
         try:

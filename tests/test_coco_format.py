@@ -13,6 +13,7 @@ from coco_format_fixtures import TEST, TRAIN, write_coco_format
 from benchmark.cli import main
 from benchmark.records import load_records
 from benchmark.runner import RunOptions, expand_jobs
+from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.splits import Manifest
 
@@ -191,6 +192,7 @@ def test_a_missing_image_file_is_named(source, tmp_path, capsys):
         ("../up", [], "not a plain folder name"),
         ("mylab", ["--min-train-images", "-1"], "negative"),
         ("mylab", ["--root", "somewhere"], "coco-format takes no --root"),
+        ("mylab", ["--class-order", "alphabetical"], "coco-format takes no --root, --year or --class-order"),
     ],
 )
 def test_bad_options_are_one_line(source, tmp_path, capsys, name, extra, needle):
@@ -235,3 +237,17 @@ def test_round_trip_build_then_run_knn(source, tmp_path, capsys):
 def test_run_on_an_unbuilt_name_names_the_build_command(tmp_path, capsys):
     code = main(["run", "--dataset", "mylab", "--method", "knn", "--out", str(tmp_path / "results")])
     one_line_error(code, capsys.readouterr().err, "unknown dataset 'mylab'", "build-splits coco-format")
+
+
+def test_a_missing_or_damaged_manifest_names_the_coco_format_build(source, tmp_path, capsys):
+    out = tmp_path / "splits"
+    assert main(build_args(source, out)) == 0
+    manifest = out / "mylab" / "uni-class" / "5.json"
+    manifest.write_text("{")
+    with pytest.raises(NdbenchError, match="is not valid JSON") as damaged:
+        Manifest.read(manifest)
+    manifest.unlink()
+    with pytest.raises(NdbenchError, match="no split manifest") as missing:
+        Manifest.read(manifest)
+    for error in (damaged.value, missing.value):
+        assert "ndbench build-splits coco-format --name mylab" in error.fix, error.fix

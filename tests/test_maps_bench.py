@@ -57,7 +57,9 @@ def test_maps_writes_a_grid_of_image_and_heat_pairs(splits_root, tmp_path, capsy
 @pytest.mark.parametrize(
     "args, needle",
     [(["--method", "knn"], "no anomaly maps"), (["--split", "uni-class"], "--split"),
-     (["--split", "sideways/3"], "--split"), (["--n", "0"], "--n 0")],
+     (["--split", "sideways/3"], "--split"), (["--n", "0"], "--n 0"),
+     (["--split", "uni-class/99"], "unknown class 99 for embedded"),
+     (["--split", "multi-class/except-99"], "unknown class 99 for embedded")],
 )
 def test_maps_errors_are_one_line(splits_root, tmp_path, capsys, args, needle):
     out = fresh_out(splits_root, tmp_path)
