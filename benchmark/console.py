@@ -17,11 +17,16 @@ def stderr_console() -> Console:
 
 
 class QuietProgress(Progress):
-    """A rich `Progress` that leaves nothing on a non-terminal stderr when no task is left
-    to show at the end (rich would print an empty render and a blank line)."""
+    """A rich `Progress` that leaves nothing behind when it ends by an error (the error line
+    stands alone) or, on a non-terminal stderr, with no task left to show (rich would print an
+    empty render and a blank line)."""
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        self._failed = exc_type is not None
+        super().__exit__(exc_type, exc_value, traceback)
 
     def stop(self) -> None:
-        if self.tasks or self.disable:
+        if self.disable or (self.tasks and not getattr(self, "_failed", False)):
             super().stop()
             return
         self.live.transient = True

@@ -209,7 +209,7 @@ def test_report_without_records_is_one_line(tmp_path, capsys):
     assert len(lines) == 1 and "no readable records" in lines[0] and "Traceback" not in err
 
 
-def test_finished_progress_leaves_no_blank_line_on_a_non_terminal():
+def test_progress_leaves_nothing_when_no_task_is_left_or_on_an_error():
     def shown(add_and_keep: bool) -> str:
         console = Console(file=io.StringIO(), width=80)
         with job_progress(console) as progress:
@@ -221,6 +221,11 @@ def test_finished_progress_leaves_no_blank_line_on_a_non_terminal():
 
     assert shown(add_and_keep=False) == ""
     assert "figures" in shown(add_and_keep=True)
+    console = Console(file=io.StringIO(), width=80)
+    with pytest.raises(OSError), job_progress(console) as progress:
+        progress.add_task("figures", total=2)
+        raise OSError("disk full")
+    assert console.file.getvalue() == ""  # the error's own line will stand alone
 
 
 # --- slow: real knn records ------------------------------------------------------------------
