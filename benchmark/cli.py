@@ -560,6 +560,7 @@ def demo_command(
     from .parallel import parse_parallel
 
     resolve_device(device)
+    check_output_folder(out, "--out")  # before the worker processes start
     code = run_demo(full=full, out=out, device=device, force=force, parallel=parse_parallel(parallel))
     if code:
         raise typer.Exit(code)

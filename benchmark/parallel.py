@@ -91,8 +91,8 @@ def parse_parallel(value: str) -> int | None:
 
 
 def jobs_at_once(parallel: int | None, device: str, jobs: int) -> int:
-    """The jobs to run at once: `parallel`, or `auto_parallel` for None."""
-    return auto_parallel(device, jobs) if parallel is None else parallel
+    """The jobs to run at once: `parallel` (no more than there are jobs), or `auto_parallel` for None."""
+    return auto_parallel(device, jobs) if parallel is None else max(1, min(parallel, jobs))
 
 
 def start_order(jobs: list[Job], options: RunOptions) -> list[int]:

@@ -443,14 +443,14 @@ class ArrayStore:
 
     def clear(self, kind: str | None = None) -> int:
         """Delete every entry (of `kind` only, when given); returns the bytes freed on disk."""
-        usage = {u.kind: u for u in self.usage()}
-        kinds = list(usage) if kind is None else [kind]
-        freed = 0
-        for name in kinds:
-            if name in usage:
-                freed += usage[name].disk_bytes
-                shutil.rmtree(self.root / name, ignore_errors=True)
-        return freed
+        def disk(usage: list[KindUsage]) -> int:
+            return sum(u.disk_bytes for u in usage if kind is None or u.kind == kind)
+
+        before = self.usage()
+        for usage in before:
+            if kind is None or usage.kind == kind:
+                shutil.rmtree(self.root / usage.kind, ignore_errors=True)  # what cannot go stays counted
+        return disk(before) - disk(self.usage())
 
 
 def default_budget_bytes(root: Path) -> int:

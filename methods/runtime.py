@@ -31,8 +31,8 @@ class CacheSettings:
     root: Path | None = None  # None: `store_root()` (a benchmark's throw-away store sets one)
 
     def __post_init__(self) -> None:
-        if self.budget_gb is not None and self.budget_gb < 0:
-            raise NdbenchError(f"--cache-budget-gb {self.budget_gb} is negative", "give 0 or more gigabytes")
+        if self.budget_gb is not None and not self.budget_gb >= 0:  # NaN too: no size compares with it
+            raise NdbenchError(f"--cache-budget-gb {self.budget_gb} is not 0 or more", "give 0 or more gigabytes")
         if self.workers is not None and self.workers < 0:
             raise NdbenchError(f"--workers {self.workers} is negative", "give 0 (load in the main process) or more")
 

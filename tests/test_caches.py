@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -366,6 +367,7 @@ def test_cache_info_and_clear_by_kind(splits_root, tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("args, needle", [(["--workers", "-1"], "--workers"),
                                           (["--cache-budget-gb", "-2"], "--cache-budget-gb"),
+                                          (["--cache-budget-gb", "nan"], "--cache-budget-gb nan is not 0 or more"),
                                           (["--ray-gpus-per-job", "-1"], "--ray-gpus-per-job")])
 def test_bad_cache_and_ray_options_are_one_line(tmp_path, capsys, args, needle):
     assert main(["run", "--method", "knn", "--out", str(tmp_path), *args]) == 2
@@ -381,3 +383,22 @@ def test_ray_resources_follow_the_cluster():
     with pytest.raises(NdbenchError, match="GPUs"):
         RayResources(gpus_per_job=1).resolve({"CPU": 4})
     assert (task_threads(0.5), task_threads(2.0)) == (1, 2)
+
+
+def test_clear_reports_only_the_bytes_it_removed(tmp_path, monkeypatch):
+    store = ArrayStore(tmp_path / "store")
+    for kind in ("features", "images"):
+        entry = store.entry(kind, "k" * 32, 100)
+        schema = entry.ensure_schema((Field("x", "<f4", (256,)),))
+        assert entry.write(np.arange(100), np.zeros(100, dtype=schema.record_dtype)).all()
+    disk = {u.kind: u.disk_bytes for u in store.usage()}
+    assert min(disk.values()) > 0
+    real_rmtree = shutil.rmtree
+
+    def undeletable_images(path, ignore_errors=False):  # as a file the user may not delete
+        if Path(path).name != "images":
+            real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr("datasets_builders.array_store.shutil.rmtree", undeletable_images)
+    assert store.clear() == disk["features"]
+    assert [u.kind for u in store.usage()] == ["images"]

@@ -116,6 +116,7 @@ BAD_OPTIONS = [
     (["pretrain", "--device", "tpu"], "unknown device 'tpu'"),
     (["demo", "--device", "tpu"], "unknown device 'tpu'"),
     (["demo", "--parallel", "-2"], "--parallel -2"),
+    (["demo", "--out", "/dev/null"], "--out /dev/null is a file, not a folder"),
     (["bench", "--arch", "no_such_vit"], "--arch no_such_vit: unknown timm model"),
     (["bench", "--arch", "resnet18"], "--arch resnet18: backbone ResNet is not a timm VisionTransformer"),
     (["bench", "--steps", "0"], "--steps"),

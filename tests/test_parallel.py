@@ -13,7 +13,14 @@ import pytest
 from small_splits import fresh_out
 
 from benchmark.executors import execute
-from benchmark.parallel import _written_before_break, auto_parallel, early_workers, parse_parallel, start_order
+from benchmark.parallel import (
+    _written_before_break,
+    auto_parallel,
+    early_workers,
+    jobs_at_once,
+    parse_parallel,
+    start_order,
+)
 from benchmark.records import load_records, scores_path
 from benchmark.runner import DONE, FAILED, SKIPPED, RunOptions, expand_jobs
 from datasets_builders.errors import NdbenchError
@@ -54,6 +61,11 @@ def test_auto_runs_one_job_per_cpu_within_memory_and_the_jobs():
     assert auto_parallel("cpu", jobs=3, cpus=16, memory=64 * GIB) == 3
     assert auto_parallel("cpu", jobs=40, cpus=16, memory=5 * GIB) == 2
     assert auto_parallel("cpu", jobs=40, cpus=16, memory=GIB) == 1
+
+
+def test_a_given_parallel_starts_no_more_workers_than_jobs():
+    assert jobs_at_once(1000, "cpu", jobs=40) == 40
+    assert jobs_at_once(3, "cpu", jobs=40) == 3
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
