@@ -132,6 +132,12 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise NdbenchError(f"weights file {path} does not exist", WEIGHTS_FIX)
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle); torch.load reads other
+    # bytes as a pickle and fails with messages such as "KeyError: 105".
+    if path.suffix != ".safetensors" and not (head == b"PK" or head[:1] == b"\x80"):
+        raise NdbenchError(f"weights file {path} is not a torch file (nor named .safetensors)", WEIGHTS_FIX)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

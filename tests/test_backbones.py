@@ -237,6 +237,9 @@ def test_missing_or_unreadable_weights_file(tmp_path):
     assert "--weights" in str(info.value)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(NdbenchError, match="junk.pt is not a torch file"):
+        create_backbone(ARCH, weights=junk, **tiny_vit_kwargs())
+    junk.write_bytes(b"PK not a zip archive after all")
     with pytest.raises(NdbenchError, match="cannot read weights file"):
         create_backbone(ARCH, weights=junk, **tiny_vit_kwargs())
 
