@@ -403,6 +403,8 @@ def _parse_overrides(items: list[str]) -> dict:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise NdbenchError(f"cannot read --set {item!r}", "write it as NAME=VALUE, e.g. --set epochs=1")
+        if name in parsed:
+            raise NdbenchError(f"--set {name} is given twice", f"keep one --set {name}=VALUE")
         if value in python_literals:
             parsed[name] = python_literals[value]
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from datasets_builders.errors import NdbenchError
+from datasets_builders.errors import NdbenchError, not_a_file
 from datasets_builders.splits import parse_class_list
 from methods.weight_sources import EMBEDDED_WEIGHTS, HUB, NO_WEIGHTS
 
@@ -49,7 +49,7 @@ def check_weights(weights: str | None) -> None:
         return
     if not Path(weights).is_file():
         raise NdbenchError(
-            f"--weights {weights}: no such file",
+            f"--weights {weights}: {not_a_file(Path(weights)) if Path(weights).exists() else 'no such file'}",
             f"give a local state dict or .safetensors file, or one of {HUB}, {NO_WEIGHTS}, {EMBEDDED_WEIGHTS}",
         )
 
