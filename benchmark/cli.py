@@ -238,6 +238,8 @@ def _download_listing(plan) -> str:
 
 
 OUT_HELP = "Results root: records go to <out>/runs, tables to <out>/tables, splits to <out>/splits."
+DATASET_HELP = (f"One of {', '.join(DATASETS)}, or the --name of a dataset built with "
+                "`build-splits coco-format`.")
 NO_RECORDS_FIX = "run `ndbench run --method knn` first, or pass the --out your runs used"
 
 
@@ -246,8 +248,7 @@ def run_command(
     method: Annotated[str, typer.Option(help="Method name(s), comma-separated (see `ndbench methods`).")],
     dataset: Annotated[
         str,
-        typer.Option(help=f"One of {', '.join(DATASETS)}, or the --name of a dataset built with "
-                     "`build-splits coco-format`."),
+        typer.Option(help=DATASET_HELP),
     ] = "embedded",
     setting: Annotated[
         str, typer.Option(help="uni-class (one-vs-all), multi-class (all-vs-one) or all.")
@@ -261,7 +262,8 @@ def run_command(
     weights: Annotated[
         str | None,
         typer.Option(help="Backbone weights: a local timm/torch state dict or .safetensors file, "
-                     "'hub' (timm's hub), or 'none' (random init, only on request)."),
+                     "'hub' (timm's hub), 'embedded' (the shipped small backbones; the embedded dataset's "
+                     "default), or 'none' (random init, only on request). Default: each method's, by dataset."),
     ] = None,
     executor: Annotated[str, typer.Option(help="local (in-process) or ray (a Ray cluster).")] = "local",
     ray_address: Annotated[
@@ -571,13 +573,14 @@ def demo_command(
 @app.command("maps")
 def maps_command(
     method: Annotated[str, typer.Option(help="A method with anomaly maps: defend, mkd or rdad.")] = "defend",
-    dataset: Annotated[str, typer.Option(help=f"One of {', '.join(DATASETS)}.")] = "embedded",
+    dataset: Annotated[str, typer.Option(help=DATASET_HELP)] = "embedded",
     split: Annotated[str, typer.Option(help="SETTING/NAME, e.g. uni-class/3 or multi-class/except-3.")] = "uni-class/0",
     n: Annotated[int, typer.Option(help="Test images to show (1-128), half normal and half novel.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the fit and of the choice of images.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     weights: Annotated[
-        str | None, typer.Option(help="Backbone weights: a local file, 'hub' or 'none' (as in ndbench run).")
+        str | None,
+        typer.Option(help="Backbone weights: a local file, 'hub', 'embedded' or 'none' (as in ndbench run)."),
     ] = None,
     out: Annotated[Path, typer.Option(help=OUT_HELP + " Grids go to <out>/maps.")] = Path("results"),
 ) -> None:
