@@ -429,6 +429,13 @@ def table_command(
     if not records:
         raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
     pairs = sorted({(r.dataset, r.setting) for r in records})
+    if paper:
+        from .paper import PAPER_DATASETS
+
+        without = sorted({d for d, _ in pairs} - set(PAPER_DATASETS))
+        if without:
+            stderr_console().print(f"note: the paper reports no numbers for {', '.join(without)}; "
+                                   "their tables have measured columns only", soft_wrap=True)
     paths = []
     for dataset in sorted({d for d, _ in pairs}):
         paths = print_tables(out, records, dataset, [s for d, s in pairs if d == dataset], paper)

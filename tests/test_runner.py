@@ -55,6 +55,9 @@ def test_knn_end_to_end_is_clearly_better_than_chance(tmp_path, capsys, monkeypa
     assert main(["table", "--out", str(out)]) == 0
     table = (out / "tables" / "per_class_embedded_uni-class.md").read_text()
     assert "knn" in table and "AVG" in table and "digit-9" in table
+    capsys.readouterr()
+    assert main(["table", "--out", str(out), "--paper"]) == 0
+    assert "the paper reports no numbers for embedded" in capsys.readouterr().err
 
 
 @pytest.mark.slow
