@@ -550,7 +550,7 @@ def oracle_command(
 def demo_command(
     full: Annotated[
         bool, typer.Option(help="Every registered method on both settings (hours on 2 CPU cores; the default "
-                           "demo takes 5-7.5 min there).")
+                           "demo takes 3.5-7.5 min there).")
     ] = False,
     out: Annotated[Path, typer.Option(help=OUT_HELP)] = Path("results"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

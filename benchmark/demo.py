@@ -19,8 +19,9 @@ from .runner import RunOptions, expand_jobs
 # Methods of the default demo: the sanity baseline, the paper's method with and without its
 # dense tuning, and the paper's strongest competitor. Measured on 2 idle cores, cold, with the
 # shipped backbones and two one-thread jobs side by side (`--parallel auto`): per uni-class
-# split (fit) knn ~1.4 s, mkd ~10.2 s, defend ~26.8 s, transformaly ~9.0 s; 4 min 56 s to
-# 7 min 13 s in all (the machine's speed varies by day and hour), ~29 s of it before the first job.
+# split (fit) knn ~0.9-1.4 s, mkd ~6.4-10.2 s, defend ~16.3-26.8 s, transformaly ~5.9-9.0 s;
+# 3 min 29 s to 7 min 13 s in all (the machine's speed varies by day and hour), ~17-29 s of it
+# before the first job.
 DEMO_METHODS = ("knn", "mkd", "defend", "transformaly")
 SETTINGS_DEFAULT = ("uni-class",)
 SETTINGS_FULL = ("uni-class", "multi-class")
