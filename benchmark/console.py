@@ -21,12 +21,16 @@ class QuietProgress(Progress):
     stands alone) or, on a non-terminal stderr, with no task left to show (rich would print an
     empty render and a blank line)."""
 
+    def __init__(self, *columns, **kwargs) -> None:
+        super().__init__(*columns, **kwargs)
+        self._failed = False
+
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         self._failed = exc_type is not None
         super().__exit__(exc_type, exc_value, traceback)
 
     def stop(self) -> None:
-        if self.disable or (self.tasks and not getattr(self, "_failed", False)):
+        if self.disable or (self.tasks and not self._failed):
             super().stop()
             return
         self.live.transient = True
