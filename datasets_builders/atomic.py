@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +27,15 @@ def write_error(path: Path, exc: OSError) -> WriteFailure:
     return WriteFailure(f"cannot write {path}: {reason}", fix)
 
 
+@functools.cache
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (read once: setting the
+    umask is the only way to read it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
     """A binary file handle whose content appears at `path` only when the block ends
@@ -37,6 +47,7 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
     except OSError as exc:
         raise write_error(path.parent, exc) from exc
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600: results must be as readable as any file
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

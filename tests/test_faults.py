@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,14 @@ def test_retries_run_a_crashed_job_again(splits_root, tmp_path, faulty, capsys, 
 
 
 # --- write failures ----------------------------------------------------------------------------
+def test_written_files_get_the_mode_of_any_new_file(tmp_path):
+    target = tmp_path / "record.json"
+    atomic_write_bytes(target, b"{}")
+    with open(tmp_path / "plain", "wb"):  # what open() gives under this umask (0644 under 022)
+        pass
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
 @pytest.mark.parametrize(("code", "fix"), [(errno.ENOSPC, "free disk space"), (errno.EROFS, "writable output folder")])
 def test_a_failed_write_leaves_no_file_and_says_what_to_do(tmp_path, monkeypatch, code, fix):
     target = tmp_path / "out" / "record.json"
