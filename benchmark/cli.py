@@ -390,8 +390,11 @@ def _note_missing_models(results) -> None:
     missing = [r for r in results if r.status == "skipped" and r.record is not None
                and not model_path(r.record).is_file()]
     if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        shown = ", ".join(r.job.describe() for r in missing[:5]) + more
         stderr_console().print(f"note: {len(missing)} skipped job(s) have no saved model (their records were made "
-                               "without --save-models); add --force to fit them again and save their models")
+                               f"without --save-models): {shown}; add --force to fit them again and save their models",
+                               soft_wrap=True, markup=False)
 
 
 def _parse_overrides(items: list[str]) -> dict:

@@ -52,7 +52,8 @@ def run_demo(*, full: bool, out: Path, device: str, force: bool, parallel: int |
     code = report_results(results, stderr_console())
     page = build_report(out, warn=lambda message: stderr_console().print(f"warning: {message}")) if records else None
     minutes = (time.perf_counter() - start) / 60
-    stdout_console().print(f"demo finished in {minutes:.1f} min; tables: {sorted({p.parent for p in paths})}")
+    folders = ", ".join(sorted({str(p.parent) for p in paths}))
+    stdout_console().print(f"demo finished in {minutes:.1f} min; tables: {folders}", soft_wrap=True)
     if page is not None:
         stdout_console().print(f"report ({page.seconds:.1f} s): {page.path.resolve().as_uri()}", soft_wrap=True)
     return code

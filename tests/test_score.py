@@ -254,6 +254,7 @@ def test_skipped_jobs_without_a_model_are_named_and_force_saves_them(knn_results
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "0 jobs ran, 2 skipped" in err and "1 skipped job(s) have no saved model" in err
+    assert "knn embedded/uni-class/1 seed 0;" in err.split("have no saved model")[1]
     assert main([*args, "--classes", "1", "--force"]) == 0
     assert "1 jobs ran" in capsys.readouterr().err
     assert len(list(folder.glob("*__seed0.model.pt"))) == 2
