@@ -156,6 +156,23 @@ def _built_classes(index: DatasetIndex, setting: str, options: RunOptions) -> li
     return built
 
 
+def _built_normal_sets(index: DatasetIndex, setting: str, options: RunOptions) -> list[str]:
+    """Names of the multi-class splits built from the current index with a chosen normal set
+    (`build-splits --normal 1,3`: `normal-1-3`), beside the all-vs-one `except-k` ones."""
+    if setting != "multi-class":
+        return []
+    built = []
+    for path in sorted((options.splits / index.dataset / setting).glob("*.json")):
+        if path.stem.startswith("except-"):
+            continue
+        try:
+            if Manifest.read(path).index_sha256 == index.sha256:
+                built.append(path.stem)
+        except (NdbenchError, KeyError, TypeError):
+            continue  # a damaged manifest: not a split to run
+    return built
+
+
 def expand_jobs(
     methods: list[str],
     *,
@@ -193,14 +210,18 @@ def expand_jobs(
     if classes is None and not is_builtin(dataset):
         # A custom dataset runs the splits it was built with (rare classes may have none).
         per_setting = {setting: _built_classes(index, setting, options) for setting in settings}
-        for setting, built in per_setting.items():
-            if not built:
-                raise _custom_split_missing(dataset, options, f"no {setting} split was built")
+    names = {setting: [split_name(setting, c) for c in per_setting[setting]] for setting in settings}
+    if classes is None:  # and every normal set built with --normal (CIFAR-10: paper Table 5's)
+        for setting in settings:
+            names[setting] += _built_normal_sets(index, setting, options)
+    for setting in settings:
+        if not names[setting] and not is_builtin(dataset):
+            raise _custom_split_missing(dataset, options, f"no {setting} split was built")
     jobs = (
-        Job(method, dataset, setting, split_name(setting, c), seed, frozen, preset)
+        Job(method, dataset, setting, name, seed, frozen, preset)
         for method in methods
         for setting in settings
-        for c in per_setting[setting]
+        for name in names[setting]
         for seed in seeds
     )
     return list(dict.fromkeys(jobs))  # a class or seed given twice is one job

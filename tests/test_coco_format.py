@@ -251,3 +251,16 @@ def test_a_missing_or_damaged_manifest_names_the_coco_format_build(source, tmp_p
         Manifest.read(manifest)
     for error in (damaged.value, missing.value):
         assert "ndbench build-splits coco-format --name mylab" in error.fix, error.fix
+
+
+def test_a_built_normal_set_is_run_with_the_all_vs_one_splits(source, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(build_args(source, out / "splits", "--normal", "2,5")) == 0  # only normal-2-5
+    capsys.readouterr()
+    run = ["run", "--dataset", "mylab", "--method", "knn", "--setting", "multi-class", "--out", str(out), *TINY_KNN]
+    assert main(run) == 0, capsys.readouterr().err
+    assert [r.split for r in load_records(out)] == ["normal-2-5"]
+    assert main(build_args(source, out / "splits", "--setting", "multi-class", "--min-train-images", "2")) == 0
+    assert main(run) == 0, capsys.readouterr().err
+    assert sorted(r.split for r in load_records(out)) == ["except-2", "except-5", "except-9", "normal-2-5"]
+    assert "normal-2-5" in (out / "tables" / "per_class_mylab_multi-class.md").read_text()

@@ -18,6 +18,8 @@ from array_fixtures import (
     write_pickle,
 )
 
+from benchmark.cli import main
+from benchmark.runner import RunOptions, expand_jobs
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import IndexRow
 from datasets_builders.single_object import (
@@ -166,6 +168,16 @@ def test_half_vs_half_split_on_cifar10(cifar10_root: Path) -> None:
     novel = [1, 0, 1, 0, 1, 0, 0, 1, 0, 1]
     assert manifest.test == [(f"test/{n}", novel[n]) for n in range(10)]
     assert manifest.counts() == {"train": 10, "test_normal": 5, "test_novel": 5}
+
+
+def test_a_cifar10_multi_class_run_holds_the_half_vs_half_sets_it_built(cifar10_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    assert main(["build-splits", "cifar10", "--root", str(cifar10_root), "--out", str(out / "splits")]) == 0
+    jobs = expand_jobs(["knn"], dataset="cifar10", settings=["multi-class"], classes=None, seeds=[0],
+                       options=RunOptions(out=out))
+    built = sorted(p.stem for p in (out / "splits" / "cifar10" / "multi-class").glob("normal-*.json"))
+    assert built == ["normal-0-1-2-3-4", "normal-0-2-4-6-8", "normal-1-3-5-7-9", "normal-5-6-7-8-9"]
+    assert [job.split for job in jobs] == [f"except-{k}" for k in range(10)] + built
 
 
 # --- CIFAR bad input -----------------------------------------------------------------------
