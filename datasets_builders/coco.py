@@ -196,6 +196,12 @@ def _merge_categories(
     return names
 
 
+def _fix(dataset: str, for_coco: str,
+         for_export: str = "fix the export: every annotation names a listed image and a defined category") -> str:
+    """The hint for COCO itself (`for_coco`) or for a user's COCO-format export."""
+    return for_coco if dataset == "coco" else for_export
+
+
 def _check_annotations(
     coco: COCO, json_path: Path, class_names: dict[int, str], dataset: str
 ) -> None:
@@ -206,13 +212,13 @@ def _check_annotations(
             raise NdbenchError(
                 f"{dataset}: annotation {ann.get('id')} in {json_path} has category id "
                 f"{ann.get('category_id')!r}, which no 'categories' entry defines",
-                "fix the file or use the official COCO annotations",
+                _fix(dataset, "fix the file or use the official COCO annotations"),
             )
         if ann["image_id"] not in image_ids:
             raise NdbenchError(
                 f"{dataset}: annotation {ann.get('id')} in {json_path} refers to image id "
                 f"{ann['image_id']!r}, which its 'images' list does not hold",
-                "fix the file or use the official COCO annotations",
+                _fix(dataset, "fix the file or use the official COCO annotations"),
             )
 
 
@@ -234,5 +240,6 @@ def _check_files_exist(image_dir: Path, file_names: list[str], json_path: Path, 
         raise NdbenchError(
             f"{dataset}: {len(missing)} image(s) listed in {json_path} are missing under "
             f"{image_dir}, the first is {missing[0]}",
-            "download the complete image folder (or fix --root / --year)",
+            _fix(dataset, "download the complete image folder (or fix --root / --year)",
+                 "put every image the file lists there (or fix --train-images / --test-images)"),
         )

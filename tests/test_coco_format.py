@@ -125,8 +125,8 @@ def _climbing_file_name(data):
     ("subset", "change", "needles"),
     [
         ("train", _duplicate_image, ("lists image id 1 twice", "train.json")),
-        ("test", _missing_image, ("refers to image id 999", "test.json")),
-        ("train", _missing_category, ("category id 77", "train.json")),
+        ("test", _missing_image, ("refers to image id 999", "test.json", "fix the export")),
+        ("train", _missing_category, ("category id 77", "train.json", "fix the export")),
         ("test", _no_categories, ("empty 'categories' list", "test.json")),
         ("train", _climbing_file_name, ("'../elsewhere.jpg'", "not inside its image folder")),
     ],
@@ -182,7 +182,8 @@ def test_ids_may_repeat_across_the_two_files(source, tmp_path, capsys):
 
 def test_a_missing_image_file_is_named(source, tmp_path, capsys):
     (source["images"] / "train" / "b" / "img_004.jpg").unlink()
-    one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err, "img_004.jpg", "missing")
+    one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err, "img_004.jpg", "missing",
+                   "fix --train-images / --test-images")
 
 
 @pytest.mark.parametrize(
