@@ -145,15 +145,7 @@ def _built_classes(index: DatasetIndex, setting: str, options: RunOptions) -> li
     """Classes of a custom dataset whose split of `setting` was built from its current index
     (a manifest left by an earlier build of other files is not run)."""
     folder = options.splits / index.dataset / setting
-    built = []
-    for c in index.class_ids():
-        path = folder / f"{split_name(setting, c)}.json"
-        try:
-            if path.is_file() and Manifest.read(path).index_sha256 == index.sha256:
-                built.append(c)
-        except (NdbenchError, KeyError, TypeError):
-            continue  # a damaged manifest: not a split to run
-    return built
+    return [c for c in index.class_ids() if _built_from(folder / f"{split_name(setting, c)}.json", index)]
 
 
 def _built_normal_sets(index: DatasetIndex, setting: str, options: RunOptions) -> list[str]:
@@ -161,16 +153,17 @@ def _built_normal_sets(index: DatasetIndex, setting: str, options: RunOptions) -
     (`build-splits --normal 1,3`: `normal-1-3`), beside the all-vs-one `except-k` ones."""
     if setting != "multi-class":
         return []
-    built = []
-    for path in sorted((options.splits / index.dataset / setting).glob("*.json")):
-        if path.stem.startswith("except-"):
-            continue
-        try:
-            if Manifest.read(path).index_sha256 == index.sha256:
-                built.append(path.stem)
-        except (NdbenchError, KeyError, TypeError):
-            continue  # a damaged manifest: not a split to run
-    return built
+    paths = sorted((options.splits / index.dataset / setting).glob("*.json"))
+    return [path.stem for path in paths if not path.stem.startswith("except-") and _built_from(path, index)]
+
+
+def _built_from(path: Path, index: DatasetIndex) -> bool:
+    """Whether the manifest at `path` exists and was built from `index` as it is now (a
+    damaged manifest, or one left by an earlier build of other files, is not a split to run)."""
+    try:
+        return path.is_file() and Manifest.read(path).index_sha256 == index.sha256
+    except (NdbenchError, KeyError, TypeError):
+        return False
 
 
 def expand_jobs(

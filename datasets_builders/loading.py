@@ -34,7 +34,6 @@ PARTS = ("train", "test")
 Transform = Callable[[PIL.Image.Image], Tensor]
 
 
-
 def open_rgb(path: Path, fix: str) -> PIL.Image.Image:
     """An image file as RGB; any failure to decode it is one NdbenchError with `fix`."""
     try:
@@ -48,6 +47,7 @@ def open_rgb(path: Path, fix: str) -> PIL.Image.Image:
     except Exception as exc:  # noqa: BLE001
         message = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise NdbenchError(f"cannot read image {path}: {message}", fix) from exc
+
 
 class ManifestDataset(Dataset):
     """The images of one manifest part with their labels, as `(tensor, label, image_id)`.
