@@ -428,7 +428,7 @@ def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: P
         device=describe_device(device),
         versions=versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra={**getattr(detector, "record_extra", lambda: {})(), "cost": job_cost(detector, runtime)},
+        extra={**detector.record_extra(), "cost": job_cost(detector, runtime)},
         preset=preset_chain(job),
         multi_class_weighting=weighting(job),
     )

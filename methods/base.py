@@ -144,6 +144,8 @@ class BaseDetector(ABC):
         self.config = build_config(self.Config, config, overrides)
         self.fitted = False
         self._runtime: JobRuntime | None = None
+        # What the run record keeps besides the metrics (losses, cache use, passes per image).
+        self.extra: dict[str, Any] = {}
 
     # --- run-time services -----------------------------------------------------------------
     @property
@@ -152,6 +154,10 @@ class BaseDetector(ABC):
         if self._runtime is None:
             self._runtime = JobRuntime.in_memory()
         return self._runtime
+
+    def record_extra(self) -> dict[str, Any]:
+        """What the run record stores besides the metrics (a copy of `extra`)."""
+        return dict(self.extra)
 
     def use_runtime(self, runtime: JobRuntime) -> None:
         """Use a job's runtime (the runner calls this before `fit`)."""

@@ -236,7 +236,6 @@ class MKDDetector(BaseDetector):
         super().__init__(config, **overrides)
         self.teacher: ViTFeatures | None = None
         self.student: ViTFeatures | None = None
-        self.extra: dict = {}
         self.teacher_passes = 0  # teacher forward passes over training images during MKD
 
     # --- models ----------------------------------------------------------------------------
@@ -534,10 +533,6 @@ class MKDDetector(BaseDetector):
     def _require_fitted(self) -> None:
         if not self.fitted or self.teacher is None or self.student is None:
             raise NdbenchError(f"{self.name} is not fitted", "call fit() (or load a saved model) first")
-
-    def record_extra(self) -> dict:
-        """What the run record stores besides the metrics (teacher passes per image, losses)."""
-        return dict(self.extra)
 
     # --- persistence -----------------------------------------------------------------------
     def state(self) -> dict:

@@ -245,7 +245,6 @@ class DSVDDDetector(BaseDetector):
         self.net: LeNetEncoder | None = None
         self.c: Tensor | None = None
         self.scaling: tuple[float, float] = (0.0, 1.0)  # min-max after GCN (lo, hi), set by fit
-        self.extra: dict = {}
 
     def new_encoder(self) -> LeNetEncoder:
         """A fresh phi for the configured input size."""
@@ -333,10 +332,6 @@ class DSVDDDetector(BaseDetector):
         for x, _, _ in tracked(self.loader(images), progress, "dsvdd: scoring"):
             rows.append((self.net(self.preprocess(x.to(device))) - centre).pow(2).sum(dim=1).cpu())
         return torch.cat(rows).double().numpy() if rows else np.zeros(0)
-
-    def record_extra(self) -> dict:
-        """What the run record stores besides the metrics."""
-        return dict(self.extra)
 
     # --- persistence -----------------------------------------------------------------------
     def state(self) -> dict:

@@ -289,7 +289,6 @@ class KDADDetector(BaseDetector):
         self.teacher: TappedTeacher | None = None
         self.student: KDADStudent | None = None
         self.maps: list[tuple[int, int, int]] = []  # (C, H, W) of each teacher tap at img_size
-        self.extra: dict = {}
 
     # --- input -----------------------------------------------------------------------------
     def transform(self) -> StagedTransform:
@@ -469,10 +468,6 @@ class KDADDetector(BaseDetector):
             rows.append(kdad_scores([student[i] for i in keep], [teacher[i] for i in keep],
                                     self.config.lamda).cpu())
         return torch.cat(rows).double().numpy() if rows else np.zeros(0)
-
-    def record_extra(self) -> dict:
-        """What the run record stores besides the metrics."""
-        return dict(self.extra)
 
     # --- persistence -----------------------------------------------------------------------
     def state(self) -> dict:

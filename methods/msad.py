@@ -277,7 +277,6 @@ class MSADDetector(BaseDetector):
         self.model: MSADNet | None = None
         self.centre: Tensor | None = None
         self.train_features: np.ndarray | None = None
-        self.extra: dict = {}
 
     # --- input -----------------------------------------------------------------------------
     def transform(self):
@@ -386,10 +385,6 @@ class MSADDetector(BaseDetector):
         k = min(self.config.k, len(self.train_features))
         distances, _ = NearestNeighbors(n_neighbors=k).fit(self.train_features).kneighbors(test)
         return (distances.astype(np.float64) ** 2).sum(axis=1)
-
-    def record_extra(self) -> dict:
-        """What the run record keeps besides the metrics (the loss of each epoch)."""
-        return dict(self.extra)
 
     def _require_model(self) -> None:
         if self.model is None:

@@ -352,7 +352,6 @@ class RDADDetector(BaseDetector):
     def __init__(self, config: RDADConfig | None = None, **overrides):
         super().__init__(config, **overrides)
         self.model: ReverseDistillation | None = None
-        self.extra: dict = {}
 
     def build_model(self, weights) -> ReverseDistillation:
         """Encoder with `weights` (frozen), freshly initialised OCBE and decoder."""
@@ -509,10 +508,6 @@ class RDADDetector(BaseDetector):
             else:
                 rows.append(smooth(self.raw_maps(x.to(device), features), self.config.sigma).max(axis=(1, 2)))
         return np.concatenate(rows) if rows else np.zeros(0)
-
-    def record_extra(self) -> dict:
-        """What the run record keeps besides the metrics (the loss of each epoch)."""
-        return dict(self.extra)
 
     def _require_fitted(self) -> None:
         if not self.fitted or self.model is None:

@@ -213,7 +213,6 @@ class TransformalyDetector(BaseDetector):
         self.pca: PCA | None = None
         self.feature_gmm: GaussianMixture | None = None
         self.error_gmm: GaussianMixture | None = None
-        self.extra: dict = {}
         self.teacher_images = 0  # images passed through the teacher during fit
 
     # --- models ----------------------------------------------------------------------------
@@ -404,10 +403,6 @@ class TransformalyDetector(BaseDetector):
     def _require_fitted(self) -> None:
         if not self.fitted or self.teacher is None or self.students is None or self.pca is None:
             raise NdbenchError(f"{self.name} is not fitted", "call fit() (or load a saved model) first")
-
-    def record_extra(self) -> dict:
-        """What the run record stores besides the metrics (teacher passes per image, loss, PCA)."""
-        return dict(self.extra)
 
     # --- persistence -----------------------------------------------------------------------
     def state(self) -> dict:
