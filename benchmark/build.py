@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from datasets_builders.atomic import atomic_write_texts
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.sources import build_index, check_dataset
 from datasets_builders.splits import (
     SETTINGS,
+    DegenerateSplit,
     Manifest,
     all_vs_one_split,
     multi_class_split,
-    paper_protocol,
+    protocol_splits,
     uni_class_split,
 )
 
@@ -73,24 +75,43 @@ def check_request(request: BuildRequest) -> None:
         raise NdbenchError(f"--class-order does not apply to {request.dataset}", "drop it (it applies to voc)")
 
 
-def make_manifests(index: DatasetIndex, request: BuildRequest) -> list[Manifest]:
-    """The manifests a request asks for, all validated before anything is written."""
+@dataclass
+class Built:
+    """What a build wrote, and the protocol's splits it could not form (with the reason)."""
+
+    index: DatasetIndex
+    manifests: list[Manifest]
+    skipped: list[DegenerateSplit] = field(default_factory=list)
+
+
+def make_manifests(
+    index: DatasetIndex, request: BuildRequest, protocol: list[int] | None = None
+) -> tuple[list[Manifest], list[DegenerateSplit]]:
+    """The manifests a request asks for, all validated before anything is written. Splits the
+    user chose (`--classes`, `--normal`) must all form; of the protocol's (over `protocol`,
+    default the paper's classes) those that cannot form are left out and returned apart, and
+    at least one must form."""
     settings = requested_settings(request.setting)
     if request.normal is not None:
         if request.setting == "uni-class":
             raise NdbenchError("--normal defines a multi-class split", "drop --setting uni-class")
-        return [multi_class_split(index, request.normal)]
+        return [multi_class_split(index, request.normal)], []
     if request.classes is None:
-        return paper_protocol(index, settings)
+        manifests, skipped = protocol_splits(index, settings, protocol)
+        if not manifests:
+            reason = skipped[0].problem if skipped else "no class occurs in both the train and the test images"
+            raise NdbenchError(f"{index.dataset}: no split can be formed: {reason}",
+                               skipped[0].fix if skipped else "check that the train and test annotations share classes")
+        return manifests, skipped
     manifests: list[Manifest] = []
     if "uni-class" in settings:
         manifests += [uni_class_split(index, c) for c in request.classes]
     if "multi-class" in settings:
         manifests += [all_vs_one_split(index, c) for c in request.classes]
-    return manifests
+    return manifests, []
 
 
-def build_splits(request: BuildRequest, console: Console | None = None) -> tuple[DatasetIndex, list[Manifest]]:
+def build_splits(request: BuildRequest, console: Console | None = None) -> Built:
     """Build the index and manifests of a request and write them under `request.out`."""
     check_request(request)
     index = build_index(
@@ -100,12 +121,19 @@ def build_splits(request: BuildRequest, console: Console | None = None) -> tuple
         class_order=request.class_order,
         console=console,
     )
-    manifests = make_manifests(index, request)
-    folder = Path(request.out) / index.dataset
-    index.write(folder)
-    for manifest in manifests:
-        manifest.write(request.out)
-    return index, manifests
+    manifests, skipped = make_manifests(index, request)
+    write_build(request.out, index, manifests)
+    return Built(index, manifests, skipped)
+
+
+def write_build(out: Path, index: DatasetIndex, manifests: list[Manifest],
+                extra: dict[Path, str] | None = None) -> None:
+    """Write an index, its manifests and `extra` files under `out` as one step: a failure
+    while writing (no room, a file where a folder belongs) leaves the previous build as it was."""
+    files = index.files(Path(out) / index.dataset)
+    files.update({manifest.path_in(out): manifest.to_json() for manifest in manifests})
+    files.update(extra or {})
+    atomic_write_texts(files)
 
 
 def summary_table(index: DatasetIndex, manifests: list[Manifest]) -> Table:

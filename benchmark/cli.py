@@ -135,13 +135,21 @@ def build_splits_command(
         class_order=class_order,
     )
     check_request(request)
-    index, manifests = build_splits(request, console=stderr_console())
-    stdout_console().print(summary_table(index, manifests))
+    built = build_splits(request, console=stderr_console())
+    index = built.index
+    stdout_console().print(summary_table(index, built.manifests))
     skipped = sorted(set(index.class_ids()) - set(protocol_classes(index)))
     if skipped and request.classes is None and request.normal is None:
         names = ", ".join(f"{c} {index.class_names[c]}" for c in skipped)
         stderr_console().print(f"note: no split for classes missing from the train or test images: {names}")
-    stdout_console().print(f"wrote {len(manifests)} manifests and index.csv under {out / index.dataset}")
+    _note_degenerate(built.skipped)
+    stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}")
+
+
+def _note_degenerate(skipped: list) -> None:
+    """One note line per protocol split that could not be formed (and was not written)."""
+    for exc in skipped:
+        stderr_console().print(f"note: {exc.problem}; not written", soft_wrap=True)
 
 
 def _build_coco_format(
@@ -170,6 +178,7 @@ def _build_coco_format(
     if built.rare:
         names = ", ".join(f"{c} {index.class_names[c]}" for c in built.rare)
         stderr_console().print(f"note: no split for classes in fewer than {min_train_images} training images: {names}")
+    _note_degenerate(built.skipped)
     stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}; "
                            f"run them with `ndbench run --dataset {index.dataset} --method knn`", soft_wrap=True)
 
@@ -856,6 +865,9 @@ def _usage_error_message(exc: BaseException) -> str | None:
 
 # Write errors that a user fixes by freeing space or choosing another folder, wherever they arise.
 USER_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+# Errors on a named path that a user fixes on the file system (another user's unpacked dataset,
+# a name past the file system's limit, a symlink loop), wherever they arise.
+USER_PATH_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -876,6 +888,10 @@ def main(argv: list[str] | None = None) -> int:
         print("ndbench: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
+        if exc.errno in USER_PATH_ERRORS and exc.filename:
+            print(f"ndbench: error: cannot access {exc.filename}: {exc.strerror} (check the path and its "
+                  "permissions for this user, then run the same command again)", file=sys.stderr)
+            return 2
         if exc.errno not in USER_WRITE_ERRORS:
             raise
         where = f" {exc.filename}" if exc.filename else ""

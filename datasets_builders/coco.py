@@ -208,7 +208,9 @@ def _check_annotations(
     """Every annotation names a known category and a listed image."""
     image_ids = {image["id"] for image in coco.dataset["images"]}
     for ann in coco.dataset["annotations"]:
-        if ann.get("category_id") not in class_names:
+        category = ann.get("category_id")
+        # 3.0 == 3 and True == 1 would pass the lookup and write "3.0" / "True" into the index.
+        if not isinstance(category, int) or isinstance(category, bool) or category not in class_names:
             raise NdbenchError(
                 f"{dataset}: annotation {ann.get('id')} in {json_path} has category id "
                 f"{ann.get('category_id')!r}, which no 'categories' entry defines",

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_texts
 from .coco import CocoSubset, index_from_instances
 from .errors import NdbenchError, not_a_file, not_a_folder
 from .index import DatasetIndex, IndexRow
@@ -166,8 +166,8 @@ def protocol_classes_with_min_train(index: DatasetIndex, min_train_images: int) 
     return kept, rare
 
 
-def write_recipe(folder: Path, source: CocoFormatSource, min_train_images: int) -> None:
-    """Record, beside the index, how the dataset was built."""
+def recipe_file(folder: Path, source: CocoFormatSource, min_train_images: int) -> dict[Path, str]:
+    """The file, beside the index, that records how the dataset was built, and its text."""
     recipe = {
         "kind": COCO_FORMAT,
         "name": source.name,
@@ -177,7 +177,12 @@ def write_recipe(folder: Path, source: CocoFormatSource, min_train_images: int) 
         "test_images": None if source.test_images is None else str(Path(source.test_images).resolve()),
         "min_train_images": min_train_images,
     }
-    atomic_write_text(Path(folder) / RECIPE_FILE, json.dumps(recipe, indent=1) + "\n")
+    return {Path(folder) / RECIPE_FILE: json.dumps(recipe, indent=1) + "\n"}
+
+
+def write_recipe(folder: Path, source: CocoFormatSource, min_train_images: int) -> None:
+    """Record, beside the index, how the dataset was built."""
+    atomic_write_texts(recipe_file(folder, source, min_train_images))
 
 
 def build_command_for(folder: Path, name: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import BUILDER_VERSION
-from .atomic import atomic_write_text
+from .atomic import atomic_write_texts
 from .errors import NdbenchError
 
 SUBSETS = ("train", "test")
@@ -122,11 +122,14 @@ class DatasetIndex:
             "class_names": {str(k): v for k, v in sorted(self.class_names.items())},
         }
 
+    def files(self, folder: Path) -> dict[Path, str]:
+        """The index's files in `folder` (`index.csv`, `index.json`) and their text."""
+        folder = Path(folder)
+        return {folder / "index.csv": self.csv_text(), folder / "index.json": json.dumps(self.meta(), indent=1) + "\n"}
+
     def write(self, folder: Path) -> None:
         """Write `index.csv` and `index.json` into `folder` atomically."""
-        folder = Path(folder)
-        atomic_write_text(folder / "index.csv", self.csv_text())
-        atomic_write_text(folder / "index.json", json.dumps(self.meta(), indent=1) + "\n")
+        atomic_write_texts(self.files(folder))
 
     @classmethod
     def read(cls, folder: Path) -> DatasetIndex:

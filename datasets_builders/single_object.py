@@ -161,6 +161,8 @@ def _load_pickle(path: Path, variant: str, root: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             # latin1 is how Python 2 pickles holding numpy arrays must be decoded.
             obj = pickle.load(handle, encoding="latin1")
+    except PermissionError:
+        raise
     except Exception as exc:  # unpickling damaged bytes can raise almost anything
         raise NdbenchError(
             f"cannot read {path}: not a CIFAR python pickle ({type(exc).__name__}: {exc})",
@@ -323,6 +325,8 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     """The uint8 array of one idx file, after checking its magic number and size."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except PermissionError:
+        raise
     except (OSError, EOFError, zlib.error) as exc:
         raise NdbenchError(
             f"cannot read {path}: {exc}", "the file is damaged; download it again"

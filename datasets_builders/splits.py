@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,20 +144,24 @@ def _describe_ids(ids: list[int]) -> str:
     return ",".join(map(str, ids))
 
 
+class DegenerateSplit(NdbenchError):
+    """A split the index cannot form: no normal training image, or no normal or no novel test image."""
+
+
 def _finish(index: DatasetIndex, manifest: Manifest) -> Manifest:
     counts = manifest.counts()
     if counts["train"] == 0:
-        raise NdbenchError(
+        raise DegenerateSplit(
             f"split {manifest.split_id} has no normal training image",
             "choose normal classes that occur in the training images",
         )
     if counts["test_novel"] == 0:
-        raise NdbenchError(
+        raise DegenerateSplit(
             f"split {manifest.split_id} has no novel test image",
             "leave at least one class that occurs in the test images out of the normal set",
         )
     if counts["test_normal"] == 0:
-        raise NdbenchError(
+        raise DegenerateSplit(
             f"split {manifest.split_id} has no normal test image",
             "choose normal classes that occur in the test images",
         )
@@ -215,18 +220,38 @@ def protocol_classes(index: DatasetIndex) -> list[int]:
     return [c for c in index.class_ids() if c in present[0] and c in present[1]]
 
 
+def protocol_splits(
+    index: DatasetIndex, settings: Iterable[str] = SETTINGS, classes: Iterable[int] | None = None
+) -> tuple[list[Manifest], list[DegenerateSplit]]:
+    """The uni-class and all-vs-one splits of `classes` (default: the paper's protocol classes)
+    in `settings`, plus CIFAR-10's four half-vs-half sets of paper Table 5 in multi-class; the
+    splits the index cannot form are left out and returned apart, with the reason."""
+    settings = list(settings)
+    classes = protocol_classes(index) if classes is None else list(classes)
+    makers: list[Callable[[], Manifest]] = []
+    if "uni-class" in settings:
+        makers += [functools.partial(uni_class_split, index, c) for c in classes]
+    if "multi-class" in settings:
+        makers += [functools.partial(all_vs_one_split, index, c) for c in classes]
+        if index.dataset == "cifar10":
+            makers += [functools.partial(multi_class_split, index, s) for s in HALF_VS_HALF_CIFAR10]
+    manifests: list[Manifest] = []
+    skipped: list[DegenerateSplit] = []
+    for make in makers:
+        try:
+            manifests.append(make())
+        except DegenerateSplit as exc:
+            skipped.append(exc)
+    return manifests, skipped
+
+
 def paper_protocol(index: DatasetIndex, settings: Iterable[str] = SETTINGS) -> list[Manifest]:
     """Every split of the paper's protocol: all uni-class and all all-vs-one splits
-    (plus, for CIFAR-10 multi-class, the four half-vs-half sets of paper Table 5)."""
-    settings = list(settings)
-    classes = protocol_classes(index)
-    manifests: list[Manifest] = []
-    if "uni-class" in settings:
-        manifests += [uni_class_split(index, c) for c in classes]
-    if "multi-class" in settings:
-        manifests += [all_vs_one_split(index, c) for c in classes]
-        if index.dataset == "cifar10":
-            manifests += [multi_class_split(index, s) for s in HALF_VS_HALF_CIFAR10]
+    (plus, for CIFAR-10 multi-class, the four half-vs-half sets of paper Table 5); raises
+    when one cannot be formed."""
+    manifests, skipped = protocol_splits(index, settings)
+    if skipped:
+        raise skipped[0]
     return manifests
 
 

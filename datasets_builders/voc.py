@@ -108,7 +108,9 @@ def read_image_list(path: Path) -> list[str]:
     if not path.is_file():
         raise NdbenchError(f"VOC image list {path} is missing", f"expected the file {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a list saved with a BOM
+    except PermissionError:
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         raise NdbenchError(
             f"cannot read VOC image list {path}: {exc}", "re-extract the VOC archive"
@@ -139,6 +141,8 @@ def read_xml_classes(path: Path) -> set[str]:
         raise NdbenchError(f"VOC annotation {path} is missing", f"expected the file {path}")
     try:
         tree = ET.parse(path)
+    except PermissionError:
+        raise
     except (ET.ParseError, OSError, ValueError, LookupError) as exc:  # LookupError: unknown encoding
         raise NdbenchError(
             f"VOC annotation {path} is malformed XML ({exc})", "re-extract the VOC archive"

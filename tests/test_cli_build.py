@@ -3,6 +3,7 @@ bad-input case ending as one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -133,6 +134,35 @@ def test_split_without_novel_test_image(capsys, tmp_path):
     code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--normal", every,
                             "--out", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "no novel test image")
+
+
+def test_coco_without_test_images_is_refused(capsys, tmp_path):
+    root = write_coco_tree(tmp_path)
+    val = root / "annotations" / "instances_val2014.json"
+    val.write_text(json.dumps({**json.loads(val.read_text()), "images": [], "annotations": []}))
+    out = tmp_path / "o"
+    code, _, err = run_cli(["build-splits", "coco", "--root", str(root), "--out", str(out)], capsys)
+    assert_one_line_error(code, err, "coco: no split can be formed", "train and the test images")
+    assert not out.exists()
+
+
+def test_a_path_the_user_cannot_read_is_one_line(capsys, tmp_path, monkeypatch):
+    # Tests run as root, where permissions are not enforced: the builder raises what a user
+    # without read access to another user's unpacked dataset gets.
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/VOCdevkit/VOC2012/JPEGImages")
+
+    monkeypatch.setattr("benchmark.build.build_index", refuse)
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "cannot access /data/VOCdevkit/VOC2012/JPEGImages: Permission denied",
+                          "permissions")
+
+
+def test_a_root_name_past_the_file_system_limit_is_one_line(capsys, tmp_path):
+    root = tmp_path / ("x" * 300)
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(root), "--out", str(tmp_path / "o")], capsys)
+    # Python 3.11's Path.exists raises ENAMETOOLONG; newer ones answer False ("does not exist").
+    assert_one_line_error(code, err, "x" * 300)
 
 
 def test_unwritable_out(capsys, tmp_path):

@@ -113,6 +113,14 @@ def _missing_category(data):
     data["annotations"][0]["category_id"] = 77
 
 
+def _float_category(data):
+    data["annotations"][0]["category_id"] = 2.0  # equal to 2, but "2.0" in an index nothing reads
+
+
+def _bool_category(data):
+    data["annotations"][0]["category_id"] = True
+
+
 def _no_categories(data):
     data["categories"] = []
 
@@ -127,6 +135,8 @@ def _climbing_file_name(data):
         ("train", _duplicate_image, ("lists image id 1 twice", "train.json")),
         ("test", _missing_image, ("refers to image id 999", "test.json", "fix the export")),
         ("train", _missing_category, ("category id 77", "train.json", "fix the export")),
+        ("train", _float_category, ("category id 2.0", "train.json")),
+        ("test", _bool_category, ("category id True", "test.json")),
         ("test", _no_categories, ("empty 'categories' list", "test.json")),
         ("train", _climbing_file_name, ("'../elsewhere.jpg'", "not inside its image folder")),
     ],
@@ -136,6 +146,35 @@ def test_what_real_exports_get_wrong_is_one_line(source, tmp_path, capsys, subse
     out = tmp_path / "splits"
     one_line_error(main(build_args(source, out)), capsys.readouterr().err, *needles)
     assert not out.exists()
+
+
+def test_a_protocol_split_that_cannot_form_is_left_out_with_a_note(source, tmp_path, capsys):
+    # Every test image then holds a cat: uni-class/2 has no novel test image. The user chose no
+    # classes, so the other splits are written and the one left out is named.
+    edit(source["test_annotations"], lambda d: d["annotations"].extend(
+        {**d["annotations"][0], "id": 100 + i, "image_id": image["id"]} for i, image in enumerate(d["images"])))
+    out = tmp_path / "splits"
+    assert main(build_args(source, out)) == 0
+    err = capsys.readouterr().err
+    assert "note: split mylab/uni-class/2 has no novel test image; not written" in err
+    written = sorted(p.relative_to(out / "mylab").as_posix() for p in (out / "mylab").glob("*/*.json"))
+    assert "uni-class/2.json" not in written
+    assert "uni-class/5.json" in written and "multi-class/except-2.json" in written
+    # Asked for by name, the same split is an error.
+    code = main(build_args(source, tmp_path / "o2", "--classes", "2", "--setting", "uni-class"))
+    one_line_error(code, capsys.readouterr().err, "uni-class/2 has no novel test image")
+
+
+def test_a_failed_write_leaves_the_previous_build_as_it_was(source, tmp_path, capsys):
+    out = tmp_path / "splits"
+    assert main(build_args(source, out, "--setting", "uni-class")) == 0
+    capsys.readouterr()
+    edit(source["train_annotations"], lambda d: d["annotations"].pop())  # a different index
+    (out / "mylab" / "multi-class").write_text("a file where the multi-class folder belongs")
+    before = {p: p.read_bytes() for p in (out / "mylab").rglob("*") if p.is_file()}
+    one_line_error(main(build_args(source, out)), capsys.readouterr().err, "cannot write", "multi-class")
+    after = {p: p.read_bytes() for p in (out / "mylab").rglob("*") if p.is_file()}
+    assert after == before  # index, manifests and source.json untouched, no temporary file left
 
 
 def test_an_image_file_in_train_and_test_is_refused(source, tmp_path, capsys):

@@ -394,3 +394,10 @@ def test_duplicate_and_empty_lists(voc2012: Path):
     raises(voc2012, str(trainaug), "twice")
     trainaug.write_text("\n")
     raises(voc2012, str(trainaug), "empty")
+
+
+def test_a_list_saved_with_a_byte_order_mark_reads_as_without(voc2012: Path):
+    val = voc2012 / "ImageSets" / "Segmentation" / "val.txt"
+    plain = rows_of(build_voc_index(voc2012.parent.parent))
+    val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())  # a Windows editor's UTF-8 BOM
+    assert rows_of(build_voc_index(voc2012.parent.parent)) == plain
