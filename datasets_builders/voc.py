@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from .errors import NdbenchError
+from .errors import NdbenchError, not_a_file
 from .index import DatasetIndex, IndexRow, sha256_of_files
 
 # The standard VOC order; a mask pixel value v in 1..20 is class ALPHABETICAL_CLASSES[v - 1].
@@ -106,7 +106,7 @@ def read_image_list(path: Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise NdbenchError(f"VOC image list {path} is missing", f"expected the file {path}")
+        raise NdbenchError(f"VOC image list {path} {not_a_file(path)}", f"expected the file {path}")
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a list saved with a BOM
     except PermissionError:
@@ -115,6 +115,9 @@ def read_image_list(path: Path) -> list[str]:
         raise NdbenchError(
             f"cannot read VOC image list {path}: {exc}", "re-extract the VOC archive"
         ) from exc
+    if any("\x00" in line for line in lines):  # a zero-filled or binary file, not a damaged line
+        raise NdbenchError(f"VOC image list {path} is not a text file (it holds NUL bytes)",
+                           "re-extract the VOC archive")
     ids: list[str] = []
     seen: set[str] = set()
     for line in lines:
@@ -138,7 +141,7 @@ def read_xml_classes(path: Path) -> set[str]:
     """Names of every `<object>` in one VOC annotation XML (difficult or not, parts ignored)."""
     path = Path(path)
     if not path.is_file():
-        raise NdbenchError(f"VOC annotation {path} is missing", f"expected the file {path}")
+        raise NdbenchError(f"VOC annotation {path} {not_a_file(path)}", f"expected the file {path}")
     try:
         tree = ET.parse(path)
     except PermissionError:

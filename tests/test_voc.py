@@ -328,7 +328,9 @@ def test_malformed_train_xml_without_masks(tmp_path: Path):
 def test_missing_test_xml(voc2012: Path):
     xml = voc2012 / "Annotations" / "2008_000012.xml"
     xml.unlink()
-    raises(voc2012, str(xml), "missing")
+    raises(voc2012, str(xml), "does not exist")
+    xml.mkdir()
+    raises(voc2012, str(xml), "is a folder, not a file")
 
 
 def test_missing_val_list(voc2012: Path):
@@ -341,7 +343,7 @@ def test_missing_2007_test_list(tmp_path: Path):
     write_voc_tree(tmp_path, voc2007=True)
     test_list = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt"
     test_list.unlink()
-    raises(tmp_path, str(test_list), "missing", year=2007)
+    raises(tmp_path, str(test_list), "does not exist", year=2007)
 
 
 def test_missing_annotations_folder(voc2012: Path):
@@ -401,3 +403,10 @@ def test_a_list_saved_with_a_byte_order_mark_reads_as_without(voc2012: Path):
     plain = rows_of(build_voc_index(voc2012.parent.parent))
     val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())  # a Windows editor's UTF-8 BOM
     assert rows_of(build_voc_index(voc2012.parent.parent)) == plain
+
+
+def test_a_zero_filled_list_is_named_as_no_text(voc2012: Path):
+    val = voc2012 / "ImageSets" / "Segmentation" / "val.txt"
+    val.write_bytes(bytes(2048))
+    message = raises(voc2012, str(val), "not a text file", "NUL")
+    assert "\x00" not in message
