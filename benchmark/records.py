@@ -171,7 +171,7 @@ def read_record(path: Path) -> Record:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise NdbenchError(f"cannot read record {path}: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nesting too deep
         raise NdbenchError(f"record {path} is not valid JSON (truncated or edited?): {exc}") from exc
     problem = _record_problem(data, scores_path(path))
     if problem:

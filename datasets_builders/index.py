@@ -196,7 +196,7 @@ def _read_meta(path: Path) -> dict:
     """`index.json` as a dict with checked types; class names keyed by int."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: too deep
         raise _damaged(path, f"not readable JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise _damaged(path, f"a JSON object was expected, found {type(meta).__name__}")

@@ -107,7 +107,7 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise NdbenchError(f"no split manifest at {path}", build_index_fix(dataset_folder, "to build it")) from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # Recursion: nesting too deep
             raise NdbenchError(f"split manifest {path} is not valid JSON", rebuild) from exc
         try:
             manifest = cls(

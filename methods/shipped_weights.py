@@ -62,7 +62,7 @@ def read_manifest(folder: Path | None = None) -> dict | None:
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise NdbenchError(f"shipped weights manifest {path} is not valid JSON",
                            f"reinstall ndbench, or run `{SHIP_COMMAND}` to make it again") from exc
 

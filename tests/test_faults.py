@@ -179,6 +179,17 @@ def test_a_hand_edited_record_is_refused_naming_the_file(splits_root, tmp_path, 
     assert str(path) in str(info.value) and needle in str(info.value)
 
 
+def test_a_record_nested_past_the_parser_is_damaged_not_a_crash(splits_root, tmp_path, faulty, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0")) == 0
+    record_of(out, "0").write_text("[" * 100_000 + "]" * 100_000)  # json raises RecursionError
+    capsys.readouterr()
+    assert main(["table", "--out", str(out)]) == 2  # no record left to tabulate
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(faulty_args(out, "0")) == 0
+    assert "1 jobs ran" in capsys.readouterr().err and len(load_records(out)) == 1
+
+
 def test_records_whose_scores_file_is_gone_or_not_json_are_skipped(splits_root, tmp_path, faulty):
     out = fresh_out(splits_root, tmp_path)
     assert main(faulty_args(out, "0,1,2")) == 0
