@@ -25,7 +25,7 @@ from methods.cost import CostModel, FrozenPass
 from methods.features import feature_entry
 from methods.runtime import open_store
 
-from .runner import Job, RunOptions, build_detector, job_record_path, weighting
+from .runner import Job, RunOptions, build_detector, finished_record, job_record_path, weighting
 
 
 @dataclass
@@ -104,7 +104,8 @@ def plan_run(jobs: list[Job], options: RunOptions) -> RunPlan:
         if weighting(job) == "per-class":  # as `job_data` repeats them
             repeats = per_class_repeat_counts([index.rows[p] for p in positions["train"]], manifest.normal_classes)
             positions["train"] = np.repeat(positions["train"], repeats)
-        skipped = job_record_path(job, options, detector).is_file() and not options.force
+        path = job_record_path(job, options, detector)
+        skipped = not options.force and finished_record(path, manifest.sha256)[0] is not None
         plan.jobs.append(JobPlan(job, len(manifest.train), len(manifest.test), skipped))
         counts = plan.methods.setdefault(job.method, MethodPlan(job.method))
         if skipped:

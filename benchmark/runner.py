@@ -348,14 +348,29 @@ def job_cost(detector, runtime: JobRuntime) -> dict[str, int]:
     return runtime.counts.as_dict(names)
 
 
-def finished_record(path: Path) -> tuple[Record | None, tuple[str, ...]]:
-    """The job's record when it exists whole; a damaged one counts as absent (with a note)."""
+def finished_record(path: Path, split_sha256: str | None = None) -> tuple[Record | None, tuple[str, ...]]:
+    """The job's record when it exists whole and, given the split's current `split_sha256`,
+    was made on that build of the split; a damaged or outdated one counts as absent (with a note)."""
     if not path.is_file():
         return None, ()
     try:
-        return read_record(path), ()
+        record = read_record(path)
     except NdbenchError as exc:
         return None, (f"ndbench: warning: {exc.problem}; re-running its job",)
+    if split_sha256 is not None and record.split_sha256 != split_sha256:
+        return None, (f"ndbench: warning: record {path} was made on an earlier build of split "
+                      f"{record.dataset}/{record.setting}/{record.split}; re-running its job",)
+    return record, ()
+
+
+def current_split_sha256(job: Job, options: RunOptions) -> str | None:
+    """The sha256 of the job's split manifest as built now (None when it cannot be read: the
+    job then fails on it with the manifest's own error)."""
+    dataset, setting, name = job.split_id.split("/")
+    try:
+        return Manifest.read(Path(options.splits) / dataset / setting / f"{name}.json").sha256
+    except NdbenchError:
+        return None
 
 
 def check_scores(job: Job, scores: np.ndarray, image_ids: list[str]) -> np.ndarray:
@@ -376,7 +391,8 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpu
     workers' default)."""
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
-    record, notes = (None, ()) if options.force else finished_record(path)
+    split_sha256 = current_split_sha256(job, options)
+    record, notes = (None, ()) if options.force else finished_record(path, split_sha256)
     if record is not None:
         return JobResult(job, SKIPPED, path, record.metrics["auroc"])
     attempt = try_lock(path)
@@ -385,7 +401,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpu
         return JobResult(job, RUNNING_ELSEWHERE, error=attempt.holder, notes=notes)
     try:
         if not options.force:
-            record, _ = finished_record(path)  # finished by another run since the check above
+            record, _ = finished_record(path, split_sha256)  # finished by another run since the check above
             if record is not None:
                 return JobResult(job, SKIPPED, path, record.metrics["auroc"], notes=notes)
         result = _run_locked(job, options, detector, path, progress, cpus)

@@ -274,6 +274,27 @@ def test_round_trip_build_then_run_knn(source, tmp_path, capsys):
     assert "--name mylab" in line and str(source["train_annotations"]) in line and "--classes 11" in line
 
 
+def test_a_record_made_on_an_earlier_build_of_its_split_is_run_again(source, tmp_path, capsys):
+    out = tmp_path / "results"
+    build = build_args(source, out / "splits", "--setting", "uni-class", "--classes", "5")
+    run = ["run", "--dataset", "mylab", "--method", "knn", "--classes", "5", "--out", str(out), *TINY_KNN]
+    assert main(build) == 0 and main(run) == 0
+    assert main(run) == 0 and "0 jobs ran, 1 skipped" in capsys.readouterr().err
+    # The lab re-labels its data: image 7 loses its dog, so split 5 has one training image fewer.
+    edit(source["train_annotations"], lambda d: d.update(
+        annotations=[a for a in d["annotations"] if a["image_id"] != 7]))
+    assert main(build) == 0
+    dry = ["run", "--dataset", "mylab", "--method", "knn", "--classes", "5", "--out", str(out), "--dry-run"]
+    capsys.readouterr()
+    assert main([*dry, *TINY_KNN]) == 0 and "skip (record exists)" not in capsys.readouterr().out
+    assert main(run) == 0
+    err = capsys.readouterr().err
+    assert "made on an earlier build of split mylab/uni-class/5; re-running its job" in err and "1 jobs ran" in err
+    (record,) = load_records(out)
+    assert record.split_sha256 == Manifest.read(out / "splits" / "mylab" / "uni-class" / "5.json").sha256
+    assert record.counts["train"] == 5
+
+
 def test_run_on_an_unbuilt_name_names_the_build_command(tmp_path, capsys):
     code = main(["run", "--dataset", "mylab", "--method", "knn", "--out", str(tmp_path / "results")])
     one_line_error(code, capsys.readouterr().err, "unknown dataset 'mylab'", "build-splits coco-format")
