@@ -450,7 +450,7 @@ def table_command(
                                    "their tables have measured columns only", soft_wrap=True)
     paths = []
     for dataset in sorted({d for d, _ in pairs}):
-        paths = print_tables(out, records, dataset, [s for d, s in pairs if d == dataset], paper)
+        paths = print_tables(out, records, dataset, [s for d, s in pairs if d == dataset], paper, everything=records)
     stdout_console().print(f"wrote {len(paths)} files under {out / 'tables'}")
 
 

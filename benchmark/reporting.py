@@ -18,7 +18,11 @@ def class_names_under(out: Path) -> dict[str, dict[int, str]]:
     return names
 
 
-def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool) -> list[Path]:
+def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool, everything=None) -> list[Path]:
+    """Print the per-class tables of `records` on `dataset`, and write every table under
+    <out>/tables from `everything` (default: every readable record under <out>/runs, so that
+    a run of a few jobs never narrows the tables of the runs before it)."""
+    from .records import load_records
     from .tables import per_class_table, to_markdown, write_tables
 
     if not records:
@@ -32,7 +36,9 @@ def print_tables(out: Path, records, dataset: str, settings: list[str], paper: b
         table = per_class_table(chosen, dataset, setting, class_names=names.get(dataset), paper=paper)
         console.print(f"\n[bold]{dataset} {setting}: AUROC (%)[/bold]")
         console.print(to_markdown(table), markup=False)
-    return write_tables(records, Path(out) / "tables", paper=paper, class_names=names)
+    if everything is None:  # a damaged record is reported by `ndbench table`, not here
+        everything = load_records(out, on_skip=lambda exc: None) or records
+    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=names)
 
 
 def report_results(results, console) -> int:
