@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from datasets_builders.atomic import atomic_write_text
+from datasets_builders.atomic import atomic_write_texts
 from datasets_builders.errors import NdbenchError
 from datasets_builders.splits import SETTINGS
 
@@ -83,18 +83,14 @@ def scores_path(record_file: Path) -> Path:
 
 
 def write_record(path: Path, record: Record, image_ids: list[str], labels, scores) -> None:
-    """Write the per-image scores, then the record (the record last, so it marks completion;
-    it carries the scores file's sha256). If the record cannot be written, the scores file
-    goes too: a job leaves both files or neither."""
+    """Write the per-image scores and the record (which carries the scores file's sha256) as
+    one step, the record last: a job leaves both files or neither, and a re-run (--force)
+    whose write fails leaves the earlier pair as it was."""
     lines = ["image_id,label,score"]
     lines += [f"{i},{int(lab)},{float(s)!r}" for i, lab, s in zip(image_ids, labels, scores, strict=True)]
     text = "\n".join(lines) + "\n"
-    atomic_write_text(scores_path(path), text)
-    try:
-        atomic_write_text(path, replace(record, scores_sha256=_sha256(text.encode("utf-8"))).to_json())
-    except BaseException:
-        scores_path(path).unlink(missing_ok=True)
-        raise
+    record_text = replace(record, scores_sha256=_sha256(text.encode("utf-8"))).to_json()
+    atomic_write_texts({scores_path(path): text, path: record_text})
 
 
 def _sha256(data: bytes) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,10 +76,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_texts(files: dict[Path, str]) -> None:
-    """Write several UTF-8 files as one step, as far as a file system allows: every file is
-    staged beside its target before any target is replaced, so a failure while staging (no
-    room, a file where a folder belongs) leaves every target as it was."""
+    """Write several UTF-8 files as one step, in the given order: each is staged beside its
+    target before any target is replaced, and a failure or interrupt while replacing puts
+    back what the targets held, so a write either lands whole or leaves every file as it was
+    (only a hard kill between two replaces can leave some replaced)."""
     staged: list[tuple[str, Path]] = []
+    backups: dict[Path, Path | None] = {}
+    replaced: list[Path] = []
     path = Path()
     try:
         for path, text in files.items():
@@ -91,12 +97,37 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
                 handle.write(text.encode("utf-8"))
                 handle.flush()
                 os.fsync(handle.fileno())
-        while staged:
-            tmp, path = staged[0]
+        for _tmp, path in staged:
+            backups[path] = _backup(path)
+        for tmp, path in staged:
             os.replace(tmp, path)
-            staged.pop(0)
-    except OSError as exc:
-        raise write_error(path, exc) from exc
+            replaced.append(path)
+    except BaseException as exc:
+        for target in reversed(replaced):
+            with contextlib.suppress(OSError):
+                backup = backups.get(target)
+                if backup is None:
+                    target.unlink()
+                else:
+                    os.replace(backup, target)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from exc
+        raise
     finally:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
+        for backup in backups.values():
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+
+
+def _backup(path: Path) -> Path | None:
+    """A hard link to the file at `path` under a temporary name (None when there is no file)."""
+    if not path.exists():
+        return None
+    backup = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.bak.tmp")
+    try:
+        os.link(path, backup)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, backup)
+    return backup

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from small_splits import fresh_out
 
 from benchmark import records as records_module
+from benchmark import runner as runner_module
 from benchmark.cli import main
 from benchmark.locks import LockOwner, _process_start, lock_path, try_lock
 from benchmark.records import load_records, read_record, scores_path
@@ -304,14 +305,15 @@ def test_a_failed_write_leaves_no_file_and_says_what_to_do(tmp_path, monkeypatch
 
 def test_a_full_disk_stops_the_run_with_one_line(splits_root, tmp_path, faulty, capsys, monkeypatch):
     out = fresh_out(splits_root, tmp_path)
-    real = records_module.atomic_write_text
+    real = records_module.atomic_write_texts
 
-    def disk_full_on_split_1(path, text):
+    def disk_full_on_split_1(files):
+        path = next(iter(files))
         if "/1__" in str(path):
             raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-        return real(path, text)
+        return real(files)
 
-    monkeypatch.setattr(records_module, "atomic_write_text", disk_full_on_split_1)
+    monkeypatch.setattr(records_module, "atomic_write_texts", disk_full_on_split_1)
     assert main(faulty_args(out, "0,1,2")) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "No space left on device" in lines[0] and "free disk space" in lines[0], lines
@@ -319,18 +321,45 @@ def test_a_full_disk_stops_the_run_with_one_line(splits_root, tmp_path, faulty, 
     assert leftovers(out) == [] and not scores_path(record_of(out, "1")).exists()
 
 
+def _fail_replacing_records(monkeypatch, error: BaseException) -> None:
+    """os.replace raises `error` when it would put a record (.json) in place: after the
+    scores file was replaced, before the record."""
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".json") and "/runs/" in str(dst):
+            raise error
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
 def test_a_record_write_interrupted_after_the_scores_leaves_neither(splits_root, tmp_path, faulty, monkeypatch):
     out = fresh_out(splits_root, tmp_path)
-    real = records_module.atomic_write_text
-
-    def interrupted_record(path, text):
-        if str(path).endswith(".json"):
-            raise KeyboardInterrupt
-        return real(path, text)
-
-    monkeypatch.setattr(records_module, "atomic_write_text", interrupted_record)
+    _fail_replacing_records(monkeypatch, KeyboardInterrupt())
     assert main(faulty_args(out)) == 130
     assert list((out / "runs").rglob("*.csv")) == [] and leftovers(out) == []
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), PermissionError(errno.EPERM, "Operation not permitted")])
+def test_a_forced_rerun_whose_write_fails_keeps_the_earlier_record(splits_root, tmp_path, faulty, monkeypatch,
+                                                                   capsys, error):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out)) == 0
+    record = record_of(out, "0")
+    before = {p: p.read_bytes() for p in (record, scores_path(record))}
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "write_record", _with_other_scores(records_module.write_record))
+        _fail_replacing_records(patch, error)
+        assert main([*faulty_args(out), "--force"]) == (130 if isinstance(error, KeyboardInterrupt) else 2)
+    assert {p: p.read_bytes() for p in before} == before and leftovers(out) == []
+    capsys.readouterr()
+    assert len(load_records(out)) == 1 and error_lines(capsys.readouterr().err) == []
+
+
+def _with_other_scores(write_record):
+    """write_record with every score shifted, so that the re-run's scores file differs."""
+    return lambda path, record, ids, labels, scores: write_record(path, record, ids, labels, scores + 1.0)
 
 
 # --- bad weights -------------------------------------------------------------------------------
