@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .atomic import atomic_write_bytes
-from .errors import NdbenchError
+from .errors import NdbenchError, WriteFailure
 from .glyphs import DIGITS, FONT_FILES, LETTERS, GlyphAugment, augment_bitmap, block_counts, digit_bitmap, font_bitmap
 
 # Bump when the generator's output changes for an unchanged config (it keys the cache).
@@ -148,6 +149,7 @@ def ensure_embedded(config: EmbeddedConfig | None = None, console=None) -> Path:
         return root
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(root)
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
     except OSError as exc:
         raise NdbenchError(
@@ -155,7 +157,14 @@ def ensure_embedded(config: EmbeddedConfig | None = None, console=None) -> Path:
             "set NDBENCH_CACHE to a writable folder",
         ) from exc
     try:
-        _write_scenes(config, tmp)
+        try:
+            _write_scenes(config, tmp)
+        except OSError as exc:  # PIL's own write errors name no file
+            raise WriteFailure(
+                f"cannot write the embedded dataset under {root.parent}: {exc.strerror or exc}",
+                "free disk space there or set NDBENCH_CACHE to a folder with room (it takes ~35 MB), "
+                "then run the same command again",
+            ) from exc
         os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, root)
@@ -170,6 +179,21 @@ def ensure_embedded(config: EmbeddedConfig | None = None, console=None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     print_scene_summary(scene_statistics(root), console, where=root)
     return root
+
+
+# A generation's temporary folder untouched this long was left by a killed process (one
+# takes seconds, writing files all along); a newer one may belong to a live run.
+ABANDONED_AFTER_S = 15 * 60
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Remove the temporary folders that killed generations of `root` left beside it."""
+    for tmp in root.parent.glob(f".{root.name}.*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _check_complete(root: Path) -> None:

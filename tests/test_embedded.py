@@ -3,9 +3,12 @@ round trip, the pre-training set and the cache."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,7 @@ from datasets_builders.embedded import (
     render_pretrain_set,
     scene_statistics,
 )
-from datasets_builders.errors import NdbenchError
+from datasets_builders.errors import NdbenchError, WriteFailure
 from datasets_builders.sources import build_index
 from datasets_builders.splits import paper_protocol, uni_class_split
 
@@ -255,6 +258,22 @@ def test_concurrent_builder_loses_race_cleanly(cache: Path, monkeypatch: pytest.
     monkeypatch.setattr(embedded, "_write_scenes", write_then_get_overtaken)
     assert ensure_embedded(SMALL, console=QUIET) == root
     assert sorted(p.name for p in cache.iterdir()) == [root.name]  # temp folder removed
+
+
+def test_a_killed_generations_folder_is_removed_once_abandoned(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = cache_dir(SMALL)
+    old, live = (cache / f".{root.name}.{tag}.tmp" for tag in ("killed", "live"))
+    for folder in (old, live):
+        (folder / "train").mkdir(parents=True)
+    stamp = time.time() - embedded.ABANDONED_AFTER_S - 60
+    os.utime(old, (stamp, stamp))
+    monkeypatch.setattr(embedded, "_write_scenes", lambda config, folder: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))  # PIL's error, no file named
+    with pytest.raises(WriteFailure) as info:
+        ensure_embedded(SMALL, console=QUIET)
+    assert str(cache) in info.value.problem and "No space left" in info.value.problem
+    assert "NDBENCH_CACHE" in info.value.fix
+    assert sorted(p.name for p in cache.iterdir()) == [live.name]  # a live run's folder stays
 
 
 def test_incomplete_cache_is_refused(cache: Path) -> None:
