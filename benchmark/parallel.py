@@ -16,7 +16,9 @@ of memory) fails the jobs it and its siblings were running, or tries them again 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -49,6 +51,8 @@ from .runner import (
 
 # Seconds stopped workers get to remove their locks and temporary files before they are killed.
 STOP_GRACE_S = 10.0
+# How often an idle worker checks that its parent is alive.
+ORPHAN_POLL_S = 1.0
 # Memory a worker process may peak at on CPU (the demo's uni-class workers peaked at 1.2 and
 # 1.6 GB): `auto` starts no more workers than the available memory holds at this much each.
 WORKER_MEMORY_BYTES = 2 * 2**30
@@ -119,16 +123,34 @@ def start_order(jobs: list[Job], options: RunOptions) -> list[int]:
     return leads + rest
 
 
+# Set while a worker process runs a job. The worker's own state, shared by its orphan
+# watchdog (started by the pool's initializer) and the job tasks the pool sends it.
+_IN_JOB = threading.Event()
+
+
 def _worker_started(threads: int, methods: dict[str, type]) -> None:
     """Set up a worker process: its torch threads, the parent's registered methods (those
-    registered at run time too, not only the built-in and entry-point ones), and SIGINT
-    ignored (the parent forwards a stop as one SIGTERM; an idle worker just ends on it)."""
+    registered at run time too, not only the built-in and entry-point ones), SIGINT ignored
+    (the parent forwards a stop as one SIGTERM; an idle worker just ends on it) and a
+    watchdog that ends it once the parent has died."""
     import torch
 
     torch.set_num_threads(threads)
     for name, cls in methods.items():
         REGISTRY.register(name)(cls)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="ndbench-orphan-watchdog",
+                     daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """End this worker once its parent has died (kill -9, out of memory), after the job in
+    hand has finished and written its record: nothing else would, and it would wait for
+    the dead parent's next job forever, holding its memory."""
+    while True:
+        time.sleep(ORPHAN_POLL_S)
+        if os.getppid() != parent and not _IN_JOB.is_set():
+            os._exit(0)
 
 
 def _stop_job(signum: int, frame) -> None:
@@ -140,9 +162,11 @@ def _stop_job(signum: int, frame) -> None:
 
 def _run_in_worker(job: Job, options: RunOptions, threads: int) -> JobResult:
     signal.signal(signal.SIGTERM, _stop_job)
+    _IN_JOB.set()
     try:
         return safe_run_job(job, options, None, cpus=threads)
     finally:
+        _IN_JOB.clear()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

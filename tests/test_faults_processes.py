@@ -140,6 +140,37 @@ def test_an_interrupt_of_a_parallel_run_stops_its_workers_cleanly(splits_root, t
     assert "1 jobs ran, 2 skipped" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_workers_of_a_killed_parallel_run_finish_their_job_then_end(splits_root, tmp_path, markers, faulty):
+    """kill -9 (or an out-of-memory kill) of the parent: its workers finish and record the job
+    in hand, then end instead of waiting for the dead parent's next job forever."""
+    out = fresh_out(splits_root, tmp_path)
+    process = start([*run_args(out, "0,1,2", markers), "--parallel", "2"], tmp_path)
+    wait_for(markers / "started-1", process)  # one worker waits in job 1; the other runs jobs 0 and 2
+    deadline = time.monotonic() + PATIENCE_S
+    while len([n for n in files_under(out) if n.endswith(".json")]) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.05)
+    workers = {int(pid) for _, pid in (line.split() for line in (markers / "fits.log").read_text().splitlines())}
+    process.kill()
+    process.wait()  # its output pipes stay open, as a terminal would
+    (markers / "release").touch()
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers {sorted(workers)} outlived their parent"
+        time.sleep(0.1)
+    process.communicate()
+    assert [r.split for r in load_records(out)] == ["0", "1", "2"]  # job 1 was finished and kept
+    assert not [n for n in files_under(out) if n.endswith((".lock", ".tmp"))]
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except OSError:
+        return False
+
+
 def limit_file_size(limit: int):
     """preexec_fn: files may not grow past `limit` bytes; writing more raises OSError EFBIG
     (SIGXFSZ, which would kill the process instead, is ignored)."""
