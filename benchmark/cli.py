@@ -15,7 +15,7 @@ from datasets_builders.splits import protocol_classes
 
 from .console import stderr_console, stdout_console
 from .interrupts import Interrupted, signals_raise_interrupted
-from .reporting import class_names_under, print_tables, report_results
+from .reporting import class_names_under, print_tables, report_results, show_tables
 from .validate import check_output_file, check_output_folder, parse_ids
 
 app = typer.Typer(
@@ -436,6 +436,7 @@ def table_command(
 ) -> None:
     """Write per-class, summary and leaderboard tables (Markdown + CSV) from the records."""
     from .records import load_records
+    from .tables import write_tables
 
     records = load_records(out)
     if not records:
@@ -448,9 +449,9 @@ def table_command(
         if without:
             stderr_console().print(f"note: the paper reports no numbers for {', '.join(without)}; "
                                    "their tables have measured columns only", soft_wrap=True)
-    paths = []
     for dataset in sorted({d for d, _ in pairs}):
-        paths = print_tables(out, records, dataset, [s for d, s in pairs if d == dataset], paper, everything=records)
+        show_tables(out, records, dataset, [s for d, s in pairs if d == dataset], paper)
+    paths = write_tables(records, out / "tables", paper=paper, class_names=class_names_under(out))
     stdout_console().print(f"wrote {len(paths)} files under {out / 'tables'}")
 
 

@@ -18,27 +18,34 @@ def class_names_under(out: Path) -> dict[str, dict[int, str]]:
     return names
 
 
-def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool, everything=None) -> list[Path]:
-    """Print the per-class tables of `records` on `dataset`, and write every table under
-    <out>/tables from `everything` (default: every readable record under <out>/runs, so that
-    a run of a few jobs never narrows the tables of the runs before it)."""
-    from .records import load_records
-    from .tables import per_class_table, to_markdown, write_tables
+def show_tables(out: Path, records, dataset: str, settings: list[str], paper: bool) -> None:
+    """Print the per-class tables of `records` on `dataset` (their notes are logged when the
+    table files are written)."""
+    from .tables import per_class_table, to_markdown
 
-    if not records:
-        return []
     names = class_names_under(out)
     console = stdout_console()
     for setting in settings:
         chosen = [r for r in records if r.dataset == dataset and r.setting == setting]
         if not chosen:
             continue
-        table = per_class_table(chosen, dataset, setting, class_names=names.get(dataset), paper=paper)
+        table = per_class_table(chosen, dataset, setting, class_names=names.get(dataset), paper=paper, warn=False)
         console.print(f"\n[bold]{dataset} {setting}: AUROC (%)[/bold]")
         console.print(to_markdown(table), markup=False)
-    if everything is None:  # a damaged record is reported by `ndbench table`, not here
-        everything = load_records(out, on_skip=lambda exc: None) or records
-    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=names)
+
+
+def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool) -> list[Path]:
+    """Print the per-class tables of `records` on `dataset`, and write every table under
+    <out>/tables from every readable record under <out>/runs, so that a run of a few jobs
+    never narrows the tables of the runs before it."""
+    from .records import load_records
+    from .tables import write_tables
+
+    if not records:
+        return []
+    show_tables(out, records, dataset, settings, paper)
+    everything = load_records(out, on_skip=lambda exc: None) or records  # `ndbench table` reports damage
+    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=class_names_under(out))
 
 
 def report_results(results, console) -> int:

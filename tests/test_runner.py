@@ -109,6 +109,19 @@ def test_a_run_of_fewer_jobs_prints_its_own_but_keeps_every_record_in_the_tables
     assert "digit-0" in (out / "tables" / "per_class_embedded_uni-class.md").read_text()
 
 
+def test_a_table_note_is_given_once(workspace, tmp_path, capsys, caplog):
+    out = fresh_out(workspace, tmp_path)
+    assert main(knn_args(workspace, out, "--classes", "0")) == 0
+    caplog.clear()
+    assert main(knn_args(workspace, out, "--classes", "0", "--set", "k=3")) == 0  # a second config
+    for command in (None, ["table", "--out", str(out)]):
+        if command is not None:
+            caplog.clear()
+            assert main(command) == 0
+        kept = [r.getMessage() for r in caplog.records if "kept config" in r.getMessage()]
+        assert len(kept) == 1, kept
+
+
 def _tables_of_every_record(out: Path, name: str) -> str:
     from benchmark.records import load_records
     from benchmark.reporting import class_names_under
