@@ -304,7 +304,8 @@ def run_command(
     workers: Annotated[
         int | None,
         typer.Option(help="DataLoader worker processes that decode image files (and, on a GPU, cut "
-                     "defend's crops); 0: in the main process. Default: one per CPU but one, at most 8."),
+                     "defend's crops); 0: in the main process, at most 64. Default: one per CPU but one, "
+                     "at most 8."),
     ] = None,
     cache: Annotated[
         bool,
@@ -763,6 +764,7 @@ def bench_command(
 
     from methods.backbones import ViTFeatures, create_backbone
     from methods.base import resolve_device
+    from methods.runtime import check_workers
 
     from .bench import baseline_training, bench_config, paper_comparison, run_bench, section_enabled
     from .bench_data import knn_run_level, loader_speed, mkd_run_level
@@ -770,8 +772,7 @@ def bench_command(
 
     if min([img_size, *(v for v in (batch_size, steps) if v is not None)]) < 1:
         raise NdbenchError("--img-size, --batch-size and --steps must be positive", "give values of 1 or more")
-    if workers is not None and workers < 0:
-        raise NdbenchError(f"--workers {workers} is negative", "give 0 or more")
+    check_workers(workers)
     torch_device = resolve_device(device)
     try:  # --arch must name a timm ViT
         vit = ViTFeatures(create_backbone(arch, weights="none", num_classes=0))

@@ -21,6 +21,10 @@ from .features import FeatureCache
 MAX_DEFAULT_WORKERS = 8  # beyond this, decoding rarely limits a single job
 
 
+# Most DataLoader worker processes a job may start: past this, workers only cost memory.
+MAX_WORKERS = 64
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     """The user's choices: caches on or off, their size budget, DataLoader workers."""
@@ -33,8 +37,17 @@ class CacheSettings:
     def __post_init__(self) -> None:
         if self.budget_gb is not None and not self.budget_gb >= 0:  # NaN too: no size compares with it
             raise NdbenchError(f"--cache-budget-gb {self.budget_gb} is not 0 or more", "give 0 or more gigabytes")
-        if self.workers is not None and self.workers < 0:
-            raise NdbenchError(f"--workers {self.workers} is negative", "give 0 (load in the main process) or more")
+        check_workers(self.workers)
+
+
+def check_workers(workers: int | None) -> None:
+    """Refuse a --workers value outside 0..MAX_WORKERS (None: the default)."""
+    if workers is not None and workers < 0:
+        raise NdbenchError(f"--workers {workers} is negative", "give 0 (load in the main process) or more")
+    if workers is not None and workers > MAX_WORKERS:
+        raise NdbenchError(f"--workers {workers} is more than {MAX_WORKERS}",
+                           f"give 0 to {MAX_WORKERS}: each worker is a process holding its own copy of the "
+                           "dataset's index, and a few keep a GPU fed")
 
 
 def store_root() -> Path:

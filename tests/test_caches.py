@@ -366,6 +366,7 @@ def test_cache_info_and_clear_by_kind(splits_root, tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("args, needle", [(["--workers", "-1"], "--workers"),
+                                          (["--workers", "100000"], "--workers 100000 is more than 64"),
                                           (["--cache-budget-gb", "-2"], "--cache-budget-gb"),
                                           (["--cache-budget-gb", "nan"], "--cache-budget-gb nan is not 0 or more"),
                                           (["--ray-gpus-per-job", "-1"], "--ray-gpus-per-job")])
