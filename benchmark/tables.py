@@ -283,8 +283,8 @@ def _per_class_frame(
     return frame, notes
 
 
-def _report(frame: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
-    for note in notes:
+def _report(frame: pd.DataFrame, notes: list[str], warn: bool = True) -> pd.DataFrame:
+    for note in notes if warn else ():
         log.warning(note)
     frame.attrs["notes"] = list(notes)
     return frame
@@ -306,10 +306,7 @@ def per_class_table(
     number as `<method> (paper T<n>)` where the paper has a per-class table. Its notes (in
     `attrs["notes"]`) are also logged unless `warn` is False."""
     frame, notes = _per_class_frame(records, dataset, setting, metric, class_names, paper)
-    if not warn:
-        frame.attrs["notes"] = list(notes)
-        return frame
-    return _report(frame, notes)
+    return _report(frame, notes, warn)
 
 
 def _blocks(

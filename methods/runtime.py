@@ -19,8 +19,6 @@ from datasets_builders.image_store import ImageStore
 from .features import FeatureCache
 
 MAX_DEFAULT_WORKERS = 8  # beyond this, decoding rarely limits a single job
-
-
 # Most DataLoader worker processes a job may start: past this, workers only cost memory.
 MAX_WORKERS = 64
 
