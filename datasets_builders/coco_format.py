@@ -23,7 +23,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_texts
 from .coco import CocoSubset, index_from_instances
 from .errors import NdbenchError, not_a_file, not_a_folder
 from .index import DatasetIndex, IndexRow
@@ -178,11 +177,6 @@ def recipe_file(folder: Path, source: CocoFormatSource, min_train_images: int) -
         "min_train_images": min_train_images,
     }
     return {Path(folder) / RECIPE_FILE: json.dumps(recipe, indent=1) + "\n"}
-
-
-def write_recipe(folder: Path, source: CocoFormatSource, min_train_images: int) -> None:
-    """Record, beside the index, how the dataset was built."""
-    atomic_write_texts(recipe_file(folder, source, min_train_images))
 
 
 def build_command_for(folder: Path, name: str) -> str:
