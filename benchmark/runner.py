@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from datasets_builders.embedded import N_CLASSES
 from datasets_builders.errors import NdbenchError, WriteFailure
 from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import ManifestDataset, load_split
@@ -116,6 +117,12 @@ class JobResult:
     notes: tuple[str, ...] = ()  # warning lines for the user (a stale lock taken over, ...)
 
 
+def _check_classes(chosen: list[int], known: list[int], dataset: str) -> None:
+    for c in chosen:
+        if c not in known:
+            raise NdbenchError(f"unknown class {c} for {dataset}", f"use ids {known[0]}..{known[-1]}")
+
+
 def split_name(setting: str, class_id: int) -> str:
     """uni-class: the normal class; multi-class: all-vs-one, named after the abnormal class."""
     return str(class_id) if setting == "uni-class" else f"except-{class_id}"
@@ -193,12 +200,12 @@ def expand_jobs(
             config = build_detector(Job(method, dataset, setting, "", 0, frozen, preset), options).config
             if getattr(config, "weights", None) == EMBEDDED_WEIGHTS:
                 check_embedded_arch(config.backbone)
+    if dataset == EMBEDDED and classes is not None:  # known before the scenes are generated
+        _check_classes(classes, list(range(N_CLASSES)), dataset)
     index = ensure_index(dataset, options)
     known = index.class_ids()
     chosen = known if classes is None else classes
-    for c in chosen:
-        if c not in known:
-            raise NdbenchError(f"unknown class {c} for {dataset}", f"use ids {known[0]}..{known[-1]}")
+    _check_classes(chosen, known, dataset)
     per_setting = {setting: chosen for setting in settings}
     if classes is None and not is_builtin(dataset):
         # A custom dataset runs the splits it was built with (rare classes may have none).

@@ -200,6 +200,19 @@ def test_run_errors_are_one_line(splits_root, tmp_path, capsys, args, needle):
     assert "Traceback" not in err
 
 
+def test_an_unknown_embedded_class_is_refused_before_the_scenes_are_generated(tmp_path, capsys, monkeypatch):
+    import benchmark.runner as runner
+
+    def no_build(request):
+        raise AssertionError("built the splits before checking --classes")
+
+    monkeypatch.setattr(runner, "build_splits", no_build)
+    code = main(["run", "--method", "knn", "--classes", "0,99", "--out", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown class 99 for embedded (use ids 0..9)" in err, err
+    assert not (tmp_path / "results").exists()
+
+
 def test_wrong_shaped_weights_are_refused(splits_root, tmp_path, capsys):
     out = fresh_out(splits_root, tmp_path)
     bad = tmp_path / "bad.pt"
