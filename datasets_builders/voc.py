@@ -118,6 +118,10 @@ def read_image_list(path: Path) -> list[str]:
     if any("\x00" in line for line in lines):  # a zero-filled or binary file, not a damaged line
         raise NdbenchError(f"VOC image list {path} is not a text file (it holds NUL bytes)",
                            "re-extract the VOC archive")
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if first.startswith("<"):  # e.g. a download that saved a web page under the list's name
+        raise NdbenchError(f"VOC image list {path} is an HTML or XML page, not a list of image ids",
+                           "download the list again (its lines are image ids)")
     ids: list[str] = []
     seen: set[str] = set()
     for line in lines:
@@ -259,6 +263,12 @@ def build_voc_index(
     for sub in ("ImageSets", "Annotations", "JPEGImages"):
         _require_folder(folder / sub, sub)
     train_list, test_list = _split_lists(folder, year)
+    if year == 2007 and train_list.is_file() and not test_list.exists():
+        raise NdbenchError(
+            f"VOC2007 test list {test_list} is missing",
+            "VOC2007's test images come in their own archive (VOCtest_06-Nov-2007.tar); extract it beside "
+            "the trainval one, into the same VOCdevkit",
+        )
     train_ids, test_ids = sorted(read_image_list(train_list)), sorted(read_image_list(test_list))
 
     shared = sorted(set(train_ids) & set(test_ids))

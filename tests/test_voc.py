@@ -343,7 +343,7 @@ def test_missing_2007_test_list(tmp_path: Path):
     write_voc_tree(tmp_path, voc2007=True)
     test_list = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt"
     test_list.unlink()
-    raises(tmp_path, str(test_list), "does not exist", year=2007)
+    raises(tmp_path, str(test_list), "is missing", "VOCtest_06-Nov-2007.tar", year=2007)
 
 
 def test_missing_annotations_folder(voc2012: Path):
@@ -403,6 +403,13 @@ def test_a_list_saved_with_a_byte_order_mark_reads_as_without(voc2012: Path):
     plain = rows_of(build_voc_index(voc2012.parent.parent))
     val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())  # a Windows editor's UTF-8 BOM
     assert rows_of(build_voc_index(voc2012.parent.parent)) == plain
+
+
+def test_a_web_page_saved_as_a_list_is_named_as_such(voc2012: Path):
+    trainaug = voc2012 / "ImageSets" / "Segmentation" / "trainaug.txt"
+    trainaug.write_text("\n<!DOCTYPE html>\n<html><head><meta charset='utf-8'></head></html>\n")
+    message = raises(voc2012, str(trainaug), "HTML or XML page, not a list of image ids")
+    assert "twice" not in message
 
 
 def test_a_zero_filled_list_is_named_as_no_text(voc2012: Path):
