@@ -114,7 +114,12 @@ def _fits(value, hint) -> bool:
     return isinstance(value, origin)
 
 
-def _record_problem(data, scores_file: Path) -> str | None:
+def _plain_name(value: str) -> bool:
+    """Whether `value` can name one file or folder (no separator, not empty, not . or ..)."""
+    return bool(value) and value not in (".", "..") and not any(c in value for c in "/\\\0")
+
+
+def _record_problem(data, record_file: Path) -> str | None:
     """Why a parsed record file is not a whole record with its scores (None when it is)."""
     if not isinstance(data, dict):
         return f"it holds a JSON {type(data).__name__}, not a record"
@@ -131,6 +136,15 @@ def _record_problem(data, scores_file: Path) -> str | None:
             return f"{name} is {value!r:.40}, not {hint.__name__ if isinstance(hint, type) else hint}"
     if data["setting"] not in SETTINGS:
         return f"setting {data['setting']!r:.40} is not one of {', '.join(SETTINGS)}"
+    # Tables and the report name their files after these fields: they must be the names of the
+    # folders the record sits in (record_path), never a path of their own.
+    for name in ("dataset", "method", "split"):
+        if not _plain_name(data[name]):
+            return f"{name} {data[name]!r:.40} is not a plain name"
+    where = (data["dataset"], data["setting"], data["method"])
+    if (record_file.parent.parent.parent.name, record_file.parent.parent.name, record_file.parent.name) != where \
+            or not record_file.name.startswith(f"{data['split']}__"):
+        return "its dataset, setting, method or split is not the one its path names"
     for metric, value in data["metrics"].items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             return f"metric {metric} is {value!r}, not a number in [0, 1]"
@@ -139,7 +153,7 @@ def _record_problem(data, scores_file: Path) -> str | None:
     for what, count in data["counts"].items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             return f"count {what} is {count!r}, not a count"
-    return _scores_problem(data, scores_file)
+    return _scores_problem(data, scores_path(record_file))
 
 
 def _scores_problem(data: dict, scores_file: Path) -> str | None:
@@ -169,7 +183,7 @@ def read_record(path: Path) -> Record:
         raise NdbenchError(f"cannot read record {path}: {exc.strerror or exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nesting too deep
         raise NdbenchError(f"record {path} is not valid JSON (truncated or edited?): {exc}") from exc
-    problem = _record_problem(data, scores_path(path))
+    problem = _record_problem(data, path)
     if problem:
         raise NdbenchError(f"record {path} is damaged: {problem}")
     return Record(**data)

@@ -164,9 +164,15 @@ def test_damaged_records_are_skipped_by_readers_and_rerun_by_run(splits_root, tm
         (lambda d: d.update(colour="blue"), "unknown field 'colour'"),
         (lambda d: d.update(config=[1, 2]), "config is [1, 2]"),
         (lambda d: d.update(setting="weird"), "setting 'weird' is not one of uni-class, multi-class"),
+        (lambda d: d.update(dataset="../../../evil"), "dataset '../../../evil' is not a plain name"),
+        (lambda d: d.update(method="sub/dir"), "method 'sub/dir' is not a plain name"),
+        (lambda d: d.update(dataset="coco"), "not the one its path names"),
+        (lambda d: d.update(setting="multi-class"), "not the one its path names"),
+        (lambda d: d.update(split="3"), "not the one its path names"),
     ],
     ids=["missing-field", "nan-metric", "metric-out-of-range", "no-auroc", "wrong-type", "bool-for-int",
-         "negative-count", "unknown-field", "list-for-dict", "unknown-setting"],
+         "negative-count", "unknown-field", "list-for-dict", "unknown-setting", "dataset-path", "method-path",
+         "other-dataset", "other-setting", "other-split"],
 )
 def test_a_hand_edited_record_is_refused_naming_the_file(splits_root, tmp_path, faulty, edit, needle):
     out = fresh_out(splits_root, tmp_path)
