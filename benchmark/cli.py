@@ -460,15 +460,15 @@ def table_command(
 def leaderboard_command(
     out: Annotated[Path, typer.Option(help=OUT_HELP)] = Path("results"),
 ) -> None:
-    """Mean AUROC of every method on every dataset and setting, best first."""
+    """Print the mean AUROC of every method on every dataset and setting, best first (writes
+    nothing: `ndbench table` writes the table files)."""
     from .records import load_records
-    from .tables import leaderboard, to_markdown, write_tables
+    from .tables import leaderboard, to_markdown
 
     records = load_records(out)
     if not records:
         raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
     stdout_console().print(to_markdown(leaderboard(records)), markup=False)
-    write_tables(records, Path(out) / "tables", class_names=class_names_under(out))
 
 
 @app.command("methods")

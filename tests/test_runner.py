@@ -109,6 +109,19 @@ def test_a_run_of_fewer_jobs_prints_its_own_but_keeps_every_record_in_the_tables
     assert "digit-0" in (out / "tables" / "per_class_embedded_uni-class.md").read_text()
 
 
+def test_leaderboard_prints_and_leaves_the_table_files_as_table_wrote_them(workspace, tmp_path, capsys):
+    out = fresh_out(workspace, tmp_path)
+    assert main(knn_args(workspace, out, "--classes", "0")) == 0
+    assert main(["table", "--paper", "--out", str(out)]) == 0
+    for path in (out / "tables").iterdir():  # marked, so that writing them again would show
+        path.write_bytes(path.read_bytes() + b"kept\n")
+    written = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
+    capsys.readouterr()
+    assert main(["leaderboard", "--out", str(out)]) == 0
+    assert "knn" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (out / "tables").iterdir()} == written
+
+
 def test_a_table_note_is_given_once(workspace, tmp_path, capsys, caplog):
     out = fresh_out(workspace, tmp_path)
     assert main(knn_args(workspace, out, "--classes", "0")) == 0
