@@ -609,7 +609,7 @@ def maps_command(
     images beside their per-patch novelty heat-maps, each captioned normal/novel and its score."""
     from methods.base import resolve_device
 
-    from .maps import MapsRequest, check_image_count, draw_maps, parse_split
+    from .maps import MapsRequest, check_image_count, draw_maps, maps_path, parse_split
     from .runner import RunOptions, expand_jobs, job_progress
     from .validate import check_maps_method, check_seed, check_weights
 
@@ -621,6 +621,10 @@ def maps_command(
     request = MapsRequest(method=method, dataset=dataset, split=split, n=n, seed=seed)
     options = RunOptions(out=out, device=device, weights=weights)
     setting, name = parse_split(split)
+    target = maps_path(out, request)
+    check_output_folder(target.parent, "--out")  # before the fit, not after it
+    if target.is_dir():
+        raise NdbenchError(f"{target} is a folder, where the grid goes", "move it away or choose another --out")
     # A protocol split names its class ("3", "except-3"): checked against the dataset's classes.
     kind = name.removeprefix("except-")
     classes = [int(kind)] if kind.isdigit() else []
@@ -635,7 +639,7 @@ def maps_command(
 def report_command(
     out: Annotated[Path, typer.Option(help=OUT_HELP + " The report goes to <out>/report.")] = Path("results"),
     report_dir: Annotated[
-        Path | None,
+        str | None,  # a str: typer would read "" as Path("."), the current folder
         typer.Option(help="Write the page (index.html) and its figures (img/) here instead of <out>/report; "
                      "PNGs in img/ that the new page does not show are removed."),
     ] = None,
@@ -650,10 +654,14 @@ def report_command(
 
     from .runner import job_progress
 
+    folder = None
     if report_dir is not None:
-        check_output_folder(report_dir, "--report-dir")
+        if not report_dir.strip():
+            raise NdbenchError("--report-dir is empty", "give the folder for the page, e.g. --report-dir my_report")
+        folder = Path(report_dir)
+        check_output_folder(folder, "--report-dir")
     with job_progress(stderr_console()) as progress:
-        result = build_report(out, report_dir, warn=warn, progress=progress)
+        result = build_report(out, folder, warn=warn, progress=progress)
     stdout_console().print(
         f"wrote {result.path} ({result.records} runs, {result.figures} figures, "
         f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); open {result.path.resolve().as_uri()}",

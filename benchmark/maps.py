@@ -7,6 +7,7 @@ and novelty score. One colour scale for the whole grid, so images can be compare
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +44,20 @@ class MapsRequest:
     alpha: float = 0.5  # heat-map opacity in the overlay
 
 
+# The split names the builders write: uni-class/<k>, multi-class/except-<k> (all-vs-one) and
+# multi-class/normal-<a>-<b>... (a chosen normal set).
+SPLIT_NAMES = {"uni-class": re.compile(r"\d+"), "multi-class": re.compile(r"except-\d+|normal-\d+(-\d+)*")}
+
+
 def parse_split(text: str) -> tuple[str, str]:
     """`uni-class/3` -> ("uni-class", "3"); one clear error otherwise."""
     setting, sep, name = text.partition("/")
-    if not sep or not name or setting not in ("uni-class", "multi-class"):
+    if not sep or not name or setting not in SPLIT_NAMES:
         raise NdbenchError(f"cannot read --split {text!r}", "write it as SETTING/NAME, e.g. uni-class/3")
+    if not SPLIT_NAMES[setting].fullmatch(name):
+        raise NdbenchError(f"no split is named {text!r}",
+                           "use uni-class/<class id>, multi-class/except-<class id> or "
+                           "multi-class/normal-<id>-<id>..., e.g. uni-class/3")
     return setting, name
 
 

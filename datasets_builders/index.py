@@ -174,16 +174,17 @@ _META_TYPES = {
 _CSV_COLUMNS = ["image_id", "path", "subset", "classes"]
 
 
-def build_index_fix(folder: Path, when: str = "") -> str:
-    """The hint that (re)builds the index in `folder` (a built-in dataset's or a custom one's)."""
+def build_index_fix(folder: Path, when: str = "", options: str = "") -> str:
+    """The hint that (re)builds the index in `folder` (a built-in dataset's or a custom one's),
+    `options` added to its command."""
     from .coco_format import build_command_for  # coco_format imports this module
     from .sources import is_builtin
 
     folder = Path(folder)
     if is_builtin(folder.name):
-        command = f"`ndbench build-splits {folder.name} --out {folder.parent}`"
+        command = f"`ndbench build-splits {folder.name} --out {folder.parent}{options}`"
     else:  # from the recipe recorded beside the index, else a template
-        command = f"`{build_command_for(folder, folder.name)} --out {folder.parent}`"
+        command = f"`{build_command_for(folder, folder.name)} --out {folder.parent}{options}`"
     return f"run {command} {when}" if when else f"rebuild it with {command}"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,15 @@ DEDUP_NOTE = (
     "multi-class training set de-duplicated: each image appears once, however many normal "
     "classes it holds (the paper's released code repeats it once per normal class)"
 )
+
+
+def _missing_fix(path: Path) -> str:
+    """The hint that builds a missing manifest; a chosen normal set (`normal-1-3`) is built
+    only on request (`--setting multi-class --normal 1,3`)."""
+    options = ""
+    if path.parent.name == "multi-class" and re.fullmatch(r"normal-\d+(-\d+)*", path.stem):
+        options = " --setting multi-class --normal " + ",".join(path.stem.split("-")[1:])
+    return build_index_fix(path.parent.parent, "to build it", options=options)
 
 
 @dataclass
@@ -106,7 +116,7 @@ class Manifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
-            raise NdbenchError(f"no split manifest at {path}", build_index_fix(dataset_folder, "to build it")) from exc
+            raise NdbenchError(f"no split manifest at {path}", _missing_fix(path)) from exc
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # Recursion: nesting too deep
             raise NdbenchError(f"split manifest {path} is not valid JSON", rebuild) from exc
         try:

@@ -134,6 +134,7 @@ BAD_OPTIONS = [
     (["score", "--model", "m.model.pt", "--output", "/dev/null/s.csv", "a.png"], "--output: /dev/null is a file"),
     (["score", "--model", "m.model.pt", "--maps", "/dev/null/maps", "a.png"], "--maps: /dev/null is a file"),
     (["report", "--report-dir", "/dev/null/page"], "--report-dir: /dev/null is a file"),
+    (["report", "--report-dir", ""], "--report-dir is empty"),
     (["leaderboard"], "run `ndbench run --method knn` first"),
     (["run", "--method", "knn", "--set", "backbone=vit_tiny_patch16_224", "--weights", "embedded"],
      "vit_tiny_patch16_224 has no embedded weights"),

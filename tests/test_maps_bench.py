@@ -59,7 +59,12 @@ def test_maps_writes_a_grid_of_image_and_heat_pairs(splits_root, tmp_path, capsy
     [(["--method", "knn"], "no anomaly maps"), (["--split", "uni-class"], "--split"),
      (["--split", "sideways/3"], "--split"), (["--n", "0"], "--n 0"),
      (["--split", "uni-class/99"], "unknown class 99 for embedded"),
-     (["--split", "multi-class/except-99"], "unknown class 99 for embedded")],
+     (["--split", "multi-class/except-99"], "unknown class 99 for embedded"),
+     (["--split", "uni-class/abc"], "no split is named 'uni-class/abc'"),
+     (["--split", "multi-class/7"], "no split is named 'multi-class/7'"),
+     (["--split", "uni-class/-1"], "no split is named 'uni-class/-1'"),
+     (["--split", "uni-class/3/"], "no split is named 'uni-class/3/'"),
+     (["--split", "multi-class/normal-1-2"], "--setting multi-class --normal 1,2`")],
 )
 def test_maps_errors_are_one_line(splits_root, tmp_path, capsys, args, needle):
     out = fresh_out(splits_root, tmp_path)
@@ -67,6 +72,22 @@ def test_maps_errors_are_one_line(splits_root, tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
     assert not (out / "maps").exists() or not any((out / "maps").iterdir())
+
+
+def test_maps_checks_where_the_grid_goes_before_fitting(splits_root, tmp_path, capsys, monkeypatch):
+    import benchmark.maps as maps
+
+    monkeypatch.setattr(maps, "draw_maps", lambda *a, **k: pytest.fail("fitted before checking --out"))
+    out = fresh_out(splits_root, tmp_path)
+    (out / "maps").write_text("a file where the grids go")
+    code = main(["maps", "--method", "mkd", "--weights", "none", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1, err
+    (out / "maps").unlink()
+    (out / "maps" / "mkd__embedded__uni-class__0__seed0.png").mkdir(parents=True)
+    code = main(["maps", "--method", "mkd", "--weights", "none", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a folder, where the grid goes" in err, err
 
 
 def test_bench_measures_every_figure_on_a_tiny_vit():
