@@ -26,6 +26,9 @@ from .index import DatasetIndex, IndexRow, sha256_of_files
 CIFAR_SIDE = 32
 CIFAR_ROW_BYTES = 3 * CIFAR_SIDE * CIFAR_SIDE
 CIFAR_LABELS = ("coarse", "fine")
+# Classes of each (variant, label kind): the meta file must name exactly these many.
+CIFAR_CLASS_COUNTS = {("cifar10", "coarse"): 10, ("cifar100", "coarse"): 20, ("cifar100", "fine"): 100}
+MNIST_IMAGE_SHAPE = (28, 28)  # MNIST's and Fashion-MNIST's images
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ def build_cifar_index(root: Path, *, variant: str, labels: str = "coarse") -> Da
     folder = _cifar_folder(Path(root), variant)
     meta_path = folder / layout.meta
     names = _cifar_names(_load_pickle(meta_path, variant, root), names_key, meta_path)
+    expected = CIFAR_CLASS_COUNTS[variant, "coarse" if variant == "cifar10" else labels]
+    if len(names) != expected or len(set(names)) != len(names):
+        raise NdbenchError(f"{meta_path}: {names_key!r} holds {len(names)} names ({len(set(names))} distinct), "
+                           f"not {variant}'s {expected}", "the meta file is damaged; download it again")
     rows: list[IndexRow] = []
     read: list[Path] = []
     for subset, batch_names in (("train", layout.train), ("test", layout.test)):
@@ -263,6 +270,10 @@ def build_mnist_index(root: Path, *, variant: str) -> DatasetIndex:
         labels_path = _mnist_file(folder, labels_name, variant)
         images = _read_idx(images_path, _IDX_IMAGES_MAGIC, 3)
         labels = _read_idx(labels_path, _IDX_LABELS_MAGIC, 1)
+        if images.shape[1:] != MNIST_IMAGE_SHAPE:
+            raise NdbenchError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, not "
+                               f"{variant}'s {MNIST_IMAGE_SHAPE[0]}x{MNIST_IMAGE_SHAPE[1]}",
+                               f"the file is damaged or not {variant}'s; download it again")
         if len(images) != len(labels):
             raise NdbenchError(
                 f"{images_path} holds {len(images)} images but {labels_path} holds "

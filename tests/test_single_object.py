@@ -251,6 +251,26 @@ def test_cifar_label_count_and_range(cifar10_root: Path) -> None:
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("names", [CIFAR10_NAMES[:3], [*CIFAR10_NAMES, "extra", "more"], ["cat"] * 10],
+                         ids=["too-few", "too-many", "not-distinct"])
+def test_a_cifar_meta_that_does_not_name_the_classes_is_damaged(cifar10_root: Path, names) -> None:
+    meta = cifar10_root / "cifar-10-batches-py" / "batches.meta"
+    write_pickle(meta, {b"label_names": [name.encode() for name in names]})
+    with pytest.raises(NdbenchError, match="not cifar10's 10") as info:
+        build_cifar_index(cifar10_root, variant="cifar10")
+    assert str(meta) in str(info.value) and "damaged" in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (0, 0), (32, 32)])
+def test_mnist_images_of_another_size_are_refused(tmp_path: Path, shape) -> None:
+    write_mnist(tmp_path, MNIST_TRAIN, MNIST_TEST)
+    images = tmp_path / "train-images-idx3-ubyte"
+    images.write_bytes(idx_bytes(np.zeros((len(MNIST_TRAIN), *shape), np.uint8)))
+    with pytest.raises(NdbenchError, match=f"holds {shape[0]}x{shape[1]} images, not mnist's 28x28") as info:
+        build_mnist_index(tmp_path, variant="mnist")
+    assert str(images) in str(info.value)
+
+
 # --- MNIST / Fashion-MNIST -----------------------------------------------------------------
 @pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("layout", [".", "raw", "MNIST/raw"])
