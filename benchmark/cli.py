@@ -835,7 +835,7 @@ def cache_info_command() -> None:
     from datasets_builders.array_store import ArrayStore, default_budget_bytes
     from methods.runtime import store_root
 
-    root = store_root()
+    root = _usable_store_root(store_root())
     table = Table(title=f"ndbench cache: {root} (default budget {default_budget_bytes(root) / 1e9:.1f} GB)")
     for column in ("kind", "entries", "shards", "allocated GB", "on disk GB"):
         table.add_column(column)
@@ -859,8 +859,20 @@ def cache_clear_command(
 
     if kind is not None and kind not in (IMAGES_KIND, FEATURES_KIND):
         raise NdbenchError(f"unknown cache kind {kind!r}", f"use {IMAGES_KIND} or {FEATURES_KIND}")
-    freed = ArrayStore(store_root()).clear(kind)
-    stdout_console().print(f"freed {freed / 1e9:.3f} GB under {store_root()}")
+    root = _usable_store_root(store_root())
+    freed = ArrayStore(root).clear(kind)
+    stdout_console().print(f"freed {freed / 1e9:.3f} GB under {root}")
+
+
+def _usable_store_root(root: Path) -> Path:
+    """`root`, unless it or a folder above it is a file (the store can then never be used)."""
+    for place in (root, *root.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise NdbenchError(f"the cache store {root} cannot be used: {place} is a file, not a folder",
+                                   "move that file away, or set NDBENCH_CACHE to a folder")
+            break
+    return root
 
 
 def _usage_error_message(exc: BaseException) -> str | None:

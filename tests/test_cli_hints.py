@@ -185,3 +185,15 @@ def test_the_command_line_answers_help_without_importing_torch():
     code = "import sys, benchmark.cli; print(sorted({'torch', 'timm', 'torchvision'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+@pytest.mark.parametrize("command", [["cache", "info"], ["cache", "clear"]])
+@pytest.mark.parametrize("file_at", ["cache", "cache/store"])
+def test_cache_commands_refuse_a_store_that_cannot_be_used(tmp_path, monkeypatch, capsys, command, file_at):
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / file_at).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file_at).write_text("a file where a folder belongs")
+    code = main(command)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert f"{tmp_path / file_at} is a file, not a folder" in lines[0]
