@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from datasets_builders.atomic import atomic_write_bytes, atomic_write_text
+from datasets_builders.atomic import atomic_write_bytes, atomic_write_text, replaced_file
 from datasets_builders.errors import NdbenchError
 from datasets_builders.loading import open_rgb
 from methods.base import resolve_device
@@ -146,16 +146,25 @@ def prepare_scoring(request: ScoreRequest) -> Scoring:
 
 
 def check_no_overwrite(request: ScoreRequest, paths: list[Path]) -> None:
-    """Refuse an --output or a map file that would replace one of the inputs or the model."""
+    """Refuse an --output or a map file that would replace one of the inputs, the model or
+    another output of this call, or that is not a regular file (a FIFO, a device, a socket)."""
     inputs = {path.resolve(): path for path in [*paths, Path(request.model)]}
-    if request.output is not None and Path(request.output).resolve() in inputs:
-        raise NdbenchError(f"--output {request.output} is one of the inputs; writing it would replace that file",
-                           "write the CSV to another file")
-    if request.maps is not None:
-        for target in map_targets(Path(request.maps), paths):
-            if target.resolve() in inputs:
-                raise NdbenchError(f"--maps {request.maps} would overwrite the input image {inputs[target.resolve()]}",
-                                   "write the maps to another folder")
+    maps = map_targets(Path(request.maps), paths) if request.maps is not None else []
+    mapped = {target.resolve(): image for target, image in zip(maps, paths, strict=True)} if maps else {}
+    if request.output is not None:
+        output = Path(request.output)
+        if output.resolve() in inputs:
+            raise NdbenchError(f"--output {output} is one of the inputs; writing it would replace that file",
+                               "write the CSV to another file")
+        if output.resolve() in mapped:
+            raise NdbenchError(f"--output {output} is also the heat map of {mapped[output.resolve()]} under --maps",
+                               "write the CSV outside the --maps folder or under another name")
+        replaced_file(output)
+    for target in maps:
+        if target.resolve() in inputs:
+            raise NdbenchError(f"--maps {request.maps} would overwrite the input image {inputs[target.resolve()]}",
+                               "write the maps to another folder")
+        replaced_file(target)
 
 
 def run_scoring(scoring: Scoring, progress=None) -> ScoreResult:

@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,33 @@ def write_error(path: Path, exc: OSError) -> WriteFailure:
     return WriteFailure(f"cannot write {path}: {reason}", fix)
 
 
+def replaced_file(path: Path) -> Path:
+    """The file a write to `path` puts in place: `path` with symlinks resolved, so a link is
+    written through and stays a link. An existing target that is not a regular file (a
+    folder, FIFO, device or socket) is refused with a WriteFailure: the temporary file would
+    replace it instead of writing into it."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = target.stat().st_mode
+    except OSError:  # nothing there yet (or unreachable: the write itself says why)
+        return target
+    if not stat.S_ISREG(mode):
+        raise WriteFailure(f"cannot write {path}: it is {_kind(mode)}, not a regular file",
+                           "write to a regular file or to a path that does not exist yet")
+    return target
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words: "a folder", "a FIFO", ..."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "a special file"
+
+
 @functools.cache
 def new_file_mode() -> int:
     """The mode `open()` gives a new file under this process's umask (read once: setting the
@@ -42,11 +70,13 @@ def new_file_mode() -> int:
 @contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
     """A binary file handle whose content appears at `path` only when the block ends
-    without an exception (temporary file in the same folder, then `os.replace`)."""
+    without an exception (temporary file in the same folder, then `os.replace`). A symlink
+    at `path` is written through; a target that is not a regular file is refused."""
     path = Path(path)
+    target = replaced_file(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as exc:
         raise write_error(path.parent, exc) from exc
     try:
@@ -55,7 +85,7 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise write_error(path, exc) from exc
@@ -79,16 +109,15 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
     """Write several UTF-8 files as one step, in the given order: each is staged beside its
     target before any target is replaced, and a failure or interrupt while replacing puts
     back what the targets held, so a write either lands whole or leaves every file as it was
-    (only a hard kill between two replaces can leave some replaced)."""
+    (only a hard kill between two replaces can leave some replaced). Symlinks are written
+    through; a target that is not a regular file is refused before anything is written."""
     staged: list[tuple[str, Path]] = []
     backups: dict[Path, Path | None] = {}
     replaced: list[Path] = []
+    targets = {replaced_file(Path(path)): text for path, text in files.items()}
     path = Path()
     try:
-        for path, text in files.items():
-            path = Path(path)
-            if path.is_dir():
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        for path, text in targets.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             staged.append((tmp, path))

@@ -35,18 +35,39 @@ Transform = Callable[[PIL.Image.Image], Tensor]
 
 
 def open_rgb(path: Path, fix: str) -> PIL.Image.Image:
-    """An image file as RGB; any failure to decode it is one NdbenchError with `fix`."""
+    """An image file as 8-bit RGB; any failure to decode it is one NdbenchError with `fix`.
+
+    Single-channel images PIL opens wider than 8 bits are scaled, not clipped: integer modes
+    ("I;16*", and "I", which PIL uses for 16-bit PNG, TIFF and PGM) as 16-bit values
+    (v / 257, rounded; outside 0..65535 clipped), so a 16-bit image gives the pixels of the
+    8-bit one it was made from. Float images ("F") whose values all lie in [0, 1] are scaled
+    by 255; other float images are converted as PIL does (truncated, clipped to 0..255)."""
     try:
         with warnings.catch_warnings():
             # Large images (> ~89 MP) only warn; those past PIL's limit fail below, in one line.
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             with PIL.Image.open(path) as image:
-                return image.convert("RGB")
+                return to_8bit(image).convert("RGB")
     # Decoding damaged bytes raises OSError, SyntaxError (PNG chunks), ValueError, struct
     # errors, DecompressionBombError...: all mean the same to the user.
     except Exception as exc:  # noqa: BLE001
         message = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise NdbenchError(f"cannot read image {path}: {message}", fix) from exc
+
+
+def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` as an 8-bit "L" image when its mode is wider (see `open_rgb`), else itself."""
+    # PIL's own convert() clips these modes to 0..255: every 16-bit pixel above 255 turns white.
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        scaled = np.rint(np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257)
+        return PIL.Image.fromarray(scaled.astype(np.uint8))
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() >= 0 and finite.max() <= 1:
+            scaled = np.rint(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0) * 255)
+            return PIL.Image.fromarray(scaled.astype(np.uint8))
+    return image
 
 
 class ManifestDataset(Dataset):
@@ -123,7 +144,7 @@ class ManifestDataset(Dataset):
         """What identifies this dataset's input pixels (None without a staged transform)."""
         if not isinstance(self.transform, StagedTransform):
             return None
-        return ImageKey(self.index.sha256, self.transform.decode.signature, len(self.index.rows),
+        return ImageKey(self.index.content_sha256, self.transform.decode.signature, len(self.index.rows),
                         self.transform.finish.signature)
 
     @property

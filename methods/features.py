@@ -65,7 +65,8 @@ def compute_precision(device: torch.device) -> str:
 
 def weights_identity(backbone: str, weights: str | Path | None) -> str | None:
     """The content identity of resolved weights: the sha256 of a weights file, the timm hub
-    name with its pretrained tag, or None for random weights (their outputs are never cached)."""
+    name with its pretrained tag, or None for random weights or a weights file that is not
+    there (their outputs are never cached)."""
     if weights is None or weights == "none":
         return None
     if weights == "hub":
@@ -73,6 +74,10 @@ def weights_identity(backbone: str, weights: str | Path | None) -> str | None:
         source = "" if cfg is None else (cfg.hf_hub_id or cfg.url or "")
         tag = "" if cfg is None else (cfg.tag or "")
         return f"hub:{backbone.split('.')[0]}.{tag}:{source}"
+    if not Path(weights).is_file():
+        # A saved model holds its fitted backbone, so scoring it must not need the file it
+        # started from; a run without the file fails where the backbone is built, in one line.
+        return None
     return f"sha256:{file_sha256(Path(weights))}"
 
 

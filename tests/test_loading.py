@@ -253,3 +253,53 @@ def test_an_oversized_image_is_one_line_and_a_large_one_opens_quietly(tmp_path: 
         assert open_rgb(tmp_path / "12.png", "fix").size == (12, 12)
     with pytest.raises(NdbenchError, match=r"cannot read image .*20\.png: Image size \(400 pixels\) exceeds"):
         open_rgb(tmp_path / "20.png", "fix")
+
+
+def _wide_images(folder: Path, gray: np.ndarray) -> dict[str, Path]:
+    """`gray` (uint8) saved in the modes PIL opens wider than 8 bits, by the mode it opens as."""
+    wide = gray.astype(np.uint16) * 257
+    files = {
+        "I;16": ("16.png", PIL.Image.fromarray(wide)),
+        "I;16B": ("16b.tif", PIL.Image.frombytes("I;16B", gray.shape[::-1], wide.astype(">u2").tobytes())),
+        "I": ("32.tif", PIL.Image.fromarray(wide.astype(np.int32))),
+        "F": ("unit.tif", PIL.Image.fromarray(gray.astype(np.float32) / 255)),
+    }
+    written = {}
+    for mode, (name, image) in files.items():
+        image.save(folder / name)
+        with PIL.Image.open(folder / name) as check:
+            assert check.mode == mode
+        written[mode] = folder / name
+    # A 16-bit PGM (maxval 65535) opens as "I" too.
+    (folder / "16.pgm").write_bytes(b"P5 %d %d 65535\n" % gray.shape[::-1] + wide.astype(">u2").tobytes())
+    written["pgm"] = folder / "16.pgm"
+    return written
+
+
+def test_wide_grayscale_images_give_the_pixels_of_the_8_bit_one(tmp_path: Path) -> None:
+    gray = np.random.default_rng(0).integers(0, 256, (9, 13), dtype=np.uint8)
+    gray[0, :2] = (0, 255)
+    PIL.Image.fromarray(gray).save(tmp_path / "8.png")
+    expected = np.asarray(open_rgb(tmp_path / "8.png", "fix"))
+    np.testing.assert_array_equal(expected, np.repeat(gray[..., None], 3, axis=2))
+    for mode, path in _wide_images(tmp_path, gray).items():
+        converted = open_rgb(path, "fix")
+        assert converted.mode == "RGB", mode
+        np.testing.assert_array_equal(np.asarray(converted), expected, err_msg=mode)
+
+
+def test_wide_values_are_rounded_and_clipped(tmp_path: Path) -> None:
+    PIL.Image.fromarray(np.array([[-5, 128, 129, 70000]], dtype=np.int32)).save(tmp_path / "i.tif")
+    PIL.Image.fromarray(np.array([[0.4, 1.5, 254.6, 300.0]], dtype=np.float32)).save(tmp_path / "f.tif")
+    assert np.asarray(open_rgb(tmp_path / "i.tif", "fix"))[0, :, 0].tolist() == [0, 0, 1, 255]
+    # Floats beyond [0, 1] are not scaled: PIL's conversion (truncated, clipped), as before.
+    assert np.asarray(open_rgb(tmp_path / "f.tif", "fix"))[0, :, 0].tolist() == [0, 1, 254, 255]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "CMYK"])
+def test_8_bit_images_convert_as_pil_does(tmp_path: Path, mode: str) -> None:
+    rgb = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (7, 5, 3), dtype=np.uint8))
+    source = rgb.convert(mode)
+    source.save(tmp_path / "image.tif" if mode == "CMYK" else tmp_path / "image.png")
+    path = next(tmp_path.iterdir())
+    np.testing.assert_array_equal(np.asarray(open_rgb(path, "fix")), np.asarray(source.convert("RGB")))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from PIL import Image
 
 from benchmark.cli import main
 from benchmark.maps import TILE
-from benchmark.models import MODEL_FORMAT, MODEL_FORMAT_VERSION, load_model, model_path, save_model
+from benchmark.models import MODEL_FORMAT, MODEL_FORMAT_VERSION, content_sha256, load_model, model_path, save_model
 from benchmark.records import Record, load_records
 from benchmark.score import ImageFiles
 from datasets_builders.index import DatasetIndex
@@ -124,6 +126,8 @@ def test_maps_writes_one_overlay_per_image(toy, tmp_path):
         ("not a model", "is not an ndbench model file"),
         ("unknown method", "unknown method 'nope'"),
         ("other format", "model format 999"),
+        ("format as text", "has model format '1' "),
+        ("config of another method", "model file {model}: MKDConfig has no option 'k'"),
         ("unreadable image", "cannot read image"),
         ("empty folder", "holds no image files"),
         ("missing image", "no image file or folder"),
@@ -140,9 +144,12 @@ def test_bad_input_is_one_line_and_exit_2(toy, tmp_path, capsys, case, needle):
     elif case == "not a model":
         model = tmp_path / "state.pt"
         torch.save({"weight": torch.zeros(2)}, model)
-    elif case in ("unknown method", "other format"):
+    elif case in ("unknown method", "other format", "format as text", "config of another method"):
         payload = torch.load(toy["knn"], weights_only=False)
-        payload.update({"method": "nope"} if case == "unknown method" else {"format_version": 999})
+        payload.update({"unknown method": {"method": "nope"}, "other format": {"format_version": 999},
+                        "format as text": {"format_version": "1"},
+                        "config of another method": {"method": "mkd"}}[case])
+        payload["checksum"] = content_sha256(payload)  # edited, yet consistent: only the named fault remains
         model = tmp_path / "edited.model.pt"
         torch.save(payload, model)
     elif case == "unreadable image":
@@ -159,7 +166,7 @@ def test_bad_input_is_one_line_and_exit_2(toy, tmp_path, capsys, case, needle):
     code = main(["score", "--model", str(model), *images, "--output", str(output), "--device", "cpu", *extra])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert code == 2 and len(lines) == 1 and needle.format(model=model) in lines[0], err
     assert lines[0].startswith("ndbench: error:") and "Traceback" not in err
     assert not output.exists() and not (tmp_path / "maps").exists()
 
@@ -203,7 +210,8 @@ def test_weights_from_a_file_are_stored_with_their_sha256(tmp_path):
                                     "sha256": hashlib.sha256(b"some weights").hexdigest()}
 
 
-@pytest.mark.parametrize("stored", ["x", {"value": "abc"}, {"value": [1]}])
+@pytest.mark.parametrize("stored", ["x", {"value": "abc"}, {"value": [1]}, {"value": float("nan")}, float("inf")],
+                         ids=["text", "text value", "list value", "nan value", "infinite"])
 def test_a_damaged_stored_threshold_is_one_line_not_a_traceback(toy, tmp_path, capsys, stored):
     saved = torch.load(toy["knn"], weights_only=False)
     saved["threshold"] = stored
@@ -211,7 +219,98 @@ def test_a_damaged_stored_threshold_is_one_line_not_a_traceback(toy, tmp_path, c
     torch.save(saved, damaged)
     assert main(["score", "--model", str(damaged), *map(str, toy["new"]), "--threshold"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "stored threshold" in err and "is not a number" in err, err
+    assert err.count("\n") == 1 and "stored threshold" in err and "is not a" in err and "number" in err, err
+
+
+def flip_tensor_bytes(model: Path) -> bytes:
+    """The model file's bytes with every 7th byte of the first 2 kB of its largest tensor
+    XOR 0xff: the zip structure stays intact, only tensor data changes."""
+    data = bytearray(model.read_bytes())
+    with zipfile.ZipFile(model) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.file_size)
+    header = largest.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[header + 26:header + 30])
+    start = header + 30 + name_length + extra_length
+    for i in range(start, start + min(2048, largest.file_size), 7):
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def edit_state(payload: dict, edit: str) -> None:
+    """Damage a loaded knn model payload after it was saved, as a hand edit would."""
+    features = payload["state"]["train_features"]
+    if edit == "nan features":
+        payload["state"]["train_features"] = np.full_like(features, np.nan)
+    elif edit == "wrong-shaped features":
+        payload["state"]["train_features"] = features[:, :5]
+    elif edit == "empty features":
+        payload["state"]["train_features"] = features[:0]
+    elif edit == "changed weights":
+        state = payload["state"]["model"]
+        name = next(iter(state))
+        state[name] = state[name] + 1
+    elif edit == "changed config":
+        payload["config"]["k"] = 1
+    elif edit == "checksum removed":
+        del payload["checksum"]
+
+
+@pytest.mark.parametrize("edit", ["bit flips", "nan features", "wrong-shaped features", "empty features",
+                                  "changed weights", "changed config", "checksum removed"])
+def test_a_damaged_model_is_one_line_before_any_scoring(toy, tmp_path, capsys, monkeypatch, edit):
+    damaged = tmp_path / "damaged.model.pt"
+    if edit == "bit flips":
+        damaged.write_bytes(flip_tensor_bytes(toy["knn"]))
+        torch.load(damaged, weights_only=False)  # torch reads it: only the checksum tells
+    else:
+        payload = torch.load(toy["knn"], weights_only=False)
+        edit_state(payload, edit)
+        torch.save(payload, damaged)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored a damaged model")
+
+    monkeypatch.setattr(KNNDetector, "score", no_scoring)
+    output = tmp_path / "scores.csv"
+    code = main(["score", "--model", str(damaged), *map(str, toy["new"]), "--output", str(output), "--device", "cpu"])
+    one_line_error(code, capsys.readouterr().err, f"model file {damaged} is damaged")
+    assert not output.exists()
+
+
+def test_a_saved_model_reads_back_with_its_checksum(toy):
+    payload = torch.load(toy["knn"], weights_only=False)
+    assert payload["checksum"] == content_sha256(payload) == content_sha256(torch.load(toy["knn"], weights_only=False))
+    assert load_model(toy["knn"]).detector.name == "knn"
+
+
+def test_a_16_bit_png_scores_as_the_8_bit_one(toy, tmp_path):
+    gray = np.random.default_rng(3).integers(0, 256, (40, 40), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "eight.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    with Image.open(tmp_path / "sixteen.png") as image:
+        assert image.mode.startswith("I")  # PIL opens it wider than 8 bits
+    output = tmp_path / "scores.csv"
+    assert main(["score", "--model", str(toy["knn"]), str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png"),
+                 "--output", str(output), "--device", "cpu"]) == 0
+    eight, sixteen = (float(row["score"]) for row in read_csv(output.read_text()))
+    assert eight == sixteen
+
+
+def test_a_model_scores_after_its_weights_file_is_gone(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from methods.backbones import create_backbone
+
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "w.safetensors"
+    save_file(create_backbone(TINY_VIT, weights="none").state_dict(), str(weights))
+    train = write_images(tmp_path / "train", 4, seed=0)
+    model = fit_and_save(KNNDetector(**{**TINY_CONFIG, "weights": str(weights)}), train, tmp_path)
+    args = ["score", "--model", str(model), *map(str, train), "--device", "cpu", "--output"]
+    assert main([*args, str(tmp_path / "before.csv")]) == 0
+    weights.rename(tmp_path / "moved.safetensors")
+    assert main([*args, str(tmp_path / "after.csv")]) == 0
+    assert (tmp_path / "after.csv").read_text() == (tmp_path / "before.csv").read_text()
 
 
 # --- slow: a real run's saved model ----------------------------------------------------------

@@ -1,0 +1,125 @@
+"""Where `ndbench score` and the atomic writers put files: symlinks are written through, and a
+target that is not a regular file (FIFO, socket, device) or that another output of the same
+call takes is refused in one line before any scoring."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+from cli_checks import one_line_error
+from defend_fixtures import TINY_CONFIG
+from test_score import fit_and_save, read_csv, write_images
+
+from benchmark.cli import main
+from datasets_builders.atomic import atomic_write_bytes, atomic_write_text, atomic_write_texts
+from datasets_builders.errors import WriteFailure
+from methods.defend import MKDDetector
+from methods.knn import KNNDetector
+from methods.registry import get
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny knn and a tiny mkd (which draws heat maps) fitted on random PNGs, saved; and images."""
+    base = tmp_path_factory.mktemp("score-outputs")
+    train = write_images(base / "train", 4, seed=0)
+    return {"knn": fit_and_save(KNNDetector(**TINY_CONFIG), train, base / "knn"),
+            "mkd": fit_and_save(get("mkd", **TINY_CONFIG, epochs=1), train, base / "mkd"),
+            "images": base / "train"}
+
+
+@pytest.fixture
+def no_scoring(monkeypatch):
+    """Fail the test if a detector scores anything."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored before refusing the output")
+
+    for cls in (KNNDetector, MKDDetector):
+        monkeypatch.setattr(cls, "score", refuse)
+
+
+def score(models: dict[str, Path], method: str, *extra: str) -> int:
+    """`ndbench score` of the fixture's images with its `method` model on the CPU."""
+    return main(["score", "--model", str(models[method]), str(models["images"]), "--device", "cpu", *extra])
+
+
+def test_a_symlinked_output_is_written_through_and_stays_a_link(models, tmp_path):
+    real = tmp_path / "real.txt"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real.name)
+    assert score(models, "knn", "--output", str(link)) == 0
+    assert link.is_symlink() and os.readlink(link) == real.name
+    assert len(read_csv(real.read_text())) == 4
+
+
+# No device node here: run as root, a regression would replace it.
+@pytest.mark.parametrize(("kind", "said"), [("fifo", "is a FIFO"), ("socket", "is a socket"),
+                                            ("link to a fifo", "is a FIFO")])
+def test_an_output_that_is_not_a_regular_file_is_refused_before_scoring(models, tmp_path, capsys, monkeypatch,
+                                                                        no_scoring, kind, said):
+    target = tmp_path / "scores.csv"
+    if kind == "socket":
+        monkeypatch.chdir(tmp_path)  # a relative name: socket paths are limited to ~100 bytes
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(target.name)  # the socket file stays after the close
+    else:
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        if kind == "fifo":
+            target = fifo
+        else:
+            target.symlink_to(fifo)
+    before = os.lstat(target)
+    code = score(models, "knn", "--output", str(target))
+    one_line_error(code, capsys.readouterr().err, f"cannot write {target}: it {said}, not a regular file")
+    after = os.lstat(target)
+    assert (stat.S_IFMT(after.st_mode), after.st_ino) == (stat.S_IFMT(before.st_mode), before.st_ino)
+
+
+def test_a_map_target_that_is_not_a_regular_file_is_refused_before_scoring(models, tmp_path, capsys, no_scoring):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    os.mkfifo(maps / "img1.png")
+    code = score(models, "mkd", "--maps", str(maps), "--output", str(tmp_path / "scores.csv"))
+    one_line_error(code, capsys.readouterr().err, f"cannot write {maps / 'img1.png'}: it is a FIFO")
+    assert stat.S_ISFIFO(os.lstat(maps / "img1.png").st_mode) and sorted(os.listdir(maps)) == ["img1.png"]
+    assert not (tmp_path / "scores.csv").exists()
+
+
+@pytest.mark.parametrize("output", ["maps/img0.png", "link.png"])
+def test_an_output_that_is_one_of_the_maps_is_refused_before_scoring(models, tmp_path, capsys, no_scoring, output):
+    maps = tmp_path / "maps"
+    (tmp_path / "link.png").symlink_to(maps / "img2.png")  # dangling until the map is written
+    code = score(models, "mkd", "--maps", str(maps), "--output", str(tmp_path / output))
+    shown = models["images"] / ("img0.png" if output.startswith("maps") else "img2.png")
+    one_line_error(code, capsys.readouterr().err, f"is also the heat map of {shown}")
+    assert not maps.exists()
+
+
+def test_atomic_writers_refuse_what_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for write in (lambda: atomic_write_bytes(fifo, b"x"), lambda: atomic_write_text(fifo, "x"),
+                  lambda: atomic_write_texts({tmp_path / "first.txt": "a", fifo: "b"})):
+        with pytest.raises(WriteFailure, match="is a FIFO, not a regular file"):
+            write()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]  # nothing staged, nothing half-written
+
+
+def test_atomic_writers_write_through_symlinks(tmp_path):
+    (tmp_path / "real").mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).symlink_to(Path("real") / name)  # dangling: the write creates the file
+    atomic_write_bytes(tmp_path / "a.txt", b"bytes")
+    atomic_write_texts({tmp_path / "b.txt": "b", tmp_path / "c.txt": "c"})
+    atomic_write_text(tmp_path / "c.txt", "c again")
+    assert all((tmp_path / name).is_symlink() for name in ("a.txt", "b.txt", "c.txt"))
+    assert [(tmp_path / "real" / name).read_text() for name in ("a.txt", "b.txt", "c.txt")] == ["bytes", "b", "c again"]
+    assert sorted(os.listdir(tmp_path / "real")) == ["a.txt", "b.txt", "c.txt"]
