@@ -121,7 +121,7 @@ def _plan_job(detector, split_id: str, index: DatasetIndex, positions: dict[str,
     model: CostModel | None = detector.cost_model(device, split_id)
     transform = detector.transform()
     staged = isinstance(transform, StagedTransform)
-    image_key = (ImageKey(index.sha256, transform.decode.signature, len(index.rows), transform.finish.signature)
+    image_key = (ImageKey(index.content_sha256, transform.decode.signature, len(index.rows), transform.finish.signature)
                  if staged else None)
     files = index.storage == "files"
     # Per listed image: whether the job decodes it, with the caches (`needed`) and without.

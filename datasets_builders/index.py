@@ -110,6 +110,13 @@ class DatasetIndex:
             self._sha256 = hashlib.sha256(self.csv_text().encode("utf-8")).hexdigest()
         return self._sha256
 
+    @property
+    def content_sha256(self) -> str:
+        """sha256 of the index and of the source files it was read from (CIFAR's and MNIST's
+        pixels, VOC's and COCO's annotations): what stored images and cached features of its
+        images are keyed by, so that new source files under the same names make new keys."""
+        return hashlib.sha256(f"{self.sha256}\n{self.source_sha256}".encode()).hexdigest()
+
     def meta(self) -> dict:
         """What `index.json` holds."""
         return {

@@ -21,7 +21,9 @@ from array_fixtures import (
 from benchmark.cli import main
 from benchmark.runner import RunOptions, expand_jobs
 from datasets_builders.errors import NdbenchError
+from datasets_builders.image_store import Normalise, ResizeDecode, StagedTransform
 from datasets_builders.index import IndexRow
+from datasets_builders.loading import ManifestDataset
 from datasets_builders.single_object import (
     build_cifar_index,
     build_mnist_index,
@@ -269,6 +271,20 @@ def test_mnist_images_of_another_size_are_refused(tmp_path: Path, shape) -> None
     with pytest.raises(NdbenchError, match=f"holds {shape[0]}x{shape[1]} images, not mnist's 28x28") as info:
         build_mnist_index(tmp_path, variant="mnist")
     assert str(images) in str(info.value)
+
+
+def test_new_pixel_files_under_the_same_names_make_new_cache_keys(tmp_path: Path) -> None:
+    write_mnist(tmp_path / "a", MNIST_TRAIN, MNIST_TEST, seed=0)
+    write_mnist(tmp_path / "b", MNIST_TRAIN, MNIST_TEST, seed=5)  # other pixels, the same labels
+    first = build_mnist_index(tmp_path / "a", variant="mnist")
+    second = build_mnist_index(tmp_path / "b", variant="mnist")
+    assert first.sha256 == second.sha256  # index.csv holds ids and labels only
+    keys = []
+    for index in (first, second):
+        data = ManifestDataset(index, uni_class_split(index, 1), "test",
+                               transform=StagedTransform(ResizeDecode(32), Normalise((0.5,) * 3, (0.2,) * 3)))
+        keys.append(data.image_key)
+    assert keys[0].index_sha256 != keys[1].index_sha256  # so no stored image or feature of one serves the other
 
 
 # --- MNIST / Fashion-MNIST -----------------------------------------------------------------
