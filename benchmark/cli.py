@@ -641,7 +641,8 @@ def report_command(
     report_dir: Annotated[
         str | None,  # a str: typer would read "" as Path("."), the current folder
         typer.Option(help="Write the page (index.html) and its figures (img/) here instead of <out>/report; "
-                     "PNGs in img/ that the new page does not show are removed."),
+                     "figures an earlier report wrote in img/ that the new page does not show are "
+                     "removed, nothing else."),
     ] = None,
 ) -> None:
     """Write one HTML page of everything under --out: the leaderboard, per-class tables beside

@@ -251,8 +251,12 @@ def read_scores(path: Path, warn: Warn) -> tuple[np.ndarray, np.ndarray] | None:
     except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
         warn(f"skipped unreadable scores {path} ({type(exc).__name__})")
         return None
-    if len(set(labels.tolist())) < 2 or not np.isfinite(scores).all():
-        warn(f"skipped scores {path} (needs normal and novel images and finite scores)")
+    found = sorted(set(labels.tolist()))
+    if found != [0, 1]:
+        warn(f"skipped scores {path} (needs labels 0 (normal) and 1 (novel) only, both present; got {found})")
+        return None
+    if not np.isfinite(scores).all():
+        warn(f"skipped scores {path} (needs finite scores)")
         return None
     return labels, scores
 
