@@ -5,7 +5,9 @@ Per file of the dataset's table (`download_table`): skip it when it is already i
 else download it (`transfer.fetch`: a part file, resumed after a broken connection), check
 its published checksum (or its size when only that is published), move it to its final name,
 and extract archives safely (`archives.extract`). Each extracted archive leaves a marker in
-`<root>/.ndbench-download/`, so a re-run makes no request and reads no archive.
+`<root>/.ndbench-download/`, so a re-run makes no request and reads no archive. While an
+archive is moved into place another marker says so: a tree it leaves behind (a process killed
+mid-move) is extracted again by the next run, never taken for one laid out by hand.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rich.console import Console
 from rich.filesize import decimal
 
 from . import download_table
-from .archives import extract
+from .archives import DamagedArchive, extract
 from .atomic import atomic_write_text
 from .download_table import RemoteFile
 from .errors import NdbenchError
@@ -121,10 +123,15 @@ def plan_download(request: DownloadRequest, table: Table | None = None) -> Plan:
 
 
 def _check_mirror(mirror: str | None) -> str | None:
+    """The mirror URL, stripped (None when unset or blank); NdbenchError when it is not one."""
     if mirror is None or not mirror.strip():
         return None
-    parts = urlsplit(mirror.strip())
-    if parts.scheme not in MIRROR_SCHEMES or (parts.scheme != "file" and not parts.netloc):
+    try:
+        parts = urlsplit(mirror.strip())
+        parts.port  # noqa: B018 - parses the port: ValueError when it is not a number
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = None
+    if parts is None or parts.scheme not in MIRROR_SCHEMES or (parts.scheme != "file" and not parts.netloc):
         raise NdbenchError(
             f"mirror {mirror!r} is not an http(s):// or file:// URL",
             "pass --mirror like https://host/path or file:///data/archives (files at <mirror>/<dataset>/<file name>)",
@@ -175,6 +182,11 @@ def _marker(plan: Plan, file: RemoteFile) -> Path:
     return plan.root / STATE_FOLDER / f"{file.name}.done.json"
 
 
+def _unfinished_marker(plan: Plan, file: RemoteFile) -> Path:
+    """Present from the start of an extraction until its done-marker is written."""
+    return plan.root / STATE_FOLDER / f"{file.name}.extracting"
+
+
 def _marker_body(file: RemoteFile, url: str, files: int) -> dict:
     return {"name": file.name, "url": url, "size": file.size, "md5": file.md5, "sha256": file.sha256,
             "extracted_into": file.target or ".", "files": files}  # fmt: skip
@@ -196,23 +208,20 @@ def _ensure(file: RemoteFile, plan: Plan, request: DownloadRequest, console: Con
     url = plan.url(file)
     in_place = all((plan.root / path).exists() for path in file.provides)
     if file.archive:
-        marker = _marker(plan, file)
+        marker, unfinished = _marker(plan, file), _unfinished_marker(plan, file)
         if not request.force and _marker_matches(marker, file) and in_place:
             _say(console, f"{file.name}: already downloaded and extracted, skipped")
             return "present"
-        if not request.force and file.provides and in_place and not marker.exists():
+        if unfinished.exists():
+            _say(console, f"{file.name}: an earlier extraction into {plan.root / file.target} did not finish; "
+                          "extracting it again")
+        elif not request.force and file.provides and in_place and not marker.exists():
             _say(console, f"{file.name}: {', '.join(file.provides)} already there (not checked; --force "
                           "downloads it again), skipped")
             return "found"
         archive = plan.root / STATE_FOLDER / file.name
         _obtain(file, url, archive, console, reuse=not request.force)
-        try:
-            count = extract(archive, plan.root / file.target, skip=file.skip, console=console)
-        except NdbenchError:
-            if file.checksum is None:  # unverified: never reuse an archive that does not extract
-                archive.unlink(missing_ok=True)
-            raise
-        atomic_write_text(marker, json.dumps(_marker_body(file, url, count), indent=1) + "\n")
+        count = _extract(file, plan, archive, url, console)
         _say(console, f"{file.name}: extracted {count} files into {plan.root / file.target}")
         if not request.keep_archives:
             archive.unlink()
@@ -225,6 +234,29 @@ def _ensure(file: RemoteFile, plan: Plan, request: DownloadRequest, console: Con
         _say(console, f"{file.name}: {dest} fails its check, downloading it again")
     _obtain(file, url, dest, console, reuse=False)  # checked above already
     return "downloaded"
+
+
+def _extract(file: RemoteFile, plan: Plan, archive: Path, url: str, console: Console) -> int:
+    """Extract a checked archive into place and mark it done; returns the number of files. The
+    unfinished-marker is written first and removed only after the done-marker, so a tree left
+    by a killed run is never trusted."""
+    marker, unfinished = _marker(plan, file), _unfinished_marker(plan, file)
+    atomic_write_text(unfinished, json.dumps({"name": file.name, "extracting_into": file.target or "."}) + "\n")
+    marker.unlink(missing_ok=True)  # what it vouched for is about to change
+    try:
+        count = extract(archive, plan.root / file.target, skip=file.skip, console=console)
+    except DamagedArchive as exc:
+        if file.checksum is not None:
+            raise
+        archive.unlink(missing_ok=True)  # unverified: never reuse an archive that does not extract
+        raise NdbenchError(
+            f"{exc.problem}; the download was deleted",
+            "run the same command again to download it afresh; if it fails again the host (or mirror) "
+            "serves another file: use another --mirror, or fetch it by hand into the layout of README 'Datasets'",
+        ) from exc
+    atomic_write_text(marker, json.dumps(_marker_body(file, url, count), indent=1) + "\n")
+    unfinished.unlink()
+    return count
 
 
 def _obtain(file: RemoteFile, url: str, dest: Path, console: Console, reuse: bool) -> None:

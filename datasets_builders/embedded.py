@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -232,7 +233,8 @@ def load_pretrain_set(config: EmbeddedConfig | None = None, console=None) -> Pre
         with np.load(path) as data:
             return PretrainSet(data["images"], data["labels"], data["boxes"], data["digit_index"],
                                tuple(str(name) for name in data["class_names"]))
-    except (OSError, ValueError, KeyError) as exc:
+    # A truncated or bit-flipped npz fails in zipfile (no archive, a bad CRC) or at its end (EOFError).
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise NdbenchError(f"cannot read {path}: {exc}", f"delete {path} to regenerate it") from exc
 
 
@@ -469,7 +471,11 @@ def render_pretrain_set(config: EmbeddedConfig, console=None) -> PretrainSet:
     labels = np.empty(n, dtype=np.int64)
     boxes = np.empty((n, 4), dtype=np.int64)
     digit_index = np.full(n, -1, dtype=np.int64)
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
+    console = console or Console(stderr=True)
+    plain = not console.is_terminal or console.is_dumb_terminal
+    if plain:  # rich draws no bar there, only a blank line at the end
+        console.print(f"rendering the pre-training pool ({n} images)", highlight=False)
+    with Progress(console=console, transient=True, disable=plain) as progress:
         task = progress.add_task("rendering the pre-training pool", total=n)
         for i, source in enumerate(sources.tolist()):
             k = int(draws[source][seen[source]])

@@ -9,6 +9,7 @@ cached, keyed by (architecture, embedded data, recipe).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -21,7 +22,7 @@ import numpy as np
 import timm
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -103,6 +104,47 @@ class PretrainResult:
     heldout_accuracy: float
     train_seconds: float
     cached: bool
+
+
+class StageProgress(Progress):
+    """A transient progress bar on a terminal. Elsewhere (stderr into a file or a pipe) rich
+    draws nothing until the end, then a blank line, so this prints plain lines instead: one
+    as a task starts, one each `every` steps (an `epoch` when `per_epoch`) and one at its end."""
+
+    def __init__(self, console: Console | None, every: int = 0, per_epoch: bool = False) -> None:
+        console = console or Console(stderr=True)
+        self.plain = not console.is_terminal or console.is_dumb_terminal
+        super().__init__(console=console, transient=True, disable=self.plain)
+        self.every = every
+        self.per_epoch = per_epoch
+
+    def add_task(self, description: str, start: bool = True, total: float | None = 100.0, completed: int = 0,
+                 visible: bool = True, **fields) -> TaskID:
+        """Add a task (see rich's `Progress.add_task`); off a terminal, say that it started."""
+        task_id = super().add_task(description, start, total, completed, visible, **fields)
+        if self.plain:
+            self._say(f"{description}: 0/{int(total or 0)} steps")
+        return task_id
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        """Advance a task (see rich's `Progress.advance`); off a terminal, say how far it is at
+        each `every` steps and at its end."""
+        super().advance(task_id, advance)
+        if not self.plain:
+            return
+        task = next(task for task in self.tasks if task.id == task_id)
+        done, total = int(task.completed), int(task.total or 0)
+        if done != total and not (self.every and done % self.every == 0):
+            return
+        elapsed = datetime.timedelta(seconds=round(task.elapsed or 0))
+        if self.per_epoch and self.every:
+            self._say(f"{task.description}: epoch {done // self.every} of {math.ceil(total / self.every)} done "
+                      f"({elapsed})")
+        else:
+            self._say(f"{task.description}: {done}/{total} steps ({elapsed})")
+
+    def _say(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def pretrain_key(arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> str:
@@ -213,8 +255,9 @@ def pretrain(
         model.load_state_dict(read_state_dict(first.weights))
         hold, train = holdout_split(len(pool.labels), recipe, torch.Generator().manual_seed(recipe.seed))
         start = time.perf_counter()
-        with Progress(console=console or Console(stderr=True), transient=True) as progress:
-            task = progress.add_task(f"fine-tuning {arch} (cosine classifier)", total=cosine_steps(recipe, len(train)))
+        steps = cosine_steps(recipe, len(train))
+        with StageProgress(console, every=math.ceil(steps / 4)) as progress:
+            task = progress.add_task(f"fine-tuning {arch} (cosine classifier)", total=steps)
             cosine_finetune(model, torch.from_numpy(pool.images), torch.from_numpy(pool.labels).long(),
                             torch.from_numpy(pool.boxes).long(), train, recipe, background_index(classes),
                             device, progress, task)
@@ -282,7 +325,7 @@ def _train_first_stage(model: nn.Module, arch: str, pool, classes: tuple[str, ..
     train_index = torch.from_numpy(train)
     background = background_index(classes)
     start = time.perf_counter()
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
+    with StageProgress(console, every=steps_per_epoch, per_epoch=True) as progress:
         task = progress.add_task(f"pre-training {arch}", total=recipe.epochs * steps_per_epoch)
         for _ in range(recipe.epochs):
             model.train()

@@ -9,9 +9,13 @@ sha256 and the held-out figures measured on it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +24,6 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from datasets_builders.atomic import atomic_write_text
 from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig, generator_fingerprint
 from datasets_builders.errors import NdbenchError
 
@@ -29,6 +32,7 @@ from .pretrain import (
     DEFAULT_CNN,
     RECIPE_VERSION,
     PretrainRecipe,
+    PretrainResult,
     default_recipe,
     default_weights_path,
     pretrain,
@@ -164,44 +168,93 @@ def ship(*, device: torch.device | None = None, console: Console | None = None, 
          data: EmbeddedConfig | None = None, force: bool = False) -> dict:
     """Pre-train every shipped architecture with its default recipe on `data` (default: the
     current default config), measure it, and write the files and the manifest to `folder`.
-    Weights already in the cache for that architecture, data and recipe are reused unless `force`."""
-    from .pretrain_eval import evaluate_backbone, heldout_scene_instance_accuracy, load_classifier, weight_classes
-
+    Weights already in the cache for that architecture, data and recipe are reused unless `force`.
+    The files are staged until every stage has run, then replace the shipped ones as one step:
+    an interrupt or failure in between leaves the earlier files and manifest, still in step."""
     data = data or EmbeddedConfig()
     device = device or torch.device("cpu")
     folder = Path(folder or WEIGHTS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict] = {}
     teacher: Path | None = None
-    for arch in SHIPPED_ARCHS:
-        recipe = default_recipe(arch)
-        result = pretrain(arch, data=data, recipe=recipe, device=device, console=console, force=force,
-                          teacher_weights=teacher if recipe.dense_teacher else None)
-        target = folder / f"{arch}.safetensors"
-        write_half(result.weights, target)
-        teacher = result.weights if arch == DEFAULT_CNN else teacher
-        full_precision, _ = load_classifier(arch, result.weights, device)
-        entries[arch] = {
-            "file": target.name,
-            "sha256": sha256_file(target),
-            "bytes": target.stat().st_size,
-            "recipe": _plain(asdict(recipe)),
-            "train_seconds": round(result.train_seconds, 1),
-            "pool_heldout_accuracy": result.heldout_accuracy,
-            **evaluate_backbone(arch, target, data, device),
-            "fp32_scene_test_instance_accuracy": heldout_scene_instance_accuracy(
-                full_precision, weight_classes(result.weights), data, device),
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".ship-") as staging:
+        staged: dict[Path, Path] = {}
+        for arch in SHIPPED_ARCHS:
+            recipe = default_recipe(arch)
+            result = pretrain(arch, data=data, recipe=recipe, device=device, console=console, force=force,
+                              teacher_weights=teacher if recipe.dense_teacher else None)
+            half = Path(staging) / f"{arch}.safetensors"
+            write_half(result.weights, half)
+            teacher = result.weights if arch == DEFAULT_CNN else teacher
+            entries[arch] = _entry(arch, recipe, result, half, data, device)
+            staged[folder / half.name] = half
+        manifest = {
+            "command": SHIP_COMMAND,
+            "generator_version": GENERATOR_VERSION,
+            # Checked by the test suite, not at load time (it renders a sample: seconds).
+            "generator_fingerprint": generator_fingerprint(data),
+            "recipe_version": RECIPE_VERSION,
+            "data": _plain(asdict(data)),
+            "weights": entries,
+            "made_with": {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")},
         }
-    manifest = {
-        "command": SHIP_COMMAND,
-        "generator_version": GENERATOR_VERSION,
-        # Checked by the test suite, not at load time (it renders a sample: seconds).
-        "generator_fingerprint": generator_fingerprint(data),
-        "recipe_version": RECIPE_VERSION,
-        "data": _plain(asdict(data)),
-        "weights": entries,
-        "made_with": {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                      "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")},
-    }
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        manifest_file = Path(staging) / MANIFEST
+        manifest_file.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        staged[folder / MANIFEST] = manifest_file
+        replace_together(staged, Path(staging))
     return manifest
+
+
+def _entry(arch: str, recipe: PretrainRecipe, result: PretrainResult, half: Path, data: EmbeddedConfig,
+           device: torch.device) -> dict:
+    """The manifest entry of one shipped file: its checksum, recipe and measured figures."""
+    from .pretrain_eval import evaluate_backbone, heldout_scene_instance_accuracy, load_classifier, weight_classes
+
+    full_precision, _ = load_classifier(arch, result.weights, device)
+    return {
+        "file": half.name,
+        "sha256": sha256_file(half),
+        "bytes": half.stat().st_size,
+        "recipe": _plain(asdict(recipe)),
+        "train_seconds": round(result.train_seconds, 1),
+        "pool_heldout_accuracy": result.heldout_accuracy,
+        **evaluate_backbone(arch, half, data, device),
+        "fp32_scene_test_instance_accuracy": heldout_scene_instance_accuracy(
+            full_precision, weight_classes(result.weights), data, device),
+    }
+
+
+def replace_together(staged: dict[Path, Path], scratch: Path) -> None:
+    """Move each staged file (value) onto its target (key) as one step: if one move fails or is
+    interrupted, the targets already replaced get their earlier bytes back (kept as hard links
+    in `scratch`, a folder on the same file system), so all land or none does."""
+    earlier: dict[Path, Path | None] = {}
+    replaced: list[Path] = []
+    try:
+        for target in staged:
+            earlier[target] = _keep(target, scratch)
+        for target, source in staged.items():
+            replaced.append(target)  # before the move: an interrupt right after it still rolls it back
+            os.replace(source, target)
+    except BaseException:
+        for target in reversed(replaced):
+            with contextlib.suppress(OSError):
+                if earlier.get(target) is None:
+                    target.unlink(missing_ok=True)
+                else:
+                    os.replace(earlier[target], target)
+        raise
+
+
+def _keep(path: Path, scratch: Path) -> Path | None:
+    """A hard link (a copy where links are not possible) to the file at `path` in `scratch`;
+    None when there is no file."""
+    if not path.is_file():
+        return None
+    kept = scratch / f"earlier-{path.name}"
+    try:
+        os.link(path, kept)
+    except OSError:
+        shutil.copy2(path, kept)
+    return kept

@@ -211,6 +211,28 @@ def test_pretrain_set(small_root: Path) -> None:
     assert np.mean(inside) > 3 * corner[off_glyph].mean()
 
 
+@pytest.mark.parametrize("damage", ["longer", "shorter", "flipped"])
+def test_a_damaged_pretrain_npz_is_one_line_naming_the_fix(cache: Path, damage: str) -> None:
+    tiny = EmbeddedConfig(n_train_scenes=20, n_test_scenes=20, n_pretrain_images=32)
+    pool = load_pretrain_set(tiny, console=QUIET)
+    path = cache_dir(tiny) / "pretrain.npz"
+    size = path.stat().st_size
+    if damage == "flipped":  # inside the images array: only its CRC-32 tells
+        with path.open("r+b") as handle:
+            handle.seek(size // 2)
+            byte = handle.read(1)
+            handle.seek(size // 2)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        os.truncate(path, size + 1_000_000 if damage == "longer" else size // 2)
+    with pytest.raises(NdbenchError) as info:
+        load_pretrain_set(tiny, console=QUIET)
+    assert f"cannot read {path}" in info.value.problem and info.value.fix == f"delete {path} to regenerate it"
+    path.unlink()
+    again = load_pretrain_set(tiny, console=QUIET)
+    assert np.array_equal(again.images, pool.images)
+
+
 def test_pretrain_sources_and_separate_font_digit_classes() -> None:
     config = EmbeddedConfig(n_train_scenes=10, n_test_scenes=10, n_pretrain_images=60,
                             pretrain_sources=(0.5, 0.5, 0.0), pretrain_font_digits_merged=False)

@@ -195,3 +195,51 @@ def test_one_teacher_pass_gives_its_stride8_targets_and_its_logits():
         assert torch.allclose(logits, cnn(x), atol=1e-5)
     assert feature.shape == (2, 64, stride8.shape[1])
     assert torch.allclose(feature, stride8.flatten(2).transpose(1, 2))  # already at the 8x8 grid
+
+
+def test_off_a_terminal_each_stage_and_epoch_is_one_plain_line(tmp_path, monkeypatch):
+    """Into a file or a pipe rich draws no bar, only a blank line at the end: a log of a
+    30-minute pre-training showed nothing of how far it was."""
+    import io
+
+    from rich.console import Console
+
+    from datasets_builders.embedded import ensure_embedded
+    from methods.pretrain import pretrain
+
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    data = EmbeddedConfig(n_train_scenes=20, n_test_scenes=20, n_pretrain_images=64)
+    ensure_embedded(data, console=Console(file=io.StringIO()))
+    log = io.StringIO()
+    recipe = PretrainRecipe(epochs=2, teacher_epochs=2, batch_size=32, cosine_epochs=0.5)
+    teacher = pretrain(CNN, out=tmp_path / "cnn.safetensors", data=data, recipe=cnn_recipe(recipe),
+                       console=Console(file=log))
+    pretrain(VIT, out=tmp_path / "vit.safetensors", data=data, recipe=recipe, teacher_weights=teacher.weights,
+             console=Console(file=log))
+    lines = [line.split(" (0:")[0] for line in log.getvalue().splitlines()]  # without the time taken
+    assert lines == [
+        "rendering the pre-training pool (64 images)",  # the ViT's pool is read back from the cache
+        f"pre-training {CNN}: 0/4 steps",
+        f"pre-training {CNN}: epoch 1 of 2 done",
+        f"pre-training {CNN}: epoch 2 of 2 done",
+        f"pre-training {VIT}: 0/4 steps",
+        f"pre-training {VIT}: epoch 1 of 2 done",
+        f"pre-training {VIT}: epoch 2 of 2 done",
+        f"fine-tuning {VIT} (cosine classifier): 0/1 steps",
+        f"fine-tuning {VIT} (cosine classifier): 1/1 steps",
+    ]
+
+
+def test_on_a_terminal_the_stage_progress_is_a_bar_and_no_plain_line():
+    import io
+
+    from rich.console import Console
+
+    from methods.pretrain import StageProgress
+
+    screen = io.StringIO()
+    with StageProgress(Console(file=screen, force_terminal=True, width=80), every=2, per_epoch=True) as progress:
+        task = progress.add_task("pre-training x", total=4)
+        for _ in range(4):
+            progress.advance(task)
+    assert "epoch" not in screen.getvalue() and "0/4 steps" not in screen.getvalue()

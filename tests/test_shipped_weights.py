@@ -207,3 +207,90 @@ def test_a_dry_run_names_the_shipped_weights_it_will_use():
     shipped = shipped_file(VIT, EmbeddedConfig(), default_recipe(VIT))
     assert shipped is not None
     assert planned_weights_identity(VIT, "embedded") == weights_identity(VIT, shipped)
+
+
+def _stub_stages(monkeypatch, trained: Path, interrupt_at: str | None = None, base: float = 0.0) -> list[str]:
+    """`ship` without training or measuring: each "pre-training" writes a tiny weights file
+    (its values `base` + the call's number) into `trained`; the one of `interrupt_at` is
+    interrupted (SIGINT)."""
+    import signal
+
+    from safetensors.torch import save_file
+
+    from benchmark.interrupts import Interrupted
+    from methods import pretrain_eval
+
+    calls: list[str] = []
+
+    def fake_pretrain(arch, *, data, recipe, device, console, force, teacher_weights):
+        if arch == interrupt_at:
+            raise Interrupted(signal.SIGINT)
+        calls.append(arch)
+        path = trained / f"{arch}-{len(calls)}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.full((4,), base + len(calls))}, str(path), metadata={"classes": json.dumps(["a"])})
+        return PretrainResult(path, arch, 0.5, 1.0, False)
+
+    monkeypatch.setattr(shipped_weights, "pretrain", fake_pretrain)
+    monkeypatch.setattr(shipped_weights, "generator_fingerprint", lambda data: "fingerprint")
+    monkeypatch.setattr(pretrain_eval, "load_classifier", lambda arch, path, device: (None, ("a",)))
+    monkeypatch.setattr(pretrain_eval, "evaluate_backbone", lambda arch, path, data, device: {"classes": ["a"]})
+    monkeypatch.setattr(pretrain_eval, "heldout_scene_instance_accuracy", lambda *args, **kwargs: 0.9)
+    return calls
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_ship_writes_the_files_and_their_manifest_in_step(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    calls = _stub_stages(monkeypatch, tmp_path / "trained")
+    manifest = shipped_weights.ship(folder=folder, data=EmbeddedConfig())
+    assert calls == list(SHIPPED_ARCHS)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, *(f"{a}.safetensors" for a in SHIPPED_ARCHS)])
+    assert read_manifest(folder) == manifest
+    for arch in SHIPPED_ARCHS:
+        assert shipped_file(arch, EmbeddedConfig(), default_recipe(arch), folder) == folder / f"{arch}.safetensors"
+
+
+def test_ship_interrupted_after_the_cnn_keeps_the_earlier_files_and_manifest(tmp_path, monkeypatch):
+    """The CNN's new file used to land at once, the manifest only after the ViT's ~22 minutes:
+    an interrupt in between left every embedded run refusing the shipped weights."""
+    folder = tmp_path / "weights"
+    _stub_stages(monkeypatch, tmp_path / "trained")
+    shipped_weights.ship(folder=folder, data=EmbeddedConfig())
+    before = _contents(folder)
+    _stub_stages(monkeypatch, tmp_path / "retrained", interrupt_at=VIT, base=10.0)  # the CNN's bytes differ
+    from benchmark.interrupts import Interrupted
+
+    with pytest.raises(Interrupted):
+        shipped_weights.ship(folder=folder, data=EmbeddedConfig())
+    assert _contents(folder) == before  # nothing staged is left either
+    for arch in SHIPPED_ARCHS:
+        assert shipped_file(arch, EmbeddedConfig(), default_recipe(arch), folder) is not None
+
+
+def test_a_failed_replace_puts_back_the_files_already_replaced(tmp_path, monkeypatch):
+    import os
+
+    folder, scratch = tmp_path / "weights", tmp_path / "scratch"
+    folder.mkdir()
+    scratch.mkdir()
+    (folder / "a.safetensors").write_bytes(b"old a")
+    staged = {}
+    for name in ("a.safetensors", "b.safetensors", MANIFEST):
+        staged[folder / name] = scratch / f"new-{name}"
+        staged[folder / name].write_bytes(b"new " + name.encode())
+    real = os.replace
+
+    def replace(source, target):
+        if Path(target).name == MANIFEST:
+            raise OSError(28, "No space left on device")
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        shipped_weights.replace_together(staged, scratch)
+    monkeypatch.setattr(os, "replace", real)
+    assert _contents(folder) == {"a.safetensors": b"old a"}
