@@ -513,9 +513,9 @@ def pretrain_command(
     from methods.base import resolve_device
     from methods.pretrain import pretrain
 
-    if out is not None and out.suffix != ".safetensors":
-        raise NdbenchError(f"--out {out} does not end in .safetensors", "name the weights file *.safetensors")
-    if out is not None and not ship:
+    if out is not None and not ship:  # --ship ignores --out
+        if out.suffix != ".safetensors":
+            raise NdbenchError(f"--out {out} does not end in .safetensors", "name the weights file *.safetensors")
         check_output_file(out, "--out")
     if ship:
         from methods.shipped_weights import WEIGHTS_DIR

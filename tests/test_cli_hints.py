@@ -197,3 +197,12 @@ def test_cache_commands_refuse_a_store_that_cannot_be_used(tmp_path, monkeypatch
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, lines
     assert f"{tmp_path / file_at} is a file, not a folder" in lines[0]
+
+
+def test_pretrain_ship_ignores_out(monkeypatch, tmp_path):
+    from methods import shipped_weights
+
+    entry = {"scene_test_instance_accuracy": 0.9, "pool_heldout_accuracy": 0.8, "file": "x.safetensors"}
+    monkeypatch.setattr(shipped_weights, "ship", lambda **kwargs: {"weights": {"a": entry}})
+    assert main(["pretrain", "--ship", "--out", str(tmp_path / "x.pt")]) == 0
+    assert main(["pretrain", "--out", str(tmp_path / "x.pt")]) == 2
