@@ -37,6 +37,7 @@ from methods.runtime import CacheSettings, default_workers
 
 from .bench import BenchRow
 from .executors import run_local
+from .interrupts import Interrupted
 from .records import load_records
 from .runner import Job, RunOptions, build_detector, expand_jobs, prepare
 
@@ -107,7 +108,10 @@ def run_level(method: str, work: Path, device: str, report: Callable[[str], None
             distinct = _distinct_images(jobs, options)
         report(f"{method}, {len(jobs)} uni-class jobs, caches {mode}")
         start = time.perf_counter()
-        results = run_local(jobs, options)
+        try:
+            results = run_local(jobs, options)
+        except Interrupted as exc:
+            raise exc.discard() from None
         seconds[mode] = time.perf_counter() - start
         failed = [r.error for r in results if r.status != "done"]
         if failed:

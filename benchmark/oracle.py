@@ -13,6 +13,8 @@ head applied to each patch token) on each test scene:
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,9 @@ from methods.weight_sources import EMBEDDED_WEIGHTS, HUB, NO_WEIGHTS
 
 DATASET = "embedded"
 RULES = ("boxes", "patch-mean")
+# The split names `build-splits embedded` writes per setting: the oracle's tables have a column
+# per class, the normal one (uni-class) or the novel one (all-vs-one).
+SPLIT_NAMES = {"uni-class": re.compile(r"\d+"), "multi-class": re.compile(r"except-\d+")}
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,38 @@ def check_oracle_inputs(arch: str, weights: str | Path) -> None:
         raise NdbenchError(f"--weights {weights}: not a readable safetensors file ({exc})", hint) from exc
 
 
+def split_names(folder: Path, setting: str) -> list[str]:
+    """The names of `setting`'s split manifests in `folder` that the oracle reads (`SPLIT_NAMES`);
+    any other JSON file there (a copy, a `--normal` set) is skipped with one warning line."""
+    names = []
+    for path in sorted((folder / setting).glob("*.json")):
+        if SPLIT_NAMES[setting].fullmatch(path.stem):
+            names.append(path.stem)
+        else:
+            print(f"ndbench: warning: {path} is not a split the oracle reads (uni-class/<class id>, "
+                  "multi-class/except-<class id>); skipped", file=sys.stderr)
+    return names
+
+
+def scenes_root(index: DatasetIndex, folder: Path, splits_root: Path) -> Path:
+    """The folder of the embedded scenes `index` (read from `folder`) was built from; one
+    NdbenchError naming it, and the command that makes it again, when it is gone."""
+    root = Path(index.root)
+    if not (root / "annotations" / "instances_val.json").is_file():
+        relative = "" if root.is_absolute() else " (a relative path, read from the current folder)"
+        state = "incomplete" if root.exists() else "missing"
+        raise NdbenchError(f"the embedded scenes folder {root}{relative} named in {folder / 'index.json'} is {state}",
+                           _regenerate_fix(root, splits_root))
+    return root
+
+
+def _regenerate_fix(root: Path, splits_root: Path) -> str:
+    """The hint that generates the embedded scenes and their index again (build-splits keeps a
+    scenes folder that is there, so a damaged one is deleted first)."""
+    command = f"`ndbench build-splits {DATASET} --out {splits_root}`"
+    return f"delete {root}, then run {command}" if root.exists() else f"generate them again with {command}"
+
+
 def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: str = DEFAULT_ARCH,
                   device: torch.device | None = None, settings: tuple[str, ...] = SETTINGS) -> list[dict]:
     """Oracle AUROCs of every embedded split under `splits_root` (as `ndbench build-splits
@@ -113,12 +150,17 @@ def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: 
     device = device or torch.device("cpu")
     folder = Path(splits_root) / DATASET
     index = DatasetIndex.read(folder)
-    names = {s: sorted(p.stem for p in (folder / s).glob("*.json")) for s in settings}
+    names = {s: split_names(folder, s) for s in settings}
     if not any(names.values()):
         raise NdbenchError(f"no embedded split manifests under {folder}",
                            f"run `ndbench build-splits embedded --out {splits_root}`")
+    root = scenes_root(index, folder, splits_root)
     model, classes = load_classifier(arch, Path(resolve_weights(arch, weights)), device)
-    scenes = scene_digit_probabilities(model, classes, index.root, device)
+    try:
+        scenes = scene_digit_probabilities(model, classes, root, device)
+    except OSError as exc:  # the check above covers the annotations, not each scene image
+        raise NdbenchError(f"cannot read the embedded scenes under {root}: {exc}",
+                           _regenerate_fix(root, splits_root)) from exc
     rows = []
     for setting, splits in names.items():
         for name in splits:

@@ -94,11 +94,34 @@ class Schema:
 
     @classmethod
     def from_json(cls, text: str) -> Schema:
+        """The schema `to_json` wrote; ValueError for any other text (a damaged file)."""
         body = json.loads(text)
-        if body.get("version") != FORMAT_VERSION:
-            raise ValueError(f"schema version {body.get('version')}")
-        fields = tuple(Field(name, dtype, tuple(shape)) for name, dtype, shape in body["fields"])
-        return cls(fields, int(body["rows_per_shard"]))
+        if not isinstance(body, dict) or body.get("version") != FORMAT_VERSION:
+            raise ValueError(f"not a version {FORMAT_VERSION} schema")
+        fields, rows = body.get("fields"), body.get("rows_per_shard")
+        if not isinstance(fields, list) or not _is_count(rows) or rows < 1:
+            raise ValueError("no list of fields or no positive rows_per_shard")
+        schema = cls(tuple(_field_from_json(item) for item in fields), rows)
+        try:
+            dtype = schema.record_dtype
+        except (TypeError, ValueError) as exc:  # an unknown dtype, a repeated name, a huge shape
+            raise ValueError(f"fields {fields}: {exc}") from exc
+        if dtype.hasobject:  # object pointers read from a file would crash the process
+            raise ValueError(f"fields {fields} hold Python objects")
+        return schema
+
+
+def _is_count(value: object) -> bool:
+    """Whether `value` is a JSON integer >= 0 (not a boolean)."""
+    return type(value) is int and value >= 0
+
+
+def _field_from_json(item: object) -> Field:
+    """The `Field` of one `[name, dtype, shape]` list; ValueError for anything else."""
+    if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str)
+            and isinstance(item[2], list) and all(_is_count(d) for d in item[2])):
+        raise ValueError(f"field {item!r} is not [name, dtype, shape]")
+    return Field(item[0], item[1], tuple(item[2]))
 
 
 def content_key(*parts: object) -> str:
@@ -140,6 +163,8 @@ class Shard:
 
     def valid_file(self) -> bool:
         """The file exists with this shard's header and size."""
+        if not self.path.is_file():  # a folder, or a FIFO that opening would block on
+            return False
         try:
             with self.path.open("rb") as handle:
                 head = handle.read(HEADER_BYTES)
@@ -229,13 +254,33 @@ class Entry:
 
     # --- schema ----------------------------------------------------------------------------
     def schema(self) -> Schema | None:
-        """The entry's schema, or None while nothing was ever stored."""
+        """The entry's schema, or None while nothing was ever stored (or a damaged entry was
+        just emptied, see `_load_schema`)."""
         if self._schema is None:
-            try:
-                self._schema = Schema.from_json((self.folder / "schema.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
+            self._schema = self._load_schema(locked=False)
         return self._schema
+
+    def _load_schema(self, locked: bool) -> Schema | None:
+        """The schema in `schema.json`, None when there is none. A damaged one (not a file, not
+        a schema) empties the entry with one warning, so its rows are recomputed; `locked`:
+        the caller holds the entry's lock."""
+        path = self.folder / "schema.json"
+        try:
+            return _read_schema(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            if not locked:  # look again under the lock: another process may be repairing it
+                with self._entry_lock():
+                    return self._load_schema(locked=True)
+            LOG.warning("ndbench: cache entry %s has a damaged schema.json (%s); recomputing it", self.folder, exc)
+            try:
+                for old in [path, *self.folder.glob("shard-*.bin")]:
+                    _remove(old)
+            except OSError:
+                pass  # what cannot be removed is refused again by its checks
+            self._shards.clear()
+            return None
 
     def ensure_schema(self, fields: tuple[Field, ...]) -> Schema:
         """The entry's schema for `fields`: created when absent; when it holds other fields
@@ -244,13 +289,12 @@ class Entry:
         if self.schema() == wanted:
             return wanted
         with self._entry_lock():
-            self._schema = None
-            found = self.schema()
+            found = self._load_schema(locked=True)
             if found != wanted:
                 if found is not None:
                     LOG.warning("ndbench: cache entry %s holds other fields; recomputing it", self.folder)
                 for old in self.folder.glob("shard-*.bin"):
-                    old.unlink(missing_ok=True)
+                    _remove(old)
                 meta = {"kind": self.kind, "description": self.description, "rows": self.n_rows}
                 atomic_write_text(self.folder / "meta.json", json.dumps(meta, sort_keys=True) + "\n")
                 atomic_write_text(self.folder / "schema.json", wanted.to_json())
@@ -284,7 +328,10 @@ class Entry:
                 if not shard.valid_file():
                     if path.exists():
                         LOG.warning("ndbench: cache shard %s failed its size or header check; recomputing it", path)
-                        path.unlink()
+                        try:
+                            _remove(path)
+                        except OSError:  # it stays refused by its check: recompute without storing
+                            return None
                     if not create or not self.store.reserve(shard.layout.size, self.folder):
                         return None
                     try:
@@ -361,6 +408,22 @@ class _FileLock:
     def __exit__(self, *exc) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def _read_schema(path: Path) -> Schema:
+    """The schema in the file at `path`; FileNotFoundError when there is none, ValueError or
+    another OSError when what is there is not a schema file."""
+    if path.exists() and not path.is_file():
+        raise ValueError("not a file")
+    return Schema.from_json(path.read_text(encoding="utf-8"))
+
+
+def _remove(path: Path) -> None:
+    """Delete `path` whatever it is (a damaged entry's file may have been replaced by a folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _create_file(path: Path, header: bytes, size: int) -> None:

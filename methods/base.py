@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -282,17 +283,24 @@ class BaseDetector(ABC):
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; a CUDA request without CUDA raises one line."""
+    """`auto` -> CUDA when available, else CPU; `cpu`, `cuda` and `cuda:<n>` as named. Any
+    other name (torch's `mps`, `meta`, ... which ndbench does not run on), CUDA without CUDA
+    and a CUDA device number this machine lacks raise one line."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NdbenchError("--device cuda was asked for but CUDA is not available", "use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise NdbenchError(f"unknown device {device!r}", "use auto, cpu or cuda") from exc
+    if device == "cpu":
+        return torch.device("cpu")
+    number = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if number is None:
+        raise NdbenchError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise NdbenchError(f"--device {device} was asked for but CUDA is not available", "use --device cpu or auto")
+    if number[1] is not None and int(number[1]) >= torch.cuda.device_count():
+        raise NdbenchError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                           f"use --device cuda, or cuda:N with N below {torch.cuda.device_count()}")
+    return torch.device(device)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

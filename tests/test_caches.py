@@ -5,9 +5,11 @@ caches cold, warm and off (scores, counts, and `--dry-run` predicting the counts
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +24,14 @@ from small_splits import fresh_out
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+import benchmark.bench
+import benchmark.bench_data
 from benchmark.cli import main
 from benchmark.executors import RayResources, run_local, task_threads
+from benchmark.interrupts import Interrupted
 from benchmark.plan import plan_run
 from benchmark.records import load_records
-from benchmark.runner import RunOptions, expand_jobs, prepare
+from benchmark.runner import RunOptions, expand_jobs, interrupted_after, prepare
 from datasets_builders.array_store import ArrayStore, Field
 from datasets_builders.counts import Counts
 from datasets_builders.errors import NdbenchError
@@ -403,3 +408,21 @@ def test_clear_reports_only_the_bytes_it_removed(tmp_path, monkeypatch):
     monkeypatch.setattr("datasets_builders.array_store.shutil.rmtree", undeletable_images)
     assert store.clear() == disk["features"]
     assert [u.kind for u in store.usage()] == ["images"]
+
+
+def test_an_interrupted_bench_promises_no_resume(splits_root, tmp_path, monkeypatch, capsys):
+    """The bench's runs live in a temporary folder that is deleted: its interrupt line says so."""
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+
+    def run_then_interrupt(jobs, options):  # a Ctrl-C as the jobs of the first mode finish
+        raise interrupted_after(Interrupted(signal.SIGINT), run_local(jobs, options), len(jobs))
+
+    monkeypatch.setattr(benchmark.bench, "run_bench", lambda *args, **kwargs: [])
+    monkeypatch.setattr(benchmark.bench_data, "run_local", run_then_interrupt)
+    monkeypatch.setattr(benchmark.bench_data, "knn_run_level",
+                        functools.partial(benchmark.bench_data.knn_run_level, classes=[0], overrides=TINY_KNN,
+                                          splits_root=splits_root))
+    assert main(["bench", "--device", "cpu", "--no-loader", "--steps", "1", "--batch-size", "1", "--img-size", "32",
+                 "--workers", "0"]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == "ndbench: interrupted by SIGINT; nothing is kept (the jobs ran in a temporary folder)"
