@@ -224,7 +224,11 @@ def download_command(
     if list_files:
         stdout_console().print(_download_listing(plan_download(request)), soft_wrap=True, markup=False)
         return
-    result = download_dataset(request, console=stderr_console())
+    try:
+        result = download_dataset(request, console=stderr_console())
+    except Interrupted as exc:
+        raise exc.keeping("an unfinished download stays as <file>.part under .ndbench-download/ in the root, and "
+                          "the same command resumes it; nothing else half-written was kept") from None
     plan = result.plan
     if plan.files != tuple(f for f in plan.files if f.annotations):
         stdout_console().print(f"{plan.dataset} is ready under {plan.root}; next: {build_splits_hint(plan)}",

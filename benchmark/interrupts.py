@@ -24,7 +24,7 @@ class Interrupted(BaseException):
         self.signum = signum
         self.finished: int | None = None  # jobs whose record exists, set by the executor
         self.total: int | None = None
-        self.discarded = False  # the jobs' records were in a throw-away folder (`ndbench bench`)
+        self.note: str | None = None  # what was kept, where the command knows better than "nothing"
 
     @property
     def signal_name(self) -> str:
@@ -38,13 +38,17 @@ class Interrupted(BaseException):
     def discard(self) -> Interrupted:
         """This interrupt, its message promising nothing: the jobs ran in a throw-away folder
         that is deleted, so no record is kept and no run resumes."""
-        self.discarded = True
+        return self.keeping("nothing is kept (the jobs ran in a temporary folder)")
+
+    def keeping(self, note: str) -> Interrupted:
+        """This interrupt, its message saying `note` about what was kept."""
+        self.note = note
         return self
 
     def message(self) -> str:
         """The one line the CLI prints."""
-        if self.discarded:
-            return f"interrupted by {self.signal_name}; nothing is kept (the jobs ran in a temporary folder)"
+        if self.note is not None:
+            return f"interrupted by {self.signal_name}; {self.note}"
         if self.total is None:
             return f"interrupted by {self.signal_name}; nothing half-written was kept"
         return (f"interrupted by {self.signal_name}: {self.finished} of {self.total} jobs finished and their "

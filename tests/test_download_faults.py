@@ -72,6 +72,7 @@ def test_an_interrupted_move_into_place_leaves_the_earlier_tree(masks_only, serv
     interrupt_moves(monkeypatch)
     code, _, err = run(["download", "voc", "--root", str(root)], capsys)
     assert code == 130, err
+    assert "an unfinished download stays as <file>.part" in err and "the same command resumes it" in err
     assert masks_in(root) == set()  # nothing of the new tree is left under its final name
     assert not any(".extracting" in name for name in files_under(root / "VOCdevkit"))
     monkeypatch.setattr(os, "replace", REAL_REPLACE)
