@@ -61,7 +61,8 @@ def build_index(
         from .embedded import EmbeddedConfig, ensure_embedded
 
         config = embedded_config or EmbeddedConfig()
-        scene_root = ensure_embedded(config, console=console) if root is None else Path(root)
+        # Absolute, so index.json still finds the scenes from another working directory.
+        scene_root = (ensure_embedded(config, console=console) if root is None else Path(root)).resolve()
         if scene_root.exists() and not scene_root.is_dir():
             raise NdbenchError(f"embedded root {scene_root} is a file, not a folder", ROOT_FIX.format(d=dataset))
         from .coco import build_coco_index

@@ -185,6 +185,13 @@ def test_sources_dispatch_builds_embedded(small_root: Path) -> None:
     assert len(index.rows) == 500
 
 
+def test_a_relative_cache_gives_an_index_root_that_works_from_anywhere(small_root: Path, monkeypatch) -> None:
+    monkeypatch.chdir(small_root.parent.parent)
+    monkeypatch.setenv("NDBENCH_CACHE", str(small_root.parent.relative_to(small_root.parent.parent)))
+    index = build_index("embedded", embedded_config=SMALL)
+    assert index.root.is_absolute() and index.root == small_root
+
+
 def test_pretrain_set(small_root: Path) -> None:
     pool = load_pretrain_set(SMALL, console=QUIET)
     assert pool.images.shape == (200, 64, 64, 3) and pool.images.dtype == np.uint8
