@@ -31,6 +31,7 @@ SAMPLES = {
     "index.dataset": "voc",
     "method": "knn",
     "arch": "vit_tiny_patch16_224",
+    "DATASET": "embedded",
 }
 FIELD = re.compile(r"\{([^{}]+)\}")
 
