@@ -32,6 +32,7 @@ SAMPLES = {
     "method": "knn",
     "arch": "vit_tiny_patch16_224",
     "DATASET": "embedded",
+    "options": " --setting multi-class --normal 1,2",
 }
 FIELD = re.compile(r"\{([^{}]+)\}")
 
