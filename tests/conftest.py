@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from http_fixtures import FileServer
 from small_splits import SMALL, fresh_out
 
 from benchmark.build import BuildRequest, build_splits
@@ -47,3 +48,18 @@ def faulty(monkeypatch):
     monkeypatch.setitem(REGISTRY.classes, NAME, FaultyDetector)
     monkeypatch.setattr(FaultyDetector, "name", NAME)
     return FaultyDetector
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Path:
+    """The folder the test's file server serves."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def server(serve: Path):
+    """A local HTTP server over `serve` (see http_fixtures.FileServer)."""
+    with FileServer(serve) as running:
+        yield running

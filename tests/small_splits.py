@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from datasets_builders.embedded import EmbeddedConfig
@@ -16,3 +17,18 @@ def fresh_out(splits: Path | tuple, tmp_path: Path) -> Path:
     mine.mkdir(parents=True)
     (mine / "splits").symlink_to(splits, target_is_directory=True)
     return mine
+
+
+def save_random_vit(path: Path, classes: tuple[str, ...], arch: str = "ndbench_vit_embedded") -> Path:
+    """Random `arch` weights (seed 0) with a head over `classes`, recorded in the file's
+    metadata as the pre-training records it; returns `path`."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    import methods.embedded_archs  # noqa: F401 - registers the embedded ViT with timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=len(classes))
+    save_file(model.state_dict(), str(path), metadata={"classes": json.dumps(classes)})
+    return path

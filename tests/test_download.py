@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from download_fixtures import evil_tar, publish
-from http_fixtures import FileServer, closed_port_url
+from http_fixtures import closed_port_url
 from voc_fixtures import TRAIN_2012
 
 from benchmark.cli import main
@@ -23,19 +23,6 @@ from datasets_builders.download import STATE_FOLDER
 from datasets_builders.index import DatasetIndex
 from datasets_builders.single_object import build_mnist_index
 from datasets_builders.voc import build_voc_index
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Path:
-    folder = tmp_path / "served"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def server(serve: Path):
-    with FileServer(serve) as running:
-        yield running
 
 
 def use_table(monkeypatch, entries: dict) -> None:

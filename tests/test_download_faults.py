@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from download_fixtures import publish
-from http_fixtures import FileServer
 from test_download import files_under, one_line_error, run, use_table
 
 from benchmark.interrupts import Interrupted
@@ -20,19 +19,6 @@ from datasets_builders.download import STATE_FOLDER
 
 MASKS = "SegmentationClassAug.zip"
 REAL_REPLACE = os.replace
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Path:
-    folder = tmp_path / "served"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def server(serve: Path):
-    with FileServer(serve) as running:
-        yield running
 
 
 @pytest.fixture

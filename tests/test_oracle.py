@@ -3,7 +3,6 @@ held-out instance accuracy, the patch-token probes and the oracle's scores and A
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from small_splits import SMALL
+from small_splits import SMALL, save_random_vit
 
 from benchmark.oracle import SceneProbabilities, oracle_aurocs, oracle_scores
 from datasets_builders.embedded import digit_pools, ensure_embedded
@@ -82,12 +81,8 @@ def test_patch_mean_oracle_averages_every_patchs_non_normal_mass():
 
 @pytest.fixture(scope="module")
 def random_vit(tmp_path_factory) -> Path:
-    """Random ndbench ViT weights with a 22-output head recorded in the file's metadata."""
-    torch.manual_seed(0)
-    model = timm.create_model(VIT, pretrained=False, num_classes=len(CLASSES))
-    path = tmp_path_factory.mktemp("vit") / "vit.safetensors"
-    save_file(model.state_dict(), str(path), metadata={"classes": json.dumps(CLASSES)})
-    return path
+    """Random ndbench ViT weights with a head over CLASSES recorded in the file's metadata."""
+    return save_random_vit(tmp_path_factory.mktemp("vit") / "vit.safetensors", CLASSES)
 
 
 def test_classifier_classes_come_from_the_file(random_vit, tmp_path):

@@ -9,9 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import timm
-import torch
-from safetensors.torch import save_file
+from small_splits import save_random_vit
 
 import methods.embedded_archs  # noqa: F401 - registers the embedded ViT with timm
 from benchmark.cli import main
@@ -22,12 +20,8 @@ CLASSES = (*(f"digit-{d}" for d in range(10)), "background")
 
 @pytest.fixture(scope="module")
 def random_vit(tmp_path_factory) -> Path:
-    """Random ndbench ViT weights with a classifier head recorded in the file's metadata."""
-    torch.manual_seed(0)
-    model = timm.create_model(VIT, pretrained=False, num_classes=len(CLASSES))
-    path = tmp_path_factory.mktemp("vit") / "vit.safetensors"
-    save_file(model.state_dict(), str(path), metadata={"classes": json.dumps(CLASSES)})
-    return path
+    """Random ndbench ViT weights with a head over CLASSES recorded in the file's metadata."""
+    return save_random_vit(tmp_path_factory.mktemp("vit") / "vit.safetensors", CLASSES)
 
 
 def copy_splits(splits_root: Path, tmp_path: Path) -> Path:
