@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from datasets_builders.atomic import atomic_write_texts
+from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.sources import build_index, check_dataset
@@ -133,7 +133,7 @@ def write_build(out: Path, index: DatasetIndex, manifests: list[Manifest],
     files = index.files(Path(out) / index.dataset)
     files.update({manifest.path_in(out): manifest.to_json() for manifest in manifests})
     files.update(extra or {})
-    atomic_write_texts(files)
+    atomic_write_files(files)
 
 
 def summary_table(index: DatasetIndex, manifests: list[Manifest]) -> Table:

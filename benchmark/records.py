@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from datasets_builders.atomic import atomic_write_texts
+from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
 from datasets_builders.splits import SETTINGS
 
@@ -90,7 +90,7 @@ def write_record(path: Path, record: Record, image_ids: list[str], labels, score
     lines += [f"{i},{int(lab)},{float(s)!r}" for i, lab, s in zip(image_ids, labels, scores, strict=True)]
     text = "\n".join(lines) + "\n"
     record_text = replace(record, scores_sha256=_sha256(text.encode("utf-8"))).to_json()
-    atomic_write_texts({scores_path(path): text, path: record_text})
+    atomic_write_files({scores_path(path): text, path: record_text})
 
 
 def _sha256(data: bytes) -> str:

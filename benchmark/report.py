@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from rich.progress import Progress
 
-from datasets_builders.atomic import atomic_write_bytes, atomic_write_texts, write_error
+from datasets_builders.atomic import atomic_write_bytes, atomic_write_files, write_error
 from datasets_builders.errors import WriteFailure
 from methods.base import tracked
 
@@ -226,7 +226,7 @@ class _ImageWriter:
         try:
             for name in self.names:
                 moved.append(self._move_into_place(name))
-            atomic_write_texts({self.folder / MANIFEST: json.dumps(self.names, indent=0) + "\n", index: page})
+            atomic_write_files({self.folder / MANIFEST: json.dumps(self.names, indent=0) + "\n", index: page})
         except BaseException:
             _put_back(moved)
             raise

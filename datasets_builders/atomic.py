@@ -105,8 +105,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_texts(files: dict[Path, str]) -> None:
-    """Write several UTF-8 files as one step, in the given order: each is staged beside its
+def atomic_write_files(files: dict[Path, str | bytes]) -> None:
+    """Write several files (text as UTF-8) as one step, in the given order: each is staged beside its
     target before any target is replaced, and a failure or interrupt while replacing puts
     back what the targets held, so a write either lands whole or leaves every file as it was
     (only a hard kill between two replaces can leave some replaced). Symlinks are written
@@ -123,7 +123,7 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
             staged.append((tmp, path))
             os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8"))
+                handle.write(text.encode("utf-8") if isinstance(text, str) else text)
                 handle.flush()
                 os.fsync(handle.fileno())
         for _tmp, path in staged:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import BUILDER_VERSION
-from .atomic import atomic_write_texts
+from .atomic import atomic_write_files
 from .errors import NdbenchError
 
 SUBSETS = ("train", "test")
@@ -136,7 +136,7 @@ class DatasetIndex:
 
     def write(self, folder: Path) -> None:
         """Write `index.csv` and `index.json` into `folder` atomically."""
-        atomic_write_texts(self.files(folder))
+        atomic_write_files(self.files(folder))
 
     @classmethod
     def read(cls, folder: Path) -> DatasetIndex:

@@ -9,12 +9,9 @@ sha256 and the held-out figures measured on it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -24,6 +21,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
+from datasets_builders.atomic import atomic_write_files
 from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig, generator_fingerprint
 from datasets_builders.errors import NdbenchError
 
@@ -178,7 +176,7 @@ def ship(*, device: torch.device | None = None, console: Console | None = None, 
     entries: dict[str, dict] = {}
     teacher: Path | None = None
     with tempfile.TemporaryDirectory(dir=folder, prefix=".ship-") as staging:
-        staged: dict[Path, Path] = {}
+        files: dict[Path, str | bytes] = {}
         for arch in SHIPPED_ARCHS:
             recipe = default_recipe(arch)
             result = pretrain(arch, data=data, recipe=recipe, device=device, console=console, force=force,
@@ -187,7 +185,7 @@ def ship(*, device: torch.device | None = None, console: Console | None = None, 
             write_half(result.weights, half)
             teacher = result.weights if arch == DEFAULT_CNN else teacher
             entries[arch] = _entry(arch, recipe, result, half, data, device)
-            staged[folder / half.name] = half
+            files[folder / half.name] = half.read_bytes()
         manifest = {
             "command": SHIP_COMMAND,
             "generator_version": GENERATOR_VERSION,
@@ -199,10 +197,8 @@ def ship(*, device: torch.device | None = None, console: Console | None = None, 
             "made_with": {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")},
         }
-        manifest_file = Path(staging) / MANIFEST
-        manifest_file.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        staged[folder / MANIFEST] = manifest_file
-        replace_together(staged, Path(staging))
+        files[folder / MANIFEST] = json.dumps(manifest, indent=1) + "\n"
+        atomic_write_files(files)
     return manifest
 
 
@@ -223,38 +219,3 @@ def _entry(arch: str, recipe: PretrainRecipe, result: PretrainResult, half: Path
         "fp32_scene_test_instance_accuracy": heldout_scene_instance_accuracy(
             full_precision, weight_classes(result.weights), data, device),
     }
-
-
-def replace_together(staged: dict[Path, Path], scratch: Path) -> None:
-    """Move each staged file (value) onto its target (key) as one step: if one move fails or is
-    interrupted, the targets already replaced get their earlier bytes back (kept as hard links
-    in `scratch`, a folder on the same file system), so all land or none does."""
-    earlier: dict[Path, Path | None] = {}
-    replaced: list[Path] = []
-    try:
-        for target in staged:
-            earlier[target] = _keep(target, scratch)
-        for target, source in staged.items():
-            replaced.append(target)  # before the move: an interrupt right after it still rolls it back
-            os.replace(source, target)
-    except BaseException:
-        for target in reversed(replaced):
-            with contextlib.suppress(OSError):
-                if earlier.get(target) is None:
-                    target.unlink(missing_ok=True)
-                else:
-                    os.replace(earlier[target], target)
-        raise
-
-
-def _keep(path: Path, scratch: Path) -> Path | None:
-    """A hard link (a copy where links are not possible) to the file at `path` in `scratch`;
-    None when there is no file."""
-    if not path.is_file():
-        return None
-    kept = scratch / f"earlier-{path.name}"
-    try:
-        os.link(path, kept)
-    except OSError:
-        shutil.copy2(path, kept)
-    return kept

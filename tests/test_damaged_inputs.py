@@ -16,7 +16,7 @@ from coco_fixtures import write_coco_tree
 from coco_format_fixtures import write_coco_format
 
 from benchmark.cli import main
-from datasets_builders.atomic import atomic_write_texts
+from datasets_builders.atomic import atomic_write_files
 from datasets_builders.coco_format import CocoFormatSource, recipe_file
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex, IndexRow
@@ -114,7 +114,7 @@ def test_an_intact_index_reads_back_equal(tmp_path):
 def test_a_damaged_custom_index_names_its_build_command(tmp_path):
     folder = tiny_index(tmp_path / "splits" / "mylab", dataset="mylab")
     source = CocoFormatSource("mylab", tmp_path / "train.json", tmp_path / "test.json")
-    atomic_write_texts(recipe_file(folder, source, min_train_images=0))
+    atomic_write_files(recipe_file(folder, source, min_train_images=0))
     (folder / "index.json").write_text("{bad")
     with pytest.raises(NdbenchError) as info:
         DatasetIndex.read(folder)

@@ -311,7 +311,7 @@ def test_a_failed_write_leaves_no_file_and_says_what_to_do(tmp_path, monkeypatch
 
 def test_a_full_disk_stops_the_run_with_one_line(splits_root, tmp_path, faulty, capsys, monkeypatch):
     out = fresh_out(splits_root, tmp_path)
-    real = records_module.atomic_write_texts
+    real = records_module.atomic_write_files
 
     def disk_full_on_split_1(files):
         path = next(iter(files))
@@ -319,7 +319,7 @@ def test_a_full_disk_stops_the_run_with_one_line(splits_root, tmp_path, faulty, 
             raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         return real(files)
 
-    monkeypatch.setattr(records_module, "atomic_write_texts", disk_full_on_split_1)
+    monkeypatch.setattr(records_module, "atomic_write_files", disk_full_on_split_1)
     assert main(faulty_args(out, "0,1,2")) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "No space left on device" in lines[0] and "free disk space" in lines[0], lines

@@ -15,7 +15,7 @@ from defend_fixtures import TINY_CONFIG
 from test_score import fit_and_save, read_csv, write_images
 
 from benchmark.cli import main
-from datasets_builders.atomic import atomic_write_bytes, atomic_write_text, atomic_write_texts
+from datasets_builders.atomic import atomic_write_bytes, atomic_write_files, atomic_write_text
 from datasets_builders.errors import WriteFailure
 from methods.defend import MKDDetector
 from methods.knn import KNNDetector
@@ -106,7 +106,7 @@ def test_atomic_writers_refuse_what_is_not_a_regular_file(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     for write in (lambda: atomic_write_bytes(fifo, b"x"), lambda: atomic_write_text(fifo, "x"),
-                  lambda: atomic_write_texts({tmp_path / "first.txt": "a", fifo: "b"})):
+                  lambda: atomic_write_files({tmp_path / "first.txt": "a", fifo: "b"})):
         with pytest.raises(WriteFailure, match="is a FIFO, not a regular file"):
             write()
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
@@ -118,7 +118,7 @@ def test_atomic_writers_write_through_symlinks(tmp_path):
     for name in ("a.txt", "b.txt", "c.txt"):
         (tmp_path / name).symlink_to(Path("real") / name)  # dangling: the write creates the file
     atomic_write_bytes(tmp_path / "a.txt", b"bytes")
-    atomic_write_texts({tmp_path / "b.txt": "b", tmp_path / "c.txt": "c"})
+    atomic_write_files({tmp_path / "b.txt": "b", tmp_path / "c.txt": "c"})
     atomic_write_text(tmp_path / "c.txt", "c again")
     assert all((tmp_path / name).is_symlink() for name in ("a.txt", "b.txt", "c.txt"))
     assert [(tmp_path / "real" / name).read_text() for name in ("a.txt", "b.txt", "c.txt")] == ["bytes", "b", "c again"]

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from datasets_builders.atomic import atomic_write_files
 from datasets_builders.embedded import GENERATOR_VERSION, EmbeddedConfig, generator_fingerprint
-from datasets_builders.errors import NdbenchError
+from datasets_builders.errors import NdbenchError, WriteFailure
 from methods import shipped_weights
 from methods.pretrain import RECIPE_VERSION, PretrainResult, default_recipe, default_weights_path, resolve_weights
 from methods.pretrain_eval import heldout_scene_instance_accuracy, load_classifier
@@ -274,14 +275,10 @@ def test_ship_interrupted_after_the_cnn_keeps_the_earlier_files_and_manifest(tmp
 def test_a_failed_replace_puts_back_the_files_already_replaced(tmp_path, monkeypatch):
     import os
 
-    folder, scratch = tmp_path / "weights", tmp_path / "scratch"
+    folder = tmp_path / "weights"
     folder.mkdir()
-    scratch.mkdir()
     (folder / "a.safetensors").write_bytes(b"old a")
-    staged = {}
-    for name in ("a.safetensors", "b.safetensors", MANIFEST):
-        staged[folder / name] = scratch / f"new-{name}"
-        staged[folder / name].write_bytes(b"new " + name.encode())
+    files = {folder / name: b"new " + name.encode() for name in ("a.safetensors", "b.safetensors", MANIFEST)}
     real = os.replace
 
     def replace(source, target):
@@ -290,7 +287,7 @@ def test_a_failed_replace_puts_back_the_files_already_replaced(tmp_path, monkeyp
         real(source, target)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OSError):
-        shipped_weights.replace_together(staged, scratch)
+    with pytest.raises(WriteFailure):
+        atomic_write_files(files)  # what ship() puts its files in place with
     monkeypatch.setattr(os, "replace", real)
     assert _contents(folder) == {"a.safetensors": b"old a"}
