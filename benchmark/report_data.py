@@ -55,7 +55,7 @@ class Block:
 
     dataset: str
     setting: str
-    records: list[Record]  # as the tables keep them (newest config per method)
+    records: list[Record]  # as the tables keep them (one config per method: see tables.select_records)
     table: pd.DataFrame
     methods: list[str]
     titles: dict[object, str]  # table row -> "3 · digit-3"

@@ -9,8 +9,9 @@
 Values are percent. With several seeds a cell is the mean over seeds and the frame carries
 a `<method>_std` column (sample standard deviation, ddof=1) that `to_markdown` renders as
 "mean ± std". Where one method has records of several configs for a (dataset, setting), only
-the newest config (by `created`) counts; the dropped ones are reported as notes (logged, and
-in `DataFrame.attrs["notes"]`).
+the config with the most jobs (split, seed) counts, the newest (by `created`) among equals, so
+a trial `--set` run on a few classes does not replace a complete run; the dropped ones are
+reported as notes (logged, and in `DataFrame.attrs["notes"]`).
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def row_label(split: str, setting: str) -> Row:
 
 
 def select_records(records: Iterable[Record]) -> tuple[list[Record], list[str]]:
-    """Keep, per (dataset, setting, method), only the newest config and, per job (split,
-    seed), only its newest record. Returns the kept records and notes on what was dropped."""
+    """Keep, per (dataset, setting, method), only the config with the most jobs (the newest
+    among equals) and, per job (split, seed), only its newest record. Returns the kept records
+    and notes on what was dropped."""
     groups: dict[tuple[str, str, str], list[Record]] = defaultdict(list)
     for record in records:
         groups[(record.dataset, record.setting, record.method)].append(record)
@@ -91,15 +93,18 @@ def select_records(records: Iterable[Record]) -> tuple[list[Record], list[str]]:
     notes: list[str] = []
     for (dataset, setting, method), group in sorted(groups.items()):
         newest: dict[str, str] = {}
+        jobs: dict[str, set[tuple[str, int]]] = defaultdict(set)
         for record in group:
             newest[record.config_hash] = max(newest.get(record.config_hash, ""), record.created)
+            jobs[record.config_hash].add((record.split, record.seed))
         if len(newest) > 1:
-            keep = max(newest, key=lambda h: (newest[h], h))
+            keep = max(newest, key=lambda h: (len(jobs[h]), newest[h], h))
             dropped = [r for r in group if r.config_hash != keep]
             others = ", ".join(sorted(set(newest) - {keep}))
             notes.append(
-                f"{method} on {dataset} {setting}: kept config {keep} (the newest); ignored "
-                f"{len(dropped)} record(s) of config {others}"
+                f"{method} on {dataset} {setting}: kept config {keep} ({len(jobs[keep])} jobs; the most, the "
+                f"newest among equals); ignored {len(dropped)} record(s) of config {others} (tabulate a trial "
+                "config apart with its own --out)"
             )
             group = [r for r in group if r.config_hash == keep]
         by_job: dict[tuple[str, int], Record] = {}

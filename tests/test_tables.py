@@ -85,11 +85,21 @@ def test_newest_config_kept_and_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="benchmark.tables"):
         df = tables.per_class_table(records(), "voc", U)
     notes = [
-        "kdad on voc uni-class: kept config new (the newest); ignored 1 record(s) of config old",
+        "kdad on voc uni-class: kept config new (2 jobs; the most, the newest among equals); ignored 1 "
+        "record(s) of config old (tabulate a trial config apart with its own --out)",
         "aaa on voc uni-class: AVG covers 1 of 2 rows",
     ]
     assert df.attrs["notes"] == notes
     assert [r.getMessage() for r in caplog.records] == notes
+
+
+def test_a_newer_config_on_fewer_jobs_does_not_replace_a_complete_one():
+    complete = [rec("knn", "voc", U, c, 0, 0.6, "default", "2024-01-01T00:00Z") for c in ("0", "1")]
+    trial = [rec("knn", "voc", U, "0", 0, 0.9, "k5", "2024-03-01T00:00Z")]
+    kept, notes = tables.select_records(complete + trial)
+    assert kept == complete and "kept config default (2 jobs" in notes[0]
+    rerun = [rec("knn", "voc", U, c, 0, 0.9, "k5", "2024-03-01T00:00Z") for c in ("0", "1")]
+    assert tables.select_records(complete + rerun)[0] == rerun  # as many jobs: the newest
 
 
 def test_paper_columns_voc_uni_class():
