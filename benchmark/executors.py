@@ -218,10 +218,14 @@ def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_a
     started early by `parallel.early_workers`)."""
     if executor not in EXECUTORS:
         raise NdbenchError(f"unknown executor {executor!r}", "use local or ray")
-    if executor == "local" and parallel > 1 and len(jobs) > 1:
-        return run_parallel(jobs, options, parallel, console, on_result,
-                            before=lambda: prepare(jobs, options), pool=pool)
-    prepare(jobs, options)
-    if executor == "ray":
-        return run_ray(jobs, options, ray_address, console, on_result, resources)
-    return run_local(jobs, options, console, on_result)
+    try:
+        if executor == "local" and parallel > 1 and len(jobs) > 1:
+            return run_parallel(jobs, options, parallel, console, on_result,
+                                before=lambda: prepare(jobs, options), pool=pool)
+        prepare(jobs, options)
+        if executor == "ray":
+            return run_ray(jobs, options, ray_address, console, on_result, resources)
+        return run_local(jobs, options, console, on_result)
+    except Interrupted as exc:
+        exc.forced = options.force  # the same command would run every job again, not resume
+        raise

@@ -25,6 +25,7 @@ class Interrupted(BaseException):
         self.finished: int | None = None  # jobs whose record exists, set by the executor
         self.total: int | None = None
         self.note: str | None = None  # what was kept, where the command knows better than "nothing"
+        self.forced = False  # the interrupted run had --force: resuming means running it without
 
     @property
     def signal_name(self) -> str:
@@ -51,8 +52,9 @@ class Interrupted(BaseException):
             return f"interrupted by {self.signal_name}; {self.note}"
         if self.total is None:
             return f"interrupted by {self.signal_name}; nothing half-written was kept"
+        resume = "run it again without --force to resume" if self.forced else "run the same command again to resume"
         return (f"interrupted by {self.signal_name}: {self.finished} of {self.total} jobs finished and their "
-                "records are kept; run the same command again to resume")
+                f"records are kept; {resume}")
 
 
 def _raise_interrupted(signum: int, frame) -> None:

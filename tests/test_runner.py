@@ -273,3 +273,23 @@ def test_adam_gets_its_fused_kernel_where_torch_has_one(monkeypatch, version, de
 
     monkeypatch.setattr(torch, "__version__", version)
     assert fused_adam(torch.device(device)) == ({"fused": True} if fused else {})
+
+
+@pytest.mark.parametrize(("force", "advice"), [(False, "run the same command again to resume"),
+                                               (True, "run it again without --force to resume")])
+def test_an_interrupted_run_says_how_to_resume_it(tmp_path, monkeypatch, force, advice):
+    import signal
+
+    import benchmark.executors as executors
+    from benchmark.interrupts import Interrupted
+    from benchmark.runner import interrupted_after
+
+    def interrupted(jobs, options, *args, **kwargs):
+        raise interrupted_after(Interrupted(signal.SIGINT), [], len(jobs))
+
+    monkeypatch.setattr(executors, "prepare", lambda jobs, options: None)
+    monkeypatch.setattr(executors, "run_local", interrupted)
+    options = RunOptions(out=tmp_path, force=force, progress=False)
+    with pytest.raises(Interrupted) as info:
+        executors.execute([Job("knn", "embedded", "uni-class", "0", 0)], options)
+    assert info.value.message().endswith(advice)
