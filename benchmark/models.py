@@ -23,16 +23,15 @@ import math
 import pickle
 import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from datasets_builders.atomic import atomic_open
 from datasets_builders.errors import NdbenchError
-from methods.base import BaseDetector
+from methods.base import BaseDetector, write_payload
 from methods.pretrain import resolve_weights
 from methods.registry import get_class
 
@@ -150,10 +149,8 @@ def _feed(digest, value) -> None:
 
 
 def save_model(path: Path, detector: BaseDetector, record: Record, labels, scores) -> None:
-    """Save a job's fitted detector with its provenance, the test-set threshold and the
-    checksum of its method, config and state (as `BaseDetector.save` lays a file out)."""
-    if not detector.fitted:
-        raise NdbenchError(f"{detector.name} is not fitted", "call fit() before saving it")
+    """Save a job's fitted detector (`BaseDetector.payload`) with its provenance, the test-set
+    threshold and the checksum of its method, config and state."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     info = {
         "format": MODEL_FORMAT,
@@ -172,10 +169,9 @@ def save_model(path: Path, detector: BaseDetector, record: Record, labels, score
             "fpr": fpr_at_tpr(labels, scores, THRESHOLD_TPR),
         },
     }
-    payload = {**info, "method": detector.name, "config": asdict(detector.config), "state": detector.state()}
+    payload = detector.payload(info)
     payload["checksum"] = content_sha256(payload)
-    with atomic_open(Path(path)) as handle:
-        torch.save(payload, handle)
+    write_payload(Path(path), payload)
 
 
 def load_model(path: Path) -> SavedModel:

@@ -50,6 +50,12 @@ class Detector(Protocol):
     def save(self, path: Path) -> None: ...
 
 
+def write_payload(path: Path, payload: dict) -> None:
+    """Write a detector's payload (see `BaseDetector.payload`) to `path`, atomically."""
+    with atomic_open(path) as handle:
+        torch.save(payload, handle)
+
+
 def config_hash(config: Any) -> str:
     """Short content hash of a config dataclass (the job key's method part)."""
     text = json.dumps(asdict(config), sort_keys=True, default=str)
@@ -254,14 +260,17 @@ class BaseDetector(ABC):
     def set_state(self, state: dict) -> None:
         """Restore what `state()` returned."""
 
+    def payload(self, metadata: dict | None = None) -> dict:
+        """What `save` writes: `metadata` (plain values) under its own keys, then the method,
+        config and fitted state."""
+        if not self.fitted:
+            raise NdbenchError(f"{self.name} is not fitted", "call fit() before save()")
+        return {**(metadata or {}), "method": self.name, "config": asdict(self.config), "state": self.state()}
+
     def save(self, path: Path, metadata: dict | None = None) -> None:
         """Save config and fitted state to one file, atomically; `metadata` (plain values)
         is stored beside them under its own keys."""
-        if not self.fitted:
-            raise NdbenchError(f"{self.name} is not fitted", "call fit() before save()")
-        payload = {**(metadata or {}), "method": self.name, "config": asdict(self.config), "state": self.state()}
-        with atomic_open(Path(path)) as handle:
-            torch.save(payload, handle)
+        write_payload(Path(path), self.payload(metadata))
 
     @classmethod
     def load(cls, path: Path) -> BaseDetector:
