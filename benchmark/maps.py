@@ -7,7 +7,6 @@ and novelty score. One colour scale for the whole grid, so images can be compare
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from datasets_builders.atomic import atomic_write_bytes
 from datasets_builders.errors import NdbenchError
-from datasets_builders.splits import NOVEL
+from datasets_builders.splits import ALL_VS_ONE_NAME, NORMAL_SET_NAME, NOVEL, UNI_CLASS_NAME
 from methods.base import resolve_device
 from methods.registry import available, get_class
 
@@ -44,9 +43,8 @@ class MapsRequest:
     alpha: float = 0.5  # heat-map opacity in the overlay
 
 
-# The split names the builders write: uni-class/<k>, multi-class/except-<k> (all-vs-one) and
-# multi-class/normal-<a>-<b>... (a chosen normal set).
-SPLIT_NAMES = {"uni-class": re.compile(r"\d+"), "multi-class": re.compile(r"except-\d+|normal-\d+(-\d+)*")}
+# The split names the builders write, per setting.
+SPLIT_NAMES = {"uni-class": (UNI_CLASS_NAME,), "multi-class": (ALL_VS_ONE_NAME, NORMAL_SET_NAME)}
 
 
 def parse_split(text: str) -> tuple[str, str]:
@@ -54,7 +52,7 @@ def parse_split(text: str) -> tuple[str, str]:
     setting, sep, name = text.partition("/")
     if not sep or not name or setting not in SPLIT_NAMES:
         raise NdbenchError(f"cannot read --split {text!r}", "write it as SETTING/NAME, e.g. uni-class/3")
-    if not SPLIT_NAMES[setting].fullmatch(name):
+    if not any(pattern.fullmatch(name) for pattern in SPLIT_NAMES[setting]):
         raise NdbenchError(f"no split is named {text!r}",
                            "use uni-class/<class id>, multi-class/except-<class id> or "
                            "multi-class/normal-<id>-<id>..., e.g. uni-class/3")

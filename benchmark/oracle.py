@@ -13,7 +13,6 @@ head applied to each patch token) on each test scene:
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import load_split
-from datasets_builders.splits import SETTINGS, Manifest
+from datasets_builders.splits import ALL_VS_ONE_NAME, SETTINGS, UNI_CLASS_NAME, Manifest
 from methods.backbones import create_backbone
 from methods.pretrain import DEFAULT_ARCH, resolve_weights
 from methods.pretrain_eval import (
@@ -45,7 +44,7 @@ DATASET = "embedded"
 RULES = ("boxes", "patch-mean")
 # The split names `build-splits embedded` writes per setting: the oracle's tables have a column
 # per class, the normal one (uni-class) or the novel one (all-vs-one).
-SPLIT_NAMES = {"uni-class": re.compile(r"\d+"), "multi-class": re.compile(r"except-\d+")}
+SPLIT_NAMES = {"uni-class": UNI_CLASS_NAME, "multi-class": ALL_VS_ONE_NAME}
 
 
 @dataclass(frozen=True)

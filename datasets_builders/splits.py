@@ -32,11 +32,18 @@ DEDUP_NOTE = (
 )
 
 
+# The split names the builders write: uni-class `<k>`; multi-class all-vs-one `except-<k>` and
+# a chosen normal set `normal-<a>-<b>...`.
+UNI_CLASS_NAME = re.compile(r"\d+")
+ALL_VS_ONE_NAME = re.compile(r"except-\d+")
+NORMAL_SET_NAME = re.compile(r"normal-\d+(-\d+)*")
+
+
 def _missing_fix(path: Path) -> str:
     """The hint that builds a missing manifest; a chosen normal set (`normal-1-3`) is built
     only on request (`--setting multi-class --normal 1,3`)."""
     options = ""
-    if path.parent.name == "multi-class" and re.fullmatch(r"normal-\d+(-\d+)*", path.stem):
+    if path.parent.name == "multi-class" and NORMAL_SET_NAME.fullmatch(path.stem):
         options = " --setting multi-class --normal " + ",".join(path.stem.split("-")[1:])
     return build_index_fix(path.parent.parent, "to build it", options=options)
 
