@@ -441,7 +441,7 @@ def table_command(
 ) -> None:
     """Write per-class, summary and leaderboard tables (Markdown + CSV) from the records."""
     from .records import load_records
-    from .tables import write_tables
+    from .tables import manifest_splits, write_tables
 
     records = load_records(out)
     if not records:
@@ -455,8 +455,9 @@ def table_command(
             stderr_console().print(f"note: the paper reports no numbers for {', '.join(without)}; "
                                    "their tables have measured columns only", soft_wrap=True)
     for dataset in sorted({d for d, _ in pairs}):
-        show_tables(out, records, dataset, [s for d, s in pairs if d == dataset], paper)
-    paths = write_tables(records, out / "tables", paper=paper, class_names=class_names_under(out))
+        show_tables(out, records, dataset, [s for d, s in pairs if d == dataset], paper, every_split=True)
+    paths = write_tables(records, out / "tables", paper=paper, class_names=class_names_under(out),
+                         splits=manifest_splits(out / "splits"))
     stdout_console().print(f"wrote {len(paths)} files under {out / 'tables'}")
 
 

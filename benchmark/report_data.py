@@ -1,12 +1,12 @@
 """What the report shows, read from a results root: the records (unreadable files skipped
 with a warning), and per dataset and setting the tables of `tables.py`, the jobs missing
-from the grid of what exists, each split's stored test scores, and each run's metadata."""
+from the grid (the methods and seeds run, on every split of the setting), each split's stored test scores, and each run's metadata."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,9 +142,11 @@ def gather(out: Path, warn: Warn | None = None) -> Results:
                            "run `ndbench run --method METHOD` (or `ndbench demo`) first")
     records = [record for _, record in found]
     names = _class_names(out, warn)
+    splits = tables.manifest_splits(out / "splits")
     notes: list[str] = []
     with _collect_table_notes(notes):
-        blocks = [_block(records, dataset, setting, names.get(dataset)) for dataset, setting in _pairs(records)]
+        blocks = [_block(records, dataset, setting, names.get(dataset), splits.get((dataset, setting), ()))
+                  for dataset, setting in _pairs(records)]
         board = _leaderboard(records)
         summaries = paper_summaries(records)
     for note in dict.fromkeys(notes):
@@ -195,8 +197,11 @@ def split_title(row, names: dict[int, str] | None) -> str:
     return str(row)
 
 
-def _block(records: list[Record], dataset: str, setting: str, names: dict[int, str] | None) -> Block:
-    table = per_class_table(records, dataset, setting, class_names=names, paper=True)
+def _block(records: list[Record], dataset: str, setting: str, names: dict[int, str] | None,
+           splits: Iterable[str] = ()) -> Block:
+    """The tables and figures of one (dataset, setting); `splits`: every split it has (rows
+    without a record show as missing)."""
+    table = per_class_table(records, dataset, setting, class_names=names, paper=True, splits=splits)
     kept, _ = select_records(r for r in records if r.dataset == dataset and r.setting == setting)
     methods = method_order(r.method for r in kept)
     rows = [row for row in table.index if row != AVG]
@@ -207,8 +212,8 @@ def _block(records: list[Record], dataset: str, setting: str, names: dict[int, s
 
 
 def missing_jobs(records: list[Record], titles: dict[object, str], setting: str) -> Missing:
-    """Jobs of the grid of what exists (every method x split x seed seen in these records)
-    that have no record."""
+    """Jobs of the grid (every method and seed seen in these records, on every split of
+    `titles`: the table's rows) that have no record."""
     have = {(r.method, row_label(r.split, setting), r.seed) for r in records}
     seeds = sorted({r.seed for r in records})
     by_method: dict[str, list[tuple[str, list[int]]]] = {}

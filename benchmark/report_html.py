@@ -99,8 +99,9 @@ def render_page(*, title: str, generated: str, version: str, out: Path, leaderbo
     if skipped or missing:
         items = []
         if missing:
-            items.append(f"<li>{missing} job{'s' if missing != 1 else ''} of the grid of what exists have no "
-                         "record (listed under <em>Not run</em> in each section); averages cover what ran.</li>")
+            items.append(f"<li>{missing} job{'s' if missing != 1 else ''} of the grid (each method and seed run, "
+                         "on every split of the setting) have no record (listed under <em>Not run</em> in each "
+                         "section); averages cover what ran.</li>")
         items += [f"<li>skipped unreadable record file <code>{escape(s)}</code></li>" for s in skipped]
         parts.append(f'<div class="warn"><strong>Incomplete results.</strong><ul>{"".join(items)}</ul></div>')
     links = ['<a href="#leaderboard">Leaderboard</a>']

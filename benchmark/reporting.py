@@ -18,18 +18,21 @@ def class_names_under(out: Path) -> dict[str, dict[int, str]]:
     return names
 
 
-def show_tables(out: Path, records, dataset: str, settings: list[str], paper: bool) -> None:
+def show_tables(out: Path, records, dataset: str, settings: list[str], paper: bool, every_split: bool = False) -> None:
     """Print the per-class tables of `records` on `dataset` (their notes are logged when the
-    table files are written)."""
-    from .tables import per_class_table, to_markdown
+    table files are written); with `every_split`, also a row for each split whose manifest
+    lies under <out>/splits."""
+    from .tables import manifest_splits, per_class_table, to_markdown
 
     names = class_names_under(out)
+    splits = manifest_splits(Path(out) / "splits") if every_split else {}
     console = stdout_console()
     for setting in settings:
         chosen = [r for r in records if r.dataset == dataset and r.setting == setting]
         if not chosen:
             continue
-        table = per_class_table(chosen, dataset, setting, class_names=names.get(dataset), paper=paper, warn=False)
+        table = per_class_table(chosen, dataset, setting, class_names=names.get(dataset), paper=paper, warn=False,
+                                splits=splits.get((dataset, setting), ()))
         console.print(f"\n[bold]{dataset} {setting}: AUROC (%)[/bold]")
         console.print(to_markdown(table), markup=False)
 
@@ -39,13 +42,14 @@ def print_tables(out: Path, records, dataset: str, settings: list[str], paper: b
     <out>/tables from every readable record under <out>/runs, so that a run of a few jobs
     never narrows the tables of the runs before it."""
     from .records import load_records
-    from .tables import write_tables
+    from .tables import manifest_splits, write_tables
 
     if not records:
         return []
     show_tables(out, records, dataset, settings, paper)
     everything = load_records(out, on_skip=lambda exc: None) or records  # `ndbench table` reports damage
-    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=class_names_under(out))
+    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=class_names_under(out),
+                        splits=manifest_splits(Path(out) / "splits"))
 
 
 def report_results(results, console) -> int:

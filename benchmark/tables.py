@@ -1,8 +1,10 @@
-"""Result tables built from run records only, as Markdown and CSV.
+"""Result tables built from run records, as Markdown and CSV.
 
 - per-class (the layout of the paper's appendix Tables 6, 9 and 11): one row per split
   (uni-class: the normal class; all-vs-one `except-k`: the abnormal class k; any other
-  multi-class split under its own name), one column per method, last row AVG;
+  multi-class split under its own name), one column per method, last row AVG; where the
+  split manifests are given (`manifest_splits`), every split of the setting has its row,
+  recorded or not, so that AVG coverage counts against all of them;
 - summary (like paper Tables 4 and 2): one row per dataset, cell = the per-class AVG;
 - leaderboard: one row per method, one column per (dataset, setting), plus the overall mean.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import pandas as pd
 from datasets_builders.atomic import atomic_write_text
 from datasets_builders.errors import NdbenchError
 from datasets_builders.sources import DATASETS
+from datasets_builders.splits import ALL_VS_ONE_NAME, NORMAL_SET_NAME, SETTINGS, UNI_CLASS_NAME
 
 from . import paper as paper_ref
 from .metrics import METRICS
@@ -80,6 +83,19 @@ def row_label(split: str, setting: str) -> Row:
     if setting == "multi-class" and split.startswith("except-") and split[7:].isdigit():
         return int(split[7:])
     return split
+
+
+def manifest_splits(splits_root: Path) -> dict[tuple[str, str], list[str]]:
+    """The split names of each (dataset, setting) with manifests under `splits_root`
+    (`<dataset>/<setting>/<name>.json`); files whose name is not a split name of their
+    setting are left out."""
+    patterns = {"uni-class": (UNI_CLASS_NAME,), "multi-class": (ALL_VS_ONE_NAME, NORMAL_SET_NAME)}
+    found: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for setting in SETTINGS:
+        for path in sorted(Path(splits_root).glob(f"*/{setting}/*.json")):
+            if path.is_file() and any(p.fullmatch(path.stem) for p in patterns[setting]):
+                found[(path.parent.parent.name, setting)].append(path.stem)
+    return dict(found)
 
 
 def select_records(records: Iterable[Record]) -> tuple[list[Record], list[str]]:
@@ -185,13 +201,17 @@ class _Block:
         return [r for r in self.rows if isinstance(r, int)] or list(self.rows)
 
 
-def _block(records: list[Record], dataset: str, setting: str, metric: str) -> _Block:
+def _block(
+    records: list[Record], dataset: str, setting: str, metric: str, splits: Iterable[str] = ()
+) -> _Block:
     per_seed: dict[tuple[Row, str], dict[int, float]] = defaultdict(dict)
     for record in records:
         per_seed[(row_label(record.split, setting), record.method)][record.seed] = _value(
             record, metric
         )
-    rows = sorted({row for row, _ in per_seed}, key=_row_key)
+    rows = sorted(
+        {row for row, _ in per_seed} | {row_label(s, setting) for s in splits}, key=_row_key
+    )
     methods = method_order(m for _, m in per_seed)
     mean = {key: float(np.mean(list(v.values()))) for key, v in per_seed.items()}
     std = {key: _std(list(v.values())) for key, v in per_seed.items()}
@@ -238,6 +258,7 @@ def _per_class_frame(
     metric: str,
     class_names: dict[int, str] | None,
     paper: bool,
+    splits: Iterable[str] = (),
 ) -> tuple[pd.DataFrame, list[str]]:
     _check_metric(metric, paper)
     records = list(records)
@@ -250,7 +271,7 @@ def _per_class_frame(
             f"no run records for {dataset} {setting}",
             f"records exist for: {', '.join(have)}" if have else "run `ndbench run --method knn` first",
         )
-    block = _block(chosen, dataset, setting, metric)
+    block = _block(chosen, dataset, setting, metric, splits)
     notes += block.notes
     table = paper_ref.per_class_table_number(dataset, setting) if paper else None
     if table is not None and not _paper_per_class_ok(chosen, dataset, notes):
@@ -303,19 +324,24 @@ def per_class_table(
     class_names: dict[int, str] | None = None,
     paper: bool = False,
     warn: bool = True,
+    splits: Iterable[str] = (),
 ) -> pd.DataFrame:
     """Per-class table of one (dataset, setting): rows = class (uni-class: the normal class;
     all-vs-one: the abnormal class; other splits by name), last row AVG (mean over the
     class rows); columns = an optional `name`, then per method its mean over seeds in
     percent, `<method>_std` where it has several seeds, and with `paper=True` the paper's
-    number as `<method> (paper T<n>)` where the paper has a per-class table. Its notes (in
-    `attrs["notes"]`) are also logged unless `warn` is False."""
-    frame, notes = _per_class_frame(records, dataset, setting, metric, class_names, paper)
+    number as `<method> (paper T<n>)` where the paper has a per-class table. `splits`
+    (the setting's split names, see `manifest_splits`) adds a row for each split without
+    records, empty where a method has none. Its notes (in `attrs["notes"]`) are also
+    logged unless `warn` is False."""
+    frame, notes = _per_class_frame(records, dataset, setting, metric, class_names, paper, splits)
     return _report(frame, notes, warn)
 
 
 def _blocks(
-    records: Iterable[Record], metric: str
+    records: Iterable[Record],
+    metric: str,
+    splits: Mapping[tuple[str, str], Iterable[str]] | None = None,
 ) -> tuple[dict[tuple[str, str], _Block], list[str]]:
     chosen, notes = select_records(records)
     groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
@@ -324,20 +350,27 @@ def _blocks(
     blocks = {}
     for dataset in _ordered((d for d, _ in groups), DATASETS):
         for setting in _ordered((s for d, s in groups if d == dataset), SETTING_ORDER):
-            block = _block(groups[(dataset, setting)], dataset, setting, metric)
+            block = _block(
+                groups[(dataset, setting)], dataset, setting, metric,
+                (splits or {}).get((dataset, setting), ()),
+            )
             blocks[(dataset, setting)] = block
             notes += block.notes
     return blocks, notes
 
 
 def _summary_frame(
-    records: Iterable[Record], setting: str, metric: str, paper: bool
+    records: Iterable[Record],
+    setting: str,
+    metric: str,
+    paper: bool,
+    splits: Mapping[tuple[str, str], Iterable[str]] | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     _check_metric(metric, paper)
     records = [r for r in records if r.setting == setting]
     if not records:
         raise NdbenchError(f"no run records for setting {setting}", "run `ndbench run --method knn` first")
-    blocks, notes = _blocks(records, metric)
+    blocks, notes = _blocks(records, metric, splits)
     datasets = [d for d, _ in blocks]
     methods = method_order(m for b in blocks.values() for m in b.methods)
     table = paper_ref.summary_table_number(setting) if paper else None
@@ -372,9 +405,13 @@ def summary_table(
     return _report(frame, notes)
 
 
-def _leaderboard_frame(records: Iterable[Record], metric: str) -> tuple[pd.DataFrame, list[str]]:
+def _leaderboard_frame(
+    records: Iterable[Record],
+    metric: str,
+    splits: Mapping[tuple[str, str], Iterable[str]] | None = None,
+) -> tuple[pd.DataFrame, list[str]]:
     _check_metric(metric, False)
-    blocks, notes = _blocks(records, metric)
+    blocks, notes = _blocks(records, metric, splits)
     if not blocks:
         raise NdbenchError("no run records to rank", "run `ndbench run --method knn` first")
     methods = method_order(m for b in blocks.values() for m in b.methods)
@@ -458,9 +495,12 @@ def write_tables(
     paper: bool = False,
     class_names: dict[str, dict[int, str]] | None = None,
     metric: str = "auroc",
+    splits: Mapping[tuple[str, str], Iterable[str]] | None = None,
 ) -> list[Path]:
     """Write `per_class_<dataset>_<setting>`, `summary_<setting>` and `leaderboard`, each
-    as `.md` and `.csv`, under `out_dir` (atomically). Returns the written paths."""
+    as `.md` and `.csv`, under `out_dir` (atomically); `splits` (see `manifest_splits`)
+    gives each per-class table a row for every split of its (dataset, setting). Returns
+    the written paths."""
     _check_metric(metric, paper)
     records = list(records)
     if not records:
@@ -468,7 +508,7 @@ def write_tables(
     out_dir = Path(out_dir)
     label = f"{METRIC_LABELS[metric]} (%)"
     seeds_note = "mean ± std over seeds where there are several"
-    blocks, _ = _blocks(records, metric)
+    blocks, _ = _blocks(records, metric, splits)
     written: list[Path] = []
     all_notes: list[str] = []
 
@@ -481,15 +521,17 @@ def write_tables(
 
     for dataset, setting in blocks:
         names = (class_names or {}).get(dataset)
-        frame, notes = _per_class_frame(records, dataset, setting, metric, names, paper)
+        frame, notes = _per_class_frame(
+            records, dataset, setting, metric, names, paper, (splits or {}).get((dataset, setting), ())
+        )
         rows = "normal class" if setting == "uni-class" else "abnormal class (all-vs-one)"
         title = f"# {dataset} {setting}: {label} per {rows}; AVG = mean over them; {seeds_note}"
         emit(f"per_class_{dataset}_{setting}", title, frame, notes)
     for setting in _ordered({s for _, s in blocks}, SETTING_ORDER):
-        frame, notes = _summary_frame(records, setting, metric, paper)
+        frame, notes = _summary_frame(records, setting, metric, paper, splits)
         emit(f"summary_{setting}", f"# {setting}: mean {label} per dataset; {seeds_note}",
              frame, notes)
-    frame, notes = _leaderboard_frame(records, metric)
+    frame, notes = _leaderboard_frame(records, metric, splits)
     emit("leaderboard", f"# Leaderboard: mean {label} per dataset and setting", frame, notes)
     for note in all_notes:
         log.warning(note)

@@ -236,7 +236,11 @@ def test_report_from_real_knn_records(knn_results, capsys):
     captured = capsys.readouterr()
     index = knn_results / "report" / "index.html"
     assert str(index) in captured.out.replace("\n", "")
-    assert captured.err == ""  # no warning, and no blank line left by the finished progress bars
+    # No warning but the notes on classes without records (the run took 2 of 10 classes), and no
+    # blank line left by the finished progress bars.
+    assert captured.err.splitlines() == [
+        "ndbench: warning: note: knn on embedded uni-class: AVG covers 2 of 10 rows",
+        "ndbench: warning: note: knn on embedded multi-class: AVG covers 1 of 10 rows"]
     page = read_page(index)
     assert "script" not in page.tags
     check_images(page, index.parent)
@@ -249,7 +253,8 @@ def test_report_from_real_knn_records(knn_results, capsys):
     for needle in ("Leaderboard", "embedded uni-class", "embedded multi-class", "digit-0", "digit-1",
                    "seeds 0, 1 (mean ± std)", "cpu (", "Anomaly maps"):
         assert needle in text, needle
-    assert "Not run" not in text and "Incomplete" not in text
+    assert "Not run (16 jobs without a record):knn: 2 · digit-2 (seed 0, 1)" in text
+    assert "25 jobs of the grid (each method and seed run, on every split of the setting) have no record" in text
     # The per-class cells are the records' AUROC: mean ± std over the two seeds.
     results = gather(knn_results)
     uni = next(b for b in results.blocks if b.setting == "uni-class")
@@ -270,8 +275,11 @@ def test_plotted_roc_curves_are_sklearns_on_the_stored_scores(knn_results):
         figure = plots.roc_figure(panels, block.methods, plots.method_colours(block.methods))
         for ax, panel, row in zip(figure.axes, panels, block.titles, strict=False):
             assert ax.get_title() == panel.title == block.titles[row]
-            record = min((r for r in block.records if r.split.removeprefix("except-") == str(row)),
-                         key=lambda r: r.seed)  # the lowest seed is the one drawn
+            runs = [r for r in block.records if r.split.removeprefix("except-") == str(row)]
+            if not runs:  # a split of the setting that was not run: its panel has no curve
+                assert not panel.scores and not [line for line in ax.get_lines() if line.get_label() == "knn"]
+                continue
+            record = min(runs, key=lambda r: r.seed)  # the lowest seed is the one drawn
             with open(str(results.paths[id(record)]).replace(".json", ".scores.csv"), newline="") as handle:
                 rows = list(csv.DictReader(handle))
             fpr, tpr, _ = roc_curve([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
@@ -306,11 +314,24 @@ def test_report_from_a_partial_run_lists_what_is_missing(knn_results, splits_roo
     text = page.text
     assert "Incomplete results" in text and broken.name in text
     # Uni-class now lacks seed 1 of split 1: listed, not an error; multi-class has no record left.
-    assert "Not run (1 job without a record):knn: 1 · digit-1 (seed 1)" in text
+    # The splits' manifests name all ten classes: the eight never run are missing too.
+    assert "Not run (17 jobs without a record):knn: 1 · digit-1 (seed 1), 2 · digit-2 (seed 0, 1)," in text
     assert "embedded multi-class" not in text
     assert "mkd · embedded uni-class, normal class 1 · digit-1 · seed 0" in text
     assert any(src.endswith("maps/mkd__embedded__uni-class__1__seed0.png") for src in page.images)
     assert not any("rdad" in src for src in page.images)
+
+
+def test_report_lists_a_split_without_any_record_as_not_run(knn_results, splits_root, tmp_path, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    shutil.copytree(knn_results / "runs", out / "runs", ignore=shutil.ignore_patterns("*.model.pt"))
+    for record in (out / "runs" / "embedded" / "uni-class" / "knn").glob("1__*.json"):
+        record.unlink()  # every seed of class 1: the records alone no longer show the class
+
+    assert main(["report", "--out", str(out)]) == 0
+    text = read_page(out / "report" / "index.html").text
+    assert "Not run (18 jobs without a record):knn: 1 · digit-1 (seed 0, 1), 2 · digit-2 (seed 0, 1)," in text
+    assert "covers 1 of 10 rows" in capsys.readouterr().err
 
 
 @pytest.mark.slow

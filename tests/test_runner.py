@@ -138,9 +138,10 @@ def test_a_table_note_is_given_once(workspace, tmp_path, capsys, caplog):
 def _tables_of_every_record(out: Path, name: str) -> str:
     from benchmark.records import load_records
     from benchmark.reporting import class_names_under
-    from benchmark.tables import write_tables
+    from benchmark.tables import manifest_splits, write_tables
 
-    write_tables(load_records(out), out / "expected", class_names=class_names_under(out))
+    write_tables(load_records(out), out / "expected", class_names=class_names_under(out),
+                 splits=manifest_splits(out / "splits"))
     return (out / "expected" / name).read_text()
 
 

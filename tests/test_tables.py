@@ -246,3 +246,92 @@ def test_voc_paper_columns_need_paper_class_order():
         "voc records use class order alphabetical, not the paper's; paper per-class columns "
         "left out (build with --class-order paper)"
     )
+
+
+def manifests(root, dataset, setting, names):
+    """Stand-in manifest files: only their names matter to the tables."""
+    folder = root / dataset / setting
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("{}\n", encoding="utf-8")
+
+
+# Every split of the setting gets a row, recorded or not; AVG keeps its value, and the
+# coverage notes count against all four splits.
+VOC_UNI_ALL_SPLITS_MD = """\
+| normal_class   | name      |   knn |     defend |   defend (paper T6) |   kdad |   kdad (paper T6) |   aaa |
+|:---------------|:----------|------:|-----------:|--------------------:|-------:|------------------:|------:|
+| 0              | aeroplane |  80.0 | 92.5 ± 3.5 |                99.7 |   60.0 |              96.2 |     – |
+| 1              | person    |  60.0 | 75.0 ± 7.1 |                75.6 |   70.0 |              67.6 |  50.0 |
+| 2              |           |     – |          – |                97.6 |      – |              90.8 |     – |
+| 3              |           |     – |          – |                91.9 |      – |              81.4 |     – |
+| AVG            |           |  70.0 | 83.8 ± 5.3 |                95.3 |   65.0 |              83.0 |  50.0 |
+"""
+VOC_UNI_ALL_SPLITS_CSV = """\
+normal_class,name,knn,defend,defend_std,defend (paper T6),kdad,kdad (paper T6),aaa
+0,aeroplane,80.0,92.5,3.5355,99.7,60.0,96.2,
+1,person,60.0,75.0,7.0711,75.6,70.0,67.6,50.0
+2,,,,,97.6,,90.8,
+3,,,,,91.9,,81.4,
+AVG,,70.0,83.75,5.3033,95.3,65.0,83.0,50.0
+"""
+
+
+def test_manifest_splits_valid_names_only(tmp_path):
+    manifests(tmp_path, "voc", U, ["0.json", "1.json", "2.json", "3.json", "except-2.json", "notes.json",
+                                   "4.json.tmp", "normal-1.json"])
+    (tmp_path / "voc" / U / "5.json").mkdir()
+    manifests(tmp_path, "voc", M, ["except-0.json", "normal-0-1.json", "normal-.json", "3.json", "except-x.json"])
+    (tmp_path / "voc" / "index.json").write_text("{}\n", encoding="utf-8")
+    assert tables.manifest_splits(tmp_path) == {
+        ("voc", U): ["0", "1", "2", "3"],
+        ("voc", M): ["except-0", "normal-0-1"],
+    }
+    assert tables.manifest_splits(tmp_path / "absent") == {}
+
+
+def test_per_class_rows_for_every_split_of_the_manifests(tmp_path):
+    manifests(tmp_path, "voc", U, ["0.json", "1.json", "2.json", "3.json", "notes.json"])
+    splits = tables.manifest_splits(tmp_path)[("voc", U)]
+    df = tables.per_class_table(records(), "voc", U, class_names={0: "aeroplane", 1: "person"}, paper=True,
+                                splits=splits, warn=False)
+    assert tables.to_markdown(df) == VOC_UNI_ALL_SPLITS_MD
+    assert tables.to_csv(df) == VOC_UNI_ALL_SPLITS_CSV
+    assert [n for n in df.attrs["notes"] if "AVG covers" in n] == [
+        "knn on voc uni-class: AVG covers 2 of 4 rows",
+        "defend on voc uni-class: AVG covers 2 of 4 rows",
+        "kdad on voc uni-class: AVG covers 2 of 4 rows",
+        "aaa on voc uni-class: AVG covers 1 of 4 rows",
+    ]
+    # without manifests: the records' rows only, as before
+    assert list(tables.per_class_table(records(), "voc", U, warn=False).index) == [0, 1, tables.AVG]
+
+
+def test_table_command_lists_splits_without_records(tmp_path, capsys):
+    from benchmark.cli import main
+    from benchmark.records import record_path, write_record
+
+    out = tmp_path / "results"
+    for r in [r for r in records() if r.dataset == "voc"]:
+        write_record(record_path(out, r.method, r.dataset, r.setting, r.split, r.config_hash, r.seed), r,
+                     ["a", "b"], [0, 1], [0.1, 0.9])
+    manifests(out / "splits", "voc", U, [f"{c}.json" for c in range(10)] + ["README.json"])
+    manifests(out / "splits", "voc", M, [f"except-{c}.json" for c in range(10)] + ["normal-0-1.json"])
+    assert main(["table", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 9              |     – |" in printed
+    csv = (out / "tables" / "per_class_voc_uni-class.csv").read_text(encoding="utf-8").splitlines()
+    md = (out / "tables" / "per_class_voc_uni-class.md").read_text(encoding="utf-8")
+    assert [line.split(",")[0] for line in csv[1:]] == [str(c) for c in range(10)] + ["AVG"]
+    assert csv[3:11] == [f"{c},,,,," for c in range(2, 10)]
+    assert csv[-1] == "AVG,70.0,83.75,5.3033,65.0,50.0"
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")][1:]
+    assert rows == [str(c) for c in range(10)] + ["AVG"]
+    assert "| 5              |     – |          – |      – |     – |" in md
+    assert "- knn on voc uni-class: AVG covers 2 of 10 rows\n" in md
+    assert "- aaa on voc uni-class: AVG covers 1 of 10 rows\n" in md
+    multi = (out / "tables" / "per_class_voc_multi-class.csv").read_text(encoding="utf-8").splitlines()
+    assert [line.split(",")[0] for line in multi[1:]] == [str(c) for c in range(10)] + ["normal-0-1", "AVG"]
+    assert multi[-1] == "AVG,55.0"
+    summary = (out / "tables" / "summary_uni-class.md").read_text(encoding="utf-8")
+    assert "- defend on voc uni-class: AVG covers 2 of 10 rows\n" in summary
