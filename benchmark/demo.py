@@ -40,10 +40,10 @@ def run_demo(*, full: bool, out: Path, device: str, force: bool, parallel: int |
     options = RunOptions(out=out, device=device, force=force)
     settings = list(SETTINGS_FULL if full else SETTINGS_DEFAULT)
     methods = demo_methods(full)
-    # One job per method, setting and class (the embedded dataset has a split per class): the
-    # workers start before the jobs are expanded, which generates the scenes on a first run.
+    # One job per method, setting and class (the embedded dataset has a split per class): on a
+    # first run the workers start before the jobs are expanded, which generates the scenes.
     at_once = jobs_at_once(parallel, device, len(methods) * len(settings) * N_CLASSES)
-    with early_workers(at_once) as pool:
+    with early_workers(at_once, options, "embedded") as pool:
         jobs = expand_jobs(methods, dataset="embedded", settings=settings, classes=None, seeds=[0],
                            options=options)
         results = execute(jobs, options, "local", console=stderr_console(), parallel=at_once, pool=pool)

@@ -4,7 +4,9 @@ Small models do not keep several CPU threads busy: on 2 cores, two one-thread jo
 the embedded demo's 40 jobs in 299 s against ~352 s one two-thread job at a time (warm cache).
 Each worker process
 runs one job at a time on `cpus // N` torch threads and no DataLoader workers of its own; the
-parent keeps the job progress bar and prints each result as it arrives.
+parent keeps the job progress bar and prints each result as it arrives. Jobs whose records
+exist are skipped in the parent, and no more workers start than jobs left to run: none when
+every job is recorded.
 
 Stopping: workers ignore SIGINT (a Ctrl-C reaches the whole process group) and the parent
 sends each of them one SIGTERM, so every running job gets exactly one `Interrupted` and its
@@ -20,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -42,10 +44,12 @@ from .runner import (
     RunOptions,
     build_detector,
     finished_record,
+    index_built,
     interrupted_after,
     job_progress,
     job_record_path,
     print_notes,
+    recorded_result,
     safe_run_job,
 )
 
@@ -228,12 +232,13 @@ def new_pool(parallel: int, workers: int | None = None) -> WorkerPool:
 
 
 @contextmanager
-def early_workers(parallel: int) -> Iterator[WorkerPool | None]:
-    """Worker processes started before the jobs are known, for `run_parallel` to use: each
-    spends seconds importing torch, which overlaps whatever this process does meanwhile
-    (generating the embedded scenes: ~13 s on one core, the other one idle). None for one job
-    at a time. The pool is stopped on leaving."""
-    pool = new_pool(parallel) if parallel > 1 else None
+def early_workers(parallel: int, options: RunOptions, dataset: str) -> Iterator[WorkerPool | None]:
+    """Worker processes started before the jobs are known, for `run_parallel` to use, while the
+    dataset's index is not built yet: each spends seconds importing torch, which overlaps
+    building it (generating the embedded scenes: ~13 s on one core, the other one idle). None
+    once it is built (the jobs are then known in moments, and `run_parallel` starts workers
+    only for those not recorded yet), and for one job at a time. The pool is stopped on leaving."""
+    pool = new_pool(parallel) if parallel > 1 and not index_built(dataset, options) else None
     try:
         yield pool
     except BaseException:
@@ -245,31 +250,99 @@ def early_workers(parallel: int) -> Iterator[WorkerPool | None]:
             pool.executor.shutdown(wait=True)
 
 
+def recorded_jobs(jobs: list[Job], options: RunOptions, numbers: Iterable[int]) -> dict[int, JobResult]:
+    """Of the jobs numbered `numbers`, those `run_job` would skip now (see `recorded_result`), by
+    number. A job whose check fails is left out: its worker meets the failure and reports it."""
+    found = {}
+    for number in numbers:
+        try:
+            result = recorded_result(jobs[number], options)
+        except Exception:  # noqa: BLE001 - left to the job's worker, which reports it
+            continue
+        if result is not None:
+            found[number] = result
+    return found
+
+
+def _split_built(job: Job, options: RunOptions) -> bool:
+    """Whether the job's split and its dataset's index are built: `prepare` then leaves them
+    as they are (it builds only what is missing)."""
+    split = options.splits / job.dataset / job.setting / f"{job.split}.json"
+    return index_built(job.dataset, options) and split.is_file()
+
+
+def _sized(pool: WorkerPool | None, parallel: int, jobs: int) -> WorkerPool | None:
+    """A pool of as many workers as `parallel` and `jobs` allow (None for no jobs): `pool` when
+    it has that many, else a new one, `pool` stopped."""
+    size = min(parallel, jobs)
+    if pool is not None and pool.size != size:
+        pool.stop()
+        pool = None
+    return new_pool(parallel, size) if pool is None and size else pool
+
+
 def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: Console | None = None,
                  on_result: Callable[[JobResult], None] | None = None,
                  before: Callable[[], None] = lambda: None, pool: WorkerPool | None = None) -> list[JobResult]:
     """Run jobs `parallel` at a time in worker processes, each on `cpus // parallel` torch
-    threads (in `pool` when given: one from `early_workers`); return their results in job
-    order. `before` runs in this process while the workers start (the run's shared preparation)."""
+    threads; return their results in job order. The jobs `run_job` would skip (their records
+    exist) are skipped here, and no more workers run than the other jobs: none when every job
+    is recorded. `before` runs in this process (the run's shared preparation) while the workers
+    start: those of `pool` when given (one from `early_workers`; stopped, or replaced by a
+    smaller one, when fewer jobs need to run)."""
     results: dict[int, JobResult] = {}
     tries = [0] * len(jobs)
     submitted = [0.0] * len(jobs)
-    if pool is None:
-        pool = new_pool(parallel, min(parallel, max(1, len(jobs))))
-    threads = pool.threads
     try:
+        # Jobs on splits `before` leaves as they are can be told recorded or not before it runs.
+        known = [number for number, job in enumerate(jobs) if _split_built(job, options)]
+        results.update(recorded_jobs(jobs, options, known))
+        if pool is None and len(results) < len(jobs):
+            pool = new_pool(parallel, min(parallel, len(jobs) - len(results)))
         before()
-        waiting = start_order(jobs, options)
+        results.update(recorded_jobs(jobs, options, sorted(set(range(len(jobs))) - set(known))))
+        pending = [number for number in range(len(jobs)) if number not in results]
+        pool = _sized(pool, parallel, len(pending))
+        waiting = [pending[number] for number in start_order([jobs[number] for number in pending], options)]
     except BaseException:
-        pool.stop()
+        if pool is not None:
+            pool.stop()
         raise
     progress = job_progress(console) if options.progress else None
     if progress is not None:
         progress.start()
     try:
-        task = progress.add_task(f"jobs ({pool.size} at once, {threads} thread{'s' * (threads > 1)} each)",
-                                 total=len(jobs)) if progress else None
-        while waiting or pool.running:
+        task = progress.add_task(_progress_label(pool), total=len(jobs)) if progress else None
+
+        def report(result: JobResult) -> None:
+            print_notes(result, progress, console)
+            if on_result:
+                on_result(result)
+            if progress is not None:
+                progress.advance(task)
+
+        def settle(future: Future) -> bool:
+            """Take a finished job's result, or queue it again after its worker died when
+            retries are left; True when its pool broke."""
+            number = pool.running.pop(future)
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                result = _written_before_break(jobs[number], options, submitted[number])
+                if result is None and tries[number] <= options.retries:
+                    waiting.insert(0, number)
+                    return True
+                result = result or _died(jobs[number], tries[number])
+                results[number] = result
+                report(result)
+                return True
+            results[number] = result
+            report(result)
+            return False
+
+        for number in sorted(results):
+            report(results[number])
+        while pool is not None and (waiting or pool.running):
             while waiting and len(pool.running) < pool.size:
                 number = waiting.pop(0)
                 tries[number] += 1
@@ -278,37 +351,34 @@ def run_parallel(jobs: list[Job], options: RunOptions, parallel: int, console: C
             done, _ = wait(pool.running, timeout=0.5, return_when=FIRST_COMPLETED)
             broken = False
             for future in done:
-                number = pool.running.pop(future)
-                try:
-                    result = future.result()
-                except BrokenProcessPool:
-                    broken = True
-                    result = _written_before_break(jobs[number], options, submitted[number])
-                    if result is None and tries[number] <= options.retries:
-                        waiting.insert(0, number)
-                        continue
-                    result = result or _died(jobs[number], tries[number])
-                results[number] = result
-                print_notes(result, progress, console)
-                if on_result:
-                    on_result(result)
-                if progress is not None:
-                    progress.advance(task)
+                broken |= settle(future)
             if broken:  # a fresh pool for the jobs still to run
                 pool.executor.shutdown(wait=True)
-                pool = WorkerPool(pool.size, threads)
+                # The broken pool fails its other jobs too, possibly after `wait` returned.
+                for future in list(pool.running):
+                    settle(future)
+                pool = WorkerPool(min(pool.size, max(1, len(waiting))), pool.threads)
         return [results[number] for number in range(len(jobs))]
     except (Interrupted, KeyboardInterrupt) as exc:
-        late = pool.stop()
+        late = pool.stop() if pool is not None else []
         stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
         raise interrupted_after(stop, [*results.values(), *late], len(jobs)) from None
     except WriteFailure:
-        pool.stop()
+        if pool is not None:
+            pool.stop()
         raise
     finally:
         if progress is not None:
             progress.stop()
-        pool.executor.shutdown(wait=True)
+        if pool is not None:
+            pool.executor.shutdown(wait=True)
+
+
+def _progress_label(pool: WorkerPool | None) -> str:
+    """The job bar's label: the jobs run at once and each one's threads (none run: every job is recorded)."""
+    if pool is None:
+        return "jobs"
+    return f"jobs ({pool.size} at once, {pool.threads} thread{'s' * (pool.threads > 1)} each)"
 
 
 def _written_before_break(job: Job, options: RunOptions, since: float) -> JobResult | None:

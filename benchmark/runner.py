@@ -132,11 +132,16 @@ def ensure_index(dataset: str, options: RunOptions) -> DatasetIndex:
     """The dataset's index under the splits root, building every split when it is missing
     (built-in datasets only: a custom dataset's sources are the user's to name)."""
     folder = options.splits / dataset
-    if not (folder / "index.json").is_file():
+    if not index_built(dataset, options):
         if not is_builtin(dataset):
             raise _custom_split_missing(dataset, options, f"no index {folder / 'index.json'}")
         build_splits(BuildRequest(dataset=dataset, out=options.splits))
     return DatasetIndex.read(folder)
+
+
+def index_built(dataset: str, options: RunOptions) -> bool:
+    """Whether the dataset's index is under the splits root (else `ensure_index` builds it)."""
+    return (options.splits / dataset / "index.json").is_file()
 
 
 def _custom_split_missing(dataset: str, options: RunOptions, what: str, options_text: str = "") -> NdbenchError:
@@ -399,23 +404,39 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpu
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
     split_sha256 = current_split_sha256(job, options)
-    record, notes = (None, ()) if options.force else finished_record(path, split_sha256)
-    if record is not None:
-        return JobResult(job, SKIPPED, path, record.metrics["auroc"])
+    skipped, notes = _recorded(job, options, path, split_sha256)
+    if skipped is not None:
+        return skipped
     attempt = try_lock(path)
     notes += attempt.notes
     if attempt.lock is None:
         return JobResult(job, RUNNING_ELSEWHERE, error=attempt.holder, notes=notes)
     try:
-        if not options.force:
-            record, _ = finished_record(path, split_sha256)  # finished by another run since the check above
-            if record is not None:
-                return JobResult(job, SKIPPED, path, record.metrics["auroc"], notes=notes)
+        skipped, _ = _recorded(job, options, path, split_sha256)  # finished by another run since the check above
+        if skipped is not None:
+            skipped.notes = notes
+            return skipped
         result = _run_locked(job, options, detector, path, progress, cpus)
     finally:
         attempt.lock.release()
     result.notes = notes + result.notes
     return result
+
+
+def recorded_result(job: Job, options: RunOptions) -> JobResult | None:
+    """The job's skipped result when `run_job` would skip it now (see `_recorded`), else None."""
+    if options.force:
+        return None
+    path = job_record_path(job, options)
+    return _recorded(job, options, path, current_split_sha256(job, options))[0]
+
+
+def _recorded(job: Job, options: RunOptions, path: Path,
+              split_sha256: str | None) -> tuple[JobResult | None, tuple[str, ...]]:
+    """The job as skipped when its record at `path` is finished (see `finished_record`) and
+    `force` is off, else None; and the notes on a damaged or outdated record."""
+    record, notes = (None, ()) if options.force else finished_record(path, split_sha256)
+    return (None if record is None else JobResult(job, SKIPPED, path, record.metrics["auroc"])), notes
 
 
 def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: Progress | None,

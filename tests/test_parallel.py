@@ -1,19 +1,28 @@
 """`--parallel N`: jobs side by side in worker processes. The records equal those of a run one
 job at a time, a method registered at run time reaches the workers, a worker killed mid-job
 (as an out-of-memory kill would) fails its jobs while the rest go on, and `--retries` runs them
-again. Interrupts of a parallel CLI run are tested in test_faults_processes.py."""
+again. Jobs whose records exist are skipped before any worker starts, and no more workers start
+than jobs that run. Interrupts of a parallel CLI run are tested in test_faults_processes.py."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from small_splits import fresh_out
 
+from benchmark import parallel
+from benchmark.cli import main
 from benchmark.executors import execute
 from benchmark.parallel import (
+    WorkerPool,
     _written_before_break,
     auto_parallel,
     early_workers,
@@ -22,7 +31,7 @@ from benchmark.parallel import (
     start_order,
 )
 from benchmark.records import load_records, scores_path
-from benchmark.runner import DONE, FAILED, SKIPPED, RunOptions, expand_jobs
+from benchmark.runner import DONE, FAILED, SKIPPED, RunOptions, expand_jobs, safe_run_job
 from datasets_builders.errors import NdbenchError
 
 GIB = 2**30
@@ -53,6 +62,50 @@ def markers(tmp_path) -> Path:
     folder = tmp_path / "markers"
     folder.mkdir()
     return folder
+
+
+class ThreadPool(WorkerPool):
+    """A worker pool whose workers are threads of this process: it starts no process, and
+    keeps the job numbers sent to it and whether it was stopped."""
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(self.size)
+        self.sent: list[int] = []
+        self.stopped = False
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, number, job, options) -> None:
+        self.sent.append(number)
+        self.running[self.executor.submit(safe_run_job, job, options, None, self.threads)] = number
+
+    def stop(self):
+        self.stopped = True
+        return super().stop()
+
+
+@pytest.fixture
+def pools(monkeypatch) -> list[ThreadPool]:
+    """Every worker pool the test makes, in order: thread pools (see `ThreadPool`)."""
+    made: list[ThreadPool] = []
+
+    def make(size: int, threads: int) -> ThreadPool:
+        made.append(ThreadPool(size, threads))
+        return made[-1]
+
+    monkeypatch.setattr(parallel, "WorkerPool", make)
+    return made
+
+
+@contextmanager
+def splits_unbuilt(out: Path) -> Iterator[None]:
+    """`out` without its splits (as before a first run builds them), then with them again."""
+    (out / "splits").rename(out / "splits-aside")
+    try:
+        yield
+    finally:
+        (out / "splits-aside").rename(out / "splits")
 
 
 def test_auto_runs_one_job_per_cpu_within_memory_and_the_jobs():
@@ -106,25 +159,110 @@ def test_parallel_jobs_write_the_records_of_a_run_one_job_at_a_time(splits_root,
 
 @pytest.mark.slow
 def test_workers_started_before_the_jobs_are_known_run_them(splits_root, tmp_path, markers, faulty):
-    # The demo starts its workers before it expands the jobs (which may generate the scenes).
+    # The demo starts its workers before it expands the jobs, while that generates the scenes.
     out = fresh_out(splits_root, tmp_path)
-    with early_workers(2) as pool:
-        started = {process.pid for process in pool.processes()}
-        jobs, options = jobs_and_options(out, markers, "none")
-        results = execute(jobs, options, "local", parallel=2, pool=pool)
+    options = RunOptions(out=out, device="cpu", progress=False)
+    with splits_unbuilt(out):
+        with early_workers(2, options, "embedded") as pool:
+            started = {process.pid for process in pool.processes()}
+            (out / "splits-aside").rename(out / "splits")  # as expanding the jobs builds them
+            jobs, options = jobs_and_options(out, markers, "none")
+            results = execute(jobs, options, "local", parallel=2, pool=pool)
+        (out / "splits").rename(out / "splits-aside")
     assert [r.status for r in results] == [DONE] * 4, [r.error for r in results]
     assert len(started) == 2 and {pid for _, pid in fits(markers)} <= started
     assert not any(_alive(pid) for pid in started)
 
 
-def test_early_workers_stop_when_the_work_before_the_jobs_fails():
+def test_early_workers_stop_when_the_work_before_the_jobs_fails(tmp_path):
+    options = RunOptions(out=tmp_path / "results", device="cpu", progress=False)
     with pytest.raises(NdbenchError, match="no such split"):
-        with early_workers(2) as pool:
+        with early_workers(2, options, "embedded") as pool:
             started = {process.pid for process in pool.processes()}
             raise NdbenchError("no such split", "build it")
     assert len(started) == 2 and not any(_alive(pid) for pid in started)
-    with early_workers(1) as pool:
+    with early_workers(1, options, "embedded") as pool:
         assert pool is None  # one job at a time runs in this process
+
+
+def test_no_worker_starts_early_once_the_splits_are_built(splits_root, tmp_path, pools):
+    # Expanding the jobs is then quick, and only the jobs not yet recorded need workers.
+    options = RunOptions(out=fresh_out(splits_root, tmp_path), device="cpu", progress=False)
+    with early_workers(2, options, "embedded") as pool:
+        assert pool is None
+    assert pools == []
+
+
+def test_a_rerun_whose_jobs_are_all_recorded_starts_no_worker(splits_root, tmp_path, markers, faulty, pools):
+    out = fresh_out(splits_root, tmp_path)
+    jobs, options = jobs_and_options(out, markers, "none")
+    done = execute(jobs, options, "local")
+    assert [r.status for r in done] == [DONE] * 4 and pools == []
+    (markers / "fits.log").unlink()
+    for at_once in (2, 999):
+        results = execute(jobs, options, "local", parallel=at_once)
+        assert [r.status for r in results] == [SKIPPED] * 4
+        assert [(r.job, r.record, r.auroc) for r in results] == [(r.job, r.record, r.auroc) for r in done]
+    assert pools == [] and not (markers / "fits.log").exists()
+
+
+def test_workers_start_only_for_the_jobs_not_recorded(splits_root, tmp_path, markers, faulty, pools):
+    # A damaged record is not skipped: its job runs again, and its warning is printed once.
+    out = fresh_out(splits_root, tmp_path)
+    jobs, options = jobs_and_options(out, markers, "none")
+    done = execute(jobs, options, "local")
+    done[2].record.write_text("{")
+    done[3].record.unlink()
+    (markers / "fits.log").unlink()
+    results = execute(jobs, options, "local", parallel=4)
+    assert [r.status for r in results] == [SKIPPED, SKIPPED, DONE, DONE], [r.error for r in results]
+    assert [r.job for r in results] == jobs
+    assert [(p.size, sorted(p.sent)) for p in pools] == [(2, [2, 3])]
+    assert sorted(split for split, _ in fits(markers)) == ["2", "3"]
+    assert [len(r.notes) for r in results] == [0, 0, 1, 0] and "re-running its job" in results[2].notes[0]
+    assert sorted(outcome(out)) == ["0", "1", "2", "3"]
+
+
+def test_a_forced_rerun_runs_the_given_number_at_once(splits_root, tmp_path, markers, faulty, pools):
+    out = fresh_out(splits_root, tmp_path)
+    jobs, options = jobs_and_options(out, markers, "none")
+    execute(jobs, options, "local")
+    forced = RunOptions(out=out, device="cpu", progress=False, force=True)
+    assert [r.status for r in execute(jobs, forced, "local", parallel=3)] == [DONE] * 4
+    assert [(p.size, sorted(p.sent)) for p in pools] == [(3, [0, 1, 2, 3])]
+
+
+def test_early_workers_are_stopped_or_fewer_when_jobs_are_recorded(splits_root, tmp_path, markers, faulty, pools):
+    # Records made on splits built again alike (their folder was removed): known only once built.
+    out = fresh_out(splits_root, tmp_path)
+    jobs, options = jobs_and_options(out, markers, "none")
+    execute(jobs, options, "local")
+    with splits_unbuilt(out), early_workers(2, options, "embedded") as pool:
+        pass
+    assert [p.size for p in pools] == [2]
+    for pending, sizes in ((0, [2]), (1, [2, 1])):
+        for job in jobs[:pending]:
+            next((out / "runs").rglob(f"{job.split}__*.json")).unlink()
+        pools.clear()
+        with splits_unbuilt(out):
+            with early_workers(2, options, "embedded") as pool:
+                (out / "splits-aside").rename(out / "splits")
+                results = execute(jobs, options, "local", parallel=2, pool=pool)
+            (out / "splits").rename(out / "splits-aside")
+        assert [r.status for r in results] == [DONE] * pending + [SKIPPED] * (4 - pending)
+        assert [p.size for p in pools] == sizes and pools[0].stopped and pools[0].sent == []
+        assert [p.sent for p in pools[1:]] == [[0]] * (pending > 0)
+
+
+def test_run_parallel_999_on_recorded_jobs_starts_no_worker(splits_root, tmp_path, pools, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    common = ["run", "--method", "knn", "--weights", "none", "--device", "cpu", "--out", str(out),
+              "--classes", "0,1,2"]
+    assert main([*common, "--parallel", "1"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--parallel", "999"]) == 0
+    assert "0 jobs ran, 3 skipped" in capsys.readouterr().err
+    assert pools == []
 
 
 def _alive(pid: int) -> bool:
@@ -168,6 +306,43 @@ def test_a_job_whose_record_its_broken_worker_wrote_counts_as_done(splits_root, 
     assert result.auroc == load_records(out)[0].metrics["auroc"]
     assert _written_before_break(jobs[0], options, time.time() + 60.0) is None  # written before the attempt
     assert _written_before_break(jobs[1], options, before) is None
+
+
+class BrokenPool(ThreadPool):
+    """A pool whose workers died: the first job's future fails at once, the others' only when
+    the pool is shut down (a broken process pool may settle them after `wait` returned)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.executor = SimpleNamespace(shutdown=self._shutdown)
+
+    def submit(self, number, job, options) -> None:
+        self.sent.append(number)
+        future = Future()
+        if not self.running:
+            future.set_exception(BrokenProcessPool("a worker died"))
+        self.running[future] = number
+
+    def _shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        for future in self.running:
+            if not future.done():
+                future.set_exception(BrokenProcessPool("a worker died"))
+
+
+def test_every_job_of_a_broken_pool_is_run_again_not_only_those_failed_first(splits_root, tmp_path, markers,
+                                                                           faulty, monkeypatch):
+    made: list[ThreadPool] = []
+
+    def make(size: int, threads: int) -> ThreadPool:
+        made.append((BrokenPool if not made else ThreadPool)(size, threads))
+        return made[-1]
+
+    monkeypatch.setattr(parallel, "WorkerPool", make)
+    out = fresh_out(splits_root, tmp_path)
+    jobs, options = jobs_and_options(out, markers, "none", retries=1)
+    results = execute(jobs, options, "local", parallel=2)
+    assert [r.status for r in results] == [DONE] * 4, [r.error for r in results]
+    assert made[0].sent == [0, 1] and sorted(made[1].sent) == [0, 1, 2, 3]
 
 
 @pytest.mark.slow
