@@ -355,7 +355,7 @@ def run_command(
     from .parallel import jobs_at_once
     from .records import load_records_at
     from .runner import RunOptions, expand_jobs
-    from .validate import check_executor, check_parallel, check_weights, parse_methods, parse_seeds
+    from .validate import check_executor, check_parallel, check_run_configs, check_weights, parse_methods, parse_seeds
 
     methods = parse_methods(method)
     settings = list(requested_settings(setting))
@@ -366,6 +366,8 @@ def run_command(
     check_executor(executor, ray_address, retries, ray_cpus_per_job, ray_gpus_per_job)
     parallel_jobs = check_parallel(parallel, executor)
     overrides = _parse_overrides(option or [])
+    notes = check_run_configs(methods, dataset=dataset, settings=settings, preset=preset, overrides=overrides,
+                              weights=weights)
     caching = CacheSettings(enabled=cache, budget_gb=cache_budget_gb, workers=workers)
     resources = RayResources(ray_cpus_per_job, ray_gpus_per_job)
     options = RunOptions(out=out, device=device, weights=weights, force=force, retries=retries,
@@ -380,6 +382,8 @@ def run_command(
         overrides=overrides,
         preset=preset or "",
     )
+    for note in notes:
+        stderr_console().print(f"note: {note}", soft_wrap=True, markup=False)
     at_once = jobs_at_once(parallel_jobs, device, len(jobs))
     if dry_run:
         from .plan import plan_run, print_plan
@@ -488,8 +492,7 @@ def methods_command() -> None:
         table.add_column(column)
     for name in available():
         cls = get_class(name)
-        presets = ", ".join(p + (f" (= {cls.paper_preset or 'defaults'})" if p == "paper" else "")
-                            for p in cls.preset_names())
+        presets = ", ".join(cls.preset_labels())
         table.add_row(name, cls.description, cls.paper, presets)
     stdout_console().print(table)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from datasets_builders.errors import NdbenchError, not_a_file
 from datasets_builders.splits import parse_class_list
@@ -43,15 +44,93 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def check_weights(weights: str | None) -> None:
-    """`--weights`: hub, none, embedded or an existing file."""
+def check_weights(weights: str | None, option: str = "--weights") -> None:
+    """`--weights` (or the value of `option`, e.g. "--set weights"): hub, none, embedded or an
+    existing file."""
     if weights is None or weights in (HUB, NO_WEIGHTS, EMBEDDED_WEIGHTS):
         return
+    accepted = f"{HUB} (timm's hub), {NO_WEIGHTS} (random init), {EMBEDDED_WEIGHTS} (the shipped small backbones)"
+    if not weights.strip():
+        raise NdbenchError(f"{option} is empty", f"give {accepted} or a weights file")
     if not Path(weights).is_file():
+        given = f"{option}={weights}" if option.startswith("--set ") else f"{option} {weights}"
         raise NdbenchError(
-            f"--weights {weights}: {not_a_file(Path(weights)) if Path(weights).exists() else 'no such file'}",
+            f"{given}: {not_a_file(Path(weights)) if Path(weights).exists() else 'no such file'}",
             f"give a local state dict or .safetensors file, or one of {HUB}, {NO_WEIGHTS}, {EMBEDDED_WEIGHTS}",
         )
+
+
+def check_run_configs(methods: list[str], *, dataset: str, settings: list[str], preset: str | None,
+                      overrides: dict[str, Any], weights: str | None) -> list[str]:
+    """What each method's config in a run is built from, checked before any work: the
+    --preset name, a --set backbone or weights, and a backbone without embedded weights where
+    the weights are "embedded", each refused naming the option that chose it. Returns a note
+    for each method that --preset leaves as it was."""
+    from methods.registry import get_class
+
+    if preset is not None and not preset.strip():
+        names = "; ".join(f"{method}: {', '.join(get_class(method).preset_names())}" for method in methods)
+        raise NdbenchError("--preset is empty", f"drop --preset for each method's defaults, or name one: {names}")
+    notes = []
+    for method in methods:
+        built = {setting: _run_config(method, dataset, setting, preset, overrides, weights) for setting in settings}
+        for config in built.values():
+            _check_run_config(method, config, preset, overrides, weights)
+        if preset and all(config == _run_config(method, dataset, setting, None, overrides, weights)
+                          for setting, config in built.items()):
+            why = ("its paper recipe is its defaults" if get_class(method).resolve_preset(preset) is None
+                   else "every option it sets already has that value")
+            notes.append(f"--preset {preset} changes nothing for {method}: {why}")
+    return notes
+
+
+def _run_config(method: str, dataset: str, setting: str, preset: str | None, overrides: dict[str, Any],
+                weights: str | None) -> Any:
+    """The config a run's job of `method` on `dataset` and `setting` is built with."""
+    from .runner import Job, RunOptions, build_detector
+
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()))
+    job = Job(method, dataset, setting, "", 0, frozen, preset or "")
+    return build_detector(job, RunOptions(weights=weights)).config
+
+
+def _check_run_config(method: str, config: Any, preset: str | None, overrides: dict[str, Any],
+                      weights: str | None) -> None:
+    """One config's backbone and weights (see `check_run_configs`)."""
+    from methods.backbones import check_model_name
+    from methods.shipped_weights import SHIPPED_ARCHS, check_embedded_arch
+
+    arch = getattr(config, "backbone", None)
+    if "backbone" in overrides and arch is not None:
+        try:
+            check_model_name(arch)
+        except NdbenchError as exc:
+            raise NdbenchError(f"--set backbone={arch}: {exc.problem}", exc.fix) from None
+    if weights is None and "weights" in overrides and hasattr(config, "weights"):
+        check_weights(config.weights, "--set weights")
+    if getattr(config, "weights", None) != EMBEDDED_WEIGHTS or arch is None:
+        return
+    try:
+        check_embedded_arch(arch)
+    except NdbenchError:
+        if weights is not None:  # the user's own --weights embedded: its message names it
+            raise
+        made_for = f"they are made for {' and '.join(SHIPPED_ARCHS)}"
+        pretrain = f"pre-train it with `ndbench pretrain --arch {arch}` (hours)"
+        if "weights" in overrides:
+            raise NdbenchError(f"--set weights={EMBEDDED_WEIGHTS}: {arch} has no embedded weights ({made_for})",
+                               f"use --set weights={HUB} or a weights file, or {pretrain}") from None
+        default = f"the weights of the embedded preset ({made_for})"
+        if "backbone" in overrides:
+            problem = f"{method} --set backbone={arch}: {arch} has no embedded weights, {default}"
+            instead = "keep the embedded preset's backbone"
+        elif preset:
+            problem = f"{method} --preset {preset} sets backbone {arch}, which has no embedded weights, {default}"
+            instead = f"drop --preset {preset}"
+        else:
+            raise
+        raise NdbenchError(problem, f"run {method} with --weights {HUB} or --weights FILE, {pretrain}, "
+                           f"or {instead}") from None
 
 
 def check_executor(executor: str, ray_address: str | None, retries: int,

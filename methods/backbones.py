@@ -39,7 +39,7 @@ def create_backbone(
     """A timm model `name` with weights from the hub ("hub"), a local file (a path), or random
     init ("none"/None, only when asked). Other keyword arguments (img_size, patch_size, ...)
     go to `timm.create_model`. Raises NdbenchError (naming `--weights`) when weights cannot be had."""
-    _check_name(name)
+    check_model_name(name)
     if weights == HUB:
         return _from_hub(name, num_classes, timm_kwargs)
     model = _build(name, num_classes, timm_kwargs)
@@ -53,7 +53,7 @@ def pretrained_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float,
     """The input mean and std that timm records for the weights `name` (architecture and
     pretrained tag, e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k; the architecture's default
     tag when none is given)."""
-    _check_name(name)
+    check_model_name(name)
     cfg = get_pretrained_cfg(name, allow_unregistered=True)
     if cfg is None:
         model = timm.create_model(name, pretrained=False)
@@ -62,7 +62,8 @@ def pretrained_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float,
     return tuple(cfg.mean), tuple(cfg.std)
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Raise one NdbenchError unless timm knows the model `name` (and its pretrained tag, if any)."""
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         raise NdbenchError(

@@ -84,7 +84,7 @@ def build_config(config_cls: type, base: Any | None, overrides: dict) -> Any:
         if name in hints and not _fits(value, hints[name]):
             raise NdbenchError(
                 f"{config_cls.__qualname__} option {name!r} takes {_describe_type(hints[name])}, not {value!r}",
-                f"give {name} a value of that type",
+                _list_fix(name, value, hints[name]) or f"give {name} a value of that type",
             )
     config = base if base is not None else config_cls()
     coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
@@ -114,6 +114,44 @@ def _fits(value: Any, hint: Any) -> bool:
             return all(_fits(item, args[0]) for item in value)
         return not args or (len(args) == len(value) and all(map(_fits, value, args)))
     return True
+
+
+def _tuple_hint(hint: Any) -> Any | None:
+    """The tuple type `hint` is or holds in a union (None when it takes no tuple)."""
+    if hint is tuple or typing.get_origin(hint) is tuple:
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(filter(None, map(_tuple_hint, typing.get_args(hint))), None)
+    return None
+
+
+def _example(hint: Any) -> list | None:
+    """A list that fits the tuple type `hint`, to show in a fix (None unless its items are numbers)."""
+    samples = {float: 0.5, int: 1}
+    args = typing.get_args(hint)
+    if len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0], args[0])
+    items = [samples.get(arg) for arg in args]
+    return items if items and None not in items else None
+
+
+def _list_fix(name: str, value: Any, hint: Any) -> str | None:
+    """For text given to an option that takes a list (e.g. mean=0.5,0.5,0.5): how to write it
+    as a JSON list, from the text's own comma-separated items where they fit; None otherwise."""
+    if not isinstance(value, str) or _tuple_hint(hint) is None:
+        return None
+    items = []
+    for part in value.split(","):
+        try:
+            items.append(json.loads(part))
+        except json.JSONDecodeError:
+            items.append(part.strip())
+    if _fits(items, hint):
+        return f"write {name} as a JSON list: {name}={json.dumps(items, separators=(',', ':'))}"
+    example = _example(_tuple_hint(hint))
+    if example is None:
+        return f"write {name} as a JSON list"
+    return f"write {name} as a JSON list, e.g. {name}={json.dumps(example, separators=(',', ':'))}"
 
 
 def _describe_type(hint: Any) -> str:
@@ -180,6 +218,25 @@ class BaseDetector(ABC):
     def preset_names(cls) -> list[str]:
         """The presets `--preset` accepts for this method ("paper" always)."""
         return sorted({*cls.presets, PAPER_PRESET})
+
+    @classmethod
+    def preset_labels(cls) -> list[str]:
+        """`preset_names` as `ndbench methods` lists them: "paper" with what it stands for when
+        that is not a preset of its own ("paper (= defaults)", "paper (= released_voc)")."""
+        return [f"{name} (= {cls.paper_alias()})" if name == PAPER_PRESET and cls.paper_alias() else name
+                for name in cls.preset_names()]
+
+    @classmethod
+    def paper_alias(cls) -> str | None:
+        """What "paper" stands for, when not only itself: "defaults", another preset's name (the
+        one it resolves to, or one with the same values as a preset "paper"), else None."""
+        if cls.paper_preset is None:
+            return "defaults"
+        if cls.paper_preset != PAPER_PRESET:
+            return cls.paper_preset
+        recipe = cls.presets.get(PAPER_PRESET)
+        return next((name for name in sorted(cls.presets) if name != PAPER_PRESET and cls.presets[name] == recipe),
+                    None)
 
     @classmethod
     def resolve_preset(cls, name: str) -> str | None:

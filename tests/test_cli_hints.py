@@ -140,7 +140,31 @@ BAD_OPTIONS = [
     (["leaderboard"], "run `ndbench run --method knn` first"),
     (["run", "--method", "knn", "--set", "backbone=vit_tiny_patch16_224", "--weights", "embedded"],
      "vit_tiny_patch16_224 has no embedded weights"),
+    (["run", "--method", "knn", "--set", "backbone=vit_tiny_patch16_224"],
+     "knn --set backbone=vit_tiny_patch16_224: vit_tiny_patch16_224 has no embedded weights"),
+    (["run", "--method", "transformaly", "--preset", "paper"], "transformaly --preset paper sets backbone"),
+    (["run", "--method", "knn", "--preset", ""], "--preset is empty"),
+    (["run", "--method", "knn", "--set", "backbone=foo"], "--set backbone=foo: unknown timm model 'foo'"),
+    (["run", "--method", "knn", "--set", "weights="], "--set weights is empty"),
+    (["run", "--method", "knn", "--weights", ""], "--weights is empty"),
+    (["run", "--method", "knn", "--set", "mean=0.5,0.5,0.5"], "as a JSON list: mean=[0.5,0.5,0.5]"),
+    (["run", "--method", "knn", "--set", "weights=/no/such.pt", "--dry-run"],
+     "--set weights=/no/such.pt: no such file"),
 ]
+BACKTICKED = re.compile(r"`[^`]*`")
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+
+
+def named_options(line: str) -> set[str]:
+    """The --options an error line names outside its backticked commands (those are checked
+    against the commands they name by test_a_suggested_command_parses_as_written)."""
+    return set(OPTION.findall(BACKTICKED.sub("", line)))
+
+
+def command_options(name: str) -> set[str]:
+    """Every --option the ndbench command `name` takes."""
+    command = typer.main.get_command(app).commands[name]
+    return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")}
 
 
 @pytest.mark.parametrize(("args", "needle"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
@@ -157,6 +181,8 @@ def test_a_bad_option_is_one_line_before_any_work(tmp_path, monkeypatch, capsys,
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ndbench: error:"), err
     assert needle in lines[0], err
+    assert named_options(lines[0]) <= command_options(args[0]) | {"--help"}, f"{lines[0]} names an option " \
+        f"`ndbench {args[0]}` does not have"
     assert not out.exists() and list(cache.iterdir()) == [] and not (tmp_path / "results").exists()
 
 

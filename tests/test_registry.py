@@ -120,3 +120,22 @@ def test_the_demo_runs_the_paper_method_its_ablation_and_the_quick_baselines():
 
     assert demo_methods(full=False) == ["knn", "mkd", "defend", "transformaly"]
     assert demo_methods(full=True) == available() and len(available()) == 8
+
+
+def test_the_methods_table_says_what_paper_stands_for_once(capsys):
+    from methods.registry import get_class
+
+    labels = {name: get_class(name).preset_labels() for name in available()}
+    assert labels["knn"] == ["embedded", "paper (= defaults)", "paper-text"]
+    assert labels["kdad"] == ["embedded", "embedded/multi-class", "paper"]
+    assert labels["dsvdd"] == ["embedded", "paper (= released_voc)", "released_voc"]
+    assert not any("(= paper)" in label for names in labels.values() for label in names)
+
+
+def test_a_list_option_given_as_text_asks_for_a_json_list():
+    with pytest.raises(NdbenchError, match=r"takes .* not '0.5,0.5,0.5' \(write mean as a JSON list: "
+                       r"mean=\[0.5,0.5,0.5\]\)$"):
+        registry_module.get("knn", mean="0.5,0.5,0.5")
+    with pytest.raises(NdbenchError, match=r"not 'a,b' \(write mean as a JSON list, e.g. "
+                       r"mean=\[0.5,0.5,0.5\]\)$"):
+        registry_module.get("knn", mean="a,b")
