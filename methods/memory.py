@@ -7,6 +7,7 @@ Shared by the training detectors (defend/mkd, transformaly, kdad).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -137,6 +138,15 @@ class TableRows:
             return self.table.rows(items)
         index = torch.as_tensor(items, device=next(iter(self.resident.values())).device)
         return {name: value[index] for name, value in self.resident.items()}
+
+
+@contextmanager
+def seeded_torch_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's global RNG (and `device`'s, on CUDA) seeded with `seed` inside the block, as it
+    was before the block afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def draw_seed(generator: torch.Generator) -> int:

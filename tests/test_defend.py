@@ -353,6 +353,26 @@ def test_defend_teacher_reaches_mkd_and_mkd_teacher_is_untuned(tmp_path, monkeyp
     assert defend.record_extra()["dense_steps"] == 1 and defend.record_extra()["crop_px"] == [32, 16]
 
 
+def test_mkd_and_defend_of_one_seed_distil_with_the_same_random_numbers(monkeypatch, toy):
+    # A DEFEND tuning that draws random numbers but leaves the teacher as it is: the two methods
+    # then differ by nothing, so their scores must be the same (the paired ablation).
+    def tuning_that_changes_nothing(self, train, *, device, progress, generator):
+        torch.rand(100), torch.randint(0, 10, (5,), generator=generator)
+
+    monkeypatch.setattr(DefendDetector, "prepare_teacher", tuning_that_changes_nothing)
+    scores = {}
+    for name in ("mkd", "defend"):
+        torch.manual_seed(0)
+        detector = get(name, **TINY_CONFIG, epochs=2, lr=1e-3, student_drop_path=0.1)
+        detector.fit(toy[0], device=CPU)
+        scores[name] = detector.score(toy[1], device=CPU)
+    np.testing.assert_allclose(scores["defend"], scores["mkd"], rtol=1e-6)
+    torch.manual_seed(1)
+    other = get("mkd", **TINY_CONFIG, epochs=2, lr=1e-3, student_drop_path=0.1)
+    other.fit(toy[0], device=CPU)
+    assert not np.allclose(other.score(toy[1], device=CPU), scores["mkd"])  # another seed, other numbers
+
+
 # --- end to end -------------------------------------------------------------------------------
 def test_defend_separates_toy_normal_from_novel(fitted_defend, toy):
     scores = fitted_defend.score(toy[1], device=CPU)
