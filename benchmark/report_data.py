@@ -1,6 +1,7 @@
 """What the report shows, read from a results root: the records (unreadable files skipped
 with a warning), and per dataset and setting the tables of `tables.py`, the jobs missing
-from the grid (the methods and seeds run, on every split of the setting), each split's stored test scores, and each run's metadata."""
+from the grid (the methods and seeds run, on every split of the setting), each split's
+stored test scores, and each run's metadata."""
 
 from __future__ import annotations
 
