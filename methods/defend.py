@@ -209,9 +209,10 @@ PAPER_TEXT_DEFEND = {**PAPER_TEXT, "num_prototypes": PROTOTYPES_2X_OBSERVED}
 # One DEFEND epoch (16 steps at the released lr): on the 10 uni-class splits (seed 0, 2 cores)
 # AVG AUROC 72.6 at 1 epoch vs 70.1 at 2 (17 vs 24.5 s a job) with the shipped 4-epoch ViT,
 # 67.4 vs 66.8 with the earlier 1-epoch ViT: the second epoch buys nothing here. With the
-# shipped two-stage ViT (seeds 0-2): the preset gives defend 79.5 / mkd 78.8; 3 MKD epochs 79.9 /
-# 80.3, the order reversed (25.0 / 11.6 s of fitting a job vs 21.9 / 9.1 s, past the demo's
-# 5 minutes); seed 0: 3 DEFEND epochs defend 75.6, MKD lr 2e-3 defend 77.9.
+# shipped two-stage ViT (seeds 0-2, paired streams, see `MKDDetector.fit`): the preset gives
+# defend 79.9 / mkd 79.1; 3 MKD epochs 80.8 / 80.9, the tuning's lead gone (25.0 / 11.6 s of
+# fitting a job vs 21.9 / 9.1 s, past the demo's 5 minutes); seed 0, before the pairing: 3
+# DEFEND epochs defend 75.6, MKD lr 2e-3 defend 77.9.
 EMBEDDED_BASE = {"backbone": "ndbench_vit_embedded", "weights": EMBEDDED_WEIGHTS, "img_size": 64}
 EMBEDDED_MKD = {**EMBEDDED_BASE, "epochs": 2, "batch_size": 8, "eval_batch_size": 64, "lr": 1e-3}
 EMBEDDED_DEFEND = {**EMBEDDED_MKD, "dense_epochs": 1, "head_hidden": 384, "head_out": 64}
