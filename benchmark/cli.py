@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from datasets_builders.errors import NdbenchError
 from datasets_builders.sources import DATASETS
@@ -18,8 +21,21 @@ from .interrupts import Interrupted, signals_raise_interrupted
 from .reporting import class_names_under, print_tables, report_results, show_tables
 from .validate import check_output_file, check_output_folder, parse_ids
 
+
+class _OneParagraphGroup(TyperGroup):
+    """Lists each command with the first paragraph of its docstring as flowing text (typer's
+    rich help keeps the docstring's line breaks there, cutting the list into ragged lines)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and command.short_help is None and command.help:
+            command.short_help = " ".join(inspect.cleandoc(command.help).split("\n\n")[0].split())
+        return command
+
+
 app = typer.Typer(
     name="ndbench",
+    cls=_OneParagraphGroup,
     help="Multi-object novelty detection benchmark (DEFEND+MKD and baselines).",
     no_args_is_help=True,
     add_completion=False,
@@ -832,7 +848,7 @@ def bench_command(
 
 
 cache_app = typer.Typer(help="The on-disk store of decoded images and frozen-network outputs.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, cls=_OneParagraphGroup)
 app.add_typer(cache_app, name="cache")
 
 

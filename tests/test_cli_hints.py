@@ -215,6 +215,21 @@ def test_the_command_line_answers_help_without_importing_torch():
     assert loaded.stdout.strip() == "[]", loaded.stdout
 
 
+@pytest.mark.parametrize("group", [[], ["cache"]])
+def test_help_lists_each_command_with_its_first_paragraph_on_one_flowing_line(group):
+    # Wide enough for every first paragraph: a line break from the docstring would cut one.
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [*group, "--help"], env={"COLUMNS": "1000"})
+    assert result.exit_code == 0, result.output
+    root = typer.main.get_command(app)
+    commands = root.commands[group[0]].commands if group else root.commands
+    lines = result.output.splitlines()
+    for name, command in commands.items():
+        first = " ".join(command.help.split("\n\n")[0].split())
+        assert any(first in line for line in lines), (name, first)
+
+
 @pytest.mark.parametrize("command", [["cache", "info"], ["cache", "clear"]])
 @pytest.mark.parametrize("file_at", ["cache", "cache/store"])
 def test_cache_commands_refuse_a_store_that_cannot_be_used(tmp_path, monkeypatch, capsys, command, file_at):
