@@ -1,4 +1,5 @@
-"""Per-job lock files: two runs over one results folder never run the same job at once.
+"""Lock files: two runs over one results folder never run the same job at once, and two
+reports never write one report folder at once.
 
 A job's lock is `<record stem>.lock` beside its record. It is created with O_CREAT|O_EXCL
 (atomic on local and NFS file systems) and holds its owner's host, pid, process start and
@@ -9,16 +10,19 @@ between), or the lock is unreadable and old. A stale lock is taken over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from datasets_builders.atomic import write_error
+from datasets_builders.errors import NdbenchError
 
 # An unreadable lock younger than this may be one being written this instant; older, it is
 # the leftover of a process killed between creating and filling it.
@@ -155,7 +159,11 @@ def _take_over(path: Path, stale_text: str, token: str) -> None:
 
 def try_lock(record: Path, attempts: int = 3) -> LockAttempt:
     """Take the lock of the job whose record goes to `record`, taking over a stale one."""
-    path = lock_path(record)
+    return try_lock_file(lock_path(record), attempts)
+
+
+def try_lock_file(path: Path, attempts: int = 3) -> LockAttempt:
+    """Take the lock file `path`, taking over a stale one."""
     me = LockOwner.me()
     notes: list[str] = []
     for _ in range(attempts):
@@ -175,3 +183,30 @@ def try_lock(record: Path, attempts: int = 3) -> LockAttempt:
         notes.append(f"ndbench: warning: taking over stale lock {path} ({why})")
         _take_over(path, text, me.token)
     return LockAttempt(None, f"another run (lock {path} keeps changing)", tuple(notes))
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file: Path, *, what: str, wait_s: float, note: Callable[[str], None],
+                poll_s: float = 0.5) -> Iterator[None]:
+    """Hold the lock file `lock_file` (a stale one is taken over, as a job's) for the body;
+    while another live process holds it, wait for it up to `wait_s` seconds, saying so once
+    through `note`, then refuse with one NdbenchError naming the holder. `what` names the
+    work in messages, e.g. "a report into results/report"."""
+    deadline, waited = time.monotonic() + wait_s, False
+    while True:
+        attempt = try_lock_file(Path(lock_file))
+        for line in attempt.notes:
+            note(line)
+        if attempt.lock is not None:
+            break
+        if time.monotonic() >= deadline:
+            raise NdbenchError(f"{attempt.holder} is still writing {what} after {wait_s:.0f} s of waiting",
+                               f"let it finish and try again; if no such process runs, delete {lock_file}")
+        if not waited:
+            note(f"ndbench: waiting for {attempt.holder}, which is writing {what}")
+            waited = True
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        attempt.lock.release()

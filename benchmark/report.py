@@ -14,7 +14,8 @@ that cannot be read is skipped with one warning naming it.
 Figures are drawn into a staging folder and put in place together with the page at the end,
 so an interrupted or failed report leaves the earlier page and its figures whole. A list of
 the figures beside them (`img/.ndbench-figures.json`) lets the next report remove the ones it
-no longer shows, and only those: other files in `img/` are never touched.
+no longer shows, and only those: other files in `img/` are never touched. Two reports into
+one folder take turns (a lock file in it): the second waits for the first.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from datasets_builders.errors import WriteFailure
 from methods.base import tracked
 
 from . import plots
+from .locks import folder_lock
 from .models import ndbench_version
-from .report_data import Block, Warn, gather, map_caption, split_scores
+from .report_data import Block, Results, Warn, gather, map_caption, split_scores
 from .report_html import MapGrid, PageFigure, render_page
 from .tables import AVG
 
@@ -50,6 +52,9 @@ HIST_SPLITS_PER_FIGURE = 10
 IMAGE_DIR = "img"
 MANIFEST = ".ndbench-figures.json"  # in IMAGE_DIR: the figures the page beside it shows
 STAGING_PREFIX = ".ndbench-staging-"  # in IMAGE_DIR: a report's figures until they are put in place
+LOCK = ".ndbench-report.lock"  # in the report folder while a report writes it
+# How long a report waits for another one writing the same folder (a report takes seconds to a minute).
+LOCK_WAIT_S = 600.0
 # The figures a report wrote before there was a manifest (directly in IMAGE_DIR, and its maps/).
 LEGACY_FIGURE = re.compile(r"(heatmap_.+|(roc|hist)_.+_\d+|maps/[^/]+(__[^/]+){3}__seed\d+)\.png")
 
@@ -70,11 +75,19 @@ class ReportResult:
 def build_report(out: Path, report_dir: Path | None = None, warn: Warn | None = None,
                  progress: Progress | None = None) -> ReportResult:
     """Write the HTML report of the records under `<out>/runs` to `report_dir` (default
-    `<out>/report`); return where it went and what it holds."""
+    `<out>/report`); return where it went and what it holds. Waits while another report
+    writes the same folder."""
     start = time.perf_counter()
     warn = warn or (lambda message: None)
     results = gather(out, warn)
     report_dir = Path(report_dir) if report_dir is not None else results.out / "report"
+    with folder_lock(report_dir / LOCK, what=f"a report into {report_dir}", wait_s=LOCK_WAIT_S,
+                     note=lambda line: warn(line.removeprefix("ndbench: warning: ").removeprefix("ndbench: "))):
+        return _write_report(results, report_dir, warn, progress, start)
+
+
+def _write_report(results: Results, report_dir: Path, warn: Warn, progress: Progress | None,
+                  start: float) -> ReportResult:
     blocks = results.blocks
     colours = plots.method_colours({r.method for r in results.records})
     writer = _ImageWriter(report_dir / IMAGE_DIR, warn)

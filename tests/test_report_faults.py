@@ -4,9 +4,14 @@ that fails half-way leaves the earlier page and its figures whole."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -14,13 +19,15 @@ import pytest
 from PIL import Image
 from test_report import read_page, synthetic
 
-from benchmark import plots
+from benchmark import plots, report
+from benchmark.locks import LockOwner, _process_start
 from benchmark.records import write_record
 from benchmark.report import IMAGE_DIR, build_report
-from datasets_builders.errors import WriteFailure
+from datasets_builders.errors import NdbenchError, WriteFailure
 
 MANIFEST = ".ndbench-figures.json"  # the figures a report wrote, beside them
 STAGING_PREFIX = ".ndbench-staging-"  # a report's figures until they are put in place
+REPORT_LOCK = ".ndbench-report.lock"  # in the report folder while a report writes it
 
 LABELS = [0, 0, 1, 1]
 SCORES = [0.1, 0.4, 0.35, 0.8]
@@ -180,3 +187,65 @@ def test_a_folder_where_a_figure_goes_is_refused_and_kept(tmp_path):
     assert {k: v for k, v in snapshot(out / "report").items() if "roc_" not in k} == {
         k: v for k, v in before.items() if "roc_" not in k}
 
+
+
+def _lock_held_by(process: subprocess.Popen, path: Path) -> None:
+    """Write the lock file `path` as if `process` (on this host) held it."""
+    owner = LockOwner(socket.gethostname(), process.pid, "2026-01-01T00:00:00+00:00",
+                      _process_start(process.pid), "feed")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(owner)) + "\n")
+
+
+def test_a_report_waits_for_another_one_writing_the_same_folder(tmp_path):
+    out = tiny_results(tmp_path)
+    lock = out / "report" / REPORT_LOCK
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_held_by(holder, lock)
+        waiting = threading.Event()
+        seen: dict[str, bool] = {}
+
+        def finish_the_other_report() -> None:
+            seen["told"] = waiting.wait(30)
+            seen["page_before_release"] = (out / "report" / "index.html").exists()
+            lock.unlink()
+
+        def warn(message: str) -> None:
+            if "waiting for" in message:
+                waiting.set()
+
+        other = threading.Thread(target=finish_the_other_report)
+        other.start()
+        result = build_report(out, warn=warn)
+        other.join()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert seen == {"told": True, "page_before_release": False}
+    assert result.path.is_file() and not lock.exists()
+
+
+def test_a_report_gives_up_on_a_live_lock_after_its_wait_and_writes_nothing(tmp_path, monkeypatch):
+    out = tiny_results(tmp_path)
+    monkeypatch.setattr(report, "LOCK_WAIT_S", 0.3)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_held_by(holder, out / "report" / REPORT_LOCK)
+        with pytest.raises(NdbenchError, match=f"pid {holder.pid} .* is still writing a report into"):
+            build_report(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (out / "report").iterdir()) == [REPORT_LOCK]
+
+
+def test_the_lock_of_a_report_that_was_killed_is_taken_over(tmp_path):
+    out = tiny_results(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _lock_held_by(gone, out / "report" / REPORT_LOCK)
+    warned: list[str] = []
+    result = build_report(out, warn=warned.append)
+    assert result.path.is_file() and not (out / "report" / REPORT_LOCK).exists()
+    assert any("taking over stale lock" in line and f"pid {gone.pid}" in line for line in warned), warned
