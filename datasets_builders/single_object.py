@@ -65,6 +65,13 @@ _MNIST_FILES = {
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 _TORCHVISION_FOLDERS = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
+# Images per class (0-9) of each published test set: the two datasets share file names and
+# format, and this tells their test label files apart (LeCun et al.'s MNIST test set is
+# uneven; Xiao et al.'s Fashion-MNIST has 1,000 of each class).
+_PUBLISHED_TEST_COUNTS = {
+    "mnist": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+    "fmnist": (1000,) * 10,
+}
 MNIST_CLASS_NAMES = tuple(str(d) for d in range(10))
 FMNIST_CLASS_NAMES = (
     "T-shirt/top",
@@ -284,6 +291,8 @@ def build_mnist_index(root: Path, *, variant: str) -> DatasetIndex:
             raise NdbenchError(
                 f"{labels_path} holds labels outside 0..9", f"download {variant} again"
             )
+        if subset == "test":
+            _check_not_the_other_variant(labels, labels_path, variant)
         for position, label in enumerate(labels.tolist()):
             image_id = f"{subset}/{position}"
             rows.append(IndexRow(image_id, image_id, subset, (label,)))
@@ -295,6 +304,19 @@ def build_mnist_index(root: Path, *, variant: str) -> DatasetIndex:
 def _check_mnist_variant(variant: str) -> None:
     if variant not in _TORCHVISION_FOLDERS:
         raise NdbenchError(f"unknown MNIST variant {variant!r}", "use mnist or fmnist")
+
+
+def _check_not_the_other_variant(labels: np.ndarray, path: Path, variant: str) -> None:
+    """Refuse test labels whose per-class counts are exactly the other variant's published
+    ones (MNIST's files given as Fashion-MNIST, or the reverse: same names, same format)."""
+    other = "mnist" if variant == "fmnist" else "fmnist"
+    counts = tuple(np.bincount(labels, minlength=10).tolist())
+    if counts == _PUBLISHED_TEST_COUNTS[other] != _PUBLISHED_TEST_COUNTS[variant]:
+        raise NdbenchError(
+            f"{path} holds {other}'s test labels (its per-class counts), not {variant}'s",
+            f"point --root at the {variant} files, or build these as {other} (`ndbench build-splits {other}` "
+            "with the same --root)",
+        )
 
 
 def _mnist_candidates(root: Path, variant: str) -> list[Path]:

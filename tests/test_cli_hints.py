@@ -30,6 +30,7 @@ SAMPLES = {
     "self.index.dataset": "voc",
     "index.dataset": "voc",
     "method": "knn",
+    "other": "mnist",
     "arch": "vit_tiny_patch16_224",
     "DATASET": "embedded",
     "options": " --setting multi-class --normal 1,2",

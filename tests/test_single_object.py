@@ -315,6 +315,23 @@ def test_fmnist_torchvision_layout_and_names(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+# Images per class of the published test sets (MNIST's uneven, Fashion-MNIST's 1,000 each).
+MNIST_PUBLISHED_TEST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.mark.parametrize(("given", "published", "counts"), [
+    ("fmnist", "mnist", MNIST_PUBLISHED_TEST),
+    ("mnist", "fmnist", [1000] * 10),
+])
+def test_the_other_variants_files_are_refused(tmp_path: Path, given, published, counts) -> None:
+    # Same file names, same format: the test labels' per-class counts tell them apart.
+    test_labels = np.repeat(np.arange(10), counts)
+    write_mnist(tmp_path, MNIST_TRAIN, test_labels.tolist(), gz=True)
+    with pytest.raises(NdbenchError, match=f"holds {published}'s test labels .* not {given}'s"):
+        build_index(given, tmp_path)
+    assert build_index(published, tmp_path).dataset == published
+
+
 def test_mnist_uncompressed_preferred_and_sha(tmp_path: Path) -> None:
     write_mnist(tmp_path, MNIST_TRAIN, MNIST_TEST, gz=True)
     gz_index = build_mnist_index(tmp_path, variant="mnist")
