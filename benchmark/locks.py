@@ -27,6 +27,7 @@ from datasets_builders.errors import NdbenchError
 # An unreadable lock younger than this may be one being written this instant; older, it is
 # the leftover of a process killed between creating and filling it.
 UNREADABLE_GRACE_S = 60.0
+WARNING = "ndbench: warning: "  # the prefix of the warning lines `try_lock` returns
 
 
 def lock_path(record: Path) -> Path:
@@ -180,7 +181,7 @@ def try_lock_file(path: Path, attempts: int = 3) -> LockAttempt:
         if owner is not None and not owner.is_gone():
             return LockAttempt(None, owner.describe(), tuple(notes))
         why = "unreadable" if owner is None else f"its owner {owner.describe()} is gone"
-        notes.append(f"ndbench: warning: taking over stale lock {path} ({why})")
+        notes.append(f"{WARNING}taking over stale lock {path} ({why})")
         _take_over(path, text, me.token)
     return LockAttempt(None, f"another run (lock {path} keeps changing)", tuple(notes))
 
@@ -190,20 +191,21 @@ def folder_lock(lock_file: Path, *, what: str, wait_s: float, note: Callable[[st
                 poll_s: float = 0.5) -> Iterator[None]:
     """Hold the lock file `lock_file` (a stale one is taken over, as a job's) for the body;
     while another live process holds it, wait for it up to `wait_s` seconds, saying so once
-    through `note`, then refuse with one NdbenchError naming the holder. `what` names the
-    work in messages, e.g. "a report into results/report"."""
+    through `note` (which, as for every warning, gets the message without a prefix), then
+    refuse with one NdbenchError naming the holder. `what` names the work in messages, e.g.
+    "a report into results/report"."""
     deadline, waited = time.monotonic() + wait_s, False
     while True:
         attempt = try_lock_file(Path(lock_file))
         for line in attempt.notes:
-            note(line)
+            note(line.removeprefix(WARNING))
         if attempt.lock is not None:
             break
         if time.monotonic() >= deadline:
             raise NdbenchError(f"{attempt.holder} is still writing {what} after {wait_s:.0f} s of waiting",
                                f"let it finish and try again; if no such process runs, delete {lock_file}")
         if not waited:
-            note(f"ndbench: waiting for {attempt.holder}, which is writing {what}")
+            note(f"waiting for {attempt.holder}, which is writing {what}")
             waited = True
         time.sleep(poll_s)
     try:

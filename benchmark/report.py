@@ -81,8 +81,7 @@ def build_report(out: Path, report_dir: Path | None = None, warn: Warn | None = 
     warn = warn or (lambda message: None)
     results = gather(out, warn)
     report_dir = Path(report_dir) if report_dir is not None else results.out / "report"
-    with folder_lock(report_dir / LOCK, what=f"a report into {report_dir}", wait_s=LOCK_WAIT_S,
-                     note=lambda line: warn(line.removeprefix("ndbench: warning: ").removeprefix("ndbench: "))):
+    with folder_lock(report_dir / LOCK, what=f"a report into {report_dir}", wait_s=LOCK_WAIT_S, note=warn):
         return _write_report(results, report_dir, warn, progress, start)
 
 
