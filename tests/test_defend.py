@@ -14,6 +14,7 @@ from defend_fixtures import TINY_CONFIG, TINY_VIT, ToyDataset, no_index
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from datasets_builders.errors import NdbenchError
 from methods import defend as defend_module
@@ -321,6 +322,30 @@ def test_teacher_targets_once_per_image(monkeypatch, toy):
     uncached = get("mkd", **TINY_CONFIG, epochs=3, max_cache_gb=0.0)  # too big to cache: recompute
     uncached.fit(train, device=CPU)
     assert sum(seen) == 60 and uncached.record_extra()["teacher_passes_per_image"] == 3.0
+
+
+@pytest.mark.parametrize("lr_final", [None, 1e-5])
+def test_mkd_lr_final_decays_over_every_step_and_none_keeps_the_released_constant(toy, lr_final):
+    train = ToyDataset(20, 0, seed=3)  # 2 batches of 16 per epoch: 6 steps in 3 epochs
+    lrs: list[float] = []
+    hook = register_optimizer_step_post_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        mkd = get("mkd", **TINY_CONFIG, epochs=3, lr=1e-3, lr_final=lr_final)
+        mkd.fit(train, device=CPU)
+    finally:
+        hook.remove()
+    assert len(lrs) == 6
+    if lr_final is None:
+        assert lrs == [1e-3] * 6
+        assert mkd.record_extra()["mkd_lr_end"] == 1e-3
+    else:  # the lr each step used: from `lr` down; after the last step the decay has reached lr_final
+        assert lrs[0] == 1e-3 and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+        assert mkd.record_extra()["mkd_lr_end"] == pytest.approx(lr_final, rel=1e-6)
+
+
+def test_mkd_lr_final_refuses_a_negative_rate():
+    with pytest.raises(NdbenchError, match="lr_final -0.0001 is not valid"):
+        get("mkd", **TINY_CONFIG, lr_final=-1e-4)
 
 
 # --- the tuned teacher reaches MKD ------------------------------------------------------------
