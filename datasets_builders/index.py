@@ -112,10 +112,13 @@ class DatasetIndex:
 
     @property
     def content_sha256(self) -> str:
-        """sha256 of the index and of the source files it was read from (CIFAR's and MNIST's
-        pixels, VOC's and COCO's annotations): what stored images and cached features of its
-        images are keyed by, so that new source files under the same names make new keys."""
-        return hashlib.sha256(f"{self.sha256}\n{self.source_sha256}".encode()).hexdigest()
+        """sha256 of the index, of the source files it was read from (CIFAR's and MNIST's
+        pixels, VOC's and COCO's annotations), of the dataset's name and of its image root:
+        what stored images and cached features of its images are keyed by, so that new source
+        files under the same names make new keys, and so do the same annotations over the
+        images of another folder."""
+        text = f"{self.sha256}\n{self.source_sha256}\n{self.dataset}\n{self.root}"
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def meta(self) -> dict:
         """What `index.json` holds."""

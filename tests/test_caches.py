@@ -426,3 +426,33 @@ def test_an_interrupted_bench_promises_no_resume(splits_root, tmp_path, monkeypa
                  "--workers", "0"]) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == "ndbench: interrupted by SIGINT; nothing is kept (the jobs ran in a temporary folder)"
+
+
+def test_the_same_annotations_over_other_images_share_no_cache_entries(tmp_path, monkeypatch, capsys):
+    """Two datasets built from one annotation file over different pixels (a copy of an export
+    with its images re-processed) get their own decoded images and features."""
+    from coco_format_fixtures import write_coco_format
+
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    first = write_coco_format(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for path in (tmp_path / "b").rglob("*.jpg"):
+        PIL.Image.fromarray(255 - np.asarray(PIL.Image.open(path).convert("RGB"))).save(path, "JPEG")
+    out = tmp_path / "results"
+    for name, base in (("first", tmp_path / "a"), ("second", tmp_path / "b")):
+        assert main(["build-splits", "coco-format", "--name", name,
+                     "--train-annotations", str(base / "train.json"), "--test-annotations", str(base / "test.json"),
+                     "--train-images", str(base / "images"), "--test-images", str(base / "images"),
+                     "--out", str(out / "splits"), "--setting", "uni-class",
+                     "--classes", "2"]) == 0
+    assert (tmp_path / "b" / "train.json").read_bytes() == first["train_annotations"].read_bytes()
+    tiny = ["--method", "knn", "--classes", "2", "--set", "backbone=ndbench_vit_embedded", "--set", "img_size=64",
+            "--weights", "none", "--device", "cpu"]
+    for name in ("first", "second"):
+        assert main(["run", "--dataset", name, "--out", str(out), *tiny]) == 0, capsys.readouterr().err
+    cached = {r.dataset: r for r in load_records(out)}
+    assert cached["second"].extra["cost"]["decodes"] > 0  # its own pixels, not the first's rows
+    assert cached["first"].scores_sha256 != cached["second"].scores_sha256
+    assert main(["run", "--dataset", "second", "--out", str(out), *tiny, "--no-cache", "--force"]) == 0
+    uncached = {r.dataset: r for r in load_records(out)}["second"]
+    assert abs(cached["second"].metrics["auroc"] - uncached.metrics["auroc"]) < 1e-3
