@@ -150,13 +150,19 @@ def _load(path: Path, dataset: str) -> COCO:
 
 
 def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
-    """What exports get wrong: an id listed twice, no categories, a file name that leaves its
-    image folder (absolute, or climbing out with '..')."""
+    """What exports get wrong: an id listed twice, no categories, a negative category id, a
+    file name that leaves its image folder (absolute, or climbing out with '..')."""
     if not coco.dataset["categories"]:
         raise NdbenchError(
             f"{dataset}: {path} has an empty 'categories' list",
             "export the file with its categories (each an id and a name)",
         )
+    for category in coco.dataset["categories"]:
+        if category["id"] < 0:  # class ids name splits and table rows; averages skip other rows
+            raise NdbenchError(
+                f"{dataset}: category {category['name']!r} in {path} has the negative id {category['id']}",
+                "renumber the categories with ids 0 or above (the same in both files)",
+            )
     for key, what in (("images", "image"), ("categories", "category")):
         seen: set[int] = set()
         for entry in coco.dataset[key]:
@@ -189,7 +195,8 @@ def _merge_categories(
                 raise NdbenchError(
                     f"{dataset}: category id {cid} is {names[cid]!r} in {origin[cid]} but "
                     f"{name!r} in {json_paths[subset]}",
-                    "use train and val annotation files from the same COCO release",
+                    "use train and val annotation files from the same COCO release" if dataset == "coco"
+                    else "export both files with one category list",
                 )
             names.setdefault(cid, name)
             origin.setdefault(cid, json_paths[subset])

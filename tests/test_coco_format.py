@@ -125,6 +125,12 @@ def _no_categories(data):
     data["categories"] = []
 
 
+def _negative_category(data):
+    for entry in (*data["categories"], *data["annotations"]):
+        key = "id" if "name" in entry else "category_id"
+        entry[key] = -1 if entry[key] == 11 else entry[key]
+
+
 def _climbing_file_name(data):
     data["images"][0]["file_name"] = "../elsewhere.jpg"
 
@@ -138,6 +144,7 @@ def _climbing_file_name(data):
         ("train", _float_category, ("category id 2.0", "train.json")),
         ("test", _bool_category, ("category id True", "test.json")),
         ("test", _no_categories, ("empty 'categories' list", "test.json")),
+        ("train", _negative_category, ("'fish'", "negative id -1", "train.json", "ids 0 or above")),
         ("train", _climbing_file_name, ("'../elsewhere.jpg'", "not inside its image folder")),
     ],
 )
