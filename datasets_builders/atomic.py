@@ -7,8 +7,10 @@ import errno
 import functools
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,8 +111,9 @@ def atomic_write_files(files: dict[Path, str | bytes]) -> None:
     """Write several files (text as UTF-8) as one step, in the given order: each is staged beside its
     target before any target is replaced, and a failure or interrupt while replacing puts
     back what the targets held, so a write either lands whole or leaves every file as it was
-    (only a hard kill between two replaces can leave some replaced). Symlinks are written
-    through; a target that is not a regular file is refused before anything is written."""
+    (only a hard kill between two replaces can leave some replaced). SIGINT and SIGTERM
+    wait while the targets are replaced or put back. Symlinks are written through; a target
+    that is not a regular file is refused before anything is written."""
     staged: list[tuple[str, Path]] = []
     backups: dict[Path, Path | None] = {}
     replaced: list[Path] = []
@@ -126,19 +129,17 @@ def atomic_write_files(files: dict[Path, str | bytes]) -> None:
                 handle.write(text.encode("utf-8") if isinstance(text, str) else text)
                 handle.flush()
                 os.fsync(handle.fileno())
-        for _tmp, path in staged:
-            backups[path] = _backup(path)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-            replaced.append(path)
+        with signals_deferred():
+            try:
+                for _tmp, path in staged:
+                    backups[path] = _backup(path)
+                for tmp, path in staged:
+                    os.replace(tmp, path)
+                    replaced.append(path)  # no signal lands between the two: they wait
+            except BaseException:
+                _put_back(replaced, backups)
+                raise
     except BaseException as exc:
-        for target in reversed(replaced):
-            with contextlib.suppress(OSError):
-                backup = backups.get(target)
-                if backup is None:
-                    target.unlink()
-                else:
-                    os.replace(backup, target)
         if isinstance(exc, OSError):
             raise write_error(path, exc) from exc
         raise
@@ -148,6 +149,47 @@ def atomic_write_files(files: dict[Path, str | bytes]) -> None:
         for backup in backups.values():
             if backup is not None:
                 backup.unlink(missing_ok=True)
+
+
+def _put_back(replaced: list[Path], backups: dict[Path, Path | None]) -> None:
+    """Undo replaces, last first: each target gets its backup back, or is removed when it had
+    none."""
+    for target in reversed(replaced):
+        with contextlib.suppress(OSError):
+            backup = backups.get(target)
+            if backup is None:
+                target.unlink()
+            else:
+                os.replace(backup, target)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the block runs: the first one that arrives meanwhile
+    goes to its handler when the block ends. Python runs signal handlers in the main thread
+    only, so elsewhere there is nothing to hold."""
+    signums = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, signums):
+        yield  # (None: a handler set outside Python, which could not be put back)
+        return
+    held: list[tuple[int, object]] = []
+
+    def hold(signum: int, frame) -> None:
+        held.append((signum, frame))
+
+    previous = {signum: signal.signal(signum, hold) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signum, frame = held[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _backup(path: Path) -> Path | None:

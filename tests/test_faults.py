@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -25,7 +26,7 @@ from benchmark.cli import main
 from benchmark.locks import LockOwner, _process_start, lock_path, try_lock
 from benchmark.records import load_records, read_record, scores_path
 from benchmark.runner import Job, RunOptions, job_record_path
-from datasets_builders.atomic import atomic_write_bytes, write_error
+from datasets_builders.atomic import atomic_write_bytes, atomic_write_files, write_error
 from datasets_builders.errors import NdbenchError, WriteFailure
 from methods.backbones import create_backbone
 from methods.pretrain import pretrain
@@ -361,6 +362,65 @@ def test_a_forced_rerun_whose_write_fails_keeps_the_earlier_record(splits_root, 
     assert {p: p.read_bytes() for p in before} == before and leftovers(out) == []
     capsys.readouterr()
     assert len(load_records(out)) == 1 and error_lines(capsys.readouterr().err) == []
+
+
+def _signal_after_replacing_scores(monkeypatch) -> None:
+    """os.replace puts a job's scores file (.csv) in place, then SIGINT arrives, before the
+    record (.json) is replaced."""
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if str(dst).endswith(".csv") and "/runs/" in str(dst):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_ctrl_c_between_the_scores_and_the_record_leaves_a_whole_pair(splits_root, tmp_path, faulty, monkeypatch,
+                                                                        capsys, force):
+    """The interrupt waits until both files are in place: the run stops (exit 130) with a
+    record whose scores file matches it, never one without the other."""
+    out = fresh_out(splits_root, tmp_path)
+    earlier = b""
+    if force:
+        assert main(faulty_args(out)) == 0
+        earlier = scores_path(record_of(out, "0")).read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "write_record", _with_other_scores(records_module.write_record))
+        _signal_after_replacing_scores(patch)
+        assert main([*faulty_args(out), *(["--force"] if force else [])]) == 130
+    capsys.readouterr()
+    (record,) = load_records(out)  # read back whole: its scores file's sha256 matches the record
+    assert error_lines(capsys.readouterr().err) == [] and leftovers(out) == []
+    assert scores_path(record_of(out, "0")).read_bytes() != earlier  # the re-run's pair landed whole
+
+
+def test_a_signal_between_two_replaces_waits_until_every_file_is_in_place(tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    real = os.replace
+
+    def replace_then_signal(src, dst):
+        real(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    old = tmp_path / "a"
+    old.write_text("old a")
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        monkeypatch.setattr(os, "replace", replace_then_signal)
+        with pytest.raises(Stop):
+            atomic_write_files({old: "new a", tmp_path / "b": "new b"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (old.read_text(), (tmp_path / "b").read_text()) == ("new a", "new b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 def _with_other_scores(write_record):
