@@ -215,6 +215,16 @@ class BaseDetector(ABC):
         return None
 
     @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise one NdbenchError when a config's values do not fit together: by default, an
+        `img_size` that its ViT `backbone` cannot cut into whole patches."""
+        backbone, img_size = getattr(config, "backbone", None), getattr(config, "img_size", None)
+        if isinstance(backbone, str) and isinstance(img_size, int):
+            from .backbones import check_img_size
+
+            check_img_size(backbone, img_size, cls.name)
+
+    @classmethod
     def preset_names(cls) -> list[str]:
         """The presets `--preset` accepts for this method ("paper" always)."""
         return sorted({*cls.presets, PAPER_PRESET})
