@@ -310,6 +310,23 @@ class BaseDetector(ABC):
             drop_last=drop_last,
         )
 
+    # --- training data -------------------------------------------------------------------
+    def fewest_train_images(self) -> int:
+        """The fewest training images `fit` learns from (1 unless a method needs more)."""
+        return 1
+
+    def check_train_images(self, train: Dataset) -> None:
+        """Raise one NdbenchError when `train` holds fewer images than `fit` can learn from."""
+        count, fewest = len(train), self.fewest_train_images()
+        if count == 0:
+            raise NdbenchError(f"{self.name} got no training images", "check the split's train part")
+        if count < fewest:
+            raise NdbenchError(
+                f"{self.name} needs at least {fewest} training images, got {count}",
+                f"run it on splits with {fewest} or more; ndbench build-splits coco-format --min-train-images "
+                f"{fewest} gives no split to classes with fewer",
+            )
+
     # --- persistence ---------------------------------------------------------------------
     @abstractmethod
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:

@@ -113,6 +113,7 @@ class KNNDetector(BaseDetector):
 
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Store the training features."""
+        self.check_train_images(train)
         self.train_features = self.features(train, device=device, progress=progress)
         self.fitted = True
 

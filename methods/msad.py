@@ -331,12 +331,16 @@ class MSADDetector(BaseDetector):
         return torch.cat(rows) if rows else torch.zeros(0, 0)
 
     # --- training --------------------------------------------------------------------------
+    def fewest_train_images(self) -> int:
+        """Two, unless `angular`: with one image the contrastive loss has no negatives and is 0,
+        so only the angular centre loss would train the backbone."""
+        return 1 if self.config.angular else 2
+
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Fix the centre from the pre-trained features, fine-tune with the mean-shifted loss on
         two views of each whole training image, then store the tuned features for kNN."""
         c = self.config
-        if len(train) == 0:
-            raise NdbenchError(f"{self.name} got no training images", "check the split's train part")
+        self.check_train_images(train)
         self.model = self.build_model(resolve_weights(c.backbone, c.weights)).to(device)
         self.centre = self.compute_centre(self.features(train, device=device, progress=progress))
         sources = ViewSources.load(self, train, budget=c.max_cache_gb * 2**30, progress=progress)
