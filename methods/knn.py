@@ -115,13 +115,17 @@ class KNNDetector(BaseDetector):
         """Store the training features."""
         self.check_train_images(train)
         self.train_features = self.features(train, device=device, progress=progress)
+        self.extra = {"k_used": self.neighbours()}
         self.fitted = True
+
+    def neighbours(self) -> int:
+        """The k that scoring uses: the config's, or every training image where there are fewer."""
+        return min(self.config.k, len(self.train_features))
 
     def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
         """Mean Euclidean distance to the k nearest training features."""
         test = self.features(images, device=device, progress=progress)
-        k = min(self.config.k, len(self.train_features))
-        distances, _ = NearestNeighbors(n_neighbors=k).fit(self.train_features).kneighbors(test)
+        distances, _ = NearestNeighbors(n_neighbors=self.neighbours()).fit(self.train_features).kneighbors(test)
         return distances.mean(axis=1)
 
     def state(self) -> dict:

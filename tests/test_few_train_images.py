@@ -56,3 +56,25 @@ def test_knn_without_training_images_says_so():
     with pytest.raises(NdbenchError, match=r"^knn got no training images \("):
         detector.fit(ToyDataset(0, 0, seed=0), device=CPU)
 
+
+@pytest.mark.parametrize(("method", "config"), [
+    ("knn", dict(backbone="ndbench_vit_embedded", weights="none", img_size=32)),
+    ("msad", {**TINY_CONFIG, "epochs": 1}),
+])
+def test_a_k_above_the_training_images_is_recorded_as_used(method, config):
+    """k=1000 on 3 training images scores with k=3, as before, and the record's extra says so;
+    the config (and so its hash) keeps the k asked for."""
+    from methods.base import config_hash
+
+    torch.manual_seed(0)
+    detector = get(method, **config, k=1000)
+    asked = config_hash(detector.config)
+    detector.fit(ToyDataset(3, 0, seed=0), device=CPU)
+    test = ToyDataset(2, 2, seed=1)
+    scores = detector.score(test, device=CPU)
+    assert detector.record_extra()["k_used"] == 3 and detector.config.k == 1000
+    assert config_hash(detector.config) == asked
+    same = get(method, **config, k=3)
+    same.set_state(detector.state())
+    same.fitted = True
+    assert np.array_equal(same.score(test, device=CPU), scores)
