@@ -46,13 +46,17 @@ class ScoreRequest:
 
 def collect_images(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
     """The image files named: files as given, folders as the image files directly inside
-    them, sorted by name. A missing path or a folder without images is an error."""
+    them, sorted by name, hidden ones (named with a leading dot) left out. A missing path or a
+    folder without images is an error."""
     if not paths:
         raise NdbenchError("no images given", "name image files or folders after the options")
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # Hidden files are the system's, not images: macOS writes "._x.jpg" beside x.jpg on
+            # foreign disks, and a stray ".DS_Store" or ".x.jpg.swp" sits in many folders.
+            inside = sorted(p for p in path.iterdir()
+                            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
             if not inside:
                 raise NdbenchError(f"folder {path} holds no image files",
                                    f"give a folder with {', '.join(IMAGE_SUFFIXES[:3])}... files")

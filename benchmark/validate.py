@@ -64,7 +64,8 @@ def check_run_configs(methods: list[str], *, dataset: str, settings: list[str], 
                       overrides: dict[str, Any], weights: str | None) -> list[str]:
     """What each method's config in a run is built from, checked before any work: the
     --preset name, a --set backbone or weights, and a backbone without embedded weights where
-    the weights are "embedded", each refused naming the option that chose it. Returns a note
+    the weights are "embedded", each refused naming the option that chose it; then each
+    config's own check (e.g. an img_size its ViT backbone cannot cut into patches). Returns a note
     for each method that --preset leaves as it was."""
     from methods.registry import get_class
 
@@ -76,6 +77,7 @@ def check_run_configs(methods: list[str], *, dataset: str, settings: list[str], 
         built = {setting: _run_config(method, dataset, setting, preset, overrides, weights) for setting in settings}
         for config in built.values():
             _check_run_config(method, config, preset, overrides, weights)
+            get_class(method).check_config(config)
         if preset and all(config == _run_config(method, dataset, setting, None, overrides, weights)
                           for setting, config in built.items()):
             why = ("its paper recipe is its defaults" if get_class(method).resolve_preset(preset) is None

@@ -8,6 +8,8 @@ tokens, per-block activations, the CLS attention map and a token-dropping forwar
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,31 @@ def pretrained_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float,
         cfg_dict = getattr(model, "pretrained_cfg", {}) or {}
         return tuple(cfg_dict.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg_dict.get("std", IMAGENET_DEFAULT_STD))
     return tuple(cfg.mean), tuple(cfg.std)
+
+
+@functools.cache
+def vit_patch_size(name: str) -> tuple[int, int] | None:
+    """The patch size of the timm model `name` when it is a VisionTransformer, else None."""
+    check_model_name(name)
+    # Built on the meta device: no parameters are allocated or initialised, so even ViT-B takes ~0.1 s.
+    with torch.device("meta"):
+        model = timm.create_model(split_model_name_tag(name)[0], pretrained=False, num_classes=0)
+    if not isinstance(model, VisionTransformer):
+        return None
+    return tuple(int(side) for side in model.patch_embed.patch_size)
+
+
+def check_img_size(name: str, img_size: int, method: str) -> None:
+    """Raise one NdbenchError when the backbone `name` is a ViT whose patches do not tile an
+    `img_size` image (it must be a positive multiple of the patch size); other backbones pass."""
+    patch = vit_patch_size(name)
+    step = math.lcm(*patch) if patch else 1
+    if img_size >= step and img_size % step == 0:
+        return
+    shown = "x".join(map(str, dict.fromkeys(patch)))
+    raise NdbenchError(f"{method}: img_size {img_size} does not fit its ViT backbone {name}, whose patches are "
+                       f"{shown} px", f"use --set img_size=N with N a positive multiple of {step}, "
+                       f"e.g. img_size={max(step, img_size // step * step)}")
 
 
 def check_model_name(name: str) -> None:

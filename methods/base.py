@@ -215,6 +215,16 @@ class BaseDetector(ABC):
         return None
 
     @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise one NdbenchError when a config's values do not fit together: by default, an
+        `img_size` that its ViT `backbone` cannot cut into whole patches."""
+        backbone, img_size = getattr(config, "backbone", None), getattr(config, "img_size", None)
+        if isinstance(backbone, str) and isinstance(img_size, int):
+            from .backbones import check_img_size
+
+            check_img_size(backbone, img_size, cls.name)
+
+    @classmethod
     def preset_names(cls) -> list[str]:
         """The presets `--preset` accepts for this method ("paper" always)."""
         return sorted({*cls.presets, PAPER_PRESET})
@@ -299,6 +309,23 @@ class BaseDetector(ABC):
             pin_memory=self.runtime.pin_memory,
             drop_last=drop_last,
         )
+
+    # --- training data -------------------------------------------------------------------
+    def fewest_train_images(self) -> int:
+        """The fewest training images `fit` learns from (1 unless a method needs more)."""
+        return 1
+
+    def check_train_images(self, train: Dataset) -> None:
+        """Raise one NdbenchError when `train` holds fewer images than `fit` can learn from."""
+        count, fewest = len(train), self.fewest_train_images()
+        if count == 0:
+            raise NdbenchError(f"{self.name} got no training images", "check the split's train part")
+        if count < fewest:
+            raise NdbenchError(
+                f"{self.name} needs at least {fewest} training images, got {count}",
+                f"run it on splits with {fewest} or more; ndbench build-splits coco-format --min-train-images "
+                f"{fewest} gives no split to classes with fewer",
+            )
 
     # --- persistence ---------------------------------------------------------------------
     @abstractmethod

@@ -275,8 +275,7 @@ class MKDDetector(BaseDetector):
 
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Build the teacher (tuned first by `defend`), then distil it into a random student."""
-        if len(train) == 0:
-            raise NdbenchError(f"{self.name} got no training images", "check the split's train part")
+        self.check_train_images(train)
         seed = int(torch.randint(0, 2**62, (1,)).item())
         self.extra = {}
         weights = resolve_weights(self.config.backbone, self.config.weights)

@@ -263,12 +263,15 @@ class DSVDDDetector(BaseDetector):
         lo, hi = self.scaling
         return (global_contrast_normalization(x) - lo) / (hi - lo)
 
+    def fewest_train_images(self) -> int:
+        """Two: BatchNorm cannot train on one image, so a single image would train nothing."""
+        return 2
+
     # --- training --------------------------------------------------------------------------
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Pre-train the autoencoder, copy its encoder into phi, fix c, train phi towards c."""
         c = self.config
-        if len(train) == 0:
-            raise NdbenchError("dsvdd got no training images", "check the split's train part")
+        self.check_train_images(train)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         data = _TrainImages.load(self, train, device=device, budget=c.max_cache_gb * 2**30, progress=progress)
         self.net = self.new_encoder().to(device)

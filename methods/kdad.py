@@ -373,8 +373,7 @@ class KDADDetector(BaseDetector):
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Distil the frozen teacher's taps into a fresh student on the training images."""
         c = self.config
-        if len(train) == 0:
-            raise NdbenchError("kdad got no training images", "check the split's train part")
+        self.check_train_images(train)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.teacher = self.build_teacher(resolve_weights(c.backbone, c.weights)).to(device)
         self.student = self.build_student(self.teacher)

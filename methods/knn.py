@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from sklearn.neighbors import NearestNeighbors
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 
 from .backbones import create_backbone
@@ -71,8 +72,17 @@ class KNNDetector(BaseDetector):
     def _backbone(self) -> torch.nn.Module:
         if self.model is None:
             weights = resolve_weights(self.config.backbone, self.config.weights)
-            self.model = create_backbone(self.config.backbone, weights=weights, num_classes=0).eval()
+            self.model = self._build(weights)
         return self.model
+
+    def _build(self, weights) -> torch.nn.Module:
+        """The backbone with `weights` in eval mode; a ViT is set to `img_size`."""
+        c = self.config
+        model = create_backbone(c.backbone, weights=weights, num_classes=0)
+        # Rebuilt only when the sizes differ, so a ViT at its own size is built exactly as before.
+        if isinstance(model, VisionTransformer) and tuple(model.patch_embed.img_size) != (c.img_size,) * 2:
+            model = create_backbone(c.backbone, weights=weights, num_classes=0, img_size=c.img_size)
+        return model.eval()
 
     def frozen_part(self, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
         """The feature-cache key of the pooled features (None with random weights). `plan`:
@@ -103,14 +113,19 @@ class KNNDetector(BaseDetector):
 
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Store the training features."""
+        self.check_train_images(train)
         self.train_features = self.features(train, device=device, progress=progress)
+        self.extra = {"k_used": self.neighbours()}
         self.fitted = True
+
+    def neighbours(self) -> int:
+        """The k that scoring uses: the config's, or every training image where there are fewer."""
+        return min(self.config.k, len(self.train_features))
 
     def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
         """Mean Euclidean distance to the k nearest training features."""
         test = self.features(images, device=device, progress=progress)
-        k = min(self.config.k, len(self.train_features))
-        distances, _ = NearestNeighbors(n_neighbors=k).fit(self.train_features).kneighbors(test)
+        distances, _ = NearestNeighbors(n_neighbors=self.neighbours()).fit(self.train_features).kneighbors(test)
         return distances.mean(axis=1)
 
     def state(self) -> dict:
@@ -118,5 +133,5 @@ class KNNDetector(BaseDetector):
 
     def set_state(self, state: dict) -> None:
         self.train_features = state["train_features"]
-        self.model = create_backbone(self.config.backbone, weights="none", num_classes=0).eval()
+        self.model = self._build("none")
         self.model.load_state_dict(state["model"])

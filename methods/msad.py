@@ -331,12 +331,16 @@ class MSADDetector(BaseDetector):
         return torch.cat(rows) if rows else torch.zeros(0, 0)
 
     # --- training --------------------------------------------------------------------------
+    def fewest_train_images(self) -> int:
+        """Two, unless `angular`: with one image the contrastive loss has no negatives and is 0,
+        so only the angular centre loss would train the backbone."""
+        return 1 if self.config.angular else 2
+
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Fix the centre from the pre-trained features, fine-tune with the mean-shifted loss on
         two views of each whole training image, then store the tuned features for kNN."""
         c = self.config
-        if len(train) == 0:
-            raise NdbenchError(f"{self.name} got no training images", "check the split's train part")
+        self.check_train_images(train)
         self.model = self.build_model(resolve_weights(c.backbone, c.weights)).to(device)
         self.centre = self.compute_centre(self.features(train, device=device, progress=progress))
         sources = ViewSources.load(self, train, budget=c.max_cache_gb * 2**30, progress=progress)
@@ -354,7 +358,8 @@ class MSADDetector(BaseDetector):
                 total, count = total + loss * len(batch), count + len(batch)
             losses.append(total / max(count, 1))
         self.train_features = self.features(train, device=device, progress=progress).numpy()
-        self.extra = {"loss_per_epoch": losses, "view_sources_in_memory": sources.images is not None}
+        self.extra = {"loss_per_epoch": losses, "view_sources_in_memory": sources.images is not None,
+                      "k_used": self.neighbours()}
         self.fitted = True
 
     def compute_centre(self, features: Tensor) -> Tensor:
@@ -374,6 +379,10 @@ class MSADDetector(BaseDetector):
         optimizer.step()
         return float(loss.detach())
 
+    def neighbours(self) -> int:
+        """The k that scoring uses: the config's, or every training image where there are fewer."""
+        return min(self.config.k, len(self.train_features))
+
     # --- scoring ---------------------------------------------------------------------------
     def score(self, images: Dataset, *, device: torch.device, progress: Progress | None = None) -> np.ndarray:
         """Sum of squared Euclidean distances to the k nearest training features."""
@@ -382,8 +391,7 @@ class MSADDetector(BaseDetector):
         test = self.features(images, device=device, progress=progress).numpy()
         if len(test) == 0:
             return np.zeros(0)
-        k = min(self.config.k, len(self.train_features))
-        distances, _ = NearestNeighbors(n_neighbors=k).fit(self.train_features).kneighbors(test)
+        distances, _ = NearestNeighbors(n_neighbors=self.neighbours()).fit(self.train_features).kneighbors(test)
         return (distances.astype(np.float64) ** 2).sum(axis=1)
 
     def _require_model(self) -> None:

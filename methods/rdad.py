@@ -367,8 +367,7 @@ class RDADDetector(BaseDetector):
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Train the OCBE and the decoder to rebuild the frozen encoder's maps of the training images."""
         c = self.config
-        if len(train) == 0:
-            raise NdbenchError(f"{self.name} got no training images", "check the split's train part")
+        self.check_train_images(train)
         self.model = self.build_model(resolve_weights(c.backbone, c.weights)).to(device)
         optimizer = torch.optim.Adam(self.trainable_parameters(), lr=c.lr, betas=c.betas)
         cache = self._cache_features(train, device, progress)

@@ -235,12 +235,16 @@ class TransformalyDetector(BaseDetector):
                         nn.init.xavier_uniform_(part)
         return BlockStudents(vit.blocks)
 
+    def fewest_train_images(self) -> int:
+        """Two (sklearn fits a Gaussian mixture to two samples or more), and no fewer than the
+        mixtures' components."""
+        return max(2, self.config.gmm_components)
+
     # --- training --------------------------------------------------------------------------
     def fit(self, train: Dataset, *, device: torch.device, progress: Progress | None = None) -> None:
         """Train the student blocks on the teacher's states, then fit PCA and both Gaussians."""
         c = self.config
-        if len(train) == 0:
-            raise NdbenchError(f"{self.name} got no training images", "check the split's train part")
+        self.check_train_images(train)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.teacher = self._new_teacher(resolve_weights(c.backbone, c.weights)).to(device)
         blocks = error_blocks(self.teacher.depth, c.first_error_block)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from cli_checks import one_line_error
 from small_splits import fresh_out
 
 from benchmark.cli import main
@@ -226,3 +228,53 @@ def test_cli_set_out_of_range_is_one_line_with_dry_run(splits_root, tmp_path, mo
     assert code == 2 and len(lines) == 1, captured.err
     assert lines[0] == "ndbench: error: k 0 is not valid (use a whole number >= 1)", captured.err
     assert "Traceback" not in captured.err + captured.out and not (out / "runs").exists()
+
+
+@pytest.mark.parametrize(("method", "size", "dry_run"), [("knn", 7, True), ("knn", 7, False), ("mkd", 12, True)])
+def test_an_img_size_the_vit_cannot_cut_into_patches_is_refused_before_any_job(
+        method, size, dry_run, splits_root, tmp_path, monkeypatch, capsys):
+    """The embedded ViT cuts 8 px patches: img_size 7 (below one patch) and 12 (not a multiple)
+    are refused in one line, exit 2, before any job runs, with and without --dry-run."""
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    out = fresh_out(splits_root, tmp_path)
+    args = ["run", "--method", method, "--classes", "0", "--weights", "none", "--device", "cpu", "--out", str(out),
+            "--set", f"img_size={size}", *(["--dry-run"] if dry_run else [])]
+    one_line_error(main(args), capsys.readouterr().err, f"{method}: img_size {size} does not fit its ViT backbone "
+                   "ndbench_vit_embedded, whose patches are 8 px", "a positive multiple of 8")
+    assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize(("method", "overrides", "refused"), [
+    ("transformaly", {"img_size": 200}, True),  # vit_base_patch16_224: 16 px patches
+    ("transformaly", {"img_size": 224}, False),
+    ("defend", {"img_size": 8}, True),
+    ("msad", {"img_size": 7}, False),  # a CNN backbone (resnet152): no patches to fit
+    ("msad", {"img_size": 100, "backbone": "vit_base_patch16_224.augreg2_in21k_ft_in1k"}, True),
+    ("dsvdd", {"img_size": 16}, False),  # no timm backbone
+])
+def test_check_config_refuses_what_the_vit_cannot_patch(method, overrides, refused):
+    cls = get_class(method)
+    config = cls(**overrides).config
+    if refused:
+        with pytest.raises(NdbenchError, match=rf"^{method}: img_size {overrides['img_size']} does not fit"):
+            cls.check_config(config)
+    else:
+        cls.check_config(config)
+
+
+def test_knn_scores_with_a_vit_at_another_multiple_of_its_patch_size():
+    """knn sets its ViT to img_size (as the other ViT methods do), so 16 px works with the
+    64 px embedded ViT, and a saved model loads at that size."""
+    import torch
+    from cnn_fixtures import ToyImages
+
+    detector = get("knn", backbone="ndbench_vit_embedded", weights="none", img_size=16)
+    torch.manual_seed(0)
+    detector.fit(ToyImages(3, 0, seed=0, size=16), device=torch.device("cpu"))
+    test = ToyImages(2, 2, seed=1, size=16)
+    scores = detector.score(test, device=torch.device("cpu"))
+    assert scores.shape == (4,) and np.isfinite(scores).all()
+    loaded = get_class("knn")(detector.config)
+    loaded.set_state(detector.state())
+    loaded.fitted = True
+    assert np.allclose(loaded.score(test, device=torch.device("cpu")), scores)

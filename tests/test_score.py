@@ -20,7 +20,7 @@ from benchmark.cli import main
 from benchmark.maps import TILE
 from benchmark.models import MODEL_FORMAT, MODEL_FORMAT_VERSION, content_sha256, load_model, model_path, save_model
 from benchmark.records import Record, load_records
-from benchmark.score import ImageFiles
+from benchmark.score import ImageFiles, collect_images
 from datasets_builders.index import DatasetIndex
 from datasets_builders.splits import Manifest
 from methods.knn import KNNDetector
@@ -90,6 +90,21 @@ def test_scores_one_row_per_image_in_the_given_order(toy, tmp_path, capsys):
     assert main(["score", "--model", str(toy["knn"]), str(single), str(folder), "--device", "cpu"]) == 0
     assert read_csv(capsys.readouterr().out) == rows  # no --output: the CSV goes to stdout
 
+
+
+def test_hidden_files_in_a_folder_are_skipped_but_named_ones_count(toy, tmp_path, capsys):
+    """A folder copied from a Mac holds "._img0.png" resource forks (not images) and a
+    ".DS_Store": expanding the folder leaves them out; a hidden file named on its own counts."""
+    folder = tmp_path / "mac"
+    images = write_images(folder, 2, seed=3)
+    (folder / "._img0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    hidden = folder / ".img1.png"
+    hidden.write_bytes(images[1].read_bytes())
+    assert collect_images([folder]) == images
+    assert collect_images([folder, hidden]) == [*images, hidden]
+    assert main(["score", "--model", str(toy["knn"]), str(folder), "--device", "cpu"]) == 0
+    assert [r["image"] for r in read_csv(capsys.readouterr().out)] == [str(p) for p in images]
 
 def test_threshold_labels_each_image_with_the_stored_statistic(toy, tmp_path):
     output = tmp_path / "scores.csv"
