@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,11 +78,13 @@ def check_request(request: BuildRequest) -> None:
 
 @dataclass
 class Built:
-    """What a build wrote, and the protocol's splits it could not form (with the reason)."""
+    """What a build wrote, the protocol's splits it could not form (with the reason) and the
+    manifests of an earlier build it removed."""
 
     index: DatasetIndex
     manifests: list[Manifest]
     skipped: list[DegenerateSplit] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)
 
 
 def make_manifests(
@@ -122,18 +125,48 @@ def build_splits(request: BuildRequest, console: Console | None = None) -> Built
         console=console,
     )
     manifests, skipped = make_manifests(index, request)
-    write_build(request.out, index, manifests)
-    return Built(index, manifests, skipped)
+    stale = stale_manifests(request, index, manifests)
+    write_build(request.out, index, manifests, stale=stale)
+    return Built(index, manifests, skipped, stale)
+
+
+# The protocol's split names per setting (a coco-format class id may be negative): what a
+# protocol build owns and may remove.
+PROTOCOL_NAMES = {"uni-class": re.compile(r"-?\d+"), "multi-class": re.compile(r"except--?\d+")}
+
+
+def stale_manifests(request: BuildRequest, index: DatasetIndex, manifests: list[Manifest]) -> list[Path]:
+    """The protocol manifests (uni-class `<k>`, all-vs-one `except-<k>`) of the requested
+    settings already under `request.out` that a protocol build (no `--classes`, no `--normal`)
+    does not write again: they belong to an earlier build and would be run as current. A
+    build of chosen splits owns only those, and a chosen normal set (`normal-a-b`) is kept."""
+    if request.classes is not None or request.normal is not None:
+        return []
+    written = {manifest.path_in(request.out) for manifest in manifests}
+    stale: list[Path] = []
+    for setting in requested_settings(request.setting):
+        for path in sorted((Path(request.out) / index.dataset / setting).glob("*.json")):
+            if (path in written or path.is_symlink() or not path.is_file()
+                    or not PROTOCOL_NAMES[setting].fullmatch(path.stem)):
+                continue
+            try:
+                manifest = Manifest.read(path)
+            except NdbenchError:  # not a manifest ndbench wrote (or edited since): not ours to remove
+                continue
+            if (manifest.dataset, manifest.setting, manifest.name) == (index.dataset, setting, path.stem):
+                stale.append(path)
+    return stale
 
 
 def write_build(out: Path, index: DatasetIndex, manifests: list[Manifest],
-                extra: dict[Path, str] | None = None) -> None:
-    """Write an index, its manifests and `extra` files under `out` as one step: a failure
-    while writing (no room, a file where a folder belongs) leaves the previous build as it was."""
+                extra: dict[Path, str] | None = None, stale: list[Path] | None = None) -> None:
+    """Write an index, its manifests and `extra` files under `out`, and remove the `stale`
+    manifests, as one step: a failure while writing (no room, a file where a folder belongs)
+    leaves the previous build as it was."""
     files = index.files(Path(out) / index.dataset)
     files.update({manifest.path_in(out): manifest.to_json() for manifest in manifests})
     files.update(extra or {})
-    atomic_write_files(files)
+    atomic_write_files(files, remove=stale or ())
 
 
 def summary_table(index: DatasetIndex, manifests: list[Manifest]) -> Table:

@@ -13,7 +13,7 @@ from datasets_builders.coco_format import (
 )
 from datasets_builders.errors import NdbenchError
 
-from .build import BuildRequest, Built, make_manifests, write_build
+from .build import BuildRequest, Built, make_manifests, stale_manifests, write_build
 
 
 @dataclass
@@ -45,5 +45,6 @@ def build_coco_format_splits(
         )
     manifests, skipped = make_manifests(index, request, protocol=kept)
     recipe = recipe_file(Path(request.out) / index.dataset, source, min_train_images)
-    write_build(request.out, index, manifests, recipe)
-    return CocoFormatBuild(index, manifests, skipped, missing, rare)
+    stale = stale_manifests(request, index, manifests)
+    write_build(request.out, index, manifests, recipe, stale=stale)
+    return CocoFormatBuild(index, manifests, skipped, stale, missing, rare)

@@ -125,7 +125,11 @@ def build_splits_command(
                      "(they stay in the other classes' normal sets)."),
     ] = 0,
 ) -> None:
-    """Read a dataset's annotations and write its split manifests (the paper's protocol by default)."""
+    """Read a dataset's annotations and write its split manifests (the paper's protocol by default).
+
+    A protocol build (no --classes, no --normal) replaces the protocol splits of its settings
+    under --out: their manifests it no longer forms are removed. --classes and --normal only
+    add or replace the splits they name."""
     from .build import BuildRequest, build_splits, check_request, summary_table
 
     custom = (name, train_annotations, test_annotations, train_images, test_images)
@@ -159,6 +163,7 @@ def build_splits_command(
         names = ", ".join(f"{c} {index.class_names[c]}" for c in skipped)
         stderr_console().print(f"note: no split for classes missing from the train or test images: {names}")
     _note_degenerate(built.skipped)
+    _note_removed(built.removed)
     stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}")
 
 
@@ -166,6 +171,14 @@ def _note_degenerate(skipped: list) -> None:
     """One note line per protocol split that could not be formed (and was not written)."""
     for exc in skipped:
         stderr_console().print(f"note: {exc.problem}; not written", soft_wrap=True)
+
+
+def _note_removed(removed: list[Path]) -> None:
+    """One note line naming the manifests of an earlier build that a protocol build removed."""
+    if removed:
+        names = ", ".join(f"{path.parent.name}/{path.stem}" for path in removed)
+        stderr_console().print(f"note: removed {len(removed)} manifests of an earlier build that this build no "
+                               f"longer forms: {names}", soft_wrap=True, markup=False)
 
 
 def _build_coco_format(
@@ -195,6 +208,7 @@ def _build_coco_format(
         names = ", ".join(f"{c} {index.class_names[c]}" for c in built.rare)
         stderr_console().print(f"note: no split for classes in fewer than {min_train_images} training images: {names}")
     _note_degenerate(built.skipped)
+    _note_removed(built.removed)
     stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}; "
                            f"run them with `ndbench run --dataset {index.dataset} --method knn`", soft_wrap=True)
 

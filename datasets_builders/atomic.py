@@ -12,7 +12,7 @@ import stat
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -107,17 +107,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_files(files: dict[Path, str | bytes]) -> None:
-    """Write several files (text as UTF-8) as one step, in the given order: each is staged beside its
-    target before any target is replaced, and a failure or interrupt while replacing puts
-    back what the targets held, so a write either lands whole or leaves every file as it was
-    (only a hard kill between two replaces can leave some replaced). SIGINT and SIGTERM
-    wait while the targets are replaced or put back. Symlinks are written through; a target
-    that is not a regular file is refused before anything is written."""
+def atomic_write_files(files: dict[Path, str | bytes], remove: Iterable[Path] = ()) -> None:
+    """Write several files (text as UTF-8) and delete the files `remove` lists, as one step:
+    each file is staged beside its target before any target is replaced or deleted, and a
+    failure or interrupt while replacing or deleting puts back what the targets held, so a
+    write either lands whole or leaves every file as it was (only a hard kill between two
+    replaces can leave some replaced). SIGINT and SIGTERM wait while the targets are replaced,
+    deleted or put back. Symlinks are written through; a target that is not a regular file is
+    refused before anything is written."""
     staged: list[tuple[str, Path]] = []
     backups: dict[Path, Path | None] = {}
     replaced: list[Path] = []
     targets = {replaced_file(Path(path)): text for path, text in files.items()}
+    doomed = [Path(path) for path in remove if Path(path).is_file() and replaced_file(Path(path)) not in targets]
     path = Path()
     try:
         for path, text in targets.items():
@@ -131,11 +133,14 @@ def atomic_write_files(files: dict[Path, str | bytes]) -> None:
                 os.fsync(handle.fileno())
         with signals_deferred():
             try:
-                for _tmp, path in staged:
+                for path in [target for _, target in staged] + doomed:
                     backups[path] = _backup(path)
                 for tmp, path in staged:
                     os.replace(tmp, path)
                     replaced.append(path)  # no signal lands between the two: they wait
+                for path in doomed:
+                    path.unlink()
+                    replaced.append(path)
             except BaseException:
                 _put_back(replaced, backups)
                 raise

@@ -207,10 +207,66 @@ def test_a_rebuild_with_fewer_classes_runs_only_the_current_splits(source, tmp_p
 
     edit(source["train_annotations"], drop_birds)
     assert main(build_args(source, out / "splits", "--setting", "uni-class")) == 0
-    assert (out / "splits" / "mylab" / "uni-class" / "9.json").is_file()  # stale: built from the old files
+    assert not (out / "splits" / "mylab" / "uni-class" / "9.json").exists()  # removed: no longer formed
     jobs = expand_jobs(["knn"], dataset="mylab", settings=["uni-class"], classes=None, seeds=[0],
                        options=RunOptions(out=out))
     assert sorted(job.split for job in jobs) == ["11", "2", "5"]
+
+
+def built_splits(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.glob("*/*.json"))
+
+
+def test_a_protocol_rebuild_removes_the_protocol_splits_it_no_longer_forms(source, tmp_path, capsys):
+    out = tmp_path / "results"
+    folder = out / "splits" / "mylab"
+    assert main(build_args(source, out / "splits")) == 0
+    assert main(build_args(source, out / "splits", "--normal", "2,5")) == 0
+    (folder / "uni-class" / "99.json").write_text("{}")  # not a manifest: not ndbench's to remove
+    capsys.readouterr()
+    # Rebuilding one setting with --min-train-images 2 drops fish (11) from that setting only.
+    assert main(build_args(source, out / "splits", "--setting", "uni-class", "--min-train-images", "2")) == 0
+    assert "note: removed 1 manifests of an earlier build that this build no longer forms: uni-class/11" in (
+        capsys.readouterr().err)
+    assert built_splits(folder) == ["multi-class/except-11", "multi-class/except-2", "multi-class/except-5",
+                                    "multi-class/except-9", "multi-class/normal-2-5", "uni-class/2",
+                                    "uni-class/5", "uni-class/9", "uni-class/99"]
+    assert (folder / "uni-class" / "99.json").read_text() == "{}"
+    (folder / "uni-class" / "99.json").unlink()
+    # A build of chosen splits removes nothing; a protocol build of both settings leaves the chosen normal set.
+    assert main(build_args(source, out / "splits", "--classes", "11")) == 0
+    assert "uni-class/11" in built_splits(folder) and "multi-class/except-9" in built_splits(folder)
+    assert main(build_args(source, out / "splits", "--min-train-images", "2")) == 0
+    assert built_splits(folder) == ["multi-class/except-2", "multi-class/except-5", "multi-class/except-9",
+                                    "multi-class/normal-2-5", "uni-class/2", "uni-class/5", "uni-class/9"]
+    capsys.readouterr()
+    run = ["run", "--dataset", "mylab", "--method", "knn", "--setting", "all", "--out", str(out), "--dry-run",
+           *TINY_KNN]
+    assert main(run) == 0
+    listed = capsys.readouterr().out
+    assert "mylab/uni-class/9" in listed and "mylab/uni-class/11" not in listed and "except-11" not in listed
+
+
+def test_a_failed_rebuild_keeps_the_manifests_it_would_remove(source, tmp_path, capsys, monkeypatch):
+    import datasets_builders.atomic as atomic
+
+    out = tmp_path / "splits"
+    assert main(build_args(source, out, "--setting", "uni-class")) == 0
+    before = {p: p.read_bytes() for p in (out / "mylab").rglob("*") if p.is_file()}
+    real_unlink = Path.unlink
+
+    def refuse_removal(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "11.json":
+            raise OSError(28, "No space left on device")
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(atomic.Path, "unlink", refuse_removal)
+    edit(source["train_annotations"], lambda d: d["annotations"].pop(0))  # a different index
+    code = main(build_args(source, out, "--setting", "uni-class", "--min-train-images", "2"))
+    monkeypatch.undo()
+    one_line_error(code, capsys.readouterr().err, "cannot write")
+    after = {p: p.read_bytes() for p in (out / "mylab").rglob("*") if p.is_file()}
+    assert after == before  # the new index and manifests rolled back, 11.json still there
 
 
 def test_the_same_file_through_a_symlink_is_the_same_image(source, tmp_path, capsys):
