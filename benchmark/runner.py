@@ -28,7 +28,14 @@ from datasets_builders.errors import NdbenchError, WriteFailure
 from datasets_builders.index import DatasetIndex
 from datasets_builders.loading import ManifestDataset, load_split
 from datasets_builders.sources import check_dataset, is_builtin
-from datasets_builders.splits import SETTINGS, Manifest
+from datasets_builders.splits import (
+    SETTINGS,
+    DegenerateSplit,
+    Manifest,
+    all_vs_one_split,
+    protocol_classes,
+    uni_class_split,
+)
 from methods.backbones import create_backbone
 from methods.base import BaseDetector, config_hash, resolve_device
 from methods.pretrain import resolve_weights
@@ -37,7 +44,7 @@ from methods.runtime import CacheSettings, JobRuntime
 from methods.shipped_weights import check_embedded_arch
 from methods.weight_sources import EMBEDDED_WEIGHTS
 
-from .build import BuildRequest, build_splits
+from .build import BuildRequest, build_splits, make_manifests
 from .console import QuietProgress, stderr_console
 from .interrupts import Interrupted
 from .locks import try_lock
@@ -160,6 +167,22 @@ def _built_classes(index: DatasetIndex, setting: str, options: RunOptions) -> li
     return [c for c in index.class_ids() if _built_from(folder / f"{split_name(setting, c)}.json", index)]
 
 
+def _protocol_classes(index: DatasetIndex, setting: str, options: RunOptions) -> list[int]:
+    """Classes of the built index's protocol in `setting` (a --root holding some classes
+    forms theirs only): those whose split is built, and those whose missing split can form
+    (one that cannot is left out, as `build-splits` leaves it out)."""
+    folder = options.splits / index.dataset / setting
+    chosen = []
+    for c in protocol_classes(index):
+        if not (folder / f"{split_name(setting, c)}.json").is_file():
+            try:
+                (uni_class_split if setting == "uni-class" else all_vs_one_split)(index, c)
+            except DegenerateSplit:
+                continue
+        chosen.append(c)
+    return chosen
+
+
 def _built_normal_sets(index: DatasetIndex, setting: str, options: RunOptions) -> list[str]:
     """Names of the multi-class splits built from the current index with a chosen normal set
     (`build-splits --normal 1,3`: `normal-1-3`), beside the all-vs-one `except-k` ones."""
@@ -212,7 +235,9 @@ def expand_jobs(
     chosen = known if classes is None else classes
     _check_classes(chosen, known, dataset)
     per_setting = {setting: chosen for setting in settings}
-    if classes is None and not is_builtin(dataset):
+    if classes is None and is_builtin(dataset):
+        per_setting = {setting: _protocol_classes(index, setting, options) for setting in settings}
+    elif classes is None:
         # A custom dataset runs the splits it was built with (rare classes may have none).
         per_setting = {setting: _built_classes(index, setting, options) for setting in settings}
     names = {setting: [split_name(setting, c) for c in per_setting[setting]] for setting in settings}
@@ -294,9 +319,7 @@ def prepare(jobs: list[Job], options: RunOptions) -> None:
             if not is_builtin(job.dataset):
                 raise _custom_split_missing(job.dataset, options, f"no split {job.setting}/{job.split}",
                                             f" --setting {job.setting} --classes {job.split.removeprefix('except-')}")
-            kind = job.split.removeprefix("except-")
-            build_splits(BuildRequest(dataset=job.dataset, out=options.splits,
-                                      setting=job.setting, classes=(int(kind),)))
+            build_missing_split(job, options)
     # Build each distinct backbone once: missing or wrong weights fail here, in one line,
     # before any job starts (and embedded backbones get pre-trained once, not per job).
     seen: set[tuple[str, str]] = set()
@@ -306,6 +329,17 @@ def prepare(jobs: list[Job], options: RunOptions) -> None:
         if key not in seen and key[0]:
             seen.add(key)
             create_backbone(key[0], weights=resolve_weights(*key), num_classes=0)
+
+
+def build_missing_split(job: Job, options: RunOptions) -> Path:
+    """Write a built-in dataset's missing protocol split from the index under the splits root,
+    as `build-splits` formed it (the same --root, year and class order): the data at the
+    default root may be another tree, and the index is left as it is. Returns its path."""
+    index = DatasetIndex.read(options.splits / job.dataset)
+    kind = job.split.removeprefix("except-")
+    request = BuildRequest(dataset=job.dataset, out=options.splits, setting=job.setting, classes=(int(kind),))
+    (manifest,) = make_manifests(index, request)[0]
+    return manifest.write(options.splits)
 
 
 def seed_everything(seed: int) -> None:

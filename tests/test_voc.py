@@ -417,3 +417,43 @@ def test_a_zero_filled_list_is_named_as_no_text(voc2012: Path):
     val.write_bytes(bytes(2048))
     message = raises(voc2012, str(val), "not a text file", "NUL")
     assert "\x00" not in message
+
+
+# --- run on a VOC built from its own --root ------------------------------------------------
+
+TINY_KNN = ["--set", "backbone=ndbench_vit_embedded", "--set", "img_size=64", "--weights", "none", "--device", "cpu"]
+
+
+def test_run_forms_missing_splits_from_the_built_index_not_the_default_root(tmp_path: Path, monkeypatch, capsys):
+    from benchmark.cli import main
+    from benchmark.records import load_records
+    from datasets_builders.splits import protocol_classes, protocol_splits
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NDBENCH_DATA", raising=False)
+    write_voc_tree(tmp_path / "mine")
+    out = Path("res")
+    dog = class_ids()["dog"]
+    build = ["build-splits", "voc", "--root", "mine", "--out", str(out / "splits")]
+    assert main([*build, "--setting", "uni-class", "--classes", str(dog)]) == 0
+    index_json = (out / "splits" / "voc" / "index.json").read_bytes()
+    # Another VOC tree at the default root data/voc: one more aeroplane in the test images.
+    other = write_voc_tree(tmp_path / "data" / "voc")
+    xml = other / "Annotations" / "2008_000010.xml"
+    xml.write_text(xml.read_text().replace(
+        "</annotation>", "<object><name>aeroplane</name><difficult>0</difficult><bndbox><xmin>1</xmin>"
+        "<ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>"))
+    capsys.readouterr()
+    run = ["run", "--dataset", "voc", "--method", "knn", "--out", str(out), *TINY_KNN]
+    assert main(run) == 0, capsys.readouterr().err
+    assert (out / "splits" / "voc" / "index.json").read_bytes() == index_json
+    index = DatasetIndex.read(out / "splits" / "voc")
+    assert sorted(int(r.split) for r in load_records(out)) == protocol_classes(index)
+    assert main([*run, "--classes", str(dog)]) == 0 and "0 jobs ran, 1 skipped" in capsys.readouterr().err
+    # Without any tree at the default root, the missing splits are formed all the same.
+    shutil.rmtree(tmp_path / "data")
+    assert main([*run, "--setting", "multi-class"]) == 0, capsys.readouterr().err
+    formed = protocol_splits(index, ["multi-class"])[0]  # except-15 (person) has no novel test image
+    assert sorted(r.split for r in load_records(out) if r.setting == "multi-class") == sorted(
+        m.name for m in formed) != []
+    assert (out / "splits" / "voc" / "index.json").read_bytes() == index_json
