@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from datasets_builders.atomic import write_error
 from datasets_builders.embedded import N_CLASSES
 from datasets_builders.errors import NdbenchError, WriteFailure
 from datasets_builders.index import DatasetIndex
@@ -510,12 +511,24 @@ def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: P
         preset=preset_chain(job),
         multi_class_weighting=weighting(job),
     )
-    if options.save_models:
-        from .models import model_path, save_model
+    from .models import model_path, save_model
 
+    if options.save_models:
         save_model(model_path(path), detector, record, test.labels, scores)
+    else:
+        # A model an earlier run saved beside this record was fitted on another build of the
+        # split (or another fit): with the new record beside it, its threshold would pass as this one's.
+        _remove_file(model_path(path))
     write_record(path, record, test.image_ids, test.labels, scores)
     return JobResult(job, DONE, path, metrics["auroc"])
+
+
+def _remove_file(path: Path) -> None:
+    """Delete the file at `path` if there is one; a failure is a write failure."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
 
 
 def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None,

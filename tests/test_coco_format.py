@@ -388,3 +388,22 @@ def test_a_built_normal_set_is_run_with_the_all_vs_one_splits(source, tmp_path, 
     assert main(run) == 0, capsys.readouterr().err
     assert sorted(r.split for r in load_records(out)) == ["except-2", "except-5", "except-9", "normal-2-5"]
     assert "normal-2-5" in (out / "tables" / "per_class_mylab_multi-class.md").read_text()
+
+
+def test_a_record_run_again_without_save_models_loses_the_model_of_its_earlier_run(source, tmp_path, capsys):
+    from benchmark.models import load_model, model_path
+
+    out = tmp_path / "results"
+    build = build_args(source, out / "splits", "--setting", "uni-class", "--classes", "5")
+    run = ["run", "--dataset", "mylab", "--method", "knn", "--classes", "5", "--out", str(out), *TINY_KNN]
+    assert main(build) == 0 and main([*run, "--save-models"]) == 0
+    (record_file,) = (out / "runs").rglob("*.json")
+    assert model_path(record_file).is_file()
+    edit(source["train_annotations"], lambda d: d.update(
+        annotations=[a for a in d["annotations"] if a["image_id"] != 7]))
+    assert main(build) == 0 and main(run) == 0
+    assert "1 jobs ran" in capsys.readouterr().err
+    assert not model_path(record_file).exists()  # it was fitted on the earlier build of the split
+    assert main([*run, "--force", "--save-models"]) == 0
+    (record,) = load_records(out)
+    assert load_model(model_path(record_file)).info["split"]["sha256"] == record.split_sha256
