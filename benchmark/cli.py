@@ -210,7 +210,20 @@ def _build_coco_format(
     _note_degenerate(built.skipped)
     _note_removed(built.removed)
     stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}; "
-                           f"run them with `ndbench run --dataset {index.dataset} --method knn`", soft_wrap=True)
+                           f"{_run_hint(out, index.dataset)}", soft_wrap=True, markup=False)
+
+
+def _run_hint(splits: Path, dataset: str) -> str:
+    """How to run the splits built under `splits`: `run --out DIR` reads DIR/splits."""
+    import shlex
+
+    command = f"ndbench run --dataset {shlex.quote(dataset)} --method knn"
+    if splits.name != "splits":
+        return (f"`ndbench run --out DIR` reads the splits under DIR/splits, so to run them build with "
+                f"`--out {shlex.quote(str(splits / 'splits'))}` and run `{command} --out {shlex.quote(str(splits))}`")
+    if splits.parent != Path("results"):
+        command += f" --out {shlex.quote(str(splits.parent))}"
+    return f"run them with `{command}`"
 
 
 @app.command("download")

@@ -407,3 +407,19 @@ def test_a_record_run_again_without_save_models_loses_the_model_of_its_earlier_r
     assert main([*run, "--force", "--save-models"]) == 0
     (record,) = load_records(out)
     assert load_model(model_path(record_file)).info["split"]["sha256"] == record.split_sha256
+
+
+def test_the_closing_hint_runs_the_splits_where_they_were_built(source, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "my results"
+    assert main(build_args(source, out / "splits", "--setting", "uni-class", "--classes", "5")) == 0
+    hint = capsys.readouterr().out.split("run them with `")[1].split("`")[0]
+    assert hint == f"ndbench run --dataset mylab --method knn --out '{out}'"
+    assert main(["run", *hint.split(" --out ")[0].split()[2:], "--out", str(out), "--dry-run", *TINY_KNN]) == 0
+    assert "mylab/uni-class/5" in capsys.readouterr().out
+    assert main(build_args(source, Path("results/splits"), "--setting", "uni-class", "--classes", "5")) == 0
+    assert "run them with `ndbench run --dataset mylab --method knn`" in capsys.readouterr().out
+    # Splits outside a folder named `splits` cannot be found by `run`: the hint says how to build them.
+    assert main(build_args(source, Path("o"), "--setting", "uni-class", "--classes", "5")) == 0
+    assert ("reads the splits under DIR/splits, so to run them build with `--out o/splits` and run "
+            "`ndbench run --dataset mylab --method knn --out o`") in capsys.readouterr().out
