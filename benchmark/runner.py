@@ -34,6 +34,7 @@ from datasets_builders.splits import (
     DegenerateSplit,
     Manifest,
     all_vs_one_split,
+    describe_ids,
     protocol_classes,
     uni_class_split,
 )
@@ -128,7 +129,7 @@ class JobResult:
 def _check_classes(chosen: list[int], known: list[int], dataset: str) -> None:
     for c in chosen:
         if c not in known:
-            raise NdbenchError(f"unknown class {c} for {dataset}", f"use ids {known[0]}..{known[-1]}")
+            raise NdbenchError(f"unknown class {c} for {dataset}", f"use {describe_ids(known)}")
 
 
 def split_name(setting: str, class_id: int) -> str:

@@ -151,14 +151,19 @@ def _check_classes(index: DatasetIndex, classes: Iterable[int]) -> None:
         if c not in known:
             raise NdbenchError(
                 f"unknown class id {c} for {index.dataset}",
-                f"use one of {_describe_ids(sorted(known))}",
+                f"use {describe_ids(sorted(known))}",
             )
 
 
-def _describe_ids(ids: list[int]) -> str:
+def describe_ids(ids: list[int]) -> str:
+    """The class ids a user may give, in words: `ids 0..9` when they run without a gap, else
+    `one of 1,3,7,10` (a long list shortened to its ends and count)."""
+    ids = sorted(ids)
+    if len(ids) > 2 and ids[-1] - ids[0] == len(ids) - 1:
+        return f"ids {ids[0]}..{ids[-1]}"
     if len(ids) > 12:
-        return f"{ids[0]}..{ids[-1]} ({len(ids)} ids; see index.json)"
-    return ",".join(map(str, ids))
+        return f"one of {ids[0]}..{ids[-1]} ({len(ids)} ids, not every one between; see index.json)"
+    return "one of " + ",".join(map(str, ids))
 
 
 class DegenerateSplit(NdbenchError):

@@ -423,3 +423,17 @@ def test_the_closing_hint_runs_the_splits_where_they_were_built(source, tmp_path
     assert main(build_args(source, Path("o"), "--setting", "uni-class", "--classes", "5")) == 0
     assert ("reads the splits under DIR/splits, so to run them build with `--out o/splits` and run "
             "`ndbench run --dataset mylab --method knn --out o`") in capsys.readouterr().out
+
+
+def test_an_unknown_class_lists_the_dataset_s_own_ids(source, tmp_path, capsys):
+    from datasets_builders.splits import describe_ids
+
+    out = tmp_path / "results"
+    assert main(build_args(source, out / "splits")) == 0
+    capsys.readouterr()
+    run = ["run", "--dataset", "mylab", "--method", "knn", "--out", str(out), "--classes", "3", *TINY_KNN]
+    one_line_error(main(run), capsys.readouterr().err, "unknown class 3 for mylab (use one of 2,5,9,11)")
+    maps = ["maps", "--dataset", "mylab", "--method", "mkd", "--split", "uni-class/3", "--out", str(out)]
+    one_line_error(main(maps), capsys.readouterr().err, "unknown class 3 for mylab (use one of 2,5,9,11)")
+    assert describe_ids([3, 1, 2]) == "ids 1..3" and describe_ids([1, 3]) == "one of 1,3"
+    assert describe_ids([*range(1, 12), 13, 14]) == "one of 1..14 (13 ids, not every one between; see index.json)"
