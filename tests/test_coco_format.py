@@ -426,8 +426,6 @@ def test_the_closing_hint_runs_the_splits_where_they_were_built(source, tmp_path
 
 
 def test_an_unknown_class_lists_the_dataset_s_own_ids(source, tmp_path, capsys):
-    from datasets_builders.splits import describe_ids
-
     out = tmp_path / "results"
     assert main(build_args(source, out / "splits")) == 0
     capsys.readouterr()
@@ -435,5 +433,7 @@ def test_an_unknown_class_lists_the_dataset_s_own_ids(source, tmp_path, capsys):
     one_line_error(main(run), capsys.readouterr().err, "unknown class 3 for mylab (use one of 2,5,9,11)")
     maps = ["maps", "--dataset", "mylab", "--method", "mkd", "--split", "uni-class/3", "--out", str(out)]
     one_line_error(main(maps), capsys.readouterr().err, "unknown class 3 for mylab (use one of 2,5,9,11)")
+    from datasets_builders.splits import describe_ids
+
     assert describe_ids([3, 1, 2]) == "ids 1..3" and describe_ids([1, 3]) == "one of 1,3"
     assert describe_ids([*range(1, 12), 13, 14]) == "one of 1..14 (13 ids, not every one between; see index.json)"
