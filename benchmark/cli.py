@@ -676,11 +676,14 @@ def maps_command(
     check_output_folder(target.parent, "--out")  # before the fit, not after it
     if target.is_dir():
         raise NdbenchError(f"{target} is a folder, where the grid goes", "move it away or choose another --out")
-    # A protocol split names its class ("3", "except-3"): checked against the dataset's classes.
-    kind = name.removeprefix("except-")
-    classes = [int(kind)] if kind.isdigit() else []
-    # Validates the method, dataset and class, builds the splits when missing.
+    # A split names its classes ("3", "except-3", "normal-1-3"): checked against the dataset's classes.
+    classes = [int(part) for part in name.removeprefix("except-").removeprefix("normal-").split("-")]
+    # Validates the method, dataset and classes, builds the splits when missing.
     expand_jobs([method], dataset=dataset, settings=[setting], classes=classes, seeds=[seed], options=options)
+    if name.startswith("normal-"):
+        from datasets_builders.splits import Manifest
+
+        Manifest.read(options.splits / dataset / setting / f"{name}.json")  # a missing one names its build
     with job_progress(stderr_console()) as progress:
         path = draw_maps(request, options, progress)
     stdout_console().print(f"wrote {path}")

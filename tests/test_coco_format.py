@@ -437,3 +437,15 @@ def test_an_unknown_class_lists_the_dataset_s_own_ids(source, tmp_path, capsys):
 
     assert describe_ids([3, 1, 2]) == "ids 1..3" and describe_ids([1, 3]) == "one of 1,3"
     assert describe_ids([*range(1, 12), 13, 14]) == "one of 1..14 (13 ids, not every one between; see index.json)"
+
+
+def test_maps_on_an_unbuilt_normal_set_names_it_and_its_build(source, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(build_args(source, out / "splits", "--setting", "multi-class")) == 0  # except-k only
+    capsys.readouterr()
+    maps = ["maps", "--dataset", "mylab", "--method", "mkd", "--out", str(out), "--split"]
+    line = one_line_error(main([*maps, "multi-class/normal-2-5"]), capsys.readouterr().err,
+                          "no split manifest at", "multi-class/normal-2-5.json")
+    assert "build-splits coco-format --name mylab" in line and "--setting multi-class --normal 2,5" in line
+    assert f"--out {out / 'splits'}" in line
+    one_line_error(main([*maps, "multi-class/normal-2-3"]), capsys.readouterr().err, "unknown class 3 for mylab")
