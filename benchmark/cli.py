@@ -346,7 +346,8 @@ def run_command(
         bool,
         typer.Option(help="Keep each job's fitted detector beside its record (<record>.model.pt), with its "
                      "config, weights, split and a decision threshold, for ndbench score. Jobs skipped "
-                     "because their record exists get no model: add --force to fit them again."),
+                     "because their record exists get no model: add --force to fit them again. A job run "
+                     "without it removes the model an earlier run saved beside its record."),
     ] = False,
     workers: Annotated[
         int | None,
