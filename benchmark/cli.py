@@ -219,7 +219,7 @@ def _run_hint(splits: Path, dataset: str) -> str:
 
     command = f"ndbench run --dataset {shlex.quote(dataset)} --method knn"
     if splits.name != "splits":
-        return (f"`ndbench run --out DIR` reads the splits under DIR/splits, so to run them build with "
+        return (f"run --out DIR reads the splits under DIR/splits, so to run them build with "
                 f"`--out {shlex.quote(str(splits / 'splits'))}` and run `{command} --out {shlex.quote(str(splits))}`")
     if splits.parent != Path("results"):
         command += f" --out {shlex.quote(str(splits.parent))}"
