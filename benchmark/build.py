@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,9 @@ from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.sources import build_index, check_dataset
 from datasets_builders.splits import (
+    ALL_VS_ONE_NAME,
     SETTINGS,
+    UNI_CLASS_NAME,
     DegenerateSplit,
     Manifest,
     all_vs_one_split,
@@ -130,9 +131,8 @@ def build_splits(request: BuildRequest, console: Console | None = None) -> Built
     return Built(index, manifests, skipped, stale)
 
 
-# The protocol's split names per setting (a coco-format class id may be negative): what a
-# protocol build owns and may remove.
-PROTOCOL_NAMES = {"uni-class": re.compile(r"-?\d+"), "multi-class": re.compile(r"except--?\d+")}
+# The protocol's split names per setting: what a protocol build owns and may remove.
+PROTOCOL_NAMES = {"uni-class": UNI_CLASS_NAME, "multi-class": ALL_VS_ONE_NAME}
 
 
 def stale_manifests(request: BuildRequest, index: DatasetIndex, manifests: list[Manifest]) -> list[Path]:
