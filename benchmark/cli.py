@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -987,5 +988,15 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+def entry() -> int:
+    """The `ndbench` console script: `main`; after an interrupt, further Ctrl-C or SIGTERM
+    are ignored while the interpreter winds down (a press then would print a traceback)."""
+    code = main()
+    if code in (130, 143):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

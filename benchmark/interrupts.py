@@ -63,14 +63,22 @@ def _raise_interrupted(signum: int, frame) -> None:
 
 @contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM raise `Interrupted` (main thread only; elsewhere
-    signals cannot be handled and the block changes nothing)."""
+    """Within the block, the first SIGINT or SIGTERM raises `Interrupted`; later ones are
+    ignored, so a second Ctrl-C cannot cut short the clean-up the first one started (main
+    thread only; elsewhere signals cannot be handled and the block changes nothing)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stopping: list[int] = []
+
+    def raise_once(signum: int, frame) -> None:
+        if not stopping:
+            stopping.append(signum)
+            _raise_interrupted(signum, frame)
+
     previous = {signum: signal.getsignal(signum) for signum in HANDLED}
     for signum in HANDLED:
-        signal.signal(signum, _raise_interrupted)
+        signal.signal(signum, raise_once)
     try:
         yield
     finally:

@@ -124,6 +124,9 @@ def _create(path: Path, owner: LockOwner) -> bool:
     """Create the lock file holding `owner`; False when it exists already."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where the folder belongs is not a lock that exists
+        raise write_error(path.parent, exc) from exc
+    try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False

@@ -28,6 +28,9 @@ def write_error(path: Path, exc: OSError) -> WriteFailure:
     reason = exc.strerror or str(exc)
     if exc.errno in NO_ROOM:
         fix = "free disk space or raise the file-size limit, or choose another --out; then run the same command again"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):  # what a folder needs to be is a file
+        reason = f"{reason}: a file stands where a folder belongs"
+        fix = "move that file away, or choose another --out"
     else:
         fix = "choose a writable output folder with --out"
     return WriteFailure(f"cannot write {path}: {reason}", fix)

@@ -122,6 +122,8 @@ def _year_hint(year: str, dataset: str) -> str:
 def _load(path: Path, dataset: str) -> COCO:
     """Parse one instances JSON with pycocotools, turning format problems into NdbenchError."""
     fix = "re-download or regenerate this file; it must be a COCO instances JSON"
+    if dataset == "embedded":  # ndbench generated it: the whole scene folder is made again
+        fix = f"delete {path.parent.parent} and run the same command again to regenerate the embedded scenes"
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO(str(path))

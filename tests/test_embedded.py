@@ -318,3 +318,24 @@ def test_bad_config_is_refused() -> None:
         EmbeddedConfig(pool_fractions=(0.5, 0.5, 0.5))
     with pytest.raises(NdbenchError, match="classes_per_image"):
         EmbeddedConfig(classes_per_image=(0.5, 0.2))
+
+
+def test_damaged_scenes_name_the_folder_to_delete(built: Path, tmp_path: Path, monkeypatch) -> None:
+    """Files ndbench generated cannot be re-downloaded: a damaged one names the scene folder
+    whose deletion regenerates them."""
+    from datasets_builders.loading import ManifestDataset
+
+    root = tmp_path / "cache" / built.name
+    shutil.copytree(built, root)
+    monkeypatch.setenv("NDBENCH_CACHE", str(root.parent))
+    index = build_index("embedded", embedded_config=SMALL)
+    row = index.subset("test")[0]
+    (root / row.path).write_bytes((root / row.path).read_bytes()[:40])
+    data = ManifestDataset(index, uni_class_split(index, 0), "test", transform=None)
+    position = data.image_ids.index(row.image_id)
+    with pytest.raises(NdbenchError, match=f"delete {root} and run the same command again"):
+        data._open_file(data._rows[position])
+    json_path = root / "annotations" / "instances_val.json"
+    json_path.write_text(json_path.read_text()[:100])
+    with pytest.raises(NdbenchError, match=f"delete {root} and run the same command again"):
+        build_index("embedded", embedded_config=SMALL)

@@ -310,6 +310,17 @@ def test_a_failed_write_leaves_no_file_and_says_what_to_do(tmp_path, monkeypatch
     assert list(target.parent.iterdir()) == []
 
 
+def test_a_file_where_the_records_folder_belongs_is_one_line(splits_root, tmp_path, faulty, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    folder = record_of(out, "0").parent
+    folder.parent.mkdir(parents=True)
+    folder.write_text("not a folder")
+    assert main(faulty_args(out)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert str(folder) in line and "a file stands where a folder belongs" in line and "move that file away" in line
+    assert folder.read_text() == "not a folder"
+
+
 def test_a_full_disk_stops_the_run_with_one_line(splits_root, tmp_path, faulty, capsys, monkeypatch):
     out = fresh_out(splits_root, tmp_path)
     real = records_module.atomic_write_files
@@ -489,3 +500,32 @@ def test_damaged_cached_pretrained_weights_say_to_delete_them(tmp_path):
     weights.with_suffix(".json").write_text('{"heldout_accuracy": 0.9')
     with pytest.raises(NdbenchError, match="is damaged"):
         pretrain("ndbench_vit_embedded", out=weights)
+
+
+# --- repeated signals ----------------------------------------------------------------------------
+def test_a_second_signal_while_stopping_is_ignored():
+    from benchmark.interrupts import Interrupted, signals_raise_interrupted
+
+    with signals_raise_interrupted():
+        handler = signal.getsignal(signal.SIGINT)
+        with pytest.raises(Interrupted):
+            handler(signal.SIGINT, None)
+        assert handler(signal.SIGINT, None) is None and signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None) is None
+    with signals_raise_interrupted():  # a new block stops on its first signal again
+        with pytest.raises(Interrupted):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize(("code", "ignored"), [(130, True), (143, True), (0, False), (2, False)])
+def test_the_console_script_ignores_signals_after_an_interrupt(monkeypatch, code, ignored):
+    import benchmark.cli as cli_module
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(cli_module, "main", lambda: code)
+    try:
+        assert cli_module.entry() == code
+        now = {s: signal.getsignal(s) for s in previous}
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert (now == dict.fromkeys(previous, signal.SIG_IGN)) == ignored
