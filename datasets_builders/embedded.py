@@ -147,6 +147,7 @@ def ensure_embedded(config: EmbeddedConfig | None = None, console=None) -> Path:
     root = cache_dir(config)
     if root.exists():
         _check_complete(root)
+        _remove_abandoned(root)  # a generation killed while another finished left its folder
         return root
     try:
         root.parent.mkdir(parents=True, exist_ok=True)

@@ -305,6 +305,18 @@ def test_a_killed_generations_folder_is_removed_once_abandoned(cache: Path, monk
     assert sorted(p.name for p in cache.iterdir()) == [live.name]  # a live run's folder stays
 
 
+def test_a_killed_generations_folder_beside_a_finished_one_is_removed(built: Path, cache: Path) -> None:
+    root = cache / built.name
+    shutil.copytree(built, root)
+    old, live = (cache / f".{root.name}.{tag}.tmp" for tag in ("killed", "live"))
+    for folder in (old, live):
+        (folder / "train").mkdir(parents=True)
+    stamp = time.time() - embedded.ABANDONED_AFTER_S - 60
+    os.utime(old, (stamp, stamp))
+    assert ensure_embedded(SMALL, console=QUIET) == root
+    assert sorted(p.name for p in cache.iterdir()) == sorted([root.name, live.name])
+
+
 def test_incomplete_cache_is_refused(cache: Path) -> None:
     root = cache_dir(SMALL)
     (root / "annotations").mkdir(parents=True)
