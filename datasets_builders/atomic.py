@@ -28,7 +28,7 @@ def write_error(path: Path, exc: OSError) -> WriteFailure:
     reason = exc.strerror or str(exc)
     if exc.errno in NO_ROOM:
         fix = "free disk space or raise the file-size limit, or choose another --out; then run the same command again"
-    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):  # what a folder needs to be is a file
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where the path needs a folder
         reason = f"{reason}: a file stands where a folder belongs"
         fix = "move that file away, or choose another --out"
     else:
