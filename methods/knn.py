@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from sklearn.neighbors import NearestNeighbors
-from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 
-from .backbones import create_backbone
+from .backbones import create_backbone, vit_patch_size
 from .base import BaseDetector, autocast
 from .cost import CostModel, FrozenPass
 from .defend import PAPER_TEXT, RELEASED_BACKBONE
@@ -78,11 +77,10 @@ class KNNDetector(BaseDetector):
     def _build(self, weights) -> torch.nn.Module:
         """The backbone with `weights` in eval mode; a ViT is set to `img_size`."""
         c = self.config
-        model = create_backbone(c.backbone, weights=weights, num_classes=0)
-        # Rebuilt only when the sizes differ, so a ViT at its own size is built exactly as before.
-        if isinstance(model, VisionTransformer) and tuple(model.patch_embed.img_size) != (c.img_size,) * 2:
-            model = create_backbone(c.backbone, weights=weights, num_classes=0, img_size=c.img_size)
-        return model.eval()
+        # Only a ViT takes img_size (a CNN's timm constructor refuses it); known before building,
+        # so the weights are loaded once.
+        size = {"img_size": c.img_size} if vit_patch_size(c.backbone) is not None else {}
+        return create_backbone(c.backbone, weights=weights, num_classes=0, **size).eval()
 
     def frozen_part(self, device: torch.device, *, plan: bool = False) -> FrozenPart | None:
         """The feature-cache key of the pooled features (None with random weights). `plan`:
