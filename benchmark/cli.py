@@ -330,7 +330,9 @@ def run_command(
     force: Annotated[bool, typer.Option(help="Re-run jobs whose record exists.")] = False,
     option: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a method option, NAME=VALUE (repeatable), e.g. --set epochs=1."),
+        typer.Option("--set", help="Override a method option, NAME=VALUE (repeatable), e.g. --set epochs=1: "
+                     "it goes to every method of the run with that option (a note names the others); "
+                     "METHOD.NAME=VALUE sets it for one method, e.g. --set defend.dense_epochs=3."),
     ] = None,
     preset: Annotated[
         str | None,
@@ -397,6 +399,7 @@ def run_command(
 
     from .build import requested_settings
     from .executors import RayResources, execute
+    from .overrides import parse_overrides
     from .parallel import jobs_at_once
     from .records import load_records_at
     from .runner import RunOptions, expand_jobs
@@ -410,7 +413,7 @@ def run_command(
     check_weights(weights)
     check_executor(executor, ray_address, retries, ray_cpus_per_job, ray_gpus_per_job)
     parallel_jobs = check_parallel(parallel, executor)
-    overrides = _parse_overrides(option or [])
+    overrides = parse_overrides(option or [])
     notes = check_run_configs(methods, dataset=dataset, settings=settings, preset=preset, overrides=overrides,
                               weights=weights)
     caching = CacheSettings(enabled=cache, budget_gb=cache_budget_gb, workers=workers)
@@ -458,29 +461,6 @@ def _note_missing_models(results) -> None:
         stderr_console().print(f"note: {len(missing)} skipped job(s) have no saved model (their records were made "
                                f"without --save-models): {shown}; add --force to fit them again and save their models",
                                soft_wrap=True, markup=False)
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    """`NAME=VALUE` pairs; values parsed as JSON when they can be (numbers, booleans, lists),
-    Python's True, False and None read as true, false and null."""
-    import json
-
-    python_literals = {"True": True, "False": False, "None": None}
-    parsed = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise NdbenchError(f"cannot read --set {item!r}", "write it as NAME=VALUE, e.g. --set epochs=1")
-        if name in parsed:
-            raise NdbenchError(f"--set {name} is given twice", f"keep one --set {name}=VALUE")
-        if value in python_literals:
-            parsed[name] = python_literals[value]
-            continue
-        try:
-            parsed[name] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[name] = value
-    return parsed
 
 
 @app.command("table")

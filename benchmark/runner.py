@@ -51,6 +51,7 @@ from .console import QuietProgress, stderr_console
 from .interrupts import Interrupted
 from .locks import try_lock
 from .metrics import novelty_metrics
+from .overrides import WEIGHTING_OPTION, split_overrides
 from .records import Record, read_record, record_path, write_record
 
 EMBEDDED = "embedded"
@@ -59,7 +60,6 @@ EMBEDDED = "embedded"
 # folders written at :120-137), so an image holding two normal classes is seen twice per epoch:
 # "per-class" reproduces that (the default); "unique" sees each image once. Manifests always
 # list each image once; this is a run option (`--set multi_class_weighting=unique`).
-WEIGHTING_OPTION = "multi_class_weighting"
 WEIGHTINGS = ("per-class", "unique")
 DEFAULT_WEIGHTING = "per-class"
 
@@ -214,20 +214,21 @@ def expand_jobs(
     overrides: dict[str, Any] | None = None,
     preset: str = "",
 ) -> list[Job]:
-    """Every (method, split, seed) job of a request, in a stable order."""
+    """Every (method, split, seed) job of a request, in a stable order. `overrides` are the
+    run's --set options, each given to the methods that have it (`split_overrides`)."""
     check_dataset(dataset, options.splits)
     check_weighting(overrides or {})
-    # Lists (e.g. --set mean=[0.5,0.5,0.5]) become tuples, so jobs stay hashable.
-    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (overrides or {}).items()))
     for method in methods:
         cls = get_class(method)  # unknown names fail before any work
         if preset:
             cls.resolve_preset(preset)
+    per_method, _ = split_overrides(methods, overrides or {})
+    frozen = {method: freeze_overrides(per_method[method]) for method in methods}
     for setting in settings:
         if setting not in SETTINGS:
             raise NdbenchError(f"unknown setting {setting!r}", "use uni-class or multi-class")
         for method in methods:  # unknown or mistyped --set options, too
-            config = build_detector(Job(method, dataset, setting, "", 0, frozen, preset), options).config
+            config = build_detector(Job(method, dataset, setting, "", 0, frozen[method], preset), options).config
             if getattr(config, "weights", None) == EMBEDDED_WEIGHTS:
                 check_embedded_arch(config.backbone)
     if dataset == EMBEDDED and classes is not None:  # known before the scenes are generated
@@ -250,13 +251,19 @@ def expand_jobs(
         if not names[setting] and not is_builtin(dataset):
             raise _custom_split_missing(dataset, options, f"no {setting} split was built")
     jobs = (
-        Job(method, dataset, setting, name, seed, frozen, preset)
+        Job(method, dataset, setting, name, seed, frozen[method], preset)
         for method in methods
         for setting in settings
         for name in names[setting]
         for seed in seeds
     )
     return list(dict.fromkeys(jobs))  # a class or seed given twice is one job
+
+
+def freeze_overrides(overrides: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A job's options as a sorted tuple; lists (e.g. --set mean=[0.5,0.5,0.5]) become tuples,
+    so jobs stay hashable."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()))
 
 
 def preset_chain(job: Job) -> str:

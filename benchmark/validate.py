@@ -65,20 +65,25 @@ def check_run_configs(methods: list[str], *, dataset: str, settings: list[str], 
     """What each method's config in a run is built from, checked before any work: the
     --preset name, a --set backbone or weights, and a backbone without embedded weights where
     the weights are "embedded", each refused naming the option that chose it; then each
-    config's own check (e.g. an img_size its ViT backbone cannot cut into patches). Returns a note
-    for each method that --preset leaves as it was."""
+    config's own check (e.g. an img_size its ViT backbone cannot cut into patches). `overrides`
+    are the run's --set options, each given to the methods that have it (`split_overrides`).
+    Returns a note for each --set option some methods do not have, and for each method that
+    --preset leaves as it was."""
     from methods.registry import get_class
+
+    from .overrides import split_overrides
 
     if preset is not None and not preset.strip():
         names = "; ".join(f"{method}: {', '.join(get_class(method).preset_names())}" for method in methods)
         raise NdbenchError("--preset is empty", f"drop --preset for each method's defaults, or name one: {names}")
-    notes = []
+    per_method, notes = split_overrides(methods, overrides)
     for method in methods:
-        built = {setting: _run_config(method, dataset, setting, preset, overrides, weights) for setting in settings}
+        own = per_method[method]
+        built = {setting: _run_config(method, dataset, setting, preset, own, weights) for setting in settings}
         for config in built.values():
-            _check_run_config(method, config, preset, overrides, weights)
+            _check_run_config(method, config, preset, own, weights)
             get_class(method).check_config(config)
-        if preset and all(config == _run_config(method, dataset, setting, None, overrides, weights)
+        if preset and all(config == _run_config(method, dataset, setting, None, own, weights)
                           for setting, config in built.items()):
             why = ("its paper recipe is its defaults" if get_class(method).resolve_preset(preset) is None
                    else "every option it sets already has that value")
@@ -89,10 +94,9 @@ def check_run_configs(methods: list[str], *, dataset: str, settings: list[str], 
 def _run_config(method: str, dataset: str, setting: str, preset: str | None, overrides: dict[str, Any],
                 weights: str | None) -> Any:
     """The config a run's job of `method` on `dataset` and `setting` is built with."""
-    from .runner import Job, RunOptions, build_detector
+    from .runner import Job, RunOptions, build_detector, freeze_overrides
 
-    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()))
-    job = Job(method, dataset, setting, "", 0, frozen, preset or "")
+    job = Job(method, dataset, setting, "", 0, freeze_overrides(overrides), preset or "")
     return build_detector(job, RunOptions(weights=weights)).config
 
 

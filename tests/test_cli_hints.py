@@ -16,7 +16,8 @@ import pytest
 import torch
 import typer.main
 
-from benchmark.cli import _parse_overrides, app, main
+from benchmark.cli import app, main
+from benchmark.overrides import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("benchmark", "datasets_builders", "methods")
@@ -86,6 +87,12 @@ BAD_OPTIONS = [
     (["run", "--method", "knn,nope"], "unknown method 'nope'"),
     (["run", "--method", "knn", "--set", "k=abc"], "option 'k' takes int, not 'abc'"),
     (["run", "--method", "knn", "--set", "colour=3"], "has no option 'colour'"),
+    (["run", "--method", "knn,mkd", "--set", "dense_epoch=1"],
+     "no method of this run (knn, mkd) has an option 'dense_epoch' (options: backbone, batch_size,"),
+    (["run", "--method", "knn,defend", "--set", "dense_epoch=1"], "(did you mean dense_epochs, an option of defend?)"),
+    (["run", "--method", "knn,mkd", "--set", "defend.dense_epochs=1"],
+     "--set defend.dense_epochs: 'defend' is not a method of this run (knn, mkd)"),
+    (["run", "--method", "knn,mkd", "--set", "knn.epochs=1"], "--set knn.epochs: knn has no option 'epochs'"),
     (["run", "--method", "knn", "--set", "k"], "cannot read --set 'k'"),
     (["run", "--method", "knn", "--set", "k=3", "--set", "k=4"], "--set k is given twice"),
     (["run", "--method", "knn", "--executor", "slurm"], "unknown executor 'slurm'"),
@@ -199,7 +206,7 @@ def test_run_without_the_data_names_the_commands_that_get_it(tmp_path, monkeypat
 
 
 def test_set_values_read_as_json_or_as_python_literals():
-    parsed = _parse_overrides(["gcn=False", "pretrain=true", "eval_batch_size=None", "epochs=3", "lr=1e-3",
+    parsed = parse_overrides(["gcn=False", "pretrain=true", "eval_batch_size=None", "epochs=3", "lr=1e-3",
                                "weights=/data/vit.safetensors", "global_scale=[0.3, 1.0]", "name=True-ish"])
     assert parsed == {"gcn": False, "pretrain": True, "eval_batch_size": None, "epochs": 3, "lr": 1e-3,
                       "weights": "/data/vit.safetensors", "global_scale": [0.3, 1.0], "name": "True-ish"}
