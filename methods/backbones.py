@@ -64,16 +64,22 @@ def pretrained_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float,
     return tuple(cfg.mean), tuple(cfg.std)
 
 
+def meta_model(name: str) -> nn.Module | None:
+    """The timm model `name` built on the meta device, to read its structure and output shapes:
+    no parameters are allocated or initialised, so even ViT-B takes ~0.1 s. None when the
+    architecture cannot be built there (its real build then checks it)."""
+    check_model_name(name)
+    try:
+        with torch.device("meta"):
+            return timm.create_model(split_model_name_tag(name)[0], pretrained=False, num_classes=0)
+    except Exception:
+        return None
+
+
 @functools.cache
 def vit_patch_size(name: str) -> tuple[int, int] | None:
     """The patch size of the timm model `name` when it is a VisionTransformer, else None."""
-    check_model_name(name)
-    # Built on the meta device: no parameters are allocated or initialised, so even ViT-B takes ~0.1 s.
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(split_model_name_tag(name)[0], pretrained=False, num_classes=0)
-    except Exception:  # an architecture that cannot be built there: the real build checks it
-        return None
+    model = meta_model(name)
     if not isinstance(model, VisionTransformer):
         return None
     return tuple(int(side) for side in model.patch_embed.patch_size)

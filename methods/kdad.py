@@ -26,7 +26,7 @@ from datasets_builders.errors import NdbenchError
 from datasets_builders.image_store import Normalise, ResizeCropDecode, StagedTransform
 from datasets_builders.loading import IndexedImages
 
-from .backbones import create_backbone
+from .backbones import create_backbone, meta_model
 from .base import BaseDetector, autocast, tracked
 from .cost import CostModel, FrozenPass
 from .features import FeatureTable, FrozenPart, compute_precision, frozen_weights_identity
@@ -248,6 +248,26 @@ class KDADStudent(nn.Module):
         return out
 
 
+def matching_student(shapes: list[tuple[int, int, int]], config: KDADConfig, device: torch.device) -> KDADStudent:
+    """A random student on `device` whose tapped outputs have the teacher's tap `shapes` at
+    `config.img_size`; one NdbenchError when no max-pooling student can have them."""
+    side = config.img_size
+    taps = [(ch, side // h if h and side % h == 0 else 0) for ch, h, _ in shapes]
+    plan, blocks = student_plan(taps, config.student_width, config.student_convs)
+    with torch.device(device):
+        student = KDADStudent(plan, blocks)
+    with torch.no_grad():
+        student.eval()
+        got = [tuple(f.shape[1:]) for f in student(torch.zeros(1, 3, side, side, device=device))]
+        student.train()
+    if got != shapes:
+        raise NdbenchError(
+            f"the student's maps {got} do not match the teacher's {shapes} at img_size {side}",
+            "use an img_size divisible by the deepest tap's reduction, or other teacher_layers",
+        )
+    return student
+
+
 # --- loss and score ------------------------------------------------------------------------
 def _direction(student: Tensor, teacher: Tensor) -> Tensor:
     """1 - cosine similarity of each sample's flattened maps: [B]."""
@@ -349,22 +369,29 @@ class KDADDetector(BaseDetector):
 
     def build_student(self, teacher: TappedTeacher) -> KDADStudent:
         """A random student whose tapped outputs match the teacher's taps in shape."""
-        c = self.config
-        self.maps = shapes = tap_shapes(teacher, c.img_size)
-        taps = [(ch, c.img_size // h if h and c.img_size % h == 0 else 0) for ch, h, _ in shapes]
-        plan, blocks = student_plan(taps, c.student_width, c.student_convs)
-        student = KDADStudent(plan, blocks).to(next(teacher.parameters()).device)
-        with torch.no_grad():
-            student.eval()
-            got = [tuple(f.shape[1:]) for f in student(torch.zeros(1, 3, c.img_size, c.img_size,
-                                                                   device=next(student.parameters()).device))]
-            student.train()
-        if got != shapes:
+        self.maps = tap_shapes(teacher, self.config.img_size)
+        return matching_student(self.maps, self.config, next(teacher.parameters()).device)
+
+    @classmethod
+    def check_config(cls, config: KDADConfig) -> None:
+        """Also refuse teacher_layers and an img_size no max-pooling student can match (checked
+        on the teacher built on the meta device: no weights are read or allocated)."""
+        super().check_config(config)
+        model = meta_model(config.backbone)
+        if model is None:
+            return
+        teacher = TappedTeacher(model, config.teacher_layers)
+        try:
+            shapes = tap_shapes(teacher, config.img_size)
+        except RuntimeError as exc:  # a pooling or convolution left with nothing to work on
             raise NdbenchError(
-                f"the student's maps {got} do not match the teacher's {shapes} at img_size {c.img_size}",
-                "use an img_size divisible by the deepest tap's reduction, or other teacher_layers",
-            )
-        return student
+                f"{cls.name}: img_size {config.img_size} is too small for its teacher {config.backbone} "
+                f"({str(exc).splitlines()[0]})",
+                f"use a larger --set img_size (the paper's is {KDADConfig.img_size})") from None
+        try:
+            matching_student(shapes, config, torch.device("meta"))
+        except NdbenchError as exc:
+            raise NdbenchError(f"{cls.name} at img_size {config.img_size}: {exc.problem}", exc.fix) from None
 
     def _score_index(self) -> list[int]:
         return [self.config.teacher_layers.index(name) for name in self.config.score_layers]
