@@ -120,17 +120,24 @@ def _year_hint(year: str, dataset: str) -> str:
 
 
 def _load(path: Path, dataset: str) -> COCO:
-    """Parse one instances JSON with pycocotools, turning format problems into NdbenchError."""
+    """Parse one instances JSON (UTF-8, with or without a byte-order mark) into a pycocotools
+    `COCO`, turning format problems into NdbenchError."""
     fix = "re-download or regenerate this file; it must be a COCO instances JSON"
     if dataset == "embedded":  # ndbench generated it: the whole scene folder is made again
         fix = f"delete {path.parent.parent} and run the same command again to regenerate the embedded scenes"
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(path))
+        # Not COCO(path): it opens the file in the locale's encoding and refuses a BOM, which
+        # Windows tools and some exporters write.
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NdbenchError(f"{dataset}: {path} is not valid JSON ({exc})", fix) from exc
-    except AssertionError as exc:
-        raise NdbenchError(f"{dataset}: {path} does not hold a JSON object", fix) from exc
+    if not isinstance(data, dict):
+        raise NdbenchError(f"{dataset}: {path} does not hold a JSON object", fix)
+    coco = COCO()
+    coco.dataset = data
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
     except (KeyError, TypeError) as exc:
         raise NdbenchError(f"{dataset}: {path} has a malformed entry ({exc!r})", fix) from exc
     for key in REQUIRED_KEYS:

@@ -101,6 +101,20 @@ def test_separate_image_folders_share_their_deepest_common_root(tmp_path, capsys
     assert index.root == source["images"].resolve() and index.row("train/2").path == "train/b/img_002.jpg"
 
 
+def test_a_file_saved_with_a_byte_order_mark_reads_as_without(source, tmp_path, capsys):
+    """Windows tools and some exporters start UTF-8 files with a BOM; it is not part of the JSON."""
+    for subset in ("train", "test"):
+        edit(source[f"{subset}_annotations"], lambda d: d["categories"][-1].update(name="poisson-\u00e9"))
+    assert main(build_args(source, tmp_path / "plain", "--setting", "uni-class")) == 0
+    for subset in ("train", "test"):
+        path = source[f"{subset}_annotations"]
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert main(build_args(source, tmp_path / "bom", "--setting", "uni-class")) == 0, capsys.readouterr().err
+    plain, bom = DatasetIndex.read(tmp_path / "plain" / "mylab"), DatasetIndex.read(tmp_path / "bom" / "mylab")
+    assert bom.rows == plain.rows and bom.class_names == plain.class_names
+    assert bom.class_names[11] == "poisson-\u00e9"
+
+
 def _duplicate_image(data):
     data["images"].append(dict(data["images"][0]))
 
