@@ -159,8 +159,9 @@ def _load(path: Path, dataset: str) -> COCO:
 
 
 def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
-    """What exports get wrong: an id listed twice, no categories, a negative category id, a
-    file name that leaves its image folder (absolute, or climbing out with '..')."""
+    """What exports get wrong: an id listed twice, no categories, a negative category id, two
+    categories with one name, a file name that leaves its image folder (absolute, or climbing
+    out with '..')."""
     if not coco.dataset["categories"]:
         raise NdbenchError(
             f"{dataset}: {path} has an empty 'categories' list",
@@ -181,6 +182,15 @@ def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
                     f"give every entry of '{key}' its own id",
                 )
             seen.add(entry["id"])
+    named: dict[str, int] = {}
+    for category in coco.dataset["categories"]:
+        twin = named.setdefault(category["name"], category["id"])
+        if twin != category["id"]:
+            raise NdbenchError(
+                f"{dataset}: categories {twin} and {category['id']} in {path} are both named {category['name']!r}",
+                "rename one of them in the JSON (the same in both files): tables and reports tell classes "
+                "apart by name",
+            )
     for image in coco.dataset["images"]:
         name = PurePosixPath(image["file_name"])
         if name.is_absolute() or ".." in name.parts:
@@ -194,9 +204,15 @@ def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
 def _merge_categories(
     cocos: dict[str, COCO], json_paths: dict[str, Path], dataset: str
 ) -> dict[int, str]:
-    """Union of both files' categories; the same id must carry the same name in both."""
+    """Union of both files' categories; the same id must carry the same name in both, and
+    the same name the same id."""
     names: dict[int, str] = {}
+    ids: dict[str, int] = {}
     origin: dict[int, Path] = {}
+    fix = (
+        "use train and val annotation files from the same COCO release" if dataset == "coco"
+        else "export both files with one category list"
+    )
     for subset, coco in cocos.items():
         for category in coco.dataset["categories"]:
             cid, name = category["id"], category["name"]
@@ -204,10 +220,16 @@ def _merge_categories(
                 raise NdbenchError(
                     f"{dataset}: category id {cid} is {names[cid]!r} in {origin[cid]} but "
                     f"{name!r} in {json_paths[subset]}",
-                    "use train and val annotation files from the same COCO release" if dataset == "coco"
-                    else "export both files with one category list",
+                    fix,
+                )
+            if name in ids and ids[name] != cid:
+                raise NdbenchError(
+                    f"{dataset}: category {name!r} has id {ids[name]} in {origin[ids[name]]} but "
+                    f"id {cid} in {json_paths[subset]}",
+                    fix,
                 )
             names.setdefault(cid, name)
+            ids.setdefault(name, cid)
             origin.setdefault(cid, json_paths[subset])
     return names
 

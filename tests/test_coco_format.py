@@ -145,6 +145,17 @@ def _negative_category(data):
         entry[key] = -1 if entry[key] == 11 else entry[key]
 
 
+def _two_categories_one_name(data):
+    data["categories"].append({"id": 12, "name": "cat", "supercategory": "animal"})
+    data["annotations"][0]["category_id"] = 12
+
+
+def _renumbered_category(data):
+    for entry in (*data["categories"], *data["annotations"]):
+        key = "id" if "name" in entry else "category_id"
+        entry[key] = 12 if entry[key] == 2 else entry[key]
+
+
 def _climbing_file_name(data):
     data["images"][0]["file_name"] = "../elsewhere.jpg"
 
@@ -159,6 +170,9 @@ def _climbing_file_name(data):
         ("test", _bool_category, ("category id True", "test.json")),
         ("test", _no_categories, ("empty 'categories' list", "test.json")),
         ("train", _negative_category, ("'fish'", "negative id -1", "train.json", "ids 0 or above")),
+        ("train", _two_categories_one_name,
+         ("categories 2 and 12", "train.json", "both named 'cat'", "rename one of them", "both files")),
+        ("test", _renumbered_category, ("category 'cat' has id 2 in", "train.json but id 12 in", "test.json")),
         ("train", _climbing_file_name, ("'../elsewhere.jpg'", "not inside its image folder")),
     ],
 )
