@@ -77,7 +77,10 @@ def index_from_instances(
 
     `image_id(subset, coco_id)` names each row; by default the COCO id itself, which then
     must not occur in both files (the official files never share an image)."""
-    cocos = {subset: _load(part.annotations, dataset) for subset, part in subsets.items()}
+    cocos: dict[str, COCO] = {}
+    for subset, part in subsets.items():
+        cocos[subset] = _load(part.annotations, dataset)
+        _check_file_names(cocos[subset], part, subset, dataset)
     json_paths = {subset: part.annotations for subset, part in subsets.items()}
     class_names = _merge_categories(cocos, json_paths, dataset)
 
@@ -154,14 +157,13 @@ def _load(path: Path, dataset: str) -> COCO:
                 raise TypeError(f"category {category!r} needs an integer id and a name")
     except (KeyError, TypeError) as exc:
         raise NdbenchError(f"{dataset}: {path} has a malformed entry ({exc})", fix) from exc
-    _check_unique_and_relative(coco, path, dataset)
+    _check_ids_and_categories(coco, path, dataset)
     return coco
 
 
-def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
+def _check_ids_and_categories(coco: COCO, path: Path, dataset: str) -> None:
     """What exports get wrong: an id listed twice, no categories, a negative category id, two
-    categories with one name, a file name that leaves its image folder (absolute, or climbing
-    out with '..')."""
+    categories with one name."""
     if not coco.dataset["categories"]:
         raise NdbenchError(
             f"{dataset}: {path} has an empty 'categories' list",
@@ -191,14 +193,33 @@ def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
                 "rename one of them in the JSON (the same in both files): tables and reports tell classes "
                 "apart by name",
             )
+
+
+def _check_file_names(coco: COCO, part: CocoSubset, subset: str, dataset: str) -> None:
+    """Every `file_name` leads down from the subset's image folder: no leading '/', no '..'.
+
+    An index row's path is the image folder's path under the index root followed by
+    `file_name`, so one that climbs out of its folder could name a file outside the root (the
+    root is that very folder when train and test share it)."""
+    folder = os.path.abspath(part.images)
     for image in coco.dataset["images"]:
         name = PurePosixPath(image["file_name"])
-        if name.is_absolute() or ".." in name.parts:
+        if not (name.is_absolute() or ".." in name.parts):
+            continue
+        target = os.path.normpath(os.path.join(folder, name))
+        problem = f"{dataset}: image {image['id']} in {part.annotations} has file_name {image['file_name']!r}, "
+        if os.path.commonpath([folder, target]) == folder:
+            plain = os.path.relpath(target, folder)
             raise NdbenchError(
-                f"{dataset}: image {image['id']} in {path} has file_name {image['file_name']!r}, "
-                "which is not inside its image folder",
-                "write file_name relative to the image folder (sub-folders are fine)",
+                f"{problem}which must lead down from its image folder {folder} without '..' or a leading '/'",
+                f"write it as {plain!r}" if plain != "." else "name an image file in that folder",
             )
+        raise NdbenchError(
+            f"{problem}which leads to {target}, outside its image folder {folder}",
+            _fix(dataset, "use the official COCO annotation files",
+                 f"pass a folder that holds every image of {part.annotations.name} as --{subset}-images and "
+                 "write each file_name relative to it; sub-folders are fine"),
+        )
 
 
 def _merge_categories(

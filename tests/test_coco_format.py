@@ -4,6 +4,7 @@ wrong (each one line, exit 2), and `run --dataset NAME` on the result."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,15 +88,22 @@ def test_images_default_to_the_folder_holding_the_json(tmp_path, capsys):
     assert index.row("test/1").path == "test/img_001.jpg"
 
 
-def test_separate_image_folders_share_their_deepest_common_root(tmp_path, capsys):
-    source = write_coco_format(tmp_path / "export")
-    args = build_args(source, tmp_path / "splits")
+def separate_folders_args(source: dict[str, Path], out: Path) -> list[str]:
+    """Build arguments with `images/train` and `images/test` as the two image folders (the
+    files' `file_name` entries made relative to them)."""
+    args = build_args(source, out)
     args[args.index("--train-images") + 1] = str(source["images"] / "train")
     args[args.index("--test-images") + 1] = str(source["images"] / "test")
     for subset in ("train", "test"):
         prefix = f"{subset}/"
         edit(source[f"{subset}_annotations"],
              lambda d, p=prefix: [i.update(file_name=i["file_name"].removeprefix(p)) for i in d["images"]])
+    return args
+
+
+def test_separate_image_folders_share_their_deepest_common_root(tmp_path, capsys):
+    source = write_coco_format(tmp_path / "export")
+    args = separate_folders_args(source, tmp_path / "splits")
     assert main(args) == 0, capsys.readouterr().err
     index = DatasetIndex.read(tmp_path / "splits" / "mylab")
     assert index.root == source["images"].resolve() and index.row("train/2").path == "train/b/img_002.jpg"
@@ -173,7 +181,7 @@ def _climbing_file_name(data):
         ("train", _two_categories_one_name,
          ("categories 2 and 12", "train.json", "both named 'cat'", "rename one of them", "both files")),
         ("test", _renumbered_category, ("category 'cat' has id 2 in", "train.json but id 12 in", "test.json")),
-        ("train", _climbing_file_name, ("'../elsewhere.jpg'", "not inside its image folder")),
+        ("train", _climbing_file_name, ("'../elsewhere.jpg'", "elsewhere.jpg, outside its image folder")),
     ],
 )
 def test_what_real_exports_get_wrong_is_one_line(source, tmp_path, capsys, subset, change, needles):
@@ -181,6 +189,40 @@ def test_what_real_exports_get_wrong_is_one_line(source, tmp_path, capsys, subse
     out = tmp_path / "splits"
     one_line_error(main(build_args(source, out)), capsys.readouterr().err, *needles)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("file_name", "target"),
+    [
+        ("../train/a/img_001.jpg", "train/a/img_001.jpg"),  # inside the index root, not inside images/test
+        ("../../outside.jpg", "../outside.jpg"),
+        ("{export}/outside.jpg", "../outside.jpg"),
+    ],
+)
+def test_a_file_name_leaving_its_folder_names_the_folder_and_where_it_leads(tmp_path, capsys, file_name, target):
+    source = write_coco_format(tmp_path / "export")
+    args = separate_folders_args(source, tmp_path / "o")
+    file_name = file_name.format(export=tmp_path.resolve() / "export")
+    edit(source["test_annotations"], lambda d: d["images"][0].update(file_name=file_name))
+    images = source["images"].resolve()
+    line = one_line_error(main(args), capsys.readouterr().err, f"{source['test_annotations']} has file_name "
+                          f"{file_name!r}, which leads to {os.path.normpath(images / target)}, outside its image "
+                          f"folder {images / 'test'}", "as --test-images")
+    assert "write each file_name relative to it" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("file_name", ["b/../img_001.jpg", "{test}/img_001.jpg"])
+def test_a_file_name_inside_its_folder_but_not_straight_down_is_refused_with_its_plain_form(
+    tmp_path, capsys, file_name
+):
+    source = write_coco_format(tmp_path / "export")
+    args = separate_folders_args(source, tmp_path / "o")
+    test_folder = source["images"].resolve() / "test"
+    file_name = file_name.format(test=test_folder)
+    edit(source["test_annotations"], lambda d: d["images"][0].update(file_name=file_name))
+    one_line_error(main(args), capsys.readouterr().err, f"has file_name {file_name!r}, which must lead down from "
+                   f"its image folder {test_folder} without '..' or a leading '/'", "write it as 'img_001.jpg'")
 
 
 def test_a_protocol_split_that_cannot_form_is_left_out_with_a_note(source, tmp_path, capsys):
