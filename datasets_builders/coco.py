@@ -77,7 +77,10 @@ def index_from_instances(
 
     `image_id(subset, coco_id)` names each row; by default the COCO id itself, which then
     must not occur in both files (the official files never share an image)."""
-    cocos = {subset: _load(part.annotations, dataset) for subset, part in subsets.items()}
+    cocos: dict[str, COCO] = {}
+    for subset, part in subsets.items():
+        cocos[subset] = _load(part.annotations, dataset)
+        _check_file_names(cocos[subset], part, subset, dataset)
     json_paths = {subset: part.annotations for subset, part in subsets.items()}
     class_names = _merge_categories(cocos, json_paths, dataset)
 
@@ -120,17 +123,24 @@ def _year_hint(year: str, dataset: str) -> str:
 
 
 def _load(path: Path, dataset: str) -> COCO:
-    """Parse one instances JSON with pycocotools, turning format problems into NdbenchError."""
+    """Parse one instances JSON (UTF-8, with or without a byte-order mark) into a pycocotools
+    `COCO`, turning format problems into NdbenchError."""
     fix = "re-download or regenerate this file; it must be a COCO instances JSON"
     if dataset == "embedded":  # ndbench generated it: the whole scene folder is made again
         fix = f"delete {path.parent.parent} and run the same command again to regenerate the embedded scenes"
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(path))
+        # Not COCO(path): it opens the file in the locale's encoding and refuses a BOM, which
+        # Windows tools and some exporters write.
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NdbenchError(f"{dataset}: {path} is not valid JSON ({exc})", fix) from exc
-    except AssertionError as exc:
-        raise NdbenchError(f"{dataset}: {path} does not hold a JSON object", fix) from exc
+    if not isinstance(data, dict):
+        raise NdbenchError(f"{dataset}: {path} does not hold a JSON object", fix)
+    coco = COCO()
+    coco.dataset = data
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
     except (KeyError, TypeError) as exc:
         raise NdbenchError(f"{dataset}: {path} has a malformed entry ({exc!r})", fix) from exc
     for key in REQUIRED_KEYS:
@@ -147,13 +157,13 @@ def _load(path: Path, dataset: str) -> COCO:
                 raise TypeError(f"category {category!r} needs an integer id and a name")
     except (KeyError, TypeError) as exc:
         raise NdbenchError(f"{dataset}: {path} has a malformed entry ({exc})", fix) from exc
-    _check_unique_and_relative(coco, path, dataset)
+    _check_ids_and_categories(coco, path, dataset)
     return coco
 
 
-def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
-    """What exports get wrong: an id listed twice, no categories, a negative category id, a
-    file name that leaves its image folder (absolute, or climbing out with '..')."""
+def _check_ids_and_categories(coco: COCO, path: Path, dataset: str) -> None:
+    """What exports get wrong: an id listed twice, no categories, a negative category id, two
+    categories with one name."""
     if not coco.dataset["categories"]:
         raise NdbenchError(
             f"{dataset}: {path} has an empty 'categories' list",
@@ -174,22 +184,56 @@ def _check_unique_and_relative(coco: COCO, path: Path, dataset: str) -> None:
                     f"give every entry of '{key}' its own id",
                 )
             seen.add(entry["id"])
+    named: dict[str, int] = {}
+    for category in coco.dataset["categories"]:
+        twin = named.setdefault(category["name"], category["id"])
+        if twin != category["id"]:
+            raise NdbenchError(
+                f"{dataset}: categories {twin} and {category['id']} in {path} are both named {category['name']!r}",
+                "rename one of them in the JSON (the same in both files): tables and reports tell classes "
+                "apart by name",
+            )
+
+
+def _check_file_names(coco: COCO, part: CocoSubset, subset: str, dataset: str) -> None:
+    """Every `file_name` leads down from the subset's image folder: no leading '/', no '..'.
+
+    An index row's path is the image folder's path under the index root followed by
+    `file_name`, so one that climbs out of its folder could name a file outside the root (the
+    root is that very folder when train and test share it)."""
+    folder = os.path.abspath(part.images)
     for image in coco.dataset["images"]:
         name = PurePosixPath(image["file_name"])
-        if name.is_absolute() or ".." in name.parts:
+        if not (name.is_absolute() or ".." in name.parts):
+            continue
+        target = os.path.normpath(os.path.join(folder, name))
+        problem = f"{dataset}: image {image['id']} in {part.annotations} has file_name {image['file_name']!r}, "
+        if os.path.commonpath([folder, target]) == folder:
+            plain = os.path.relpath(target, folder)
             raise NdbenchError(
-                f"{dataset}: image {image['id']} in {path} has file_name {image['file_name']!r}, "
-                "which is not inside its image folder",
-                "write file_name relative to the image folder (sub-folders are fine)",
+                f"{problem}which must lead down from its image folder {folder} without '..' or a leading '/'",
+                f"write it as {plain!r}" if plain != "." else "name an image file in that folder",
             )
+        raise NdbenchError(
+            f"{problem}which leads to {target}, outside its image folder {folder}",
+            _fix(dataset, "use the official COCO annotation files",
+                 f"pass a folder that holds every image of {part.annotations.name} as --{subset}-images and "
+                 "write each file_name relative to it; sub-folders are fine"),
+        )
 
 
 def _merge_categories(
     cocos: dict[str, COCO], json_paths: dict[str, Path], dataset: str
 ) -> dict[int, str]:
-    """Union of both files' categories; the same id must carry the same name in both."""
+    """Union of both files' categories; the same id must carry the same name in both, and
+    the same name the same id."""
     names: dict[int, str] = {}
+    ids: dict[str, int] = {}
     origin: dict[int, Path] = {}
+    fix = (
+        "use train and val annotation files from the same COCO release" if dataset == "coco"
+        else "export both files with one category list"
+    )
     for subset, coco in cocos.items():
         for category in coco.dataset["categories"]:
             cid, name = category["id"], category["name"]
@@ -197,10 +241,16 @@ def _merge_categories(
                 raise NdbenchError(
                     f"{dataset}: category id {cid} is {names[cid]!r} in {origin[cid]} but "
                     f"{name!r} in {json_paths[subset]}",
-                    "use train and val annotation files from the same COCO release" if dataset == "coco"
-                    else "export both files with one category list",
+                    fix,
+                )
+            if name in ids and ids[name] != cid:
+                raise NdbenchError(
+                    f"{dataset}: category {name!r} has id {ids[name]} in {origin[ids[name]]} but "
+                    f"id {cid} in {json_paths[subset]}",
+                    fix,
                 )
             names.setdefault(cid, name)
+            ids.setdefault(name, cid)
             origin.setdefault(cid, json_paths[subset])
     return names
 

@@ -4,6 +4,7 @@ wrong (each one line, exit 2), and `run --dataset NAME` on the result."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,18 +88,39 @@ def test_images_default_to_the_folder_holding_the_json(tmp_path, capsys):
     assert index.row("test/1").path == "test/img_001.jpg"
 
 
-def test_separate_image_folders_share_their_deepest_common_root(tmp_path, capsys):
-    source = write_coco_format(tmp_path / "export")
-    args = build_args(source, tmp_path / "splits")
+def separate_folders_args(source: dict[str, Path], out: Path) -> list[str]:
+    """Build arguments with `images/train` and `images/test` as the two image folders (the
+    files' `file_name` entries made relative to them)."""
+    args = build_args(source, out)
     args[args.index("--train-images") + 1] = str(source["images"] / "train")
     args[args.index("--test-images") + 1] = str(source["images"] / "test")
     for subset in ("train", "test"):
         prefix = f"{subset}/"
         edit(source[f"{subset}_annotations"],
              lambda d, p=prefix: [i.update(file_name=i["file_name"].removeprefix(p)) for i in d["images"]])
+    return args
+
+
+def test_separate_image_folders_share_their_deepest_common_root(tmp_path, capsys):
+    source = write_coco_format(tmp_path / "export")
+    args = separate_folders_args(source, tmp_path / "splits")
     assert main(args) == 0, capsys.readouterr().err
     index = DatasetIndex.read(tmp_path / "splits" / "mylab")
     assert index.root == source["images"].resolve() and index.row("train/2").path == "train/b/img_002.jpg"
+
+
+def test_a_file_saved_with_a_byte_order_mark_reads_as_without(source, tmp_path, capsys):
+    """Windows tools and some exporters start UTF-8 files with a BOM; it is not part of the JSON."""
+    for subset in ("train", "test"):
+        edit(source[f"{subset}_annotations"], lambda d: d["categories"][-1].update(name="poisson-\u00e9"))
+    assert main(build_args(source, tmp_path / "plain", "--setting", "uni-class")) == 0
+    for subset in ("train", "test"):
+        path = source[f"{subset}_annotations"]
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert main(build_args(source, tmp_path / "bom", "--setting", "uni-class")) == 0, capsys.readouterr().err
+    plain, bom = DatasetIndex.read(tmp_path / "plain" / "mylab"), DatasetIndex.read(tmp_path / "bom" / "mylab")
+    assert bom.rows == plain.rows and bom.class_names == plain.class_names
+    assert bom.class_names[11] == "poisson-\u00e9"
 
 
 def _duplicate_image(data):
@@ -131,6 +153,17 @@ def _negative_category(data):
         entry[key] = -1 if entry[key] == 11 else entry[key]
 
 
+def _two_categories_one_name(data):
+    data["categories"].append({"id": 12, "name": "cat", "supercategory": "animal"})
+    data["annotations"][0]["category_id"] = 12
+
+
+def _renumbered_category(data):
+    for entry in (*data["categories"], *data["annotations"]):
+        key = "id" if "name" in entry else "category_id"
+        entry[key] = 12 if entry[key] == 2 else entry[key]
+
+
 def _climbing_file_name(data):
     data["images"][0]["file_name"] = "../elsewhere.jpg"
 
@@ -145,7 +178,10 @@ def _climbing_file_name(data):
         ("test", _bool_category, ("category id True", "test.json")),
         ("test", _no_categories, ("empty 'categories' list", "test.json")),
         ("train", _negative_category, ("'fish'", "negative id -1", "train.json", "ids 0 or above")),
-        ("train", _climbing_file_name, ("'../elsewhere.jpg'", "not inside its image folder")),
+        ("train", _two_categories_one_name,
+         ("categories 2 and 12", "train.json", "both named 'cat'", "rename one of them", "both files")),
+        ("test", _renumbered_category, ("category 'cat' has id 2 in", "train.json but id 12 in", "test.json")),
+        ("train", _climbing_file_name, ("'../elsewhere.jpg'", "elsewhere.jpg, outside its image folder")),
     ],
 )
 def test_what_real_exports_get_wrong_is_one_line(source, tmp_path, capsys, subset, change, needles):
@@ -153,6 +189,40 @@ def test_what_real_exports_get_wrong_is_one_line(source, tmp_path, capsys, subse
     out = tmp_path / "splits"
     one_line_error(main(build_args(source, out)), capsys.readouterr().err, *needles)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("file_name", "target"),
+    [
+        ("../train/a/img_001.jpg", "train/a/img_001.jpg"),  # inside the index root, not inside images/test
+        ("../../outside.jpg", "../outside.jpg"),
+        ("{export}/outside.jpg", "../outside.jpg"),
+    ],
+)
+def test_a_file_name_leaving_its_folder_names_the_folder_and_where_it_leads(tmp_path, capsys, file_name, target):
+    source = write_coco_format(tmp_path / "export")
+    args = separate_folders_args(source, tmp_path / "o")
+    file_name = file_name.format(export=tmp_path.resolve() / "export")
+    edit(source["test_annotations"], lambda d: d["images"][0].update(file_name=file_name))
+    images = source["images"].resolve()
+    line = one_line_error(main(args), capsys.readouterr().err, f"{source['test_annotations']} has file_name "
+                          f"{file_name!r}, which leads to {os.path.normpath(images / target)}, outside its image "
+                          f"folder {images / 'test'}", "as --test-images")
+    assert "write each file_name relative to it" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("file_name", ["b/../img_001.jpg", "{test}/img_001.jpg"])
+def test_a_file_name_inside_its_folder_but_not_straight_down_is_refused_with_its_plain_form(
+    tmp_path, capsys, file_name
+):
+    source = write_coco_format(tmp_path / "export")
+    args = separate_folders_args(source, tmp_path / "o")
+    test_folder = source["images"].resolve() / "test"
+    file_name = file_name.format(test=test_folder)
+    edit(source["test_annotations"], lambda d: d["images"][0].update(file_name=file_name))
+    one_line_error(main(args), capsys.readouterr().err, f"has file_name {file_name!r}, which must lead down from "
+                   f"its image folder {test_folder} without '..' or a leading '/'", "write it as 'img_001.jpg'")
 
 
 def test_a_protocol_split_that_cannot_form_is_left_out_with_a_note(source, tmp_path, capsys):

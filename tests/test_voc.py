@@ -405,6 +405,15 @@ def test_a_list_saved_with_a_byte_order_mark_reads_as_without(voc2012: Path):
     assert rows_of(build_voc_index(voc2012.parent.parent)) == plain
 
 
+def test_annotations_saved_with_a_byte_order_mark_read_as_without(voc2012: Path):
+    plain = rows_of(build_voc_index(voc2012.parent.parent))
+    xmls = sorted((voc2012 / "Annotations").glob("*.xml"))
+    assert xmls
+    for xml in xmls:
+        xml.write_bytes(b"\xef\xbb\xbf" + xml.read_bytes())
+    assert rows_of(build_voc_index(voc2012.parent.parent)) == plain
+
+
 def test_a_web_page_saved_as_a_list_is_named_as_such(voc2012: Path):
     trainaug = voc2012 / "ImageSets" / "Segmentation" / "trainaug.txt"
     trainaug.write_text("\n<!DOCTYPE html>\n<html><head><meta charset='utf-8'></head></html>\n")
