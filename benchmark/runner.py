@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from datasets_builders.atomic import write_error
+from datasets_builders.atomic import remove_abandoned_temporaries, write_error
 from datasets_builders.embedded import N_CLASSES
 from datasets_builders.errors import NdbenchError, WriteFailure
 from datasets_builders.index import DatasetIndex
@@ -319,8 +319,11 @@ def job_record_path(job: Job, options: RunOptions, detector=None) -> Path:
 
 
 def prepare(jobs: list[Job], options: RunOptions) -> None:
-    """Do once what jobs share: build missing splits, pre-train embedded backbones."""
+    """Do once what jobs share: build missing splits, pre-train embedded backbones; remove
+    what killed runs left half-written under the results folder."""
     resolve_device(options.device)
+    for folder in ("runs", "tables"):
+        remove_abandoned_temporaries(options.out / folder)
     for dataset in sorted({job.dataset for job in jobs}):
         ensure_index(dataset, options)
     for job in jobs:

@@ -11,6 +11,7 @@ import signal
 import stat
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,9 @@ from .errors import WriteFailure
 
 # Errors that mean "no room": the fix is to free space, not to pick another folder.
 NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+# A temporary file of an atomic write untouched this long was left by a killed process (a write
+# takes seconds, even of a large model file); a newer one may belong to a live run.
+ABANDONED_TMP_AFTER_S = 60 * 60
 
 
 def write_error(path: Path, exc: OSError) -> WriteFailure:
@@ -210,3 +214,18 @@ def _backup(path: Path) -> Path | None:
     except OSError:  # a file system without hard links
         shutil.copyfile(path, backup)
     return backup
+
+
+def remove_abandoned_temporaries(folder: Path, older_than_s: float = ABANDONED_TMP_AFTER_S) -> int:
+    """Remove the temporary files (`.NAME.*.tmp`) that killed atomic writes left anywhere
+    under `folder` once untouched for `older_than_s` seconds; return how many went."""
+    removed = 0
+    now = time.time()
+    for tmp in Path(folder).rglob(".*.tmp"):
+        try:
+            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove: left as it is
+            continue
+    return removed

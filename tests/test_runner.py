@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,23 @@ def test_an_interrupted_run_says_how_to_resume_it(tmp_path, monkeypatch, force, 
     with pytest.raises(Interrupted) as info:
         executors.execute([Job("knn", "embedded", "uni-class", "0", 0)], options)
     assert info.value.message().endswith(advice)
+
+
+def test_a_run_removes_temporaries_killed_writes_left_once_abandoned(workspace, tmp_path):
+    out = fresh_out(workspace[0], tmp_path)
+    folder = out / "runs" / "embedded" / "uni-class" / "knn"
+    folder.mkdir(parents=True)
+    (out / "tables").mkdir()
+    old = [folder / ".0__abc__seed0.json.k2j4.tmp", folder / ".0__abc__seed0.scores.csv.1a2b.bak.tmp",
+           out / "tables" / ".embedded_uni-class.md.x9y8.tmp"]
+    young = folder / ".1__abc__seed0.json.z7q1.tmp"  # may be a live run's write
+    kept = folder / "notes.tmp"  # not a temporary ndbench names
+    for path in [*old, young, kept]:
+        path.write_text("half")
+    stamp = time.time() - 2 * 3600
+    for path in [*old, kept]:
+        os.utime(path, (stamp, stamp))
+    assert main(knn_args(workspace, out)) == 0
+    assert not any(path.exists() for path in old)
+    assert young.exists() and kept.exists()
+    assert len(load_records(out)) == 2
