@@ -637,31 +637,49 @@ def maps_command(
         typer.Option(help="Backbone weights: a local file, 'hub', 'embedded' or 'none' (as in ndbench run)."),
     ] = None,
     out: Annotated[Path, typer.Option(help=OUT_HELP + " Grids go to <out>/maps.")] = Path("results"),
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a method option, NAME=VALUE (repeatable), as in ndbench run; "
+                     "the grid's file name then carries the config hash."),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="A named preset of the method (see `ndbench methods`), applied before --set, as in "
+                     "ndbench run; the grid's file name then carries the config hash."),
+    ] = None,
 ) -> None:
     """Fit a method on one split and draw its anomaly maps (paper Fig. 3): a PNG grid of test
     images beside their per-patch novelty heat-maps, each captioned normal/novel and its score."""
     from methods.base import resolve_device
 
     from .maps import MapsRequest, check_image_count, draw_maps, maps_path, parse_split
-    from .runner import RunOptions, expand_jobs, job_progress
-    from .validate import check_maps_method, check_seed, check_weights
+    from .overrides import parse_overrides, split_overrides
+    from .runner import RunOptions, expand_jobs, freeze_overrides, job_progress
+    from .validate import check_maps_method, check_run_configs, check_seed, check_weights
 
     check_image_count(n)
     check_maps_method(method)
     check_seed(seed)
     resolve_device(device)
     check_weights(weights)
-    request = MapsRequest(method=method, dataset=dataset, split=split, n=n, seed=seed)
-    options = RunOptions(out=out, device=device, weights=weights)
     setting, name = parse_split(split)
-    target = maps_path(out, request)
+    overrides = parse_overrides(option or [])
+    for note in check_run_configs([method], dataset=dataset, settings=[setting], preset=preset, overrides=overrides,
+                                  weights=weights):
+        stderr_console().print(f"note: {note}", soft_wrap=True, markup=False)
+    own = freeze_overrides(split_overrides([method], overrides)[0][method])
+    request = MapsRequest(method=method, dataset=dataset, split=split, n=n, seed=seed, preset=preset or "",
+                          overrides=own)
+    options = RunOptions(out=out, device=device, weights=weights)
+    target = maps_path(out, request, options)
     check_output_folder(target.parent, "--out")  # before the fit, not after it
     if target.is_dir():
         raise NdbenchError(f"{target} is a folder, where the grid goes", "move it away or choose another --out")
     # A split names its classes ("3", "except-3", "normal-1-3"): checked against the dataset's classes.
     classes = [int(part) for part in name.removeprefix("except-").removeprefix("normal-").split("-")]
     # Validates the method, dataset and classes, builds the splits when missing.
-    expand_jobs([method], dataset=dataset, settings=[setting], classes=classes, seeds=[seed], options=options)
+    expand_jobs([method], dataset=dataset, settings=[setting], classes=classes, seeds=[seed], options=options,
+                overrides=overrides, preset=preset or "")
     if name.startswith("normal-"):
         from datasets_builders.splits import Manifest
 

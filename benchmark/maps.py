@@ -21,7 +21,7 @@ from datasets_builders.splits import ALL_VS_ONE_NAME, NORMAL_SET_NAME, NOVEL, UN
 from methods.base import resolve_device
 from methods.registry import available, get_class
 
-from .runner import Job, RunOptions, build_detector, job_data, seed_everything
+from .runner import Job, RunOptions, build_detector, job_data, job_hash, seed_everything
 
 TILE = 160  # pixels per shown image side
 CAPTION = 16  # pixels of caption above each pair
@@ -41,6 +41,13 @@ class MapsRequest:
     n: int = 16
     seed: int = 0
     alpha: float = 0.5  # heat-map opacity in the overlay
+    preset: str = ""  # as run's --preset takes it ("" = the method's defaults)
+    overrides: tuple[tuple[str, object], ...] = ()  # the method's --set options, as a job holds them
+
+    def job(self) -> Job:
+        """The run job whose fit the grid shows."""
+        setting, name = parse_split(self.split)
+        return Job(self.method, self.dataset, setting, name, self.seed, self.overrides, self.preset)
 
 
 # The split names the builders write, per setting.
@@ -108,20 +115,27 @@ def compose_grid(pairs: list[tuple[Image.Image, Image.Image, str]], columns: int
     return grid
 
 
-def maps_path(out: Path, request: MapsRequest) -> Path:
+def maps_path(out: Path, request: MapsRequest, options: RunOptions | None = None) -> Path:
+    """Where the grid goes: named by method, split and seed, and, when --preset or --set
+    change the config, by its hash (as the run's records are), so grids of two configs sit side
+    by side."""
     setting, name = parse_split(request.split)
-    return Path(out) / "maps" / f"{request.method}__{request.dataset}__{setting}__{name}__seed{request.seed}.png"
+    stem = f"{request.method}__{request.dataset}__{setting}__{name}__seed{request.seed}"
+    if request.preset or request.overrides:
+        options = options or RunOptions(out=Path(out))
+        job = request.job()
+        stem += f"__{job_hash(job, build_detector(job, options))}"
+    return Path(out) / "maps" / f"{stem}.png"
 
 
 def draw_maps(request: MapsRequest, options: RunOptions, progress=None) -> Path:
     """Fit the method on the split, draw the anomaly-map grid, write it; return its path."""
-    setting, name = parse_split(request.split)
-    job = Job(request.method, request.dataset, setting, name, request.seed)
+    job = request.job()
     detector = build_detector(job, options)
     if not hasattr(detector, "anomaly_map"):
         with_maps = [m for m in available() if hasattr(get_class(m), "anomaly_map")]
         raise NdbenchError(f"method {request.method!r} has no anomaly maps", f"use one of {', '.join(with_maps)}")
-    path = maps_path(options.out, request)
+    path = maps_path(options.out, request, options)
     device = resolve_device(options.device)
     _, train, test = job_data(job, detector, options)
     seed_everything(request.seed)

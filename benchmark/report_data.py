@@ -351,12 +351,14 @@ def configs(records: list[Record]) -> list[tuple[str, str, dict]]:
     return [(m, h, found[(m, h)]) for m, h in sorted(found, key=lambda k: (rank[k[0]], k[1]))]
 
 def map_caption(stem: str, names: dict[str, dict[int, str]]) -> str:
-    """`defend__embedded__uni-class__3__seed0` -> "defend · embedded uni-class 3 · digit-3 · seed 0"."""
+    """`defend__embedded__uni-class__3__seed0` -> "defend · embedded uni-class 3 · digit-3 · seed 0";
+    a config hash after the seed (a grid of a --preset or --set config) is named last."""
     parts = stem.split("__")
-    if len(parts) != 5:
+    if len(parts) not in (5, 6):
         return stem
-    method, dataset, setting, split, seed = parts
+    method, dataset, setting, split, seed = parts[:5]
     row = row_label(split, setting)
     title = split_title(row, names.get(dataset))
     kind = "normal class" if setting == "uni-class" else "abnormal class"
-    return f"{method} · {dataset} {setting}, {kind} {title} · {seed.replace('seed', 'seed ')}"
+    config = f" · config {parts[5]}" if len(parts) == 6 else ""
+    return f"{method} · {dataset} {setting}, {kind} {title} · {seed.replace('seed', 'seed ')}{config}"

@@ -54,6 +54,26 @@ def test_maps_writes_a_grid_of_image_and_heat_pairs(splits_root, tmp_path, capsy
     assert heat_tile.std() > 0 and not (grid[:CAPTION] == 255).all()  # heat varies; captions drawn
 
 
+def test_maps_fits_the_config_of_preset_and_set_and_names_the_grid_by_its_hash(splits_root, tmp_path, capsys):
+    from benchmark.report_data import map_caption
+    from benchmark.runner import Job, RunOptions, build_detector, job_hash
+
+    out = fresh_out(splits_root, tmp_path)
+    code = main(["maps", "--method", "mkd", "--split", "uni-class/3", "--n", "2", "--weights", "none",
+                 "--device", "cpu", "--out", str(out), "--set", "mask_ratio=0.75", "--set", "k=3"])
+    captured = capsys.readouterr()
+    assert code == 2 and "mkd has no option 'k'" in captured.err  # checked as ndbench run checks it
+    code = main(["maps", "--method", "mkd", "--split", "uni-class/3", "--n", "2", "--weights", "none",
+                 "--device", "cpu", "--out", str(out), "--set", "mask_ratio=0.75", "--preset", "paper"])
+    assert code == 0, capsys.readouterr().err
+    job = Job("mkd", "embedded", "uni-class", "3", 0, (("mask_ratio", 0.75),), "paper")
+    config_hash = job_hash(job, build_detector(job, RunOptions(out=out, weights="none")))
+    assert build_detector(job, RunOptions(out=out, weights="none")).config.mask_ratio == 0.75
+    stem = f"mkd__embedded__uni-class__3__seed0__{config_hash}"
+    assert [p.name for p in (out / "maps").iterdir()] == [f"{stem}.png"]
+    assert map_caption(stem, {}).endswith(f"seed 0 · config {config_hash}")
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [(["--method", "knn"], "no anomaly maps"), (["--split", "uni-class"], "--split"),
