@@ -12,6 +12,7 @@ split. The image id is the integer COCO id written as a string.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import json
@@ -132,7 +133,13 @@ def _load(path: Path, dataset: str) -> COCO:
         # Not COCO(path): it opens the file in the locale's encoding and refuses a BOM, which
         # Windows tools and some exporters write.
         data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        with path.open("rb") as handle:
+            start = handle.read(2)
+        if start in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # e.g. Notepad's "Unicode"
+            raise NdbenchError(f"{dataset}: {path} is saved as UTF-16", "save it as UTF-8, as JSON must be") from exc
+        raise NdbenchError(f"{dataset}: {path} is not valid JSON ({exc})", fix) from exc
+    except json.JSONDecodeError as exc:
         raise NdbenchError(f"{dataset}: {path} is not valid JSON ({exc})", fix) from exc
     if not isinstance(data, dict):
         raise NdbenchError(f"{dataset}: {path} does not hold a JSON object", fix)

@@ -123,6 +123,14 @@ def test_a_file_saved_with_a_byte_order_mark_reads_as_without(source, tmp_path, 
     assert bom.class_names[11] == "poisson-\u00e9"
 
 
+def test_a_file_saved_as_utf16_is_refused_naming_its_encoding(source, tmp_path, capsys):
+    path = source["train_annotations"]
+    path.write_bytes(path.read_text(encoding="utf-8").encode("utf-16"))  # with its byte-order mark
+    assert main(build_args(source, tmp_path / "splits", "--setting", "uni-class")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path} is saved as UTF-16 (save it as UTF-8, as JSON must be)" in err, err
+
+
 def _duplicate_image(data):
     data["images"].append(dict(data["images"][0]))
 
