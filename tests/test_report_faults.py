@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from record_fixtures import write_matching
 from test_report import read_page, synthetic
 
 from benchmark import plots, report
 from benchmark.locks import LockOwner, _process_start
-from benchmark.records import write_record
 from benchmark.report import IMAGE_DIR, build_report
 from datasets_builders.errors import NdbenchError, WriteFailure
 
@@ -37,8 +37,8 @@ def tiny_results(out: Path, splits: tuple[str, ...] = ("0", "1")) -> Path:
     """A results root with one knn record (and its scores file) per uni-class split."""
     folder = out / "runs" / "embedded" / "uni-class" / "knn"
     for split in splits:
-        write_record(folder / f"{split}__c0ffee__seed0.json", synthetic("knn", split, 0),
-                     ["a", "b", "c", "d"], LABELS, SCORES)
+        write_matching(folder / f"{split}__c0ffee__seed0.json", synthetic("knn", split, 0),
+                       ["a", "b", "c", "d"], LABELS, SCORES)
     return out
 
 
