@@ -93,3 +93,40 @@ def novelty_metrics(labels, scores) -> dict[str, float]:
         "aupr_out": float(average_precision_score(y, s)),
         "fpr95": fpr_at_tpr(y, s, 0.95),
     }
+
+
+def fast_novelty_metrics(labels, scores) -> dict[str, float]:
+    """The metrics of `novelty_metrics` by scikit-learn's own formulas but without its input
+    checks (which cost most of its time on a few thousand scores), for checking many stored
+    results against their scores. Agrees with `novelty_metrics` up to floating-point rounding;
+    whatever it finds amiss is for `novelty_metrics` to confirm."""
+    y, s = _check(labels, scores)
+    tps, fps = _counts_at_thresholds(y, s)
+    fpr, tpr = np.r_[0.0, fps] / fps[-1], np.r_[0.0, tps] / tps[-1]
+    # The AUROC on the curve with collinear points dropped, as roc_auc_score integrates it.
+    keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]) + 1
+    keep = np.r_[0, keep] if len(fps) > 2 else np.arange(len(fpr))
+    x, h = fpr[keep], tpr[keep]
+    return {
+        "auroc": float((np.diff(x) * (h[1:] + h[:-1]) / 2.0).sum()),
+        "aupr_in": _average_precision(*_counts_at_thresholds(1 - y, -s)),
+        "aupr_out": _average_precision(tps, fps),
+        "fpr95": float(fpr[np.argmax(tpr >= 0.95)]),
+    }
+
+
+def _counts_at_thresholds(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives (float64) at each distinct score taken as the threshold, from
+    the highest score down."""
+    order = np.argsort(s, kind="stable")[::-1]
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(y) - 1]
+    tps = np.cumsum(y.astype(np.float64))[last]
+    return tps, 1 + last.astype(np.float64) - tps
+
+
+def _average_precision(tps: np.ndarray, fps: np.ndarray) -> float:
+    """Average precision (the step integral of the precision-recall curve) from the counts."""
+    precision = np.r_[(tps / (tps + fps))[::-1], 1.0]
+    recall = np.r_[(tps / tps[-1])[::-1], 0.0]
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))

@@ -3,8 +3,8 @@
 Layout: `<out>/runs/<dataset>/<setting>/<method>/<name>__<config_hash>__seed<seed>.json`
 with the per-image scores beside it as `... .scores.csv`. A record exists only once the job
 has finished; the runner skips jobs whose record exists. A record that cannot be read back
-whole (truncated, hand-edited, its scores file changed) counts as absent: readers skip it
-with one warning line and `run` re-runs its job.
+whole (truncated, hand-edited, its scores file changed, its metrics or test counts not those of
+its scores file) counts as absent: readers skip it with one warning line and `run` re-runs its job.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
 from datasets_builders.splits import SETTINGS
 
+from .metrics import fast_novelty_metrics, novelty_metrics
+
 RECORD_SCHEMA = 1
+SCORES_HEADER = "image_id,label,score"
+# How far a recorded metric may lie from the one recomputed from its scores file. The scores are
+# written with repr(float), so recomputing gives the very same float: any gap is an edit.
+METRIC_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -86,7 +92,7 @@ def write_record(path: Path, record: Record, image_ids: list[str], labels, score
     """Write the per-image scores and the record (which carries the scores file's sha256) as
     one step, the record last: a job leaves both files or neither, and a re-run (--force)
     whose write fails leaves the earlier pair as it was."""
-    lines = ["image_id,label,score"]
+    lines = [SCORES_HEADER]
     lines += [f"{i},{int(lab)},{float(s)!r}" for i, lab, s in zip(image_ids, labels, scores, strict=True)]
     text = "\n".join(lines) + "\n"
     record_text = replace(record, scores_sha256=_sha256(text.encode("utf-8"))).to_json()
@@ -163,19 +169,100 @@ def _scores_problem(data: dict, scores_file: Path) -> str | None:
         return f"its scores file {scores_file.name} is missing"
     expected = data.get("scores_sha256", "")
     if expected:
-        return None if _sha256(content) == expected else f"its scores file {scores_file.name} was changed or truncated"
+        if _sha256(content) != expected:
+            return f"its scores file {scores_file.name} was changed or truncated"
+        return _agreement_problem(data, content, scores_file)
     # Records older than `scores_sha256`: one line per test image, and whole lines.
     n_test = data["counts"].get("test_normal", 0) + data["counts"].get("test_novel", 0)
     lines = content.decode("utf-8", errors="replace").splitlines()
     if len(lines) != n_test + 1 or not content.endswith(b"\n"):
         return f"its scores file {scores_file.name} holds {len(lines) - 1} scores, not {n_test}"
+    return _agreement_problem(data, content, scores_file)
+
+
+def _agreement_problem(data: dict, content: bytes, scores_file: Path) -> str | None:
+    """Why the record's test counts or metrics are not those of its scores file (None when they are)."""
+    try:
+        labels, scores = _parse_scores(content)
+    except ValueError as exc:
+        return f"its scores file {scores_file.name} {exc}"
+    for what, label in (("test_normal", 0), ("test_novel", 1)):
+        rows = labels.count(label)
+        if what not in data["counts"]:
+            return f"it has no count {what}"
+        if data["counts"][what] != rows:
+            return (f"its count {what} {data['counts'][what]!r} does not match its scores file "
+                    f"({rows} rows labelled {label})")
+    try:
+        found = fast_novelty_metrics(labels, scores)
+    except NdbenchError as exc:
+        return f"its scores file {scores_file.name} gives no metrics: {exc.problem}"
+    if _metrics_differ(data["metrics"], found):
+        # Only what novelty_metrics (the function `run` records with) finds makes a record damaged.
+        found = novelty_metrics(labels, scores)
+    unknown = sorted(set(data["metrics"]) - set(found))
+    if unknown:
+        return f"its metric {unknown[0]!r:.40} is not one its scores file gives ({', '.join(found)})"
+    for metric, computed in found.items():
+        value = data["metrics"].get(metric, computed)
+        if _metrics_differ({metric: value}, found):
+            return "its {} {} does not match its scores file ({})".format(metric, *_apart(value, computed))
     return None
+
+
+def _metrics_differ(recorded: dict[str, float], found: dict[str, float]) -> bool:
+    """Whether any recorded metric is not one found or lies further than METRIC_TOLERANCE from it."""
+    return any(metric not in found or abs(value - found[metric]) > METRIC_TOLERANCE
+               for metric, value in recorded.items())
+
+
+def _apart(recorded: float, computed: float) -> tuple[str, str]:
+    """Both numbers with the fewest significant digits (four at least) that tell them apart."""
+    for digits in range(4, 18):
+        shown = f"{recorded:.{digits}g}", f"{computed:.{digits}g}"
+        if shown[0] != shown[1]:
+            return shown
+    return repr(recorded), repr(computed)
+
+
+def _parse_scores(content: bytes) -> tuple[list[int], list[float]]:
+    """The labels and scores of a scores file as `write_record` writes it. Raises ValueError
+    saying what is wrong with it (worded to follow "its scores file <name>")."""
+    if not content:
+        raise ValueError("is empty")
+    try:
+        lines = content.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    if lines[0] != SCORES_HEADER:
+        raise ValueError(f"starts with {lines[0]!r:.60}, not the header {SCORES_HEADER!r}")
+    if lines[-1] == "":
+        lines.pop()
+    labels: list[int] = []
+    scores: list[float] = []
+    # From the right: the image id is the rest of the line, whatever it holds.
+    for number, line in enumerate(lines[1:], start=2):
+        parts = line.rsplit(",", 2)
+        if len(parts) != 3:
+            raise ValueError(f"line {number} is {line!r:.60}, not image_id,label,score")
+        if parts[1] not in ("0", "1"):
+            raise ValueError(f"line {number} has label {parts[1]!r:.20}, not 0 or 1")
+        try:
+            score = float(parts[2])
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise ValueError(f"line {number} has score {parts[2]!r:.30}, not a finite number")
+        labels.append(int(parts[1]))
+        scores.append(score)
+    return labels, scores
 
 
 def read_record(path: Path) -> Record:
     """The record at `path`, checked whole: valid JSON holding every field with its type,
-    metrics in [0, 1] and the scores file beside it unchanged. Raises NdbenchError naming
-    the file otherwise."""
+    metrics in [0, 1], the scores file beside it unchanged and well formed, and the record's
+    metrics and test counts those of that scores file. Raises NdbenchError naming the file
+    otherwise."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

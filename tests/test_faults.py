@@ -152,6 +152,25 @@ def test_damaged_records_are_skipped_by_readers_and_rerun_by_run(splits_root, tm
     assert error_lines(capsys.readouterr().err) == []
 
 
+def test_a_metric_typed_over_a_record_is_skipped_by_readers_and_rerun_by_run(splits_root, tmp_path, faulty, capsys):
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0,1")) == 0
+    path = record_of(out, "0")
+    data = json.loads(path.read_text())
+    recorded = data["metrics"]["auroc"]
+    data["metrics"]["auroc"] = 0.99 if recorded != 0.99 else 0.98  # valid JSON, scores file untouched
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["table", "--out", str(out)]) == 0
+    warnings = error_lines(capsys.readouterr().err)
+    assert len(warnings) == 1 and str(path) in warnings[0] and "does not match its scores file" in warnings[0]
+    assert main(faulty_args(out, "0,1")) == 0
+    err = capsys.readouterr().err
+    assert "1 jobs ran, 1 skipped" in err and err.count("re-running its job") == 1
+    assert [r.metrics["auroc"] for r in load_records(out) if r.split == "0"] == [recorded]
+    assert error_lines(capsys.readouterr().err) == []
+
+
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [

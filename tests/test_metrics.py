@@ -3,9 +3,10 @@
 import math
 import re
 
+import numpy as np
 import pytest
 
-from benchmark.metrics import fpr_at_tpr, novelty_metrics
+from benchmark.metrics import fast_novelty_metrics, fpr_at_tpr, novelty_metrics
 from datasets_builders.errors import NdbenchError
 
 
@@ -65,5 +66,20 @@ def test_fpr95_direction():
     ],
 )
 def test_bad_input(labels, scores, message):
-    with pytest.raises(NdbenchError, match=re.escape(message)):
-        novelty_metrics(labels, scores)
+    for metrics in (novelty_metrics, fast_novelty_metrics):
+        with pytest.raises(NdbenchError, match=re.escape(message)):
+            metrics(labels, scores)
+
+
+def test_fast_metrics_are_scikit_learns():
+    """On scores with and without ties, all tied, and as few as two images."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(2, 300))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = (0, 1)
+        scores = [rng.normal(size=n) + labels, np.round(rng.normal(size=n) + labels, 1),
+                  rng.integers(0, 3, n).astype(float), np.full(n, 0.5)][trial % 4]
+        fast, slow = fast_novelty_metrics(labels, scores), novelty_metrics(labels, scores)
+        assert fast.keys() == slow.keys()
+        assert all(abs(fast[k] - slow[k]) <= 1e-12 for k in slow), (trial, fast, slow)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from record_fixtures import write_matching
 from rich.console import Console
 from sklearn.metrics import roc_curve
 from small_splits import fresh_out
@@ -20,7 +21,7 @@ from small_splits import fresh_out
 from benchmark import plots
 from benchmark.cli import main
 from benchmark.metrics import fpr_at_tpr, roc_points, threshold_at_tpr
-from benchmark.records import Record, write_record
+from benchmark.records import Record
 from benchmark.report_data import gather, map_caption, missing_jobs, read_record_files, split_scores
 from benchmark.runner import job_progress
 
@@ -116,7 +117,7 @@ def test_threshold_at_tpr_is_the_fpr95_operating_point():
 
 def test_unreadable_record_files_are_skipped_with_their_reason(tmp_path):
     folder = tmp_path / "runs" / "embedded" / "uni-class" / "knn"
-    write_record(folder / "0__c0ffee__seed0.json", synthetic("knn", "0", 0), ["a", "b"], [0, 1], [0.1, 0.2])
+    write_matching(folder / "0__c0ffee__seed0.json", synthetic("knn", "0", 0), ["a", "b"], [0, 1], [0.1, 0.2])
     (folder / "1__c0ffee__seed0.json").write_text('{"method": "knn", "config_ha', encoding="utf-8")
     (folder / "2__c0ffee__seed0.json").write_text('{"method": "knn"}', encoding="utf-8")
     skipped = []

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from record_fixtures import write_matching
 from test_report import read_page, synthetic
 
 from benchmark import plots, report
 from benchmark.locks import LockOwner, _process_start
-from benchmark.records import write_record
 from benchmark.report import IMAGE_DIR, build_report
+from benchmark.report_data import read_scores
 from datasets_builders.errors import NdbenchError, WriteFailure
 
 MANIFEST = ".ndbench-figures.json"  # the figures a report wrote, beside them
@@ -37,8 +38,8 @@ def tiny_results(out: Path, splits: tuple[str, ...] = ("0", "1")) -> Path:
     """A results root with one knn record (and its scores file) per uni-class split."""
     folder = out / "runs" / "embedded" / "uni-class" / "knn"
     for split in splits:
-        write_record(folder / f"{split}__c0ffee__seed0.json", synthetic("knn", split, 0),
-                     ["a", "b", "c", "d"], LABELS, SCORES)
+        write_matching(folder / f"{split}__c0ffee__seed0.json", synthetic("knn", split, 0),
+                       ["a", "b", "c", "d"], LABELS, SCORES)
     return out
 
 
@@ -64,10 +65,13 @@ def test_bad_labels_in_a_scores_file_skip_that_file_with_a_warning(tmp_path):
     record.write_text(json.dumps(data))
     warned: list[str] = []
     result = build_report(out, warn=warned.append)
-    assert result.records == 2
+    assert result.records == 1  # a record whose scores file is malformed is damaged
     named = [w for w in warned if scores.name in w]
-    assert len(named) == 1 and "[0, 1, 7]" in named[0]
+    assert len(named) == 1 and "label '7', not 0 or 1" in named[0]
     assert result.path.is_file()
+    # A scores file that turns bad after its record was read is skipped where the figures read it.
+    assert read_scores(scores, warned.append) is None
+    assert str(scores) in warned[-1] and "[0, 1, 7]" in warned[-1]
 
 
 def test_report_removes_only_the_figures_an_earlier_report_wrote(tmp_path):

@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+from record_fixtures import scores_with_auroc, write_matching
 
 from benchmark import paper, tables
 from benchmark.records import Record
@@ -309,12 +310,12 @@ def test_per_class_rows_for_every_split_of_the_manifests(tmp_path):
 
 def test_table_command_lists_splits_without_records(tmp_path, capsys):
     from benchmark.cli import main
-    from benchmark.records import record_path, write_record
+    from benchmark.records import record_path
 
     out = tmp_path / "results"
     for r in [r for r in records() if r.dataset == "voc"]:
-        write_record(record_path(out, r.method, r.dataset, r.setting, r.split, r.config_hash, r.seed), r,
-                     ["a", "b"], [0, 1], [0.1, 0.9])
+        write_matching(record_path(out, r.method, r.dataset, r.setting, r.split, r.config_hash, r.seed), r,
+                       *scores_with_auroc(r.metrics["auroc"]))
     manifests(out / "splits", "voc", U, [f"{c}.json" for c in range(10)] + ["README.json"])
     manifests(out / "splits", "voc", M, [f"except-{c}.json" for c in range(10)] + ["normal-0-1.json"])
     assert main(["table", "--out", str(out)]) == 0
