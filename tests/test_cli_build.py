@@ -40,7 +40,8 @@ def test_voc_writes_paper_protocol_and_rebuilds_identically(tmp_path, capsys):
     assert code == 0, err
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json"))
     assert "voc/index.json" in files and (out / "voc" / "index.csv").is_file()
-    manifests = [f for f in files if f != "voc/index.json"]
+    assert "voc/source.json" in files  # what the index was built from, for rebuild hints
+    manifests = [f for f in files if f not in ("voc/index.json", "voc/source.json")]
     assert manifests, files
     first = {f: (out / f).read_bytes() for f in files}
     assert run_cli(args, capsys)[0] == 0
