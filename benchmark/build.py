@@ -11,7 +11,7 @@ from rich.table import Table
 from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
-from datasets_builders.sources import build_index, check_dataset
+from datasets_builders.sources import BuiltinSource, build_index, check_dataset
 from datasets_builders.splits import (
     ALL_VS_ONE_NAME,
     SETTINGS,
@@ -116,7 +116,8 @@ def make_manifests(
 
 
 def build_splits(request: BuildRequest, console: Console | None = None) -> Built:
-    """Build the index and manifests of a request and write them under `request.out`."""
+    """Build the index and manifests of a request and write them under `request.out`, with a
+    record of what the index was built from (`BuiltinSource`) beside it."""
     check_request(request)
     index = build_index(
         request.dataset,
@@ -126,8 +127,9 @@ def build_splits(request: BuildRequest, console: Console | None = None) -> Built
         console=console,
     )
     manifests, skipped = make_manifests(index, request)
+    source = BuiltinSource.of_build(index, request.root, year=request.year, class_order=request.class_order)
     stale = stale_manifests(request, index, manifests)
-    write_build(request.out, index, manifests, stale=stale)
+    write_build(request.out, index, manifests, source.file(Path(request.out) / index.dataset), stale=stale)
     return Built(index, manifests, skipped, stale)
 
 

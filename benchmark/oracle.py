@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import VisionTransformer
 
 from datasets_builders.errors import NdbenchError
-from datasets_builders.index import DatasetIndex
+from datasets_builders.index import DatasetIndex, build_command
 from datasets_builders.loading import load_split
 from datasets_builders.splits import ALL_VS_ONE_NAME, SETTINGS, UNI_CLASS_NAME, Manifest
 from methods.backbones import create_backbone
@@ -136,7 +136,7 @@ def scenes_root(index: DatasetIndex, folder: Path, splits_root: Path) -> Path:
 def _regenerate_fix(root: Path, splits_root: Path) -> str:
     """The hint that generates the embedded scenes and their index again (build-splits keeps a
     scenes folder that is there, so a damaged one is deleted first)."""
-    command = f"`ndbench build-splits {DATASET} --out {splits_root}`"
+    command = f"`{build_command(Path(splits_root) / DATASET)}`"
     return f"delete {root}, then run {command}" if root.exists() else f"generate them again with {command}"
 
 
@@ -152,7 +152,7 @@ def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: 
     names = {s: split_names(folder, s) for s in settings}
     if not any(names.values()):
         raise NdbenchError(f"no embedded split manifests under {folder}",
-                           f"run `ndbench build-splits embedded --out {splits_root}`")
+                           f"run `{build_command(folder)}`")
     root = scenes_root(index, folder, splits_root)
     model, classes = load_classifier(arch, Path(resolve_weights(arch, weights)), device)
     try:

@@ -26,11 +26,10 @@ from pathlib import Path
 from .coco import CocoSubset, index_from_instances
 from .errors import NdbenchError, not_a_file, not_a_folder
 from .index import DatasetIndex, IndexRow
-from .sources import DATASETS
+from .sources import DATASETS, RECIPE_FILE
 from .splits import protocol_classes
 
 COCO_FORMAT = "coco-format"
-RECIPE_FILE = "source.json"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

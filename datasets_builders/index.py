@@ -2,7 +2,8 @@
 
 Every builder turns its source format into a `DatasetIndex`; split rules only ever read the
 index. On disk it is `index.csv` (the rows) plus `index.json` (class names, the sha256 of the
-source annotations, the image root and how images are stored), both beside the manifests.
+source annotations, the image root and how images are stored), both beside the manifests, with
+`source.json` (what the index was built from) for the hints that name its build command.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ SUBSETS = ("train", "test")
 # How images are stored: "files" (path relative to the root), or an array set read by
 # `datasets_builders.single_object` (the path is "<subset>/<n>").
 STORAGE_KINDS = ("files", "cifar10", "cifar100", "mnist", "fmnist")
+DEFAULT_SPLITS = Path("results/splits")  # build-splits' --out when not given
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class DatasetIndex:
     _by_id: dict[str, IndexRow] = field(default_factory=dict, init=False, repr=False)
     _position: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _sha256: str = field(default="", init=False, repr=False, compare=False)
+    folder: Path | None = field(default=None, init=False, repr=False, compare=False)  # set by `read`
 
     def __post_init__(self) -> None:
         if self.storage not in STORAGE_KINDS:
@@ -168,6 +172,7 @@ class DatasetIndex:
         if index.sha256 != meta["index_sha256"]:
             raise _damaged(csv_path, f"its rows do not match the index_sha256 in {meta_path.name} "
                                      "(one of the two was edited or replaced)")
+        index.folder = folder
         return index
 
 
@@ -184,17 +189,33 @@ _META_TYPES = {
 _CSV_COLUMNS = ["image_id", "path", "subset", "classes"]
 
 
+def build_command(folder: Path, options: str = "", *, default_out: bool = True) -> str:
+    """The build-splits command line that (re)builds the index in `folder`, `options` added:
+    a built-in dataset's with the root and options it was built with, a custom one's from its
+    files, as recorded beside the index (else with the defaults, or a template). `--out` names
+    the folder's parent; with `default_out` False, not when that is the default splits root."""
+    from .coco_format import build_command_for  # these modules import this one
+    from .sources import builtin_build_command, is_builtin
+
+    folder = Path(folder)
+    command = builtin_build_command(folder) if is_builtin(folder.name) else build_command_for(folder, folder.name)
+    if default_out or folder.parent != DEFAULT_SPLITS:
+        command += f" --out {shlex.quote(str(folder.parent))}"
+    return command + options
+
+
+def index_build_command(index: DatasetIndex) -> str:
+    """The build-splits command line that rebuilds `index` and its splits where it was read
+    from (`build_command`), or with the defaults for an index not read from a folder."""
+    if index.folder is None:
+        return f"ndbench build-splits {index.dataset}"
+    return build_command(index.folder, default_out=False)
+
+
 def build_index_fix(folder: Path, when: str = "", options: str = "") -> str:
     """The hint that (re)builds the index in `folder` (a built-in dataset's or a custom one's),
     `options` added to its command."""
-    from .coco_format import build_command_for  # coco_format imports this module
-    from .sources import is_builtin
-
-    folder = Path(folder)
-    if is_builtin(folder.name):
-        command = f"`ndbench build-splits {folder.name} --out {folder.parent}{options}`"
-    else:  # from the recipe recorded beside the index, else a template
-        command = f"`{build_command_for(folder, folder.name)} --out {folder.parent}{options}`"
+    command = f"`{build_command(folder, options)}`"
     return f"run {command} {when}" if when else f"rebuild it with {command}"
 
 

@@ -26,7 +26,7 @@ from .array_store import Entry
 from .counts import Counts
 from .errors import NdbenchError
 from .image_store import PIXELS, ImageKey, ImageStore, StagedTransform
-from .index import DatasetIndex, IndexRow
+from .index import DatasetIndex, IndexRow, build_command, index_build_command
 from .single_object import read_array_images
 from .splits import Manifest
 
@@ -113,7 +113,7 @@ class ManifestDataset(Dataset):
             raise NdbenchError(
                 f"split {self.split_id} names image {image_id!r}, which the "
                 f"{self.index.dataset} index does not hold",
-                f"rebuild the splits with `ndbench build-splits {self.index.dataset}`",
+                f"rebuild the splits with `{index_build_command(self.index)}`",
             ) from None
 
     def __len__(self) -> int:
@@ -259,7 +259,7 @@ class ManifestDataset(Dataset):
 
     def _load_pixels(self) -> np.ndarray:
         """Read each needed subset once and keep only the rows of this dataset's items."""
-        positions = np.asarray([_position(row, self.index.dataset) for row in self._rows], dtype=np.int64)
+        positions = np.asarray([_position(row, self.index) for row in self._rows], dtype=np.int64)
         subsets = np.asarray([row.subset for row in self._rows])
         pixels: np.ndarray | None = None
         for subset in dict.fromkeys(subsets.tolist()):
@@ -270,7 +270,7 @@ class ManifestDataset(Dataset):
                 raise NdbenchError(
                     f"the {self.index.dataset} index names image {subset}/{wanted.max()} but "
                     f"the source has {len(source)} {subset} images",
-                    f"rebuild the index and splits with `ndbench build-splits {self.index.dataset}`",
+                    f"rebuild the index and splits with `{index_build_command(self.index)}`",
                 )
             if pixels is None:
                 pixels = np.empty((len(self._rows),) + source.shape[1:], dtype=source.dtype)
@@ -335,12 +335,12 @@ def decodes_files(data: Dataset) -> bool:
     return found is not None and found[0].pending(found[1]) > 0
 
 
-def _position(row: IndexRow, dataset: str) -> int:
+def _position(row: IndexRow, index: DatasetIndex) -> int:
     subset, _, number = row.path.partition("/")
     if subset != row.subset or not number.isdigit():
         raise NdbenchError(
             f"array image path {row.path!r} is not '<subset>/<n>'",
-            f"rebuild the index with `ndbench build-splits {dataset}`",
+            f"rebuild the index with `{index_build_command(index)}`",
         )
     return int(number)
 
@@ -364,6 +364,6 @@ def load_split(splits_root: Path, split_id: str) -> tuple[DatasetIndex, Manifest
     if manifest.index_sha256 != index.sha256:
         raise NdbenchError(
             f"manifest {manifest_path} built from another index than {index_dir / 'index.csv'}",
-            f"rebuild with `ndbench build-splits {dataset} --out {splits_root}`",
+            f"rebuild with `{build_command(index_dir)}`",
         )
     return index, manifest

@@ -48,6 +48,12 @@ def _missing_fix(path: Path) -> str:
     return build_index_fix(path.parent.parent, "to build it", options=options)
 
 
+def _rebuild_fix(path: Path) -> str:
+    """The hint that rebuilds a damaged manifest: its dataset's build command (a built-in
+    dataset's as it was built, a custom dataset's own)."""
+    return build_index_fix(path.parent.parent)  # <splits root>/<dataset>/<setting>/<name>.json
+
+
 @dataclass
 class Manifest:
     """One split: which train images are normal, which test images are normal (0) / novel (1)."""
@@ -117,15 +123,12 @@ class Manifest:
     def read(cls, path: Path) -> Manifest:
         """Read a manifest file and check its sha256."""
         path = Path(path)
-        # <splits root>/<dataset>/<setting>/<name>.json
-        dataset_folder = path.parent.parent
-        rebuild = build_index_fix(dataset_folder)  # a custom dataset's own build command, too
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise NdbenchError(f"no split manifest at {path}", _missing_fix(path)) from exc
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # Recursion: nesting too deep
-            raise NdbenchError(f"split manifest {path} is not valid JSON", rebuild) from exc
+            raise NdbenchError(f"split manifest {path} is not valid JSON", _rebuild_fix(path)) from exc
         try:
             manifest = cls(
                 dataset=data["dataset"],
@@ -139,9 +142,9 @@ class Manifest:
                 builder_version=data["builder_version"],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise NdbenchError(f"split manifest {path} is incomplete or edited ({exc!r})", rebuild) from exc
+            raise NdbenchError(f"split manifest {path} is incomplete or edited ({exc!r})", _rebuild_fix(path)) from exc
         if manifest.sha256 != data.get("sha256"):
-            raise NdbenchError(f"split manifest {path} was modified (sha256 mismatch)", rebuild)
+            raise NdbenchError(f"split manifest {path} was modified (sha256 mismatch)", _rebuild_fix(path))
         return manifest
 
 

@@ -3,17 +3,25 @@ bad-input case ending as one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_checks import one_line_error
 from coco_fixtures import write_coco_tree
 from voc_fixtures import write_voc_tree
 
 from benchmark.cli import main
+from datasets_builders.errors import NdbenchError
+from datasets_builders.index import DatasetIndex, build_index_fix, index_build_command
+from datasets_builders.loading import load_split
+from datasets_builders.splits import Manifest
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -40,7 +48,8 @@ def test_voc_writes_paper_protocol_and_rebuilds_identically(tmp_path, capsys):
     assert code == 0, err
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json"))
     assert "voc/index.json" in files and (out / "voc" / "index.csv").is_file()
-    manifests = [f for f in files if f != "voc/index.json"]
+    assert "voc/source.json" in files  # what the index was built from, for rebuild hints
+    manifests = [f for f in files if f not in ("voc/index.json", "voc/source.json")]
     assert manifests, files
     first = {f: (out / f).read_bytes() for f in files}
     assert run_cli(args, capsys)[0] == 0
@@ -189,3 +198,130 @@ def test_console_script_has_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# --- rebuild hints name how the index was built ---------------------------------------------
+def resign_to_another_index(path: Path) -> None:
+    """Make the manifest at `path` one built from another index (a valid, signed manifest)."""
+    manifest = dataclasses.replace(Manifest.read(path), index_sha256="0" * 64)
+    path.write_text(manifest.to_json())
+
+
+# What is spoiled, how, and what the error says.
+HINT_DAMAGES = {
+    "damaged index": ("index.json", lambda path: path.write_text("{bad"), "is damaged"),
+    "edited manifest": ("uni-class/{split}.json", lambda path: path.write_text("{}"), "incomplete or edited"),
+    "manifest of another index": ("uni-class/{split}.json", resign_to_another_index, "another index"),
+}
+
+
+def error_line(dataset: str, split: str, out: Path, capsys) -> str:
+    """The one error line a run on the split gets (a dry run, which does not compare a manifest
+    with its index: that is where the split's images are loaded)."""
+    code, _, err = run_cli(["run", "--method", "knn", "--dataset", dataset, "--classes", split,
+                            "--setting", "uni-class", "--out", str(out), "--dry-run"], capsys)
+    if code != 0:
+        return one_line_error(code, err)
+    with pytest.raises(NdbenchError) as info:
+        load_split(out / "splits", f"{dataset}/uni-class/{split}")
+    return f"{info.value.problem} ({info.value.fix})"
+# A build from another folder than the default root, with the options that change the index,
+# and the protocol's uni-class split it writes.
+OWN_BUILDS = {
+    "voc 2007 alphabetical": ("voc", ["--year", "2007", "--class-order", "alphabetical"], "14"),
+    "coco 2017": ("coco", ["--year", "2017"], "1"),
+}
+
+
+def own_copy(dataset: str, base: Path) -> Path:
+    """A small copy of `dataset` (both VOC releases, or COCO 2017) under `base`; its root."""
+    if dataset == "voc":
+        write_voc_tree(base, voc2007=True)
+        return base
+    return write_coco_tree(base, year="2017")
+
+
+def backticked(line: str) -> str:
+    (command,) = re.findall(r"`(ndbench [^`]+)`", line)
+    return command
+
+
+@pytest.mark.parametrize("damage", list(HINT_DAMAGES))
+@pytest.mark.parametrize("build", list(OWN_BUILDS))
+def test_a_rebuild_hint_names_the_root_and_options_the_index_was_built_with(
+    tmp_path, monkeypatch, capsys, build, damage
+):
+    dataset, options, split = OWN_BUILDS[build]
+    monkeypatch.delenv("NDBENCH_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default root, data/<dataset>, does not exist
+    root = own_copy(dataset, tmp_path / "my data")  # a space: the hint must quote it
+    out = tmp_path / "results"
+    folder = out / "splits" / dataset
+    code, _, err = run_cli(["build-splits", dataset, "--root", str(root), *options, "--out", str(out / "splits")],
+                           capsys)
+    assert code == 0, err
+    built = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    name, spoil, needle = HINT_DAMAGES[damage]
+    spoil(folder / name.format(split=split))
+
+    line = error_line(dataset, split, out, capsys)
+    assert needle in line, line
+    command = backticked(line)
+    assert f"--root {shlex.quote(str(root))}" in command and " ".join(options) in command, line
+    args = shlex.split(command)
+    assert args[:3] == ["ndbench", "build-splits", dataset]
+    # As hinted, it rebuilds the index it was (a default rebuild finds no data/<dataset>, and
+    # for VOC the other year or class order would give other rows and class ids).
+    code, _, err = run_cli(args[1:], capsys)
+    assert code == 0, err
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == built
+    assert load_split(out / "splits", f"{dataset}/uni-class/{split}")[1].name == split
+
+
+def test_a_default_build_keeps_its_rebuild_hint(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("NDBENCH_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_voc_tree(tmp_path / "data" / "voc")
+    code, _, err = run_cli(["build-splits", "voc", "--setting", "uni-class"], capsys)
+    assert code == 0, err
+    folder = Path("results/splits/voc")
+    assert json.loads((folder / "source.json").read_text())["root"] == str(tmp_path / "data" / "voc")
+    assert build_index_fix(folder) == "rebuild it with `ndbench build-splits voc --out results/splits`"
+    assert index_build_command(DatasetIndex.read(folder)) == "ndbench build-splits voc"
+    # The same root given by hand is the default too.
+    code, _, err = run_cli(["build-splits", "voc", "--root", "data/voc", "--setting", "uni-class"], capsys)
+    assert code == 0, err
+    assert build_index_fix(folder) == "rebuild it with `ndbench build-splits voc --out results/splits`"
+
+
+def test_a_default_root_from_ndbench_data_is_named_where_it_is_not_the_default(tmp_path, monkeypatch, capsys):
+    write_voc_tree(tmp_path / "store" / "voc")
+    monkeypatch.setenv("NDBENCH_DATA", str(tmp_path / "store"))
+    out = tmp_path / "splits"
+    code, _, err = run_cli(["build-splits", "voc", "--out", str(out), "--setting", "uni-class"], capsys)
+    assert code == 0, err
+    assert build_index_fix(out / "voc") == f"rebuild it with `ndbench build-splits voc --out {out}`"
+    monkeypatch.delenv("NDBENCH_DATA")
+    assert build_index_fix(out / "voc") == (
+        f"rebuild it with `ndbench build-splits voc --root {tmp_path / 'store' / 'voc'} --out {out}`"
+    )
+    assert index_build_command(DatasetIndex.read(out / "voc")) == (
+        f"ndbench build-splits voc --root {tmp_path / 'store' / 'voc'} --out {out}"
+    )
+
+
+@pytest.mark.parametrize("record", [None, "{bad", '{"kind": "built-in", "dataset": "coco", "root": "/x"}',
+                                    '{"kind": "built-in", "dataset": "voc", "root": 7}'])
+def test_an_index_without_a_readable_record_keeps_the_default_hint(tmp_path, capsys, record):
+    write_voc_tree(tmp_path / "src")
+    out = tmp_path / "splits"
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(tmp_path / "src"), "--out", str(out),
+                            "--setting", "uni-class"], capsys)
+    assert code == 0, err
+    source = out / "voc" / "source.json"
+    assert "--root" in build_index_fix(out / "voc")
+    if record is None:  # an index built before ndbench recorded its source
+        source.unlink()
+    else:
+        source.write_text(record)
+    assert build_index_fix(out / "voc") == f"rebuild it with `ndbench build-splits voc --out {out}`"

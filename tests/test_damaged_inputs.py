@@ -129,6 +129,7 @@ def test_a_damaged_custom_index_names_its_build_command(tmp_path):
 def test_run_on_a_damaged_index_is_one_line(splits_root, tmp_path, capsys, name, content, needle):
     out = tmp_path / "results"
     shutil.copytree(splits_root / "embedded", out / "splits" / "embedded")
+    assert (out / "splits" / "embedded" / "source.json").is_file()  # its scenes' root: not named in the hint
     (out / "splits" / "embedded" / name).write_text(content)
     code = main(["run", "--method", "knn", "--classes", "0", "--out", str(out), "--dry-run"])
     one_line_error(code, capsys.readouterr().err, str(out / "splits" / "embedded" / name), needle,
