@@ -283,12 +283,46 @@ def warn_skipped(error: NdbenchError) -> None:
 
 
 def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:
-    """Every whole record under `<out>/runs`, in path order; damaged ones are skipped (and
-    reported through `on_skip`)."""
+    """Every whole record under `<out>/runs` made on the current build of its split, in path
+    order; damaged ones, and those made on an earlier build of their split (another manifest
+    under `<out>/splits`, so another test set), are skipped (and reported through `on_skip`)."""
     runs = Path(out) / "runs"
     if not runs.is_dir():
         return []
-    return load_records_at(sorted(runs.rglob("*.json")), on_skip)
+    current = _current_split_builds(Path(out) / "splits")
+    records = []
+    for path in sorted(runs.rglob("*.json")):
+        try:
+            record = read_record(path)
+        except NdbenchError as exc:
+            on_skip(exc)
+            continue
+        built = current(record)
+        if built is not None and built != record.split_sha256:
+            on_skip(NdbenchError(f"record {path} was made on an earlier build of split {record.split_id} "
+                                 "(its manifest has changed since)"))
+            continue
+        records.append(record)
+    return records
+
+
+def _current_split_builds(splits_root: Path) -> Callable[[Record], str | None]:
+    """A record's split's current manifest sha256 under `splits_root` (None where there is no
+    readable manifest: nothing to compare against), each manifest read once."""
+    from datasets_builders.splits import Manifest
+
+    found: dict[Path, str | None] = {}
+
+    def current(record: Record) -> str | None:
+        path = splits_root / record.dataset / record.setting / f"{record.split}.json"
+        if path not in found:
+            try:
+                found[path] = Manifest.read(path).sha256
+            except NdbenchError:
+                found[path] = None
+        return found[path]
+
+    return current
 
 
 def load_records_at(paths: list[Path], on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:

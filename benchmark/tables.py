@@ -11,8 +11,9 @@
 Values are percent. With several seeds a cell is the mean over seeds and the frame carries
 a `<method>_std` column (sample standard deviation, ddof=1) that `to_markdown` renders as
 "mean ± std". Where one method has records of several configs for a (dataset, setting), only
-the config with the most jobs (split, seed) counts, the newest (by `created`) among equals, so
-a trial `--set` run on a few classes does not replace a complete run; the dropped ones are
+the config covering the most splits counts (then the one with the most jobs (split, seed), the
+newest by `created` among equals), so a trial `--set` run on a few classes, with however many
+seeds, does not replace a complete run; the dropped ones are
 reported as notes (logged, and in `DataFrame.attrs["notes"]`).
 """
 
@@ -99,9 +100,9 @@ def manifest_splits(splits_root: Path) -> dict[tuple[str, str], list[str]]:
 
 
 def select_records(records: Iterable[Record]) -> tuple[list[Record], list[str]]:
-    """Keep, per (dataset, setting, method), only the config with the most jobs (the newest
-    among equals) and, per job (split, seed), only its newest record. Returns the kept records
-    and notes on what was dropped."""
+    """Keep, per (dataset, setting, method), only the config covering the most splits (then
+    with the most jobs, then the newest) and, per job (split, seed), only its newest record.
+    Returns the kept records and notes on what was dropped."""
     groups: dict[tuple[str, str, str], list[Record]] = defaultdict(list)
     for record in records:
         groups[(record.dataset, record.setting, record.method)].append(record)
@@ -114,13 +115,16 @@ def select_records(records: Iterable[Record]) -> tuple[list[Record], list[str]]:
             newest[record.config_hash] = max(newest.get(record.config_hash, ""), record.created)
             jobs[record.config_hash].add((record.split, record.seed))
         if len(newest) > 1:
-            keep = max(newest, key=lambda h: (len(jobs[h]), newest[h], h))
+            def splits(h: str) -> int:
+                return len({split for split, _ in jobs[h]})
+
+            keep = max(newest, key=lambda h: (splits(h), len(jobs[h]), newest[h], h))
             dropped = [r for r in group if r.config_hash != keep]
             others = ", ".join(sorted(set(newest) - {keep}))
             notes.append(
-                f"{method} on {dataset} {setting}: kept config {keep} ({len(jobs[keep])} jobs; the most, the "
-                f"newest among equals); ignored {len(dropped)} record(s) of config {others} (tabulate a trial "
-                "config apart with its own --out)"
+                f"{method} on {dataset} {setting}: kept config {keep} ({splits(keep)} splits, {len(jobs[keep])} "
+                f"jobs; the most splits, then jobs, then the newest); ignored {len(dropped)} record(s) of config "
+                f"{others} (tabulate a trial config apart with its own --out)"
             )
             group = [r for r in group if r.config_hash == keep]
         by_job: dict[tuple[str, int], Record] = {}

@@ -86,8 +86,8 @@ def test_newest_config_kept_and_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="benchmark.tables"):
         df = tables.per_class_table(records(), "voc", U)
     notes = [
-        "kdad on voc uni-class: kept config new (2 jobs; the most, the newest among equals); ignored 1 "
-        "record(s) of config old (tabulate a trial config apart with its own --out)",
+        "kdad on voc uni-class: kept config new (2 splits, 2 jobs; the most splits, then jobs, then the newest); "
+        "ignored 1 record(s) of config old (tabulate a trial config apart with its own --out)",
         "aaa on voc uni-class: AVG covers 1 of 2 rows",
     ]
     assert df.attrs["notes"] == notes
@@ -98,7 +98,9 @@ def test_a_newer_config_on_fewer_jobs_does_not_replace_a_complete_one():
     complete = [rec("knn", "voc", U, c, 0, 0.6, "default", "2024-01-01T00:00Z") for c in ("0", "1")]
     trial = [rec("knn", "voc", U, "0", 0, 0.9, "k5", "2024-03-01T00:00Z")]
     kept, notes = tables.select_records(complete + trial)
-    assert kept == complete and "kept config default (2 jobs" in notes[0]
+    assert kept == complete and "kept config default (2 splits, 2 jobs" in notes[0]
+    many_seeds = [rec("knn", "voc", U, "0", seed, 0.9, "k5", "2024-03-01T00:00Z") for seed in range(5)]
+    assert tables.select_records(complete + many_seeds)[0] == complete  # one split, however many seeds
     rerun = [rec("knn", "voc", U, c, 0, 0.9, "k5", "2024-03-01T00:00Z") for c in ("0", "1")]
     assert tables.select_records(complete + rerun)[0] == rerun  # as many jobs: the newest
 
