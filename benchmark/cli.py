@@ -497,12 +497,12 @@ def leaderboard_command(
     """Print the mean AUROC of every method on every dataset and setting, best first (writes
     nothing: `ndbench table` writes the table files)."""
     from .records import load_records
-    from .tables import leaderboard, to_markdown
+    from .tables import leaderboard, manifest_splits, to_markdown
 
     records = load_records(out)
     if not records:
         raise NdbenchError(f"no readable records under {out / 'runs'}", NO_RECORDS_FIX)
-    stdout_console().print(to_markdown(leaderboard(records)), markup=False)
+    stdout_console().print(to_markdown(leaderboard(records, splits=manifest_splits(out / "splits"))), markup=False)
 
 
 @app.command("methods")

@@ -148,7 +148,7 @@ def gather(out: Path, warn: Warn | None = None) -> Results:
     with _collect_table_notes(notes):
         blocks = [_block(records, dataset, setting, names.get(dataset), splits.get((dataset, setting), ()))
                   for dataset, setting in _pairs(records)]
-        board = _leaderboard(records)
+        board = _leaderboard(records, splits)
         summaries = paper_summaries(records)
     for note in dict.fromkeys(notes):
         warn(f"note: {note}")
@@ -278,11 +278,12 @@ def paper_summaries(records: list[Record]) -> dict[str, pd.DataFrame]:
     return found
 
 
-def _leaderboard(records: list[Record]) -> pd.DataFrame:
+def _leaderboard(records: list[Record], splits: dict[tuple[str, str], list[str]]) -> pd.DataFrame:
     """The leaderboard with `<column>_std` (over seeds, from the summary tables) beside each
-    (dataset, setting) column where there are several seeds."""
-    board = leaderboard(records)
-    summaries = {s: summary_table(records, s) for s in {r.setting for r in records}}
+    (dataset, setting) column where there are several seeds; `splits` as `manifest_splits`
+    gives them."""
+    board = leaderboard(records, splits=splits)
+    summaries = {s: summary_table(records, s, splits=splits) for s in {r.setting for r in records}}
     columns = {}
     for column in board.columns:
         columns[column] = board[column]

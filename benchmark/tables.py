@@ -115,14 +115,12 @@ def select_records(records: Iterable[Record]) -> tuple[list[Record], list[str]]:
             newest[record.config_hash] = max(newest.get(record.config_hash, ""), record.created)
             jobs[record.config_hash].add((record.split, record.seed))
         if len(newest) > 1:
-            def splits(h: str) -> int:
-                return len({split for split, _ in jobs[h]})
-
-            keep = max(newest, key=lambda h: (splits(h), len(jobs[h]), newest[h], h))
+            covered = {h: len({split for split, _ in done}) for h, done in jobs.items()}
+            keep = max(newest, key=lambda h: (covered[h], len(jobs[h]), newest[h], h))
             dropped = [r for r in group if r.config_hash != keep]
             others = ", ".join(sorted(set(newest) - {keep}))
             notes.append(
-                f"{method} on {dataset} {setting}: kept config {keep} ({splits(keep)} splits, {len(jobs[keep])} "
+                f"{method} on {dataset} {setting}: kept config {keep} ({covered[keep]} splits, {len(jobs[keep])} "
                 f"jobs; the most splits, then jobs, then the newest); ignored {len(dropped)} record(s) of config "
                 f"{others} (tabulate a trial config apart with its own --out)"
             )
@@ -399,13 +397,14 @@ def _summary_frame(
 
 
 def summary_table(
-    records: Iterable[Record], setting: str, metric: str = "auroc", paper: bool = False
+    records: Iterable[Record], setting: str, metric: str = "auroc", paper: bool = False,
+    splits: Mapping[tuple[str, str], Iterable[str]] | None = None,
 ) -> pd.DataFrame:
     """Per-dataset table of one setting (like paper Tables 4 and 2): rows = datasets,
     columns = methods, cell = the per-class table's AVG in percent (`<method>_std` where
     there are several seeds); with `paper=True` the paper's Table 4 (uni-class) or 2
-    (multi-class) number beside each method it has."""
-    frame, notes = _summary_frame(records, setting, metric, paper)
+    (multi-class) number beside each method it has. `splits` as in `write_tables`."""
+    frame, notes = _summary_frame(records, setting, metric, paper, splits)
     return _report(frame, notes)
 
 
@@ -430,10 +429,13 @@ def _leaderboard_frame(
     return frame.loc[order], notes
 
 
-def leaderboard(records: Iterable[Record], metric: str = "auroc") -> pd.DataFrame:
+def leaderboard(records: Iterable[Record], metric: str = "auroc",
+                splits: Mapping[tuple[str, str], Iterable[str]] | None = None) -> pd.DataFrame:
     """Rows = methods, columns = `<dataset> <setting>` (the per-class AVG, percent) plus
-    `mean` over the columns the method has, sorted by `mean`, best first."""
-    frame, notes = _leaderboard_frame(records, metric)
+    `mean` over the columns the method has, sorted by `mean`, best first. `splits` (see
+    `manifest_splits`): every split of each (dataset, setting), so that AVG coverage counts
+    against all of them, as the table files do."""
+    frame, notes = _leaderboard_frame(records, metric, splits)
     return _report(frame, notes)
 
 

@@ -110,7 +110,9 @@ def test_a_run_of_fewer_jobs_prints_its_own_but_keeps_every_record_in_the_tables
     assert "digit-0" in (out / "tables" / "per_class_embedded_uni-class.md").read_text()
 
 
-def test_leaderboard_prints_and_leaves_the_table_files_as_table_wrote_them(workspace, tmp_path, capsys):
+def test_leaderboard_prints_and_leaves_the_table_files_as_table_wrote_them(workspace, tmp_path, capsys, caplog):
+    from benchmark.tables import manifest_splits
+
     out = fresh_out(workspace, tmp_path)
     assert main(knn_args(workspace, out, "--classes", "0")) == 0
     assert main(["table", "--paper", "--out", str(out)]) == 0
@@ -118,8 +120,12 @@ def test_leaderboard_prints_and_leaves_the_table_files_as_table_wrote_them(works
         path.write_bytes(path.read_bytes() + b"kept\n")
     written = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
     capsys.readouterr()
+    caplog.clear()
     assert main(["leaderboard", "--out", str(out)]) == 0
     assert "knn" in capsys.readouterr().out
+    # Its AVG coverage counts every split with a manifest, as the table files do.
+    every = len(manifest_splits(out / "splits")[("embedded", "uni-class")])
+    assert f"knn on embedded uni-class: AVG covers 1 of {every} rows" in [r.getMessage() for r in caplog.records]
     assert {p.name: p.read_bytes() for p in (out / "tables").iterdir()} == written
 
 
