@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import shlex
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -134,9 +135,25 @@ def render_page(*, title: str, generated: str, version: str, out: Path, leaderbo
         parts.append(f'<div class="maps">{"".join(figures)}</div>')
     else:
         parts.append(f'<p class="meta">None under <code>{escape(str(Path(out) / "maps"))}</code>; draw one with '
-                     "<code>ndbench maps --method defend --split uni-class/3</code>.</p>")
+                     f"<code>{escape(maps_command(out, blocks))}</code>.</p>")
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
+
+
+def maps_command(out: Path, blocks) -> str:
+    """An `ndbench maps` command that draws a grid where the report looks for one: of the first
+    dataset and split on the page (uni-class/3 of the embedded dataset when there is none)."""
+    dataset, split = "embedded", "uni-class/3"
+    for block in blocks:
+        if block.records:
+            dataset, split = block.dataset, f"{block.setting}/{block.records[0].split}"
+            break
+    command = f"ndbench maps --method defend --split {shlex.quote(split)}"
+    if dataset != "embedded":
+        command += f" --dataset {shlex.quote(dataset)}"
+    if Path(out) != Path("results"):
+        command += f" --out {shlex.quote(str(out))}"
+    return command
 
 
 def _block_html(block, figures: list[PageFigure], colours: dict[str, str]) -> str:

@@ -38,16 +38,17 @@ def show_tables(out: Path, records, dataset: str, settings: list[str], paper: bo
 
 
 def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool) -> list[Path]:
-    """Print the per-class tables of `records` on `dataset`, and write every table under
-    <out>/tables from every readable record under <out>/runs, so that a run of a few jobs
-    never narrows the tables of the runs before it."""
+    """Write every table under <out>/tables from every readable record under <out>/runs, so
+    that a run of a few jobs never narrows the tables of the runs before it, and print the
+    per-class tables of `dataset` and `settings` as written (nothing when `records`, the run's
+    own, is empty)."""
     from .records import load_records
     from .tables import manifest_splits, write_tables
 
     if not records:
         return []
-    show_tables(out, records, dataset, settings, paper)
     everything = load_records(out, on_skip=lambda exc: None) or records  # `ndbench table` reports damage
+    show_tables(out, everything, dataset, settings, paper, every_split=True)
     return write_tables(everything, Path(out) / "tables", paper=paper, class_names=class_names_under(out),
                         splits=manifest_splits(Path(out) / "splits"))
 

@@ -367,3 +367,14 @@ def test_the_demo_ends_by_writing_the_report(knn_results, splits_root, tmp_path,
     index = out / "report" / "index.html"
     assert index.resolve().as_uri() in capsys.readouterr().out.replace("\n", "")
     check_images(read_page(index), index.parent)
+
+
+def test_the_maps_hint_draws_where_the_report_looks(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmark.report_html import maps_command
+
+    block = SimpleNamespace(dataset="mylab", setting="multi-class", records=[SimpleNamespace(split="except-4")])
+    assert maps_command(tmp_path / "my res", [block]) == (
+        f"ndbench maps --method defend --split multi-class/except-4 --dataset mylab --out '{tmp_path / 'my res'}'")
+    assert maps_command(Path("results"), []) == "ndbench maps --method defend --split uni-class/3"
