@@ -727,15 +727,16 @@ def report_command(
 @app.command("score")
 def score_command(
     images: Annotated[
-        list[Path], typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
-                                   "sorted by name).", show_default=False, metavar="IMAGES")
+        list[str],  # strs: typer would read "" as Path("."), every image in the current folder
+        typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
+                       "sorted by name).", show_default=False, metavar="IMAGES"),
     ],
     model: Annotated[Path, typer.Option(help="A .model.pt written by ndbench run --save-models.")],
     output: Annotated[
-        Path | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default: print it.")
+        str | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default: print it.")
     ] = None,
     maps: Annotated[
-        Path | None,
+        str | None,  # strs, as IMAGES: "" is not the current folder
         typer.Option(help="Folder for one heat-map overlay PNG per image (methods with anomaly maps: defend, mkd, "
                      "rdad); one colour scale for all images of the call."),
     ] = None,
@@ -751,12 +752,20 @@ def score_command(
     from .runner import job_progress
     from .score import ScoreRequest, prepare_scoring, run_scoring
 
-    if output is not None:
-        check_output_file(output, "--output")
-    if maps is not None:
-        check_output_folder(maps, "--maps")
-    request = ScoreRequest(model=model, images=tuple(images), output=output, maps=maps, threshold=threshold,
-                           device=device)
+    if "" in images:
+        raise NdbenchError("an image argument is empty (an unset shell variable?)",
+                           "name image files or folders; to score the current folder, pass .")
+    for option, value in (("--output", output), ("--maps", maps)):
+        if value == "":
+            raise NdbenchError(f"{option} is empty", f"give a path with {option}, or drop {option}")
+    output_path = None if output is None else Path(output)
+    maps_path = None if maps is None else Path(maps)
+    if output_path is not None:
+        check_output_file(output_path, "--output")
+    if maps_path is not None:
+        check_output_folder(maps_path, "--maps")
+    request = ScoreRequest(model=model, images=tuple(map(Path, images)), output=output_path, maps=maps_path,
+                           threshold=threshold, device=device)
     scoring = prepare_scoring(request)
     with job_progress(stderr_console()) as progress:
         result = run_scoring(scoring, progress)

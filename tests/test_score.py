@@ -372,3 +372,23 @@ def test_skipped_jobs_without_a_model_are_named_and_force_saves_them(knn_results
     assert main([*args, "--classes", "1", "--force"]) == 0
     assert "1 jobs ran" in capsys.readouterr().err
     assert len(list(folder.glob("*__seed0.model.pt"))) == 2
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["{image}", ""], "an image argument is empty"),
+    ([""], "an image argument is empty"),
+    (["{image}", "--maps", ""], "--maps is empty"),
+    (["{image}", "--output", ""], "--output is empty"),
+])
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(toy, tmp_path, capsys, monkeypatch, args,
+                                                                     needle):
+    """An unset shell variable in quotes gives "": it is not "." (every image in the working
+    folder, or maps written among them)."""
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path, 2, seed=4)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [arg.format(image=toy["new"][0]) for arg in args]
+    code = main(["score", "--model", str(toy["knn"]), "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    one_line_error(code, captured.err, needle)
+    assert captured.out == "" and sorted(p.name for p in tmp_path.iterdir()) == before
