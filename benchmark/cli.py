@@ -733,7 +733,8 @@ def score_command(
     ],
     model: Annotated[Path, typer.Option(help="A .model.pt written by ndbench run --save-models.")],
     output: Annotated[
-        str | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default: print it.")
+        str | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default (and with "
+                                  "/dev/stdout): print it.")
     ] = None,
     maps: Annotated[
         str | None,  # strs, as IMAGES: "" is not the current folder
@@ -750,7 +751,7 @@ def score_command(
     """Score your own images with a saved detector: one CSV row per image, in the order given,
     higher = more novel. Images go through the detector's own input transform, as in the run."""
     from .runner import job_progress
-    from .score import ScoreRequest, prepare_scoring, run_scoring
+    from .score import ScoreRequest, is_stdout, prepare_scoring, run_scoring
 
     if "" in images:
         raise NdbenchError("an image argument is empty (an unset shell variable?)",
@@ -758,7 +759,8 @@ def score_command(
     for option, value in (("--output", output), ("--maps", maps)):
         if value == "":
             raise NdbenchError(f"{option} is empty", f"give a path with {option}, or drop {option}")
-    output_path = None if output is None else Path(output)
+    # /dev/stdout is where the CSV goes without --output: written there, not replaced by a file
+    output_path = None if output is None or is_stdout(Path(output)) else Path(output)
     maps_path = None if maps is None else Path(maps)
     if output_path is not None:
         check_output_file(output_path, "--output")
@@ -769,12 +771,12 @@ def score_command(
     scoring = prepare_scoring(request)
     with job_progress(stderr_console()) as progress:
         result = run_scoring(scoring, progress)
-    if output is None:
+    if output_path is None:
         sys.stdout.write(result.csv_text())
     else:
-        stderr_console().print(f"wrote {len(result.images)} scores to {output}")
-    if maps is not None:
-        stderr_console().print(f"wrote {len(result.images)} heat-map overlays under {maps}")
+        stderr_console().print(f"wrote {len(result.images)} scores to {output_path}")
+    if maps_path is not None:
+        stderr_console().print(f"wrote {len(result.images)} heat-map overlays under {maps_path}")
 
 
 @app.command("bench")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from .models import SavedModel, load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 NORMAL, NOVEL = "normal", "novel"
+# Names of this process's standard output: an --output naming one prints the CSV there.
+STDOUT_NAMES = ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class ScoreRequest:
     threshold: bool = False  # label each image with the model's stored threshold
     device: str = "auto"
     alpha: float = 0.5  # heat-map opacity in the overlays
+
+
+def is_stdout(path: Path) -> bool:
+    """Whether `path` names this process's standard output, e.g. `--output /dev/stdout`."""
+    return os.path.abspath(path) in STDOUT_NAMES
 
 
 def collect_images(paths: list[Path] | tuple[Path, ...]) -> list[Path]:

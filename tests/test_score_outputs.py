@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,23 @@ def test_an_output_that_is_one_of_the_maps_is_refused_before_scoring(models, tmp
     shown = models["images"] / ("img0.png" if output.startswith("maps") else "img2.png")
     one_line_error(code, capsys.readouterr().err, f"is also the heat map of {shown}")
     assert not maps.exists()
+
+
+def test_output_dev_stdout_prints_the_csv_and_other_streams_are_refused_by_name(models):
+    """Through a pipe, /dev/stdout resolves to no file: the CSV is printed as without --output;
+    /dev/stderr on a pipe is refused naming --output, the option score has."""
+    tests = Path(__file__).resolve().parent
+    cli = "import sys, defend_fixtures; from benchmark.cli import main; sys.exit(main())"  # registers the tiny ViT
+    command = [sys.executable, "-c", cli, "score", "--model", str(models["knn"]), str(models["images"]),
+               "--device", "cpu", "--output"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    printed = subprocess.run([*command, "/dev/stdout"], capture_output=True, text=True, env=env)
+    assert printed.returncode == 0, printed.stderr
+    assert [row["image"] for row in read_csv(printed.stdout)] == [str(p) for p in sorted(models["images"].iterdir())]
+    refused = subprocess.run([*command, "/dev/stderr"], capture_output=True, text=True, env=env)
+    one_line_error(refused.returncode, refused.stderr,
+                   "--output /dev/stderr is a pipe of this process, not a file (give a file path with --output)")
+    assert refused.stdout == ""
 
 
 def test_atomic_writers_refuse_what_is_not_a_regular_file(tmp_path):
