@@ -702,7 +702,7 @@ def report_command(
     """Write one HTML page of everything under --out: the leaderboard, per-class tables beside
     the paper's numbers, AUROC heat maps, ROC curves and score histograms per split, what was
     not run, the anomaly-map grids and each run's metadata. Opens from disk, no network."""
-    from .report import build_report
+    from .report import build_report, escape_undecoded
 
     def warn(message: str) -> None:
         print(f"ndbench: warning: {message}", file=sys.stderr)
@@ -718,7 +718,7 @@ def report_command(
     with job_progress(stderr_console()) as progress:
         result = build_report(out, folder, warn=warn, progress=progress)
     stdout_console().print(
-        f"wrote {result.path} ({result.records} runs, {result.figures} figures, "
+        f"wrote {escape_undecoded(str(result.path))} ({result.records} runs, {result.figures} figures, "
         f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); open {result.path.resolve().as_uri()}",
         soft_wrap=True,
     )
@@ -750,6 +750,8 @@ def score_command(
 ) -> None:
     """Score your own images with a saved detector: one CSV row per image, in the order given,
     higher = more novel. Images go through the detector's own input transform, as in the run."""
+    from datasets_builders.atomic import encode_text
+
     from .runner import job_progress
     from .score import ScoreRequest, is_stdout, prepare_scoring, run_scoring
 
@@ -771,8 +773,10 @@ def score_command(
     scoring = prepare_scoring(request)
     with job_progress(stderr_console()) as progress:
         result = run_scoring(scoring, progress)
-    if output_path is None:
-        sys.stdout.write(result.csv_text())
+    if output_path is None:  # as bytes: a name that is not UTF-8 is printed as it is, not refused by sys.stdout
+        sys.stdout.flush()
+        sys.stdout.buffer.write(encode_text(result.csv_text()))
+        sys.stdout.buffer.flush()
     else:
         stderr_console().print(f"wrote {len(result.images)} scores to {output_path}")
     if maps_path is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -367,3 +368,10 @@ def test_the_demo_ends_by_writing_the_report(knn_results, splits_root, tmp_path,
     index = out / "report" / "index.html"
     assert index.resolve().as_uri() in capsys.readouterr().out.replace("\n", "")
     check_images(read_page(index), index.parent)
+
+
+def test_a_page_naming_a_folder_that_is_not_utf8_stays_utf8():
+    from benchmark.report import escape_undecoded
+
+    folder = os.fsdecode(b"r\xe9sultats")  # a Latin-1 name, as Python reads it
+    assert escape_undecoded(f"<code>{folder}</code> é") == "<code>r\\xe9sultats</code> é"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -392,3 +393,20 @@ def test_an_empty_argument_is_refused_not_read_as_the_current_folder(toy, tmp_pa
     captured = capsys.readouterr()
     one_line_error(code, captured.err, needle)
     assert captured.out == "" and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_its_own_bytes(toy, tmp_path):
+    """A Latin-1 "café.png" (old archives, Samba shares): the CSV holds the name's real bytes,
+    in the image and the map column, so it names the file that was scored."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    latin = folder / os.fsdecode(b"caf\xe9.png")
+    latin.write_bytes(toy["new"][0].read_bytes())
+    output, maps = tmp_path / "scores.csv", tmp_path / "maps"
+    assert main(["score", "--model", str(toy["mkd"]), str(folder), "--maps", str(maps), "--output", str(output),
+                 "--device", "cpu"]) == 0
+    lines = output.read_bytes().splitlines()
+    assert lines[0] == b"image,score,map" and len(lines) == 2
+    image, _, drawn = lines[1].split(b",")
+    assert image == os.fsencode(latin) and drawn == os.fsencode(maps) + b"/caf\xe9.png"
+    assert os.listdir(os.fsencode(maps)) == [b"caf\xe9.png"]

@@ -142,3 +142,11 @@ def test_atomic_writers_write_through_symlinks(tmp_path):
     assert all((tmp_path / name).is_symlink() for name in ("a.txt", "b.txt", "c.txt"))
     assert [(tmp_path / "real" / name).read_text() for name in ("a.txt", "b.txt", "c.txt")] == ["bytes", "b", "c again"]
     assert sorted(os.listdir(tmp_path / "real")) == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_atomic_writers_write_undecodable_names_as_their_bytes(tmp_path):
+    """Text naming a file the system handed over undecoded ("caf\\udce9" for Latin-1 bytes)."""
+    name = os.fsdecode(b"caf\xe9.png")
+    atomic_write_text(tmp_path / "a.csv", f"{name}\n")
+    atomic_write_files({tmp_path / "b.csv": f"{name}\n"})
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes() == b"caf\xe9.png\n"
