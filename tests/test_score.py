@@ -410,3 +410,40 @@ def test_a_file_name_that_is_not_utf8_is_written_as_its_own_bytes(toy, tmp_path)
     image, _, drawn = lines[1].split(b",")
     assert image == os.fsencode(latin) and drawn == os.fsencode(maps) + b"/caf\xe9.png"
     assert os.listdir(os.fsencode(maps)) == [b"caf\xe9.png"]
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_an_interrupt_while_drawing_maps_leaves_the_maps_folder_as_it_was(toy, tmp_path, capsys, monkeypatch,
+                                                                          existed):
+    """Ctrl-C says nothing half-written was kept: no map of the call remains (they would mix
+    with a later call's, on another colour scale), and files there before are untouched."""
+    import signal
+
+    import benchmark.score
+    from benchmark.interrupts import Interrupted
+
+    maps = tmp_path / "maps"
+    before = {}
+    if existed:
+        maps.mkdir()
+        before = {maps / "img0.png": b"earlier map", maps / "notes.txt": b"mine"}
+        for path, data in before.items():
+            path.write_bytes(data)
+    drawn = []
+    real = benchmark.score.overlay
+
+    def overlay_then_interrupt(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) == 3:
+            raise Interrupted(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark.score, "overlay", overlay_then_interrupt)
+    code = main(["score", "--model", str(toy["mkd"]), *map(str, toy["new"] * 2), "--maps", str(maps),
+                 "--output", str(tmp_path / "s.csv"), "--device", "cpu"])
+    assert code == 130 and "nothing half-written was kept" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+    if existed:
+        assert {path: path.read_bytes() for path in maps.iterdir()} == before
+    else:
+        assert not maps.exists()
