@@ -702,7 +702,7 @@ def report_command(
     """Write one HTML page of everything under --out: the leaderboard, per-class tables beside
     the paper's numbers, AUROC heat maps, ROC curves and score histograms per split, what was
     not run, the anomaly-map grids and each run's metadata. Opens from disk, no network."""
-    from .report import build_report
+    from .report import build_report, escape_undecoded
 
     def warn(message: str) -> None:
         print(f"ndbench: warning: {message}", file=sys.stderr)
@@ -718,7 +718,7 @@ def report_command(
     with job_progress(stderr_console()) as progress:
         result = build_report(out, folder, warn=warn, progress=progress)
     stdout_console().print(
-        f"wrote {result.path} ({result.records} runs, {result.figures} figures, "
+        f"wrote {escape_undecoded(str(result.path))} ({result.records} runs, {result.figures} figures, "
         f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); open {result.path.resolve().as_uri()}",
         soft_wrap=True,
     )
@@ -727,15 +727,17 @@ def report_command(
 @app.command("score")
 def score_command(
     images: Annotated[
-        list[Path], typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
-                                   "sorted by name).", show_default=False, metavar="IMAGES")
+        list[str],  # strs: typer would read "" as Path("."), every image in the current folder
+        typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
+                       "sorted by name).", show_default=False, metavar="IMAGES"),
     ],
     model: Annotated[Path, typer.Option(help="A .model.pt written by ndbench run --save-models.")],
     output: Annotated[
-        Path | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default: print it.")
+        str | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default (and with "
+                                  "/dev/stdout): print it.")
     ] = None,
     maps: Annotated[
-        Path | None,
+        str | None,  # strs, as IMAGES: "" is not the current folder
         typer.Option(help="Folder for one heat-map overlay PNG per image (methods with anomaly maps: defend, mkd, "
                      "rdad); one colour scale for all images of the call."),
     ] = None,
@@ -748,24 +750,37 @@ def score_command(
 ) -> None:
     """Score your own images with a saved detector: one CSV row per image, in the order given,
     higher = more novel. Images go through the detector's own input transform, as in the run."""
-    from .runner import job_progress
-    from .score import ScoreRequest, prepare_scoring, run_scoring
+    from datasets_builders.atomic import encode_text
 
-    if output is not None:
-        check_output_file(output, "--output")
-    if maps is not None:
-        check_output_folder(maps, "--maps")
-    request = ScoreRequest(model=model, images=tuple(images), output=output, maps=maps, threshold=threshold,
-                           device=device)
+    from .runner import job_progress
+    from .score import ScoreRequest, is_stdout, prepare_scoring, run_scoring
+
+    if "" in images:
+        raise NdbenchError("an image argument is empty (an unset shell variable?)",
+                           "name image files or folders; to score the current folder, pass .")
+    for option, value in (("--output", output), ("--maps", maps)):
+        if value == "":
+            raise NdbenchError(f"{option} is empty", f"give a path with {option}, or drop {option}")
+    # /dev/stdout is where the CSV goes without --output: written there, not replaced by a file
+    output_path = None if output is None or is_stdout(Path(output)) else Path(output)
+    maps_path = None if maps is None else Path(maps)
+    if output_path is not None:
+        check_output_file(output_path, "--output")
+    if maps_path is not None:
+        check_output_folder(maps_path, "--maps")
+    request = ScoreRequest(model=model, images=tuple(map(Path, images)), output=output_path, maps=maps_path,
+                           threshold=threshold, device=device)
     scoring = prepare_scoring(request)
     with job_progress(stderr_console()) as progress:
         result = run_scoring(scoring, progress)
-    if output is None:
-        sys.stdout.write(result.csv_text())
+    if output_path is None:  # as bytes: a name that is not UTF-8 is printed as it is, not refused by sys.stdout
+        sys.stdout.flush()
+        sys.stdout.buffer.write(encode_text(result.csv_text()))
+        sys.stdout.buffer.flush()
     else:
-        stderr_console().print(f"wrote {len(result.images)} scores to {output}")
-    if maps is not None:
-        stderr_console().print(f"wrote {len(result.images)} heat-map overlays under {maps}")
+        stderr_console().print(f"wrote {len(result.images)} scores to {output_path}")
+    if maps_path is not None:
+        stderr_console().print(f"wrote {len(result.images)} heat-map overlays under {maps_path}")
 
 
 @app.command("bench")

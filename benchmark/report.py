@@ -110,12 +110,18 @@ def _write_report(results: Results, report_dir: Path, warn: Warn, progress: Prog
             maps=maps,
             skipped=results.skipped,
         )
-        writer.publish(index, page)
+        writer.publish(index, escape_undecoded(page))
     finally:
         writer.discard()
     size = index.stat().st_size + sum(p.stat().st_size for p in writer.written)
     return ReportResult(index, len(results.records), results.skipped, sum(b.missing.count for b in blocks),
                         len(writer.written), size, time.perf_counter() - start)
+
+
+def escape_undecoded(text: str) -> str:
+    """`text` with the bytes of file names that are not UTF-8 (a Latin-1 "r\\xe9sultats") shown as
+    `\\xNN`, so a page naming such a folder is still valid UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _block_figures(block: Block, paths: dict[int, Path], colours: dict[str, str], limit: float,

@@ -8,8 +8,11 @@ get the scores its record holds. The result is a CSV (`image`, `score`, and with
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from datasets_builders.atomic import atomic_write_bytes, atomic_write_text, replaced_file
+from datasets_builders.atomic import atomic_write_bytes, atomic_write_text, replaced_file, signals_deferred
 from datasets_builders.errors import NdbenchError
 from datasets_builders.loading import open_rgb
 from methods.base import resolve_device
@@ -29,6 +32,8 @@ from .models import SavedModel, load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 NORMAL, NOVEL = "normal", "novel"
+# Names of this process's standard output: an --output naming one prints the CSV there.
+STDOUT_NAMES = ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,11 @@ class ScoreRequest:
     threshold: bool = False  # label each image with the model's stored threshold
     device: str = "auto"
     alpha: float = 0.5  # heat-map opacity in the overlays
+
+
+def is_stdout(path: Path) -> bool:
+    """Whether `path` names this process's standard output, e.g. `--output /dev/stdout`."""
+    return os.path.abspath(path) in STDOUT_NAMES
 
 
 def collect_images(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
@@ -195,7 +205,8 @@ def score_images(request: ScoreRequest, progress=None) -> ScoreResult:
 
 def write_maps(detector, data: ImageFiles, folder: Path, alpha: float) -> list[Path]:
     """One heat-map overlay PNG per image under `folder` (named after the image), on one
-    colour scale for all the images scored together."""
+    colour scale for all the images scored together. They appear together at the end: an
+    error or interrupt before leaves `folder` as it was (files there before the call kept)."""
     heats = []
     with torch.no_grad():
         for x, _, _ in detector.loader(data):
@@ -204,12 +215,27 @@ def write_maps(detector, data: ImageFiles, folder: Path, alpha: float) -> list[P
     low, high = float(heat.min()), float(heat.max())
     scaled = (heat - low) / max(high - low, 1e-12)
     targets = map_targets(folder, data.paths)
-    for i, target in enumerate(targets):
-        image = data.image(i)
-        shown = overlay(image, scaled[i], alpha, size=_shown_size(image.size))
-        buffer = io.BytesIO()
-        shown.save(buffer, format="PNG")
-        atomic_write_bytes(target, buffer.getvalue())
+    made = [place for place in (folder, *folder.parents) if not place.exists()]  # deepest first
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for i, target in enumerate(targets):
+            image = data.image(i)
+            shown = overlay(image, scaled[i], alpha, size=_shown_size(image.size))
+            buffer = io.BytesIO()
+            shown.save(buffer, format="PNG")
+            final = replaced_file(target)
+            staged.append((final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp"), final))
+            atomic_write_bytes(staged[-1][0], buffer.getvalue())
+        with signals_deferred():  # all the maps of the call, or (interrupted before) none of them
+            for tmp, final in staged:
+                os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for place in made:
+            with contextlib.suppress(OSError):  # only while empty: nothing else is removed
+                place.rmdir()
+        raise
     return targets
 
 

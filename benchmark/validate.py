@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from datasets_builders.splits import parse_class_list
 from methods.weight_sources import EMBEDDED_WEIGHTS, HUB, NO_WEIGHTS
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
+# What Linux names the target of /proc/<pid>/fd/N when the descriptor is no file on disk.
+STREAM_NAMES = ("pipe:[", "socket:[", "anon_inode:")
 
 
 def parse_ids(text: str | None, option: str) -> list[int] | None:
@@ -181,7 +184,13 @@ def check_output_file(path: Path, option: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise NdbenchError(f"{option} {path} is a folder", f"give a file path with {option}")
-    _check_writable_place(path.parent, option)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # the file a write replaces
+    if target.parent.name == "fd" and target.name.startswith(STREAM_NAMES):
+        # /dev/stderr, /dev/fd/N on a pipe or socket: a link to a stream of this process
+        kind = target.name.split(":", 1)[0]
+        raise NdbenchError(f"{option} {path} is a {kind} of this process, not a file",
+                           f"give a file path with {option}")
+    _check_writable_place(target.parent, option)
 
 
 def check_output_folder(path: Path, option: str) -> None:

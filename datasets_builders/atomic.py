@@ -109,13 +109,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+def encode_text(text: str) -> bytes:
+    """`text` as UTF-8; a file name the system handed over undecoded (a Latin-1 "caf\\xe9.png"
+    is "caf\\udce9.png" in Python) goes back as the name's own bytes, as the file system has it."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 `text` to `path` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write `text` to `path` atomically, as `encode_text` encodes it."""
+    atomic_write_bytes(path, encode_text(text))
 
 
 def atomic_write_files(files: dict[Path, str | bytes], remove: Iterable[Path] = ()) -> None:
-    """Write several files (text as UTF-8) and delete the files `remove` lists, as one step:
+    """Write several files (text as `encode_text` encodes it) and delete the files `remove` lists, as one step:
     each file is staged beside its target before any target is replaced or deleted, and a
     failure or interrupt while replacing or deleting puts back what the targets held, so a
     write either lands whole or leaves every file as it was (only a hard kill between two
@@ -135,7 +141,7 @@ def atomic_write_files(files: dict[Path, str | bytes], remove: Iterable[Path] = 
             staged.append((tmp, path))
             os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8") if isinstance(text, str) else text)
+                handle.write(encode_text(text) if isinstance(text, str) else text)
                 handle.flush()
                 os.fsync(handle.fileno())
         with signals_deferred():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -378,3 +379,10 @@ def test_the_maps_hint_draws_where_the_report_looks(tmp_path):
     assert maps_command(tmp_path / "my res", [block]) == (
         f"ndbench maps --method defend --split multi-class/except-4 --dataset mylab --out '{tmp_path / 'my res'}'")
     assert maps_command(Path("results"), []) == "ndbench maps --method defend --split uni-class/3"
+
+
+def test_a_page_naming_a_folder_that_is_not_utf8_stays_utf8():
+    from benchmark.report import escape_undecoded
+
+    folder = os.fsdecode(b"r\xe9sultats")  # a Latin-1 name, as Python reads it
+    assert escape_undecoded(f"<code>{folder}</code> é") == "<code>r\\xe9sultats</code> é"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -372,3 +373,77 @@ def test_skipped_jobs_without_a_model_are_named_and_force_saves_them(knn_results
     assert main([*args, "--classes", "1", "--force"]) == 0
     assert "1 jobs ran" in capsys.readouterr().err
     assert len(list(folder.glob("*__seed0.model.pt"))) == 2
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["{image}", ""], "an image argument is empty"),
+    ([""], "an image argument is empty"),
+    (["{image}", "--maps", ""], "--maps is empty"),
+    (["{image}", "--output", ""], "--output is empty"),
+])
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(toy, tmp_path, capsys, monkeypatch, args,
+                                                                     needle):
+    """An unset shell variable in quotes gives "": it is not "." (every image in the working
+    folder, or maps written among them)."""
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path, 2, seed=4)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [arg.format(image=toy["new"][0]) for arg in args]
+    code = main(["score", "--model", str(toy["knn"]), "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    one_line_error(code, captured.err, needle)
+    assert captured.out == "" and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_its_own_bytes(toy, tmp_path):
+    """A Latin-1 "café.png" (old archives, Samba shares): the CSV holds the name's real bytes,
+    in the image and the map column, so it names the file that was scored."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    latin = folder / os.fsdecode(b"caf\xe9.png")
+    latin.write_bytes(toy["new"][0].read_bytes())
+    output, maps = tmp_path / "scores.csv", tmp_path / "maps"
+    assert main(["score", "--model", str(toy["mkd"]), str(folder), "--maps", str(maps), "--output", str(output),
+                 "--device", "cpu"]) == 0
+    lines = output.read_bytes().splitlines()
+    assert lines[0] == b"image,score,map" and len(lines) == 2
+    image, _, drawn = lines[1].split(b",")
+    assert image == os.fsencode(latin) and drawn == os.fsencode(maps) + b"/caf\xe9.png"
+    assert os.listdir(os.fsencode(maps)) == [b"caf\xe9.png"]
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_an_interrupt_while_drawing_maps_leaves_the_maps_folder_as_it_was(toy, tmp_path, capsys, monkeypatch,
+                                                                          existed):
+    """Ctrl-C says nothing half-written was kept: no map of the call remains (they would mix
+    with a later call's, on another colour scale), and files there before are untouched."""
+    import signal
+
+    import benchmark.score
+    from benchmark.interrupts import Interrupted
+
+    maps = tmp_path / "maps"
+    before = {}
+    if existed:
+        maps.mkdir()
+        before = {maps / "img0.png": b"earlier map", maps / "notes.txt": b"mine"}
+        for path, data in before.items():
+            path.write_bytes(data)
+    drawn = []
+    real = benchmark.score.overlay
+
+    def overlay_then_interrupt(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) == 3:
+            raise Interrupted(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark.score, "overlay", overlay_then_interrupt)
+    code = main(["score", "--model", str(toy["mkd"]), *map(str, toy["new"] * 2), "--maps", str(maps),
+                 "--output", str(tmp_path / "s.csv"), "--device", "cpu"])
+    assert code == 130 and "nothing half-written was kept" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+    if existed:
+        assert {path: path.read_bytes() for path in maps.iterdir()} == before
+    else:
+        assert not maps.exists()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,23 @@ def test_an_output_that_is_one_of_the_maps_is_refused_before_scoring(models, tmp
     assert not maps.exists()
 
 
+def test_output_dev_stdout_prints_the_csv_and_other_streams_are_refused_by_name(models):
+    """Through a pipe, /dev/stdout resolves to no file: the CSV is printed as without --output;
+    /dev/stderr on a pipe is refused naming --output, the option score has."""
+    tests = Path(__file__).resolve().parent
+    cli = "import sys, defend_fixtures; from benchmark.cli import main; sys.exit(main())"  # registers the tiny ViT
+    command = [sys.executable, "-c", cli, "score", "--model", str(models["knn"]), str(models["images"]),
+               "--device", "cpu", "--output"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    printed = subprocess.run([*command, "/dev/stdout"], capture_output=True, text=True, env=env)
+    assert printed.returncode == 0, printed.stderr
+    assert [row["image"] for row in read_csv(printed.stdout)] == [str(p) for p in sorted(models["images"].iterdir())]
+    refused = subprocess.run([*command, "/dev/stderr"], capture_output=True, text=True, env=env)
+    one_line_error(refused.returncode, refused.stderr,
+                   "--output /dev/stderr is a pipe of this process, not a file (give a file path with --output)")
+    assert refused.stdout == ""
+
+
 def test_atomic_writers_refuse_what_is_not_a_regular_file(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -123,3 +142,11 @@ def test_atomic_writers_write_through_symlinks(tmp_path):
     assert all((tmp_path / name).is_symlink() for name in ("a.txt", "b.txt", "c.txt"))
     assert [(tmp_path / "real" / name).read_text() for name in ("a.txt", "b.txt", "c.txt")] == ["bytes", "b", "c again"]
     assert sorted(os.listdir(tmp_path / "real")) == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_atomic_writers_write_undecodable_names_as_their_bytes(tmp_path):
+    """Text naming a file the system handed over undecoded ("caf\\udce9" for Latin-1 bytes)."""
+    name = os.fsdecode(b"caf\xe9.png")
+    atomic_write_text(tmp_path / "a.csv", f"{name}\n")
+    atomic_write_files({tmp_path / "b.csv": f"{name}\n"})
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes() == b"caf\xe9.png\n"
