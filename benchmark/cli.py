@@ -366,8 +366,8 @@ def run_command(
     cache_budget_gb: Annotated[
         float | None,
         typer.Option(help="Most gigabytes the store may take; past it, images and features are "
-                     "recomputed instead of stored. Default: half of the free disk space plus what the "
-                     "store holds, at most 50."),
+                     "recomputed instead of stored. Default: half of (the free disk space plus what the "
+                     "store holds), at most 50."),
     ] = None,
     dry_run: Annotated[
         bool,
