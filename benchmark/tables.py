@@ -504,7 +504,8 @@ def write_tables(
     splits: Mapping[tuple[str, str], Iterable[str]] | None = None,
 ) -> list[Path]:
     """Write `per_class_<dataset>_<setting>`, `summary_<setting>` and `leaderboard`, each
-    as `.md` and `.csv`, under `out_dir` (atomically); `splits` (see `manifest_splits`)
+    as `.md` and `.csv`, under `out_dir` (atomically), and remove such tables an earlier
+    call wrote for a (dataset, setting) with no record now; `splits` (see `manifest_splits`)
     gives each per-class table a row for every split of its (dataset, setting). Returns
     the written paths."""
     _check_metric(metric, paper)
@@ -539,6 +540,10 @@ def write_tables(
              frame, notes)
     frame, notes = _leaderboard_frame(records, metric, splits)
     emit("leaderboard", f"# Leaderboard: mean {label} per dataset and setting", frame, notes)
+    # Tables of a (dataset, setting) no record is left for would contradict the leaderboard.
+    for stale in sorted({*out_dir.glob("per_class_*.*"), *out_dir.glob("summary_*.*")} - set(written)):
+        if stale.suffix in (".md", ".csv") and stale.is_file() and not stale.is_symlink():
+            stale.unlink(missing_ok=True)
     for note in all_notes:
         log.warning(note)
     return written

@@ -202,6 +202,11 @@ def test_write_tables(tmp_path):
     # cifar10 has no per-class paper table (Table 3 is ViT-S16 MKD only): no paper column
     cifar = (out / "per_class_cifar10_uni-class.csv").read_text(encoding="utf-8")
     assert cifar == "normal_class,knn,defend\n0,90.0,99.0\n1,88.0,97.0\nAVG,89.0,98.0\n"
+    # Without multi-class and cifar10 records, their tables go: they would contradict the leaderboard.
+    (out / "notes.md").write_text("mine")
+    again = tables.write_tables([r for r in records() if r.setting == U and r.dataset == "voc"], out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in again] + ["notes.md"])
+    assert "per_class_voc_multi-class.md" not in [p.name for p in again]
 
 
 def test_bad_requests():
