@@ -746,7 +746,9 @@ def score_command(
         typer.Option(help="Add a label column (normal/novel) from the model's stored threshold: the score at "
                      "95% TPR on its split's test set."),
     ] = False,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when available), cpu, cuda, or cuda:N for the CUDA device numbered N.")
+    ] = "auto",
 ) -> None:
     """Score your own images with a saved detector: one CSV row per image, in the order given,
     higher = more novel. Images go through the detector's own input transform, as in the run."""

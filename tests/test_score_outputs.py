@@ -150,3 +150,15 @@ def test_atomic_writers_write_undecodable_names_as_their_bytes(tmp_path):
     atomic_write_text(tmp_path / "a.csv", f"{name}\n")
     atomic_write_files({tmp_path / "b.csv": f"{name}\n"})
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes() == b"caf\xe9.png\n"
+
+
+def test_the_device_help_names_cuda_n():
+    """`--device cuda:1` is accepted, so the help says so."""
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    result = CliRunner().invoke(app, ["score", "--help"], env={"COLUMNS": "1000"})
+    assert result.exit_code == 0, result.output
+    device = next(line for line in result.output.splitlines() if "--device" in line)
+    assert "cuda:N" in device, device
