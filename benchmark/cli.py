@@ -731,7 +731,10 @@ def score_command(
         typer.Argument(help="Image files and/or folders (a folder: the image files directly in it, "
                        "sorted by name).", show_default=False, metavar="IMAGES"),
     ],
-    model: Annotated[Path, typer.Option(help="A .model.pt written by ndbench run --save-models.")],
+    model: Annotated[
+        str,  # a str, as IMAGES: typer would read "" as Path("."), then refused as a missing model file
+        typer.Option(help="A .model.pt written by ndbench run --save-models."),
+    ],
     output: Annotated[
         str | None, typer.Option(help="Write the CSV (image, score[, label][, map]) here. Default (and with "
                                   "/dev/stdout): print it.")
@@ -760,6 +763,8 @@ def score_command(
     if "" in images:
         raise NdbenchError("an image argument is empty (an unset shell variable?)",
                            "name image files or folders; to score the current folder, pass .")
+    if model == "":
+        raise NdbenchError("--model is empty", "give the path of a .model.pt with --model")
     for option, value in (("--output", output), ("--maps", maps)):
         if value == "":
             raise NdbenchError(f"{option} is empty", f"give a path with {option}, or drop {option}")
@@ -770,7 +775,7 @@ def score_command(
         check_output_file(output_path, "--output")
     if maps_path is not None:
         check_output_folder(maps_path, "--maps")
-    request = ScoreRequest(model=model, images=tuple(map(Path, images)), output=output_path, maps=maps_path,
+    request = ScoreRequest(model=Path(model), images=tuple(map(Path, images)), output=output_path, maps=maps_path,
                            threshold=threshold, device=device)
     scoring = prepare_scoring(request)
     with job_progress(stderr_console()) as progress:

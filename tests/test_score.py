@@ -380,6 +380,7 @@ def test_skipped_jobs_without_a_model_are_named_and_force_saves_them(knn_results
     ([""], "an image argument is empty"),
     (["{image}", "--maps", ""], "--maps is empty"),
     (["{image}", "--output", ""], "--output is empty"),
+    (["{image}", "--model", ""], "--model is empty"),
 ])
 def test_an_empty_argument_is_refused_not_read_as_the_current_folder(toy, tmp_path, capsys, monkeypatch, args,
                                                                      needle):
