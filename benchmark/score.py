@@ -21,7 +21,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from datasets_builders.atomic import atomic_write_bytes, atomic_write_text, replaced_file, signals_deferred
+from datasets_builders.atomic import atomic_write_bytes, encode_text, replace_together, replaced_file
 from datasets_builders.errors import NdbenchError
 from datasets_builders.loading import open_rgb
 from methods.base import resolve_device
@@ -183,7 +183,8 @@ def check_no_overwrite(request: ScoreRequest, paths: list[Path]) -> None:
 
 def run_scoring(scoring: Scoring, progress=None) -> ScoreResult:
     """Score the images with the saved detector, write the maps and (when `output` is set)
-    the CSV; return the rows."""
+    the CSV; return the rows. The maps and the CSV appear together at the end: an error or
+    interrupt before leaves every output as it was (files in the maps folder before kept)."""
     request, saved = scoring.request, scoring.saved
     detector = saved.detector
     data = ImageFiles(scoring.paths, detector.transform())
@@ -191,10 +192,14 @@ def run_scoring(scoring: Scoring, progress=None) -> ScoreResult:
     labels = None
     if request.threshold:
         labels = [NOVEL if s >= saved.threshold else NORMAL for s in scores]
-    maps = write_maps(detector, data, Path(request.maps), request.alpha) if request.maps is not None else None
+    maps = map_targets(Path(request.maps), scoring.paths) if request.maps is not None else None
     result = ScoreResult([str(p) for p in scoring.paths], scores, labels, maps)
-    if request.output is not None:
-        atomic_write_text(Path(request.output), result.csv_text())
+    with StagedFiles() as staged:
+        if maps is not None:
+            stage_maps(detector, data, maps, request.alpha, staged)
+        if request.output is not None:
+            staged.add(Path(request.output), encode_text(result.csv_text()))
+        staged.commit()
     return result
 
 
@@ -203,10 +208,41 @@ def score_images(request: ScoreRequest, progress=None) -> ScoreResult:
     return run_scoring(prepare_scoring(request), progress)
 
 
-def write_maps(detector, data: ImageFiles, folder: Path, alpha: float) -> list[Path]:
-    """One heat-map overlay PNG per image under `folder` (named after the image), on one
-    colour scale for all the images scored together. They appear together at the end: an
-    error or interrupt before leaves `folder` as it was (files there before the call kept)."""
+class StagedFiles:
+    """Files written under temporary names beside their targets, then put in place together by
+    `commit`. Until then no target changes; leaving the block uncommitted removes the temporary
+    files and the folders made for them (only while empty: nothing else is removed)."""
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[Path, Path]] = []
+        self.made: set[Path] = set()
+
+    def add(self, target: Path, data: bytes) -> None:
+        """Stage `data` to replace `target` (written through a symlink at `target`)."""
+        final = replaced_file(target)
+        self.made.update(place for place in (final.parent, *final.parent.parents) if not place.exists())
+        self.staged.append((final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp"), final))
+        atomic_write_bytes(self.staged[-1][0], data)
+
+    def commit(self) -> None:
+        """Put every staged file in place as one step (all of them or, interrupted, none)."""
+        replace_together(self.staged)
+        self.staged, self.made = [], set()
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for tmp, _ in self.staged:
+            tmp.unlink(missing_ok=True)
+        for place in sorted(self.made, key=lambda place: len(place.parts), reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                place.rmdir()
+
+
+def stage_maps(detector, data: ImageFiles, targets: list[Path], alpha: float, staged: StagedFiles) -> None:
+    """Stage one heat-map overlay PNG per image at `targets` (one per image of `data`), on one
+    colour scale for all the images scored together."""
     heats = []
     with torch.no_grad():
         for x, _, _ in detector.loader(data):
@@ -214,29 +250,12 @@ def write_maps(detector, data: ImageFiles, folder: Path, alpha: float) -> list[P
     heat = torch.cat(heats).numpy()
     low, high = float(heat.min()), float(heat.max())
     scaled = (heat - low) / max(high - low, 1e-12)
-    targets = map_targets(folder, data.paths)
-    made = [place for place in (folder, *folder.parents) if not place.exists()]  # deepest first
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for i, target in enumerate(targets):
-            image = data.image(i)
-            shown = overlay(image, scaled[i], alpha, size=_shown_size(image.size))
-            buffer = io.BytesIO()
-            shown.save(buffer, format="PNG")
-            final = replaced_file(target)
-            staged.append((final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp"), final))
-            atomic_write_bytes(staged[-1][0], buffer.getvalue())
-        with signals_deferred():  # all the maps of the call, or (interrupted before) none of them
-            for tmp, final in staged:
-                os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        for place in made:
-            with contextlib.suppress(OSError):  # only while empty: nothing else is removed
-                place.rmdir()
-        raise
-    return targets
+    for i, target in enumerate(targets):
+        image = data.image(i)
+        shown = overlay(image, scaled[i], alpha, size=_shown_size(image.size))
+        buffer = io.BytesIO()
+        shown.save(buffer, format="PNG")
+        staged.add(target, buffer.getvalue())
 
 
 def map_targets(folder: Path, paths: list[Path]) -> list[Path]:

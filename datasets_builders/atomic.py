@@ -169,6 +169,36 @@ def atomic_write_files(files: dict[Path, str | bytes], remove: Iterable[Path] = 
                 backup.unlink(missing_ok=True)
 
 
+def replace_together(staged: list[tuple[Path, Path]]) -> None:
+    """Put staged files in place as one step: each `(temporary, target)` pair's temporary
+    file, written beside its target, replaces the target. A failure or interrupt while
+    replacing puts back what the targets held, and SIGINT and SIGTERM wait until the targets
+    are replaced or put back, so they end all new or all as they were (only a hard kill between
+    two replaces can leave some replaced). The temporary files are gone when this returns."""
+    backups: dict[Path, Path | None] = {}
+    replaced: list[Path] = []
+    path = Path()
+    try:
+        with signals_deferred():
+            try:
+                for _, path in staged:
+                    backups[path] = _backup(path)
+                for tmp, path in staged:
+                    os.replace(tmp, path)
+                    replaced.append(path)
+            except BaseException:
+                _put_back(replaced, backups)
+                raise
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        for backup in backups.values():
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+
+
 def _put_back(replaced: list[Path], backups: dict[Path, Path | None]) -> None:
     """Undo replaces, last first: each target gets its backup back, or is removed when it had
     none."""

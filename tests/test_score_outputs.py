@@ -162,3 +162,43 @@ def test_the_device_help_names_cuda_n():
     assert result.exit_code == 0, result.output
     device = next(line for line in result.output.splitlines() if "--device" in line)
     assert "cuda:N" in device, device
+
+
+def files_under(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` (hidden ones too) and what it holds."""
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize(("existed", "nth"), [(True, 1), (True, 3), (True, 5), (False, 3), (False, 5)])
+def test_an_interrupt_while_the_outputs_are_put_in_place_leaves_the_old_ones(models, tmp_path, capsys,
+                                                                            monkeypatch, existed, nth):
+    """The CSV and the 4 maps land as one step: interrupted at the `nth` of their 5 replaces,
+    the CSV and the maps are all as they were (or all absent), with no temporary file left."""
+    import signal
+
+    from benchmark.interrupts import Interrupted
+
+    output, maps = tmp_path / "out" / "scores.csv", tmp_path / "maps"
+    if existed:
+        assert score(models, "mkd", "--maps", str(maps), "--output", str(output)) == 0
+        for path in [output, *maps.iterdir()]:
+            path.write_bytes(b"earlier " + path.name.encode())
+    before = files_under(tmp_path)
+    targets = {output, *(maps / p.with_suffix(".png").name for p in models["images"].iterdir())}
+    assert len(targets) == 5
+    real, replaced = os.replace, []
+
+    def replace_then_interrupt(src, dst, **kwargs):
+        if Path(dst) in targets:
+            replaced.append(dst)
+            if len(replaced) == nth:
+                raise Interrupted(signal.SIGINT)
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    code = score(models, "mkd", "--maps", str(maps), "--output", str(output))
+    monkeypatch.undo()
+    assert code == 130 and "nothing half-written was kept" in capsys.readouterr().err
+    assert files_under(tmp_path) == before
+    if not existed:
+        assert not maps.exists() and not output.parent.exists()
