@@ -169,8 +169,9 @@ def _load(path: Path, dataset: str) -> COCO:
 
 
 def _check_ids_and_categories(coco: COCO, path: Path, dataset: str) -> None:
-    """What exports get wrong: an id listed twice, no categories, a negative category id, two
-    categories with one name."""
+    """What exports get wrong: an id listed twice, no categories, a negative category id, a
+    blank category name, two categories with one name. Category names lose surrounding
+    whitespace here ("cat " is "cat")."""
     if not coco.dataset["categories"]:
         raise NdbenchError(
             f"{dataset}: {path} has an empty 'categories' list",
@@ -191,15 +192,24 @@ def _check_ids_and_categories(coco: COCO, path: Path, dataset: str) -> None:
                     f"give every entry of '{key}' its own id",
                 )
             seen.add(entry["id"])
-    named: dict[str, int] = {}
+    named: dict[str, tuple[int, str]] = {}  # name -> (id, spelling in the file)
     for category in coco.dataset["categories"]:
-        twin = named.setdefault(category["name"], category["id"])
-        if twin != category["id"]:
+        spelling = category["name"]
+        name = spelling.strip()
+        if not name:
             raise NdbenchError(
-                f"{dataset}: categories {twin} and {category['id']} in {path} are both named {category['name']!r}",
+                f"{dataset}: category {category['id']} in {path} has the blank name {spelling!r}",
+                "name every category in the JSON (the same in both files)",
+            )
+        twin, twin_spelling = named.setdefault(name, (category["id"], spelling))
+        if twin != category["id"]:
+            spelled = f" (spelled {twin_spelling!r} and {spelling!r})" if twin_spelling != spelling else ""
+            raise NdbenchError(
+                f"{dataset}: categories {twin} and {category['id']} in {path} are both named {name!r}{spelled}",
                 "rename one of them in the JSON (the same in both files): tables and reports tell classes "
                 "apart by name",
             )
+        category["name"] = name  # also the name pycocotools indexed: it holds this very dict
 
 
 def _check_file_names(coco: COCO, part: CocoSubset, subset: str, dataset: str) -> None:

@@ -166,6 +166,15 @@ def _two_categories_one_name(data):
     data["annotations"][0]["category_id"] = 12
 
 
+def _two_categories_one_name_but_spaces(data):
+    data["categories"].append({"id": 12, "name": " cat\t", "supercategory": "animal"})
+    data["annotations"][0]["category_id"] = 12
+
+
+def _blank_category_name(data):
+    data["categories"][2]["name"] = " \t"
+
+
 def _renumbered_category(data):
     for entry in (*data["categories"], *data["annotations"]):
         key = "id" if "name" in entry else "category_id"
@@ -188,6 +197,9 @@ def _climbing_file_name(data):
         ("train", _negative_category, ("'fish'", "negative id -1", "train.json", "ids 0 or above")),
         ("train", _two_categories_one_name,
          ("categories 2 and 12", "train.json", "both named 'cat'", "rename one of them", "both files")),
+        ("train", _two_categories_one_name_but_spaces,
+         ("categories 2 and 12", "train.json", "both named 'cat'", "spelled 'cat' and ' cat\\t'", "rename one")),
+        ("test", _blank_category_name, ("category 9", "test.json", "blank name ' \\t'", "name every category")),
         ("test", _renumbered_category, ("category 'cat' has id 2 in", "train.json but id 12 in", "test.json")),
         ("train", _climbing_file_name, ("'../elsewhere.jpg'", "elsewhere.jpg, outside its image folder")),
     ],
@@ -352,6 +364,15 @@ def test_the_same_file_through_a_symlink_is_the_same_image(source, tmp_path, cap
     alias.symlink_to(source["images"] / "train" / "a" / "img_001.jpg")
     edit(source["test_annotations"], lambda d: d["images"][0].update(file_name="test/alias.jpg"))
     one_line_error(main(build_args(source, tmp_path / "o")), capsys.readouterr().err, "img_001.jpg")
+
+
+def test_category_names_lose_surrounding_whitespace(source, tmp_path, capsys):
+    """"dog " in one file is the "dog" of the other, and tables name it "dog"."""
+    edit(source["train_annotations"], lambda d: d["categories"][1].update(name="dog "))
+    edit(source["test_annotations"], lambda d: d["categories"][2].update(name="\tbird"))
+    out = tmp_path / "splits"
+    assert main(build_args(source, out, "--setting", "uni-class")) == 0, capsys.readouterr().err
+    assert DatasetIndex.read(out / "mylab").class_names == {2: "cat", 5: "dog", 9: "bird", 11: "fish"}
 
 
 def test_ids_may_repeat_across_the_two_files(source, tmp_path, capsys):
