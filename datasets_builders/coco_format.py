@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,17 +54,17 @@ class CocoFormatSource:
         return Path(images) if images is not None else Path(annotations).parent
 
     def command(self) -> str:
-        """The build-splits command line that builds this dataset."""
-        parts = [
-            f"ndbench build-splits {COCO_FORMAT} --name {self.name}",
-            f"--train-annotations {self.train_annotations}",
-            f"--test-annotations {self.test_annotations}",
-        ]
-        if self.train_images is not None:
-            parts.append(f"--train-images {self.train_images}")
-        if self.test_images is not None:
-            parts.append(f"--test-images {self.test_images}")
-        return " ".join(parts)
+        """The build-splits command line that builds this dataset, its paths quoted for a
+        POSIX shell (a path with spaces or quotes is one argument)."""
+        options = {
+            "--name": self.name,
+            "--train-annotations": self.train_annotations,
+            "--test-annotations": self.test_annotations,
+            "--train-images": self.train_images,
+            "--test-images": self.test_images,
+        }
+        given = [f"{option} {shlex.quote(str(value))}" for option, value in options.items() if value is not None]
+        return " ".join([f"ndbench build-splits {COCO_FORMAT}", *given])
 
 
 def check_name(name: str | None) -> str:

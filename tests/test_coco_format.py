@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from coco_format_fixtures import TEST, TRAIN, write_coco_format
 from benchmark.cli import main
 from benchmark.records import load_records
 from benchmark.runner import RunOptions, expand_jobs
+from datasets_builders.coco_format import build_command_for
 from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex
 from datasets_builders.splits import Manifest
@@ -373,6 +375,21 @@ def test_category_names_lose_surrounding_whitespace(source, tmp_path, capsys):
     out = tmp_path / "splits"
     assert main(build_args(source, out, "--setting", "uni-class")) == 0, capsys.readouterr().err
     assert DatasetIndex.read(out / "mylab").class_names == {2: "cat", 5: "dog", 9: "bird", 11: "fish"}
+
+
+def test_the_build_command_quotes_its_paths(tmp_path, capsys):
+    """The recorded command, pasted into a shell, gives back each path as one argument."""
+    source = write_coco_format(tmp_path / "lab's \"export\" $HOME `x`")
+    out = tmp_path / "splits"
+    assert main(build_args(source, out, "--setting", "uni-class")) == 0, capsys.readouterr().err
+    args = shlex.split(build_command_for(out / "mylab", "mylab"))
+    assert args[:4] == ["ndbench", "build-splits", "coco-format", "--name"]
+    given = dict(zip(args[3::2], args[4::2], strict=True))
+    assert given == {"--name": "mylab", "--train-annotations": str(source["train_annotations"].resolve()),
+                     "--test-annotations": str(source["test_annotations"].resolve()),
+                     "--train-images": str(source["images"].resolve()),
+                     "--test-images": str(source["images"].resolve())}
+    assert main([*args[1:], "--out", str(out), "--setting", "uni-class"]) == 0, capsys.readouterr().err
 
 
 def test_ids_may_repeat_across_the_two_files(source, tmp_path, capsys):
