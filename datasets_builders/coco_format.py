@@ -8,6 +8,7 @@ annotation has no class (novel in every split). What differs from the official C
   holding the JSON); `file_name` may hold sub-folders and is read relative to that folder;
 - exports often number the images of each file from 1, so image ids are namespaced per
   subset (`train/<id>`, `test/<id>`) instead of refused when both files use the same id;
+- a symbolic link in an image folder must lead inside that folder, as `file_name` must;
 - "the same image in train and test" is detected by its file: the same path on disk after
   resolving symbolic links and `..` (a copy under another name is not detected);
 - the dataset is named by the user, and how it was built is recorded beside its index
@@ -114,17 +115,27 @@ def build_coco_format_index(source: CocoFormatSource) -> DatasetIndex:
     index = index_from_instances(
         subsets, root=root, dataset=source.name, image_id=lambda subset, coco_id: f"{subset}/{coco_id}"
     )
-    _check_disjoint(index, source.name, annotations)
+    _check_real_paths(index, source.name, annotations, folders)
     return index
 
 
-def _check_disjoint(index: DatasetIndex, name: str, annotations: dict[str, Path]) -> None:
-    """Each image file appears once: not twice in one file, never in both train and test
-    (train ∩ test = ∅). Files are compared by their real path on disk."""
+def _check_real_paths(index: DatasetIndex, name: str, annotations: dict[str, Path], folders: dict[str, Path]) -> None:
+    """Each image file lies inside its subset's image folder also where symbolic links lead
+    (as a `file_name` must), and appears once: not twice in one file, never in both train and
+    test (train ∩ test = ∅). Files are compared by their real path on disk."""
     first: dict[str, dict[str, IndexRow]] = {"train": {}, "test": {}}
     for subset in ("train", "test"):
+        folder = str(folders[subset])  # resolved: a link to the folder itself is fine
         for row in index.subset(subset):
             real = os.path.realpath(index.root / row.path)
+            if os.path.commonpath([folder, real]) != folder:
+                file_name = os.path.relpath(index.root / row.path, folder)
+                raise NdbenchError(
+                    f"{name}: image {_coco_id(row)} in {annotations[subset]} has file_name {file_name!r}, which "
+                    f"leads through a symbolic link to {real}, outside its image folder {folder}",
+                    f"pass a folder that holds every image of {annotations[subset].name} as --{subset}-images, "
+                    "or put copies of the linked files in the image folder",
+                )
             twin = first[subset].get(real)
             if twin is not None:
                 raise NdbenchError(

@@ -361,6 +361,29 @@ def test_a_failed_rebuild_keeps_the_manifests_it_would_remove(source, tmp_path, 
     assert after == before  # the new index and manifests rolled back, 11.json still there
 
 
+@pytest.mark.parametrize("link", ["folder", "file"])
+def test_a_symlink_leading_out_of_the_image_folder_is_refused(tmp_path, capsys, link):
+    """A file reached through a link in the image folder is read from where the link leads,
+    so it must lie inside that folder as a file_name must."""
+    source = write_coco_format(tmp_path / "export")
+    args = separate_folders_args(source, tmp_path / "o")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (source["images"] / "test" / "img_001.jpg").rename(outside / "img_001.jpg")
+    if link == "folder":
+        (source["images"] / "test" / "linked").symlink_to(outside, target_is_directory=True)
+        edit(source["test_annotations"], lambda d: d["images"][0].update(file_name="linked/img_001.jpg"))
+    else:
+        (source["images"] / "test" / "img_001.jpg").symlink_to(outside / "img_001.jpg")
+    file_name = "linked/img_001.jpg" if link == "folder" else "img_001.jpg"
+    images = source["images"].resolve()
+    one_line_error(main(args), capsys.readouterr().err,
+                   f"image 1 in {source['test_annotations']} has file_name {file_name!r}, which leads through a "
+                   f"symbolic link to {outside.resolve() / 'img_001.jpg'}, outside its image folder {images / 'test'}",
+                   "as --test-images")
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_same_file_through_a_symlink_is_the_same_image(source, tmp_path, capsys):
     alias = source["images"] / "test" / "alias.jpg"
     alias.symlink_to(source["images"] / "train" / "a" / "img_001.jpg")
