@@ -475,10 +475,22 @@ def display_frame(df: pd.DataFrame, decimals: int = 1) -> tuple[pd.DataFrame, li
     return out, align
 
 
+# Characters that would end a Markdown table row or cell; they read as spaces in Markdown.
+_MARKDOWN_BREAKS = str.maketrans(dict.fromkeys("\n\r\t\v\f\x1c\x1d\x1e\x85\u2028\u2029", " "))
+
+
+def markdown_text(text: str) -> str:
+    """`text` as one pipe-table cell: `|` escaped as `\\|`, line breaks and tabs as spaces."""
+    return text.translate(_MARKDOWN_BREAKS).replace("|", "\\|")
+
+
 def to_markdown(df: pd.DataFrame, decimals: int = 1) -> str:
     """A GitHub pipe table: numbers with `decimals` decimals, "mean ± std" where a
-    `<column>_std` holds a value, "–" for missing values."""
+    `<column>_std` holds a value, "–" for missing values; names holding `|` or line breaks
+    are escaped (see `markdown_text`) so that every row stays one table row."""
     out, align = display_frame(df, decimals)
+    out = out.apply(lambda column: column.map(markdown_text))
+    out.columns = [markdown_text(str(c)) for c in out.columns]
     text = out.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, colalign=align)
     return text + "\n"
 

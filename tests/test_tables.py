@@ -343,3 +343,25 @@ def test_table_command_lists_splits_without_records(tmp_path, capsys):
     assert multi[-1] == "AVG,55.0"
     summary = (out / "tables" / "summary_uni-class.md").read_text(encoding="utf-8")
     assert "- defend on voc uni-class: AVG covers 2 of 10 rows\n" in summary
+
+
+def test_markdown_escapes_pipes_and_line_breaks_in_names_but_csv_and_html_keep_them(tmp_path):
+    from benchmark.report_html import table_html
+
+    names = {0: "cat|dog", 1: "two\nlines\r\tand tab"}
+    rs = [rec("my|knn", "voc", U, "0", 0, 0.8), rec("my|knn", "voc", U, "1", 0, 0.6)]
+    df = tables.per_class_table(rs, "voc", U, class_names=names, warn=False)
+    assert tables.to_markdown(df) == """\
+| normal_class   | name               |   my\\|knn |
+|:---------------|:-------------------|----------:|
+| 0              | cat\\|dog           |      80.0 |
+| 1              | two lines  and tab |      60.0 |
+| AVG            |                    |      70.0 |
+"""
+    assert tables.to_csv(df) == 'normal_class,name,my|knn\n0,cat|dog,80.0\n1,"two\nlines\r\tand tab",60.0\nAVG,,70.0\n'
+    assert "<td class=\"l\">cat|dog</td>" in table_html(df, colours={}, best=set())
+    assert "| my\\|knn  |            70.0 |   70.0 |" in tables.to_markdown(tables.leaderboard(rs))
+    tables.write_tables(rs, tmp_path, class_names={"voc": names})
+    md = (tmp_path / "per_class_voc_uni-class.md").read_text(encoding="utf-8")
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 5 and all(line.count("|") - line.count("\\|") == 4 for line in table)
