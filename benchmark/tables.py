@@ -220,6 +220,13 @@ def _block(
     seeded = {m for (_, m), v in per_seed.items() if len(v) > 1}
     block = _Block(setting, rows, methods, mean, std, {}, {}, seeded)
     class_rows = block.class_rows()
+    left_out = [str(r) for r in rows if r not in class_rows]
+    if left_out:
+        chosen = all(NORMAL_SET_NAME.fullmatch(r) for r in left_out)
+        block.notes.append(
+            f"{dataset} {setting}: AVG is over the class rows only; it leaves out {', '.join(left_out)} "
+            + ("(runs on their own --normal class list)" if chosen else "(splits that are not one class)")
+        )
     for method in methods:
         covered = [r for r in class_rows if (r, method) in mean]
         block.avg_mean[method] = (
@@ -330,9 +337,10 @@ def per_class_table(
 ) -> pd.DataFrame:
     """Per-class table of one (dataset, setting): rows = class (uni-class: the normal class;
     all-vs-one: the abnormal class; other splits by name), last row AVG (mean over the
-    class rows); columns = an optional `name`, then per method its mean over seeds in
-    percent, `<method>_std` where it has several seeds, and with `paper=True` the paper's
-    number as `<method> (paper T<n>)` where the paper has a per-class table. `splits`
+    class rows; a note names the rows it leaves out); columns = an optional `name`, then
+    per method its mean over seeds in percent, `<method>_std` where it has several seeds,
+    and with `paper=True` the paper's number as `<method> (paper T<n>)` where the paper has
+    a per-class table. `splits`
     (the setting's split names, see `manifest_splits`) adds a row for each split without
     records, empty where a method has none. Its notes (in `attrs["notes"]`) are also
     logged unless `warn` is False."""

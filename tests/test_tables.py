@@ -365,3 +365,18 @@ def test_markdown_escapes_pipes_and_line_breaks_in_names_but_csv_and_html_keep_t
     md = (tmp_path / "per_class_voc_uni-class.md").read_text(encoding="utf-8")
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 5 and all(line.count("|") - line.count("\\|") == 4 for line in table)
+
+
+def test_notes_say_which_rows_the_multi_class_avg_leaves_out(tmp_path):
+    note = ("voc multi-class: AVG is over the class rows only; it leaves out normal-0-1 "
+            "(runs on their own --normal class list)")
+    df = tables.per_class_table(records(), "voc", M, warn=False)
+    assert note in df.attrs["notes"]
+    assert not any("leaves out" in n for n in tables.per_class_table(records(), "voc", U, warn=False).attrs["notes"])
+    tables.write_tables(records(), tmp_path)
+    for stem in ("per_class_voc_multi-class", "summary_multi-class", "leaderboard"):
+        assert f"\n- {note}\n" in (tmp_path / f"{stem}.md").read_text(encoding="utf-8"), stem
+    assert "leaves out" not in (tmp_path / "per_class_voc_uni-class.md").read_text(encoding="utf-8")
+    # only all-vs-one splits: nothing left out, nothing said
+    only = [r for r in records() if r.setting == M and r.split.startswith("except-")]
+    assert tables.per_class_table(only, "voc", M, warn=False).attrs["notes"] == []
