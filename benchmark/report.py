@@ -96,6 +96,10 @@ def _write_report(results: Results, report_dir: Path, warn: Warn, progress: Prog
         limit = plots.heatmap_limit(np.concatenate([b.measured().to_numpy().ravel() for b in blocks]))
         figures = {block.key: _block_figures(block, results.paths, colours, limit, writer, warn)
                    for block in tracked(blocks, progress, "report: figures")}
+        if writer.missing_glyphs:
+            shown = "".join(sorted(writer.missing_glyphs)[:12])
+            warn(f"the figures' font cannot draw {len(writer.missing_glyphs)} character(s) of the names ({shown}); "
+                 "figures show them as boxes, the page's tables in full")
         maps = _copy_maps(results.out / "maps", writer, results.names, warn)
         page = render_page(
             title=f"ndbench report: {results.out}",
@@ -204,6 +208,7 @@ class _ImageWriter:
         self.warn = warn
         self.staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
         self.names: list[str] = []  # relative to `folder`
+        self.missing_glyphs: set[str] = set()  # characters of the figures' labels their font cannot draw
 
     @property
     def written(self) -> list[Path]:
@@ -212,7 +217,9 @@ class _ImageWriter:
 
     def write(self, name: str, figure) -> str:
         """Stage `figure` as PNG `name`; return its path relative to the page."""
-        return self._stage(name, plots.png_bytes(figure))
+        with plots.missing_glyphs(self.missing_glyphs):
+            data = plots.png_bytes(figure)
+        return self._stage(name, data)
 
     def copy(self, source: Path, name: str) -> str:
         """Stage a copy of the file `source` as `name`; return its path relative to the page."""
