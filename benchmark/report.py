@@ -64,7 +64,8 @@ class ReportResult:
     """What `build_report` wrote."""
 
     path: Path
-    records: int
+    records: int  # the runs the page shows (the tables' records)
+    ignored: int  # readable records the tables leave out (another config of a method, an older duplicate)
     skipped: list[str]
     missing: int
     figures: int
@@ -113,13 +114,15 @@ def _write_report(results: Results, report_dir: Path, warn: Warn, progress: Prog
             colours=colours,
             maps=maps,
             skipped=results.skipped,
+            ignored=len(results.records) - sum(len(b.records) for b in blocks),
         )
         writer.publish(index, escape_undecoded(page))
     finally:
         writer.discard()
     size = index.stat().st_size + sum(p.stat().st_size for p in writer.written)
-    return ReportResult(index, len(results.records), results.skipped, sum(b.missing.count for b in blocks),
-                        len(writer.written), size, time.perf_counter() - start)
+    shown = sum(len(b.records) for b in blocks)
+    return ReportResult(index, shown, len(results.records) - shown, results.skipped,
+                        sum(b.missing.count for b in blocks), len(writer.written), size, time.perf_counter() - start)
 
 
 def escape_undecoded(text: str) -> str:
