@@ -5,13 +5,18 @@
 - `histogram_figure`: one row per split, one column per method: normal vs novel scores.
 
 Every figure colours a method the same way (`method_colours`) and says "not run" where a
-record is missing instead of leaving a panel empty.
+record is missing instead of leaving a panel empty. Labels longer than LABEL_MAX characters
+are cut short with an ellipsis (the tables beside the figures name them in full).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +44,9 @@ ANNOTATE_MAX_CELLS = 200  # write the value in each heat-map cell up to this man
 TRANSPOSE_ABOVE = 24  # more splits than this: splits become the heat map's rows
 HIST_BINS = 30
 HIST_RANGE = (0.5, 99.5)  # percentiles of a method's scores spanned by its histograms
+LABEL_MAX = 24  # characters of a split or method label in a figure
+# matplotlib's warning for each character its font has no glyph for (drawn as a box).
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 FONT = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 9,
         "xtick.labelsize": 8, "ytick.labelsize": 8}
 
@@ -57,6 +65,27 @@ class SplitScores:
 
     title: str  # e.g. "3 · digit-3"
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # method -> (labels, scores)
+
+
+def figure_label(text: str) -> str:
+    """`text` as a figure shows it: cut to LABEL_MAX characters, the last one an ellipsis,
+    when longer."""
+    return text if len(text) <= LABEL_MAX else text[: LABEL_MAX - 1].rstrip() + "…"
+
+
+@contextmanager
+def missing_glyphs(found: set[str]) -> Iterator[None]:
+    """While drawing in it, the characters the font cannot draw are added to `found` instead
+    of each being warned about; other warnings are shown as usual."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=_MISSING_GLYPH.pattern, category=UserWarning)
+        yield
+    for entry in caught:
+        match = _MISSING_GLYPH.match(str(entry.message))
+        if match:
+            found.add(chr(int(match.group(1))))
+        else:
+            warnings.showwarning(entry.message, entry.category, entry.filename, entry.lineno)
 
 
 def png_bytes(figure: Figure) -> bytes:
@@ -96,19 +125,22 @@ def heatmap_figure(values: pd.DataFrame, limit: float, average: pd.Series | None
     if average is not None:
         table.loc["AVG"] = average.reindex(table.columns)
     matrix = table.T if len(values) <= TRANSPOSE_ABOVE else table  # rows x columns as drawn
-    rows, columns = [str(x) for x in matrix.index], [str(x) for x in matrix.columns]
+    rows, columns = [figure_label(str(x)) for x in matrix.index], [figure_label(str(x)) for x in matrix.columns]
     data = matrix.to_numpy(dtype=float)
     with _style():
         cell_w = 0.55 if len(columns) <= 12 else 0.42
         cell_h = 0.32 if len(rows) <= TRANSPOSE_ABOVE else 0.2
         label_w = 0.09 * max(len(r) for r in rows)
-        figure = _figure(min(18.0, label_w + 1.6 + cell_w * len(columns)), max(2.2, 1.3 + cell_h * len(rows)))
+        rotate = max(map(len, columns)) > 4
+        label_h = max(0.0, 0.075 * max(map(len, columns)) - 0.6) if rotate else 0.0  # above the cells
+        figure = _figure(min(18.0, label_w + 1.6 + cell_w * len(columns)),
+                         max(2.2, 1.3 + label_h + cell_h * len(rows)))
         ax = figure.add_subplot()
         norm = Normalize(50.0 - limit, 50.0 + limit)
         cmap = _cmap()
         image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="auto",
                           interpolation="nearest")
-        ax.set_xticks(range(len(columns)), columns, rotation=90 if max(map(len, columns)) > 4 else 0)
+        ax.set_xticks(range(len(columns)), columns, rotation=90 if rotate else 0)
         ax.set_yticks(range(len(rows)), rows)
         ax.tick_params(length=0)
         ax.xaxis.tick_top()
@@ -181,7 +213,7 @@ def roc_figure(panels: list[SplitScores], methods: list[str], colours: dict[str,
                                    (0.75, 0.15, 0.45 + 0.2 * legend_rows, 0.55), sharex=True, sharey=True)
         axes = axes.ravel()
         for ax, panel in zip(axes, panels, strict=False):
-            ax.set_title(panel.title)
+            ax.set_title(figure_label(panel.title))
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.01)
             ax.set_xticks([0, 0.5, 1], ["0", ".5", "1"])
@@ -193,7 +225,7 @@ def roc_figure(panels: list[SplitScores], methods: list[str], colours: dict[str,
                     ax.plot(fpr, tpr, color=colours[method], linewidth=1.3, label=method)
             absent = [m for m in methods if m not in panel.scores]
             if absent:
-                text = NOT_RUN if len(absent) == len(methods) else f"{NOT_RUN}: {', '.join(absent)}"
+                text = NOT_RUN if len(absent) == len(methods) else f"{NOT_RUN}: {', '.join(map(figure_label, absent))}"
                 ax.text(0.97, 0.04, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
                         color="#666666", style="italic", wrap=True)
         for ax in axes[len(panels):]:
@@ -211,7 +243,7 @@ def histogram_figure(panels: list[SplitScores], methods: list[str], colours: dic
     bins, spanning HIST_RANGE percentiles of all its scores (the rest fall in the end bins)."""
     edges = {m: _bin_edges([p.scores[m][1] for p in panels if m in p.scores]) for m in methods}
     rows, columns = len(panels), len(methods)
-    label_w = 0.2 + 0.062 * max(len(p.title) for p in panels)
+    label_w = 0.2 + 0.062 * max(len(figure_label(p.title)) for p in panels)
     with _style():
         panel_w = max(1.45, (4.6 - label_w - 0.12 - 0.14 * (columns - 1)) / columns)  # room for the legend
         figure, axes = _fixed_grid(rows, columns, (panel_w, 0.62), (0.14, 0.1), (label_w, 0.12, 0.62, 0.62),
@@ -220,9 +252,9 @@ def histogram_figure(panels: list[SplitScores], methods: list[str], colours: dic
             for j, method in enumerate(methods):
                 ax = axes[i, j]
                 if i == 0:
-                    ax.set_title(method, color=colours[method], fontweight="bold")
+                    ax.set_title(figure_label(method), color=colours[method], fontweight="bold")
                 if j == 0:
-                    ax.set_ylabel(panel.title, rotation=0, ha="right", va="center")
+                    ax.set_ylabel(figure_label(panel.title), rotation=0, ha="right", va="center")
                 ax.set_yticks([])
                 ax.xaxis.set_major_locator(MaxNLocator(3))
                 ax.tick_params(axis="x", labelbottom=i == rows - 1, labelsize=7)
@@ -260,7 +292,7 @@ def _bin_edges(score_lists: list[np.ndarray]) -> np.ndarray | None:
 
 
 def _method_handles(methods: list[str], colours: dict[str, str]) -> list[Line2D]:
-    return [Line2D([], [], color=colours[m], linewidth=2, label=m) for m in methods]
+    return [Line2D([], [], color=colours[m], linewidth=2, label=figure_label(m)) for m in methods]
 
 
 def _style():

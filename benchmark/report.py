@@ -64,7 +64,8 @@ class ReportResult:
     """What `build_report` wrote."""
 
     path: Path
-    records: int
+    records: int  # the runs the page shows (the tables' records)
+    ignored: int  # readable records the tables leave out (another config of a method, an older duplicate)
     skipped: list[str]
     missing: int
     figures: int
@@ -96,6 +97,10 @@ def _write_report(results: Results, report_dir: Path, warn: Warn, progress: Prog
         limit = plots.heatmap_limit(np.concatenate([b.measured().to_numpy().ravel() for b in blocks]))
         figures = {block.key: _block_figures(block, results.paths, colours, limit, writer, warn)
                    for block in tracked(blocks, progress, "report: figures")}
+        if writer.missing_glyphs:
+            shown = "".join(sorted(writer.missing_glyphs)[:12])
+            warn(f"the figures' font cannot draw {len(writer.missing_glyphs)} character(s) of the names ({shown}); "
+                 "figures show them as boxes, the page's tables in full")
         maps = _copy_maps(results.out / "maps", writer, results.names, warn)
         page = render_page(
             title=f"ndbench report: {results.out}",
@@ -109,13 +114,15 @@ def _write_report(results: Results, report_dir: Path, warn: Warn, progress: Prog
             colours=colours,
             maps=maps,
             skipped=results.skipped,
+            ignored=len(results.records) - sum(len(b.records) for b in blocks),
         )
         writer.publish(index, escape_undecoded(page))
     finally:
         writer.discard()
     size = index.stat().st_size + sum(p.stat().st_size for p in writer.written)
-    return ReportResult(index, len(results.records), results.skipped, sum(b.missing.count for b in blocks),
-                        len(writer.written), size, time.perf_counter() - start)
+    shown = sum(len(b.records) for b in blocks)
+    return ReportResult(index, shown, len(results.records) - shown, results.skipped,
+                        sum(b.missing.count for b in blocks), len(writer.written), size, time.perf_counter() - start)
 
 
 def escape_undecoded(text: str) -> str:
@@ -204,6 +211,7 @@ class _ImageWriter:
         self.warn = warn
         self.staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
         self.names: list[str] = []  # relative to `folder`
+        self.missing_glyphs: set[str] = set()  # characters of the figures' labels their font cannot draw
 
     @property
     def written(self) -> list[Path]:
@@ -212,7 +220,9 @@ class _ImageWriter:
 
     def write(self, name: str, figure) -> str:
         """Stage `figure` as PNG `name`; return its path relative to the page."""
-        return self._stage(name, plots.png_bytes(figure))
+        with plots.missing_glyphs(self.missing_glyphs):
+            data = plots.png_bytes(figure)
+        return self._stage(name, data)
 
     def copy(self, source: Path, name: str) -> str:
         """Stage a copy of the file `source` as `name`; return its path relative to the page."""

@@ -81,8 +81,8 @@ _HEADERS = {"normal_class": "normal class", "abnormal_class": "abnormal class", 
 
 def render_page(*, title: str, generated: str, version: str, out: Path, leaderboard: pd.DataFrame,
                 paper_summaries: dict[str, pd.DataFrame], blocks, figures: dict[str, list[PageFigure]],
-                colours: dict[str, str], maps: list[MapGrid], skipped: list[str]) -> str:
-    """The whole page as one HTML string."""
+                colours: dict[str, str], maps: list[MapGrid], skipped: list[str], ignored: int = 0) -> str:
+    """The whole page as one HTML string; `ignored`: how many readable records the tables leave out."""
     n_runs = sum(len(b.records) for b in blocks)
     methods = sorted({m for b in blocks for m in b.methods})
     missing = sum(b.missing.count for b in blocks)
@@ -94,7 +94,8 @@ def render_page(*, title: str, generated: str, version: str, out: Path, leaderbo
         "<h1>ndbench report</h1>",
         f'<p class="meta">Results root <code>{escape(str(out))}</code> · {n_runs} runs of {len(methods)} '
         f"method{'s' if len(methods) != 1 else ''} on {len(blocks)} dataset/setting pair"
-        f"{'s' if len(blocks) != 1 else ''} · generated {escape(generated)} by ndbench {escape(version)}. "
+        f"{'s' if len(blocks) != 1 else ''}{_ignored_text(ignored)} · generated {escape(generated)} by ndbench "
+        f"{escape(version)}. "
         "AUROC in percent, novel images are the positive class.</p>",
     ]
     if skipped or missing:
@@ -284,6 +285,13 @@ def _plain_table(frame: pd.DataFrame) -> str:
             cells.append(f'<td class="{"" if number else "l"}">{escape(text)}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _ignored_text(ignored: int) -> str:
+    if not ignored:
+        return ""
+    return (f" ({_count(ignored, 'more record')} ignored: the tables keep one config per method and the newest "
+            "record of each job; see the notes under the leaderboard)")
 
 
 def _count(n: int, noun: str) -> str:

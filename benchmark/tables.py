@@ -220,6 +220,13 @@ def _block(
     seeded = {m for (_, m), v in per_seed.items() if len(v) > 1}
     block = _Block(setting, rows, methods, mean, std, {}, {}, seeded)
     class_rows = block.class_rows()
+    left_out = [str(r) for r in rows if r not in class_rows]
+    if left_out:
+        chosen = all(NORMAL_SET_NAME.fullmatch(r) for r in left_out)
+        block.notes.append(
+            f"{dataset} {setting}: AVG is over the class rows only; it leaves out {', '.join(left_out)} "
+            + ("(runs on their own --normal class list)" if chosen else "(splits that are not one class)")
+        )
     for method in methods:
         covered = [r for r in class_rows if (r, method) in mean]
         block.avg_mean[method] = (
@@ -330,9 +337,10 @@ def per_class_table(
 ) -> pd.DataFrame:
     """Per-class table of one (dataset, setting): rows = class (uni-class: the normal class;
     all-vs-one: the abnormal class; other splits by name), last row AVG (mean over the
-    class rows); columns = an optional `name`, then per method its mean over seeds in
-    percent, `<method>_std` where it has several seeds, and with `paper=True` the paper's
-    number as `<method> (paper T<n>)` where the paper has a per-class table. `splits`
+    class rows; a note names the rows it leaves out); columns = an optional `name`, then
+    per method its mean over seeds in percent, `<method>_std` where it has several seeds,
+    and with `paper=True` the paper's number as `<method> (paper T<n>)` where the paper has
+    a per-class table. `splits`
     (the setting's split names, see `manifest_splits`) adds a row for each split without
     records, empty where a method has none. Its notes (in `attrs["notes"]`) are also
     logged unless `warn` is False."""
@@ -475,10 +483,22 @@ def display_frame(df: pd.DataFrame, decimals: int = 1) -> tuple[pd.DataFrame, li
     return out, align
 
 
+# Characters that would end a Markdown table row or cell; they read as spaces in Markdown.
+_MARKDOWN_BREAKS = str.maketrans(dict.fromkeys("\n\r\t\v\f\x1c\x1d\x1e\x85\u2028\u2029", " "))
+
+
+def markdown_text(text: str) -> str:
+    """`text` as one pipe-table cell: `|` escaped as `\\|`, line breaks and tabs as spaces."""
+    return text.translate(_MARKDOWN_BREAKS).replace("|", "\\|")
+
+
 def to_markdown(df: pd.DataFrame, decimals: int = 1) -> str:
     """A GitHub pipe table: numbers with `decimals` decimals, "mean ± std" where a
-    `<column>_std` holds a value, "–" for missing values."""
+    `<column>_std` holds a value, "–" for missing values; names holding `|` or line breaks
+    are escaped (see `markdown_text`) so that every row stays one table row."""
     out, align = display_frame(df, decimals)
+    out = out.apply(lambda column: column.map(markdown_text))
+    out.columns = [markdown_text(str(c)) for c in out.columns]
     text = out.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, colalign=align)
     return text + "\n"
 

@@ -173,6 +173,31 @@ def test_heatmap_limit_holds_every_value_in_steps_of_five():
     assert plots.heatmap_limit([12.0, 71.0]) == 40.0
 
 
+def test_figures_cut_long_names_short_and_keep_their_cells_in_view():
+    import warnings
+
+    import pandas as pd
+
+    long = "0 · " + "a-very-long-class-name-" * 4
+    assert plots.figure_label("2 · short") == "2 · short"
+    assert plots.figure_label(long) == long[:23] + "…" and len(plots.figure_label(long)) == plots.LABEL_MAX
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 20)
+    panels = [plots.SplitScores(title, {"knn": (labels, rng.normal(size=40))}) for title in (long, "1 · one")]
+    colours = plots.method_colours(["knn"])
+    roc = plots.roc_figure(panels, ["knn"], colours)
+    assert [ax.get_title() for ax in roc.axes[:2]] == [plots.figure_label(long), "1 · one"]
+    hist = plots.histogram_figure(panels, ["knn"], colours)
+    assert [ax.get_ylabel() for ax in hist.axes] == [plots.figure_label(long), "1 · one"]
+    values = pd.DataFrame({"knn": [61.0, 40.0], "mkd": [55.0, 70.0]}, index=[long, "1 · one"])
+    heat = plots.heatmap_figure(values, 30.0, values.mean())
+    assert [t.get_text() for t in heat.axes[0].get_xticklabels()] == [plots.figure_label(long), "1 · one", "AVG"]
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        plots.png_bytes(heat)  # the labels above the cells leave the cells their height
+    assert not [str(w.message) for w in shown]
+
+
 def test_summaries_sit_beside_the_papers_tables_for_its_datasets():
     from dataclasses import replace
 

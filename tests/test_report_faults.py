@@ -253,3 +253,35 @@ def test_the_lock_of_a_report_that_was_killed_is_taken_over(tmp_path):
     result = build_report(out, warn=warned.append)
     assert result.path.is_file() and not (out / "report" / REPORT_LOCK).exists()
     assert any("taking over stale lock" in line and f"pid {gone.pid}" in line for line in warned), warned
+
+
+def test_names_the_figures_font_cannot_draw_give_one_warning_not_one_per_character(tmp_path):
+    out = tiny_results(tmp_path)
+    folder = out / "runs" / "embedded" / "uni-class" / "猫犬"
+    write_matching(folder / "0__c0ffee__seed0.json", synthetic("猫犬", "0", 0), ["a", "b", "c", "d"], LABELS, SCORES)
+    warned: list[str] = []
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        result = build_report(out, warn=warned.append)
+    assert not [str(w.message) for w in shown if "Glyph" in str(w.message)]
+    about_font = [w for w in warned if "font" in w]
+    assert len(about_font) == 1 and "2 character(s)" in about_font[0] and "犬猫" in about_font[0]
+    assert "猫犬" in result.path.read_text(encoding="utf-8")  # the page names it in full
+
+
+def test_the_console_counts_the_runs_the_page_shows_and_the_page_names_the_ignored_ones(tmp_path, capsys):
+    from benchmark.cli import main
+
+    out = tiny_results(tmp_path)
+    trial = dataclasses.replace(synthetic("knn", "0", 0), config_hash="beef")  # covers fewer splits: ignored
+    write_matching(out / "runs" / "embedded" / "uni-class" / "knn" / "0__beef__seed0.json", trial,
+                   ["a", "b", "c", "d"], LABELS, SCORES)
+    assert main(["report", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    page = read_page(out / "report" / "index.html").text
+    assert "(2 runs," in captured.out and " 2 runs of 1 method " in page
+    assert "(1 more record ignored: the tables keep one config per method" in page
+    assert "ignored 1 record(s) of config beef" in captured.err and "ignored 1 record(s) of config beef" in page
+    (out / "runs" / "embedded" / "uni-class" / "knn" / "0__beef__seed0.json").unlink()
+    result = build_report(out)
+    assert (result.records, result.ignored) == (2, 0) and "ignored" not in read_page(result.path).text

@@ -343,3 +343,40 @@ def test_table_command_lists_splits_without_records(tmp_path, capsys):
     assert multi[-1] == "AVG,55.0"
     summary = (out / "tables" / "summary_uni-class.md").read_text(encoding="utf-8")
     assert "- defend on voc uni-class: AVG covers 2 of 10 rows\n" in summary
+
+
+def test_markdown_escapes_pipes_and_line_breaks_in_names_but_csv_and_html_keep_them(tmp_path):
+    from benchmark.report_html import table_html
+
+    names = {0: "cat|dog", 1: "two\nlines\r\tand tab"}
+    rs = [rec("my|knn", "voc", U, "0", 0, 0.8), rec("my|knn", "voc", U, "1", 0, 0.6)]
+    df = tables.per_class_table(rs, "voc", U, class_names=names, warn=False)
+    assert tables.to_markdown(df) == """\
+| normal_class   | name               |   my\\|knn |
+|:---------------|:-------------------|----------:|
+| 0              | cat\\|dog           |      80.0 |
+| 1              | two lines  and tab |      60.0 |
+| AVG            |                    |      70.0 |
+"""
+    assert tables.to_csv(df) == 'normal_class,name,my|knn\n0,cat|dog,80.0\n1,"two\nlines\r\tand tab",60.0\nAVG,,70.0\n'
+    assert "<td class=\"l\">cat|dog</td>" in table_html(df, colours={}, best=set())
+    assert "| my\\|knn  |            70.0 |   70.0 |" in tables.to_markdown(tables.leaderboard(rs))
+    tables.write_tables(rs, tmp_path, class_names={"voc": names})
+    md = (tmp_path / "per_class_voc_uni-class.md").read_text(encoding="utf-8")
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 5 and all(line.count("|") - line.count("\\|") == 4 for line in table)
+
+
+def test_notes_say_which_rows_the_multi_class_avg_leaves_out(tmp_path):
+    note = ("voc multi-class: AVG is over the class rows only; it leaves out normal-0-1 "
+            "(runs on their own --normal class list)")
+    df = tables.per_class_table(records(), "voc", M, warn=False)
+    assert note in df.attrs["notes"]
+    assert not any("leaves out" in n for n in tables.per_class_table(records(), "voc", U, warn=False).attrs["notes"])
+    tables.write_tables(records(), tmp_path)
+    for stem in ("per_class_voc_multi-class", "summary_multi-class", "leaderboard"):
+        assert f"\n- {note}\n" in (tmp_path / f"{stem}.md").read_text(encoding="utf-8"), stem
+    assert "leaves out" not in (tmp_path / "per_class_voc_uni-class.md").read_text(encoding="utf-8")
+    # only all-vs-one splits: nothing left out, nothing said
+    only = [r for r in records() if r.setting == M and r.split.startswith("except-")]
+    assert tables.per_class_table(only, "voc", M, warn=False).attrs["notes"] == []
