@@ -9,7 +9,9 @@ its scores file) counts as absent: readers skip it with one warning line and `ru
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import sys
@@ -92,9 +94,11 @@ def write_record(path: Path, record: Record, image_ids: list[str], labels, score
     """Write the per-image scores and the record (which carries the scores file's sha256) as
     one step, the record last: a job leaves both files or neither, and a re-run (--force)
     whose write fails leaves the earlier pair as it was."""
-    lines = [SCORES_HEADER]
-    lines += [f"{i},{int(lab)},{float(s)!r}" for i, lab, s in zip(image_ids, labels, scores, strict=True)]
-    text = "\n".join(lines) + "\n"
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SCORES_HEADER.split(","))
+    writer.writerows((i, int(lab), repr(float(s))) for i, lab, s in zip(image_ids, labels, scores, strict=True))
+    text = buffer.getvalue()
     record_text = replace(record, scores_sha256=_sha256(text.encode("utf-8"))).to_json()
     atomic_write_files({scores_path(path): text, path: record_text})
 
@@ -183,7 +187,7 @@ def _scores_problem(data: dict, scores_file: Path) -> str | None:
 def _agreement_problem(data: dict, content: bytes, scores_file: Path) -> str | None:
     """Why the record's test counts or metrics are not those of its scores file (None when they are)."""
     try:
-        labels, scores = _parse_scores(content)
+        _, labels, scores = _parse_scores(content)
     except ValueError as exc:
         return f"its scores file {scores_file.name} {exc}"
     for what, label in (("test_normal", 0), ("test_novel", 1)):
@@ -225,37 +229,84 @@ def _apart(recorded: float, computed: float) -> tuple[str, str]:
     return repr(recorded), repr(computed)
 
 
-def _parse_scores(content: bytes) -> tuple[list[int], list[float]]:
-    """The labels and scores of a scores file as `write_record` writes it. Raises ValueError
+def read_scores(path: Path) -> tuple[list[str], list[int], list[float]]:
+    """The image ids, labels and scores of a scores file as `write_record` writes it (CSV,
+    ids quoted where needed; files written before ids were quoted read as well). Raises
+    NdbenchError naming the file when it is missing or malformed."""
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise NdbenchError(f"cannot read scores file {path}: {exc.strerror or exc}") from exc
+    try:
+        return _parse_scores(content)
+    except ValueError as exc:
+        raise NdbenchError(f"scores file {path} {exc}") from exc
+
+
+def _parse_scores(content: bytes) -> tuple[list[str], list[int], list[float]]:
+    """The image ids, labels and scores of a scores file (see `read_scores`). Raises ValueError
     saying what is wrong with it (worded to follow "its scores file <name>")."""
     if not content:
         raise ValueError("is empty")
     try:
-        lines = content.decode("utf-8").split("\n")
+        text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("is not UTF-8 text") from None
-    if lines[0] != SCORES_HEADER:
-        raise ValueError(f"starts with {lines[0]!r:.60}, not the header {SCORES_HEADER!r}")
-    if lines[-1] == "":
-        lines.pop()
+    header = text.split("\n", 1)[0]
+    if header != SCORES_HEADER:
+        raise ValueError(f"starts with {header!r:.60}, not the header {SCORES_HEADER!r}")
+    rows = _csv_rows(text)
+    if rows is None:
+        rows = _unquoted_rows(text)
+    ids: list[str] = []
     labels: list[int] = []
     scores: list[float] = []
-    # From the right: the image id is the rest of the line, whatever it holds.
+    for number, (image_id, label, score_text) in rows:
+        if label not in ("0", "1"):
+            raise ValueError(f"line {number} has label {label!r:.20}, not 0 or 1")
+        try:
+            score = float(score_text)
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise ValueError(f"line {number} has score {score_text!r:.30}, not a finite number")
+        ids.append(image_id)
+        labels.append(int(label))
+        scores.append(score)
+    return ids, labels, scores
+
+
+def _csv_rows(text: str) -> list[tuple[int, tuple[str, str, str]]] | None:
+    """(line number, fields) of each row after the header, read as CSV; None when some row
+    is not three fields (a file written before ids were quoted, or a malformed one)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows = []
+    try:
+        next(reader)
+        for row in reader:
+            if len(row) != 3:
+                return None
+            rows.append((reader.line_num, (row[0], row[1], row[2])))
+    except csv.Error:
+        return None
+    return rows
+
+
+def _unquoted_rows(text: str) -> list[tuple[int, tuple[str, str, str]]]:
+    """(line number, fields) of each line after the header, parsed from the right as files
+    written before ids were quoted hold them: the image id is the rest of the line, whatever
+    it holds. Raises ValueError on a line that is not three fields."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    rows = []
     for number, line in enumerate(lines[1:], start=2):
         parts = line.rsplit(",", 2)
         if len(parts) != 3:
             raise ValueError(f"line {number} is {line!r:.60}, not image_id,label,score")
-        if parts[1] not in ("0", "1"):
-            raise ValueError(f"line {number} has label {parts[1]!r:.20}, not 0 or 1")
-        try:
-            score = float(parts[2])
-        except ValueError:
-            score = math.nan
-        if not math.isfinite(score):
-            raise ValueError(f"line {number} has score {parts[2]!r:.30}, not a finite number")
-        labels.append(int(parts[1]))
-        scores.append(score)
-    return labels, scores
+        rows.append((number, (parts[0], parts[1], parts[2])))
+    return rows
 
 
 def read_record(path: Path) -> Record:

@@ -4,6 +4,7 @@ naming it); a whole record, older ones without a scores hash included, still loa
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import replace
@@ -16,7 +17,7 @@ from record_fixtures import write_matching
 from benchmark import records as records_module
 from benchmark.cli import main
 from benchmark.metrics import novelty_metrics
-from benchmark.records import Record, load_records, read_record, record_path, scores_path
+from benchmark.records import Record, load_records, read_record, read_scores, record_path, scores_path
 from datasets_builders.errors import NdbenchError
 
 
@@ -148,6 +149,34 @@ def test_image_ids_may_hold_commas(tmp_path):
     path = record_path(tmp_path, "knn", "embedded", "uni-class", "0", "c0ffee", 0)
     written = write_matching(path, record(), ["a,1,0.5", "b,0,", "c"], [0, 1, 0], [0.2, 0.9, 0.1])
     assert read_record(path).metrics == written.metrics
+
+
+ODD_IDS = ["a,1,0.5", 'say "cheese".png', "b,0,", "line\nbreak.png", "été/日本,x.png", '"quoted"', "c"]
+
+
+def test_odd_image_ids_round_trip_through_a_csv_scores_file(tmp_path):
+    """Ids holding commas, quotes, line breaks or non-ASCII are quoted as CSV, so any CSV reader
+    gets three fields a row, and the ids come back as written."""
+    path = record_path(tmp_path, "knn", "embedded", "uni-class", "0", "c0ffee", 0)
+    labels, scores = [0, 1, 0, 1, 1, 0, 1], [0.2, 0.9, 0.1, 0.7, 0.8, 0.3, 0.95]
+    written = write_matching(path, record(), ODD_IDS, labels, scores)
+    with scores_path(path).open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["image_id", "label", "score"]
+    assert rows[1:] == [[i, str(label), repr(score)] for i, label, score in zip(ODD_IDS, labels, scores, strict=True)]
+    assert read_scores(scores_path(path)) == (ODD_IDS, labels, scores)
+    assert read_record(path).metrics == written.metrics
+
+
+def test_a_scores_file_written_before_ids_were_quoted_still_reads(tmp_path):
+    path = record_path(tmp_path, "knn", "embedded", "uni-class", "0", "c0ffee", 0)
+    ids, labels, scores = ["a,1,0.5", 'q"x', '"b,c', "é"], [0, 1, 1, 0], [0.2, 0.9, 0.6, 0.1]
+    write_matching(path, record(), ids, labels, scores)
+    rows = zip(ids, labels, scores, strict=True)
+    unquoted = "image_id,label,score\n" + "".join(f"{i},{a},{s!r}\n" for i, a, s in rows)
+    edit_scores(path, lambda lines: unquoted.encode("utf-8"))
+    assert read_scores(scores_path(path)) == (ids, labels, scores)
+    assert read_record(path).metrics == novelty_metrics(labels, scores)
 
 
 def older(path: Path) -> None:
