@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -28,6 +29,8 @@ from datasets_builders.splits import SETTINGS
 from .metrics import fast_novelty_metrics, novelty_metrics
 
 RECORD_SCHEMA = 1
+# The file name `record_path` gives a record; other JSON files under <out>/runs are not records.
+RECORD_NAME = re.compile(r"(?P<split>.+)__(?P<config_hash>[^_]+)__seed(?P<seed>[0-9]+)\.json")
 SCORES_HEADER = "image_id,label,score"
 # How far a recorded metric may lie from the one recomputed from its scores file. The scores are
 # written with repr(float), so recomputing gives the very same float: any gap is an edit.
@@ -83,6 +86,16 @@ class Record:
 def record_path(out: Path, method: str, dataset: str, setting: str, split: str, config_hash: str, seed: int) -> Path:
     """Where the record of one job lives under the results root `out`."""
     return Path(out) / "runs" / dataset / setting / method / f"{split}__{config_hash}__seed{seed}.json"
+
+
+class NotARecord(NdbenchError):
+    """A file under `<out>/runs` not named like a record (a user's notes.json): not a record,
+    damaged or not, so readers ignore it and no run re-runs anything for it."""
+
+
+def is_record_name(name: str) -> bool:
+    """Whether a file name is one `record_path` gives."""
+    return RECORD_NAME.fullmatch(name) is not None
 
 
 def scores_path(record_file: Path) -> Path:
@@ -313,8 +326,10 @@ def read_record(path: Path) -> Record:
     """The record at `path`, checked whole: valid JSON holding every field with its type,
     metrics in [0, 1], the scores file beside it unchanged and well formed, and the record's
     metrics and test counts those of that scores file. Raises NdbenchError naming the file
-    otherwise."""
+    otherwise (NotARecord when its name is not one `record_path` gives)."""
     path = Path(path)
+    if not is_record_name(path.name):
+        raise NotARecord(f"{path} is not a record (not named <split>__<config hash>__seed<seed>.json)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -328,7 +343,10 @@ def read_record(path: Path) -> Record:
 
 
 def warn_skipped(error: NdbenchError) -> None:
-    """The one warning line of a record that is skipped."""
+    """The one warning line of a record that is skipped (or of a file that is not a record)."""
+    if isinstance(error, NotARecord):
+        print(f"ndbench: warning: {error.problem}; ignored", file=sys.stderr)
+        return
     print(f"ndbench: warning: {error.problem}; skipped (the ndbench run command that made it re-runs its job)",
           file=sys.stderr)
 
@@ -336,7 +354,8 @@ def warn_skipped(error: NdbenchError) -> None:
 def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:
     """Every whole record under `<out>/runs` made on the current build of its split, in path
     order; damaged ones, and those made on an earlier build of their split (another manifest
-    under `<out>/splits`, so another test set), are skipped (and reported through `on_skip`)."""
+    under `<out>/splits`, so another test set), are skipped (and reported through `on_skip`,
+    as are JSON files not named like records, which are no record: `NotARecord`)."""
     runs = Path(out) / "runs"
     if not runs.is_dir():
         return []

@@ -17,7 +17,15 @@ from record_fixtures import write_matching
 from benchmark import records as records_module
 from benchmark.cli import main
 from benchmark.metrics import novelty_metrics
-from benchmark.records import Record, load_records, read_record, read_scores, record_path, scores_path
+from benchmark.records import (
+    NotARecord,
+    Record,
+    load_records,
+    read_record,
+    read_scores,
+    record_path,
+    scores_path,
+)
 from datasets_builders.errors import NdbenchError
 
 
@@ -223,6 +231,26 @@ def test_the_table_command_leaves_out_an_edited_record_with_one_warning(tmp_path
     warnings = [line for line in captured.err.splitlines() if line.startswith("ndbench:")]
     assert len(warnings) == 1 and str(path) in warnings[0] and "its auroc 0.99 does not match" in warnings[0]
     assert "99.0" not in captured.out
+
+
+def test_json_files_not_named_like_records_are_ignored_not_damaged(tmp_path, capsys):
+    """A user's notes beside the records are no record: one "ignored" line each, never called
+    damaged nor said to be re-run."""
+    path = whole(tmp_path, "0")
+    notes = [path.parent / "notes.json", tmp_path / "runs" / "summary.json"]
+    notes[0].write_text('{"todo": "rerun with more seeds"}')
+    notes[1].write_text("[]")
+    capsys.readouterr()
+    assert [r.split for r in load_records(tmp_path)] == ["0"]
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2, warnings
+    for note, warning in zip(sorted(notes), warnings, strict=True):
+        assert str(note) in warning and "not a record" in warning and warning.endswith("ignored"), warning
+        assert "damaged" not in warning and "re-run" not in warning
+    with pytest.raises(NotARecord):
+        read_record(notes[0])
+    assert main(["table", "--out", str(tmp_path)]) == 0
+    assert "damaged" not in capsys.readouterr().err
 
 
 def test_writing_then_reading_keeps_a_record_as_it_was(tmp_path):
