@@ -25,6 +25,7 @@ from methods.cost import CostModel, FrozenPass
 from methods.features import feature_entry
 from methods.runtime import open_store
 
+from .records import NewerRecord, refuse_newer
 from .runner import Job, RunOptions, build_detector, finished_record, job_record_path, weighting
 
 
@@ -55,6 +56,7 @@ class JobPlan:
     train: int
     test: int
     skipped: bool
+    refused: bool = False  # a newer ndbench wrote its record: the run fails it rather than overwrite it
 
 
 @dataclass
@@ -105,8 +107,13 @@ def plan_run(jobs: list[Job], options: RunOptions) -> RunPlan:
             repeats = per_class_repeat_counts([index.rows[p] for p in positions["train"]], manifest.normal_classes)
             positions["train"] = np.repeat(positions["train"], repeats)
         path = job_record_path(job, options, detector)
-        skipped = not options.force and finished_record(path, manifest.sha256)[0] is not None
-        plan.jobs.append(JobPlan(job, len(manifest.train), len(manifest.test), skipped))
+        try:
+            refuse_newer(path)
+            refused = False
+            skipped = not options.force and finished_record(path, manifest.sha256)[0] is not None
+        except NewerRecord:
+            refused = skipped = True
+        plan.jobs.append(JobPlan(job, len(manifest.train), len(manifest.test), skipped, refused))
         counts = plan.methods.setdefault(job.method, MethodPlan(job.method))
         if skipped:
             counts.skipped += 1
@@ -198,7 +205,8 @@ def print_plan(plan: RunPlan, console) -> None:
         jobs.add_column(column)
     for j in plan.jobs:
         jobs.add_row(j.job.method, j.job.split_id, str(j.job.seed), f"{j.train:,}", f"{j.test:,}",
-                     "skip (record exists)" if j.skipped else "run")
+                     "refuse (newer record)" if j.refused
+                     else "skip (record exists)" if j.skipped else "run")
     console.print(jobs)
     costs = Table(title="forward passes and decodes: without caches -> with caches (this machine's store now)")
     for column in ("method", "jobs", "images", "decodes", "frozen passes", "saved", "trained passes"):

@@ -5,6 +5,8 @@ with the per-image scores beside it as `... .scores.csv`. A record exists only o
 has finished; the runner skips jobs whose record exists. A record that cannot be read back
 whole (truncated, hand-edited, its scores file changed, its metrics or test counts not those of
 its scores file) counts as absent: readers skip it with one warning line and `run` re-runs its job.
+A record a newer ndbench wrote (a higher `schema`) is skipped too, but never re-run: that would
+overwrite it. Metrics this version does not know (a newer one's) are kept, unchecked.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
 from datasets_builders.splits import SETTINGS
 
-from .metrics import fast_novelty_metrics, novelty_metrics
+from .metrics import METRICS, fast_novelty_metrics, novelty_metrics
 
 RECORD_SCHEMA = 1
 # The file name `record_path` gives a record; other JSON files under <out>/runs are not records.
@@ -50,7 +52,7 @@ class Record:
     split_sha256: str
     normal_classes: list[int]
     seed: int
-    metrics: dict[str, float]  # auroc, aupr_in, aupr_out, fpr95
+    metrics: dict[str, float]  # auroc, aupr_in, aupr_out, fpr95 (and those of newer versions, kept unchecked)
     counts: dict[str, int]  # train, test_normal, test_novel
     train_seconds: float
     inference_images_per_s: float
@@ -91,6 +93,11 @@ def record_path(out: Path, method: str, dataset: str, setting: str, split: str, 
 class NotARecord(NdbenchError):
     """A file under `<out>/runs` not named like a record (a user's notes.json): not a record,
     damaged or not, so readers ignore it and no run re-runs anything for it."""
+
+
+class NewerRecord(NdbenchError):
+    """A record written by a newer ndbench (its `schema` is higher than RECORD_SCHEMA): this
+    version cannot check it, and must not overwrite it."""
 
 
 def is_record_name(name: str) -> bool:
@@ -168,7 +175,7 @@ def _record_problem(data, record_file: Path) -> str | None:
     if (record_file.parent.parent.parent.name, record_file.parent.parent.name, record_file.parent.name) != where \
             or not record_file.name.startswith(f"{data['split']}__"):
         return "its dataset, setting, method or split is not the one its path names"
-    for metric, value in data["metrics"].items():
+    for metric, value in _known(data["metrics"]).items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             return f"metric {metric} is {value!r}, not a number in [0, 1]"
     if "auroc" not in data["metrics"]:
@@ -214,17 +221,20 @@ def _agreement_problem(data: dict, content: bytes, scores_file: Path) -> str | N
         found = fast_novelty_metrics(labels, scores)
     except NdbenchError as exc:
         return f"its scores file {scores_file.name} gives no metrics: {exc.problem}"
-    if _metrics_differ(data["metrics"], found):
+    recorded = _known(data["metrics"])
+    if _metrics_differ(recorded, found):
         # Only what novelty_metrics (the function `run` records with) finds makes a record damaged.
         found = novelty_metrics(labels, scores)
-    unknown = sorted(set(data["metrics"]) - set(found))
-    if unknown:
-        return f"its metric {unknown[0]!r:.40} is not one its scores file gives ({', '.join(found)})"
     for metric, computed in found.items():
         value = data["metrics"].get(metric, computed)
         if _metrics_differ({metric: value}, found):
             return "its {} {} does not match its scores file ({})".format(metric, *_apart(value, computed))
     return None
+
+
+def _known(metrics: dict) -> dict:
+    """The metrics this version computes; others (a newer version's) are left unchecked."""
+    return {metric: value for metric, value in metrics.items() if metric in METRICS}
 
 
 def _metrics_differ(recorded: dict[str, float], found: dict[str, float]) -> bool:
@@ -326,7 +336,8 @@ def read_record(path: Path) -> Record:
     """The record at `path`, checked whole: valid JSON holding every field with its type,
     metrics in [0, 1], the scores file beside it unchanged and well formed, and the record's
     metrics and test counts those of that scores file. Raises NdbenchError naming the file
-    otherwise (NotARecord when its name is not one `record_path` gives)."""
+    otherwise (NotARecord when its name is not one `record_path` gives, NewerRecord when a
+    newer ndbench wrote it)."""
     path = Path(path)
     if not is_record_name(path.name):
         raise NotARecord(f"{path} is not a record (not named <split>__<config hash>__seed<seed>.json)")
@@ -336,16 +347,38 @@ def read_record(path: Path) -> Record:
         raise NdbenchError(f"cannot read record {path}: {exc.strerror or exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nesting too deep
         raise NdbenchError(f"record {path} is not valid JSON (truncated or edited?): {exc}") from exc
+    _refuse_newer(data, path)
     problem = _record_problem(data, path)
     if problem:
         raise NdbenchError(f"record {path} is damaged: {problem}")
     return Record(**data)
 
 
+def _refuse_newer(data, path: Path) -> None:
+    """Raise NewerRecord when the parsed record file `data` has a schema above RECORD_SCHEMA."""
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if isinstance(schema, int) and not isinstance(schema, bool) and schema > RECORD_SCHEMA:
+        raise NewerRecord(f"record {path} was written by a newer ndbench (record schema {schema}; this one reads "
+                          f"schema {RECORD_SCHEMA})", "read it with that ndbench version or a later one")
+
+
+def refuse_newer(path: Path) -> None:
+    """Raise NewerRecord when the record file at `path` was written by a newer ndbench (an
+    unreadable or absent file passes: it is no newer record)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return
+    _refuse_newer(data, Path(path))
+
+
 def warn_skipped(error: NdbenchError) -> None:
     """The one warning line of a record that is skipped (or of a file that is not a record)."""
     if isinstance(error, NotARecord):
         print(f"ndbench: warning: {error.problem}; ignored", file=sys.stderr)
+        return
+    if isinstance(error, NewerRecord):
+        print(f"ndbench: warning: {error.problem}; skipped, and never re-run over it ({error.fix})", file=sys.stderr)
         return
     print(f"ndbench: warning: {error.problem}; skipped (the ndbench run command that made it re-runs its job)",
           file=sys.stderr)

@@ -52,7 +52,7 @@ from .interrupts import Interrupted
 from .locks import try_lock
 from .metrics import novelty_metrics
 from .overrides import WEIGHTING_OPTION, split_overrides
-from .records import Record, read_record, record_path, write_record
+from .records import NewerRecord, Record, read_record, record_path, refuse_newer, write_record
 
 EMBEDDED = "embedded"
 # How a multi-class training set is weighted. The authors' released code concatenates one image
@@ -408,11 +408,14 @@ def job_cost(detector, runtime: JobRuntime) -> dict[str, int]:
 
 def finished_record(path: Path, split_sha256: str | None = None) -> tuple[Record | None, tuple[str, ...]]:
     """The job's record when it exists whole and, given the split's current `split_sha256`,
-    was made on that build of the split; a damaged or outdated one counts as absent (with a note)."""
+    was made on that build of the split; a damaged or outdated one counts as absent (with a note).
+    Raises NewerRecord for a record a newer ndbench wrote: its job must not run over it."""
     if not path.is_file():
         return None, ()
     try:
         record = read_record(path)
+    except NewerRecord:
+        raise
     except NdbenchError as exc:
         return None, (f"ndbench: warning: {exc.problem}; re-running its job",)
     if split_sha256 is not None and record.split_sha256 != split_sha256:
@@ -480,8 +483,15 @@ def recorded_result(job: Job, options: RunOptions) -> JobResult | None:
 def _recorded(job: Job, options: RunOptions, path: Path,
               split_sha256: str | None) -> tuple[JobResult | None, tuple[str, ...]]:
     """The job as skipped when its record at `path` is finished (see `finished_record`) and
-    `force` is off, else None; and the notes on a damaged or outdated record."""
-    record, notes = (None, ()) if options.force else finished_record(path, split_sha256)
+    `force` is off, else None; and the notes on a damaged or outdated record. Raises NewerRecord
+    when a newer ndbench wrote the record, `force` or not: running the job would overwrite it."""
+    try:
+        if options.force:
+            refuse_newer(path)
+        record, notes = (None, ()) if options.force else finished_record(path, split_sha256)
+    except NewerRecord as exc:
+        raise NewerRecord(f"{exc.problem}: not run over it", "run the job with that ndbench, or pass another --out") \
+            from None
     return (None if record is None else JobResult(job, SKIPPED, path, record.metrics["auroc"])), notes
 
 

@@ -243,6 +243,30 @@ def test_records_written_before_scores_hashes_still_load(splits_root, tmp_path, 
         read_record(path)
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["resume", "force"])
+def test_run_never_overwrites_a_record_of_a_newer_schema(splits_root, tmp_path, faulty, capsys, force):
+    """A newer ndbench's record (more fields than this version knows) is not damaged: its job
+    fails in one line naming the schema, other jobs run, and the record is left byte for byte."""
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0")) == 0
+    path = record_of(out, "0")
+    data = json.loads(path.read_text())
+    data.update(schema=data["schema"] + 1, field_of_the_future="x")
+    data["metrics"]["metric_of_the_future"] = 0.5
+    path.write_text(json.dumps(data))
+    before = path.read_bytes(), scores_path(path).read_bytes()
+    capsys.readouterr()
+    assert main([*faulty_args(out, "0,1"), *(["--force"] if force else []), "--dry-run"]) == 0
+    assert "refuse" in capsys.readouterr().out
+    assert main([*faulty_args(out, "0,1"), *(["--force"] if force else [])]) == 2
+    err = capsys.readouterr().err
+    failed = [line for line in error_lines(err) if "failed" in line]
+    assert len(failed) == 1 and str(path) in failed[0] and "newer ndbench" in failed[0], err
+    assert "re-running" not in err
+    assert (path.read_bytes(), scores_path(path).read_bytes()) == before
+    assert record_of(out, "1").is_file()
+
+
 # --- method failures ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("fault", "needle", "code"),

@@ -18,6 +18,8 @@ from benchmark import records as records_module
 from benchmark.cli import main
 from benchmark.metrics import novelty_metrics
 from benchmark.records import (
+    RECORD_SCHEMA,
+    NewerRecord,
     NotARecord,
     Record,
     load_records,
@@ -88,18 +90,41 @@ def test_whole_records_load_with_the_metrics_of_their_scores(tmp_path, capsys):
         (lambda d: d["metrics"].update(fpr95=round(d["metrics"]["fpr95"] + 0.05, 2)), "its fpr95 "),
         (lambda d: d["metrics"].update(aupr_in=d["metrics"]["aupr_in"] - 1e-6), "its aupr_in "),
         (lambda d: d["metrics"].update(aupr_out=1.0), "its aupr_out 1 does not match"),
-        (lambda d: d["metrics"].update(accuracy=0.9), "its metric 'accuracy' is not one its scores file gives"),
         (lambda d: d["counts"].update(test_normal=d["counts"]["test_normal"] + 1), "its count test_normal "),
         (lambda d: d["counts"].update(test_novel=0), "its count test_novel 0 does not match its scores file ("),
         (lambda d: d["counts"].pop("test_novel"), "it has no count test_novel"),
     ],
-    ids=["auroc", "fpr95", "aupr_in-off-by-1e-6", "aupr_out", "unknown-metric", "test_normal", "test_novel",
-         "no-test_novel"],
+    ids=["auroc", "fpr95", "aupr_in-off-by-1e-6", "aupr_out", "test_normal", "test_novel", "no-test_novel"],
 )
 def test_a_metric_or_count_typed_over_the_record_is_skipped_with_one_warning(tmp_path, capsys, edit, needle):
     path, _ = whole(tmp_path, "0"), whole(tmp_path, "1")
     edit_json(path, edit)
     skipped_once(tmp_path, path, needle, capsys)
+
+
+def test_metrics_this_version_does_not_know_are_kept_unchecked(tmp_path, capsys):
+    """A newer ndbench may record more metrics: the record stays whole (a re-run would overwrite
+    it) and keeps them; the metrics this version knows are still checked."""
+    path, _ = whole(tmp_path, "0"), whole(tmp_path, "1")
+    extra = {"accuracy": 0.9, "aurc": 3.5, "per_class": {"a": 1}}
+    edit_json(path, lambda d: d["metrics"].update(extra))
+    capsys.readouterr()
+    assert [r.split for r in load_records(tmp_path)] == ["0", "1"]
+    assert capsys.readouterr().err == ""
+    assert read_record(path).metrics.items() >= extra.items()
+    edit_json(path, lambda d: d["metrics"].update(auroc=0.99))
+    skipped_once(tmp_path, path, "its auroc 0.99 does not match its scores file", capsys)
+
+
+def test_a_record_of_a_newer_schema_is_skipped_naming_it(tmp_path, capsys):
+    path, _ = whole(tmp_path, "0"), whole(tmp_path, "1")
+    edit_json(path, lambda d: d.update(schema=d["schema"] + 1, field_of_the_future=[1]))
+    skipped_once(tmp_path, path, f"written by a newer ndbench (record schema {RECORD_SCHEMA + 1}", capsys)
+    with pytest.raises(NewerRecord):
+        read_record(path)
+    load_records(tmp_path)
+    warning = capsys.readouterr().err
+    assert "never re-run" in warning and "re-runs its job" not in warning
 
 
 def test_the_warning_shows_both_numbers_apart(tmp_path):
