@@ -49,7 +49,7 @@ from methods.weight_sources import EMBEDDED_WEIGHTS
 from .build import BuildRequest, build_splits, make_manifests
 from .console import QuietProgress, stderr_console
 from .interrupts import Interrupted
-from .locks import try_lock
+from .locks import remove_stale_lock, try_lock
 from .metrics import novelty_metrics
 from .overrides import WEIGHTING_OPTION, split_overrides
 from .records import NewerRecord, Record, read_record, record_path, refuse_newer, write_record
@@ -455,6 +455,7 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpu
     split_sha256 = current_split_sha256(job, options)
     skipped, notes = _recorded(job, options, path, split_sha256)
     if skipped is not None:
+        skipped.notes = remove_stale_lock(path)
         return skipped
     attempt = try_lock(path)
     notes += attempt.notes
@@ -473,11 +474,15 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpu
 
 
 def recorded_result(job: Job, options: RunOptions) -> JobResult | None:
-    """The job's skipped result when `run_job` would skip it now (see `_recorded`), else None."""
+    """The job's skipped result when `run_job` would skip it now (see `_recorded`), else None;
+    as `run_job` does, it removes a stale lock left beside the finished record."""
     if options.force:
         return None
     path = job_record_path(job, options)
-    return _recorded(job, options, path, current_split_sha256(job, options))[0]
+    skipped = _recorded(job, options, path, current_split_sha256(job, options))[0]
+    if skipped is not None:
+        skipped.notes = remove_stale_lock(path)
+    return skipped
 
 
 def _recorded(job: Job, options: RunOptions, path: Path,
