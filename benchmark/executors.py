@@ -23,6 +23,7 @@ from .runner import (
     Job,
     JobResult,
     RunOptions,
+    SplitReader,
     interrupted_after,
     job_progress,
     prepare,
@@ -37,8 +38,10 @@ RAY_CANCEL_GRACE_S = 10.0
 
 def run_local(jobs: list[Job], options: RunOptions, console: Console | None = None,
               on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
-    """Run jobs one after another in this process, with progress bars."""
+    """Run jobs one after another in this process, with progress bars (each index and split
+    manifest read once for them all)."""
     results = []
+    splits = SplitReader(options.splits)
     progress = job_progress(console) if options.progress else None
     if progress is not None:
         progress.start()
@@ -47,7 +50,7 @@ def run_local(jobs: list[Job], options: RunOptions, console: Console | None = No
         for job in jobs:
             if progress is not None:
                 progress.update(task, description=f"jobs: {job.describe()}")
-            result = safe_run_job(job, options, progress)
+            result = safe_run_job(job, options, progress, splits=splits)
             results.append(result)
             print_notes(result, progress, console)
             if on_result:

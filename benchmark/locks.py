@@ -5,7 +5,8 @@ A job's lock is `<record stem>.lock` beside its record. It is created with O_CRE
 (atomic on local and NFS file systems) and holds its owner's host, pid, process start and
 start time. A run that finds a lock skips the job ("running elsewhere"), unless the lock is
 stale: its owner was on this host and that process is gone (killed, or the machine rebooted
-between), or the lock is unreadable and old. A stale lock is taken over.
+between), or the lock is unreadable and old. A stale lock is taken over; one left beside a
+job whose record is finished is removed (`remove_stale_lock`).
 """
 
 from __future__ import annotations
@@ -114,10 +115,33 @@ class LockAttempt:
 
 def _read_owner(path: Path) -> LockOwner | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return LockOwner(**data)
-    except (OSError, ValueError, TypeError, RecursionError):
+        return _parse_owner(path.read_text(encoding="utf-8"))
+    except OSError:
         return None
+
+
+def _parse_owner(text: str) -> LockOwner | None:
+    try:
+        return LockOwner(**json.loads(text))
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def _read_lock(path: Path) -> tuple[str, float] | None:
+    """The lock file's text and age in seconds; None when there is none."""
+    try:
+        return path.read_text(encoding="utf-8"), time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _stale_reason(text: str, age: float) -> str | None:
+    """Why a lock file holding `text`, `age` seconds old, is stale (its owner is gone, or it is
+    unreadable past UNREADABLE_GRACE_S); None while its owner runs or it may be being written."""
+    owner = _parse_owner(text)
+    if owner is None:
+        return "unreadable" if age >= UNREADABLE_GRACE_S else None
+    return f"its owner {owner.describe()} is gone" if owner.is_gone() else None
 
 
 def _create(path: Path, owner: LockOwner) -> bool:
@@ -143,22 +167,40 @@ def _create(path: Path, owner: LockOwner) -> bool:
     return True
 
 
-def _take_over(path: Path, stale_text: str, token: str) -> None:
+def _take_over(path: Path, stale_text: str, token: str) -> bool:
     """Remove the stale lock whose text is `stale_text`, but never a lock someone created
-    after we read it: move it aside (atomic), check it is the one we read, else put it back."""
+    after we read it: move it aside (atomic), check it is the one we read, else put it back.
+    Whether the stale lock was removed here."""
     aside = path.with_name(f"{path.name}.stale-{token}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
-        return  # another run removed it first
+        return False  # another run removed it first
     try:
         if aside.read_text(encoding="utf-8") != stale_text:
             try:
                 os.link(aside, path)  # a fresh lock: restore it (unless yet another exists)
             except FileExistsError:
                 pass
+            return False
+        return True
     finally:
         aside.unlink(missing_ok=True)
+
+
+def remove_stale_lock(record: Path) -> tuple[str, ...]:
+    """Remove the lock beside the finished record `record` when it is stale (its owner gone, or
+    unreadable and old); a lock a live process holds, or one being written, stays. Returns the
+    warning line of a lock removed (none when nothing was, or it could not be)."""
+    path = lock_path(record)
+    try:
+        found = _read_lock(path)
+        why = None if found is None else _stale_reason(*found)
+        if why is None or not _take_over(path, found[0], uuid.uuid4().hex):
+            return ()
+    except (OSError, ValueError):  # ValueError: not UTF-8
+        return ()  # left for a later run: the job is finished either way
+    return (f"{WARNING}removed stale lock {path} beside its finished record ({why})",)
 
 
 def try_lock(record: Path, attempts: int = 3) -> LockAttempt:
@@ -173,19 +215,16 @@ def try_lock_file(path: Path, attempts: int = 3) -> LockAttempt:
     for _ in range(attempts):
         if _create(path, me):
             return LockAttempt(JobLock(path, me), notes=tuple(notes))
-        try:
-            text = path.read_text(encoding="utf-8")
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
+        found = _read_lock(path)
+        if found is None:
             continue  # released meanwhile: try again
-        owner = _read_owner(path)
-        if owner is None and age < UNREADABLE_GRACE_S:
-            return LockAttempt(None, f"another run (lock {path} is being written)", tuple(notes))
-        if owner is not None and not owner.is_gone():
-            return LockAttempt(None, owner.describe(), tuple(notes))
-        why = "unreadable" if owner is None else f"its owner {owner.describe()} is gone"
+        why = _stale_reason(*found)
+        if why is None:
+            owner = _parse_owner(found[0])
+            holder = f"another run (lock {path} is being written)" if owner is None else owner.describe()
+            return LockAttempt(None, holder, tuple(notes))
         notes.append(f"{WARNING}taking over stale lock {path} ({why})")
-        _take_over(path, text, me.token)
+        _take_over(path, found[0], me.token)
     return LockAttempt(None, f"another run (lock {path} keeps changing)", tuple(notes))
 
 

@@ -25,7 +25,17 @@ from methods.cost import CostModel, FrozenPass
 from methods.features import feature_entry
 from methods.runtime import open_store
 
-from .runner import Job, RunOptions, build_detector, finished_record, job_record_path, weighting
+from .records import NewerRecord, refuse_newer
+from .runner import (
+    Job,
+    RunOptions,
+    SplitReader,
+    build_detector,
+    finished_record,
+    job_record_path,
+    missing_split,
+    weighting,
+)
 
 
 @dataclass
@@ -55,6 +65,8 @@ class JobPlan:
     train: int
     test: int
     skipped: bool
+    refused: bool = False  # a newer ndbench wrote its record: the run fails it rather than overwrite it
+    builds_split: bool = False  # its split is not built yet: the run builds it first
 
 
 @dataclass
@@ -86,17 +98,19 @@ class _StoreState:
 
 
 def plan_run(jobs: list[Job], options: RunOptions) -> RunPlan:
-    """The run's jobs and its predicted counts per method (see the module docstring)."""
+    """The run's jobs and its predicted counts per method (see the module docstring). A split
+    not built yet is planned as the run will build it; nothing is written."""
     device = resolve_device(options.device)
     state = _StoreState(options)
-    indexes: dict[str, DatasetIndex] = {}
+    splits = SplitReader(options.splits)
+    unbuilt: dict[str, Manifest | None] = {}  # split id -> the manifest the run would build
     plan = RunPlan()
     for job in jobs:
         detector = build_detector(job, options)
-        index = indexes.get(job.dataset)
-        if index is None:
-            index = indexes[job.dataset] = DatasetIndex.read(options.splits / job.dataset)
-        manifest = Manifest.read(options.splits / job.dataset / job.setting / f"{job.split}.json")
+        index = splits.index(job.dataset)
+        if job.split_id not in unbuilt:
+            unbuilt[job.split_id] = missing_split(job, options, index)
+        manifest = unbuilt[job.split_id] or splits.manifest(job.split_id)
         positions = {
             "train": np.asarray([index.position(i) for i in manifest.train], dtype=np.int64),
             "test": np.asarray([index.position(i) for i, _ in manifest.test], dtype=np.int64),
@@ -105,8 +119,14 @@ def plan_run(jobs: list[Job], options: RunOptions) -> RunPlan:
             repeats = per_class_repeat_counts([index.rows[p] for p in positions["train"]], manifest.normal_classes)
             positions["train"] = np.repeat(positions["train"], repeats)
         path = job_record_path(job, options, detector)
-        skipped = not options.force and finished_record(path, manifest.sha256)[0] is not None
-        plan.jobs.append(JobPlan(job, len(manifest.train), len(manifest.test), skipped))
+        try:
+            refuse_newer(path)
+            refused = False
+            skipped = not options.force and finished_record(path, manifest.sha256)[0] is not None
+        except NewerRecord:
+            refused = skipped = True
+        plan.jobs.append(JobPlan(job, len(manifest.train), len(manifest.test), skipped, refused,
+                                 builds_split=unbuilt[job.split_id] is not None))
         counts = plan.methods.setdefault(job.method, MethodPlan(job.method))
         if skipped:
             counts.skipped += 1
@@ -198,8 +218,14 @@ def print_plan(plan: RunPlan, console) -> None:
         jobs.add_column(column)
     for j in plan.jobs:
         jobs.add_row(j.job.method, j.job.split_id, str(j.job.seed), f"{j.train:,}", f"{j.test:,}",
-                     "skip (record exists)" if j.skipped else "run")
+                     "refuse (newer record)" if j.refused
+                     else "skip (record exists)" if j.skipped
+                     else "build split, run" if j.builds_split else "run")
     console.print(jobs)
+    unbuilt = list(dict.fromkeys(j.job.split_id for j in plan.jobs if j.builds_split))
+    if unbuilt:
+        console.print(f"{len(unbuilt)} split(s) not built yet, which the run builds first: {', '.join(unbuilt)}",
+                      soft_wrap=True, markup=False)
     costs = Table(title="forward passes and decodes: without caches -> with caches (this machine's store now)")
     for column in ("method", "jobs", "images", "decodes", "frozen passes", "saved", "trained passes"):
         costs.add_column(column)

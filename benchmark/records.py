@@ -5,13 +5,18 @@ with the per-image scores beside it as `... .scores.csv`. A record exists only o
 has finished; the runner skips jobs whose record exists. A record that cannot be read back
 whole (truncated, hand-edited, its scores file changed, its metrics or test counts not those of
 its scores file) counts as absent: readers skip it with one warning line and `run` re-runs its job.
+A record a newer ndbench wrote (a higher `schema`) is skipped too, but never re-run: that would
+overwrite it. Metrics this version does not know (a newer one's) are kept, unchecked.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -23,9 +28,11 @@ from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
 from datasets_builders.splits import SETTINGS
 
-from .metrics import fast_novelty_metrics, novelty_metrics
+from .metrics import METRICS, fast_novelty_metrics, novelty_metrics
 
 RECORD_SCHEMA = 1
+# The file name `record_path` gives a record; other JSON files under <out>/runs are not records.
+RECORD_NAME = re.compile(r"(?P<split>.+)__(?P<config_hash>[^_]+)__seed(?P<seed>[0-9]+)\.json")
 SCORES_HEADER = "image_id,label,score"
 # How far a recorded metric may lie from the one recomputed from its scores file. The scores are
 # written with repr(float), so recomputing gives the very same float: any gap is an edit.
@@ -45,7 +52,7 @@ class Record:
     split_sha256: str
     normal_classes: list[int]
     seed: int
-    metrics: dict[str, float]  # auroc, aupr_in, aupr_out, fpr95
+    metrics: dict[str, float]  # auroc, aupr_in, aupr_out, fpr95 (and those of newer versions, kept unchecked)
     counts: dict[str, int]  # train, test_normal, test_novel
     train_seconds: float
     inference_images_per_s: float
@@ -83,6 +90,21 @@ def record_path(out: Path, method: str, dataset: str, setting: str, split: str, 
     return Path(out) / "runs" / dataset / setting / method / f"{split}__{config_hash}__seed{seed}.json"
 
 
+class NotARecord(NdbenchError):
+    """A file under `<out>/runs` not named like a record (a user's notes.json): not a record,
+    damaged or not, so readers ignore it and no run re-runs anything for it."""
+
+
+class NewerRecord(NdbenchError):
+    """A record written by a newer ndbench (its `schema` is higher than RECORD_SCHEMA): this
+    version cannot check it, and must not overwrite it."""
+
+
+def is_record_name(name: str) -> bool:
+    """Whether a file name is one `record_path` gives."""
+    return RECORD_NAME.fullmatch(name) is not None
+
+
 def scores_path(record_file: Path) -> Path:
     """The per-image scores CSV beside a record."""
     return record_file.with_suffix(".scores.csv")
@@ -92,9 +114,11 @@ def write_record(path: Path, record: Record, image_ids: list[str], labels, score
     """Write the per-image scores and the record (which carries the scores file's sha256) as
     one step, the record last: a job leaves both files or neither, and a re-run (--force)
     whose write fails leaves the earlier pair as it was."""
-    lines = [SCORES_HEADER]
-    lines += [f"{i},{int(lab)},{float(s)!r}" for i, lab, s in zip(image_ids, labels, scores, strict=True)]
-    text = "\n".join(lines) + "\n"
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SCORES_HEADER.split(","))
+    writer.writerows((i, int(lab), repr(float(s))) for i, lab, s in zip(image_ids, labels, scores, strict=True))
+    text = buffer.getvalue()
     record_text = replace(record, scores_sha256=_sha256(text.encode("utf-8"))).to_json()
     atomic_write_files({scores_path(path): text, path: record_text})
 
@@ -151,7 +175,7 @@ def _record_problem(data, record_file: Path) -> str | None:
     if (record_file.parent.parent.parent.name, record_file.parent.parent.name, record_file.parent.name) != where \
             or not record_file.name.startswith(f"{data['split']}__"):
         return "its dataset, setting, method or split is not the one its path names"
-    for metric, value in data["metrics"].items():
+    for metric, value in _known(data["metrics"]).items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             return f"metric {metric} is {value!r}, not a number in [0, 1]"
     if "auroc" not in data["metrics"]:
@@ -183,7 +207,7 @@ def _scores_problem(data: dict, scores_file: Path) -> str | None:
 def _agreement_problem(data: dict, content: bytes, scores_file: Path) -> str | None:
     """Why the record's test counts or metrics are not those of its scores file (None when they are)."""
     try:
-        labels, scores = _parse_scores(content)
+        _, labels, scores = _parse_scores(content)
     except ValueError as exc:
         return f"its scores file {scores_file.name} {exc}"
     for what, label in (("test_normal", 0), ("test_novel", 1)):
@@ -197,17 +221,20 @@ def _agreement_problem(data: dict, content: bytes, scores_file: Path) -> str | N
         found = fast_novelty_metrics(labels, scores)
     except NdbenchError as exc:
         return f"its scores file {scores_file.name} gives no metrics: {exc.problem}"
-    if _metrics_differ(data["metrics"], found):
+    recorded = _known(data["metrics"])
+    if _metrics_differ(recorded, found):
         # Only what novelty_metrics (the function `run` records with) finds makes a record damaged.
         found = novelty_metrics(labels, scores)
-    unknown = sorted(set(data["metrics"]) - set(found))
-    if unknown:
-        return f"its metric {unknown[0]!r:.40} is not one its scores file gives ({', '.join(found)})"
     for metric, computed in found.items():
         value = data["metrics"].get(metric, computed)
         if _metrics_differ({metric: value}, found):
             return "its {} {} does not match its scores file ({})".format(metric, *_apart(value, computed))
     return None
+
+
+def _known(metrics: dict) -> dict:
+    """The metrics this version computes; others (a newer version's) are left unchecked."""
+    return {metric: value for metric, value in metrics.items() if metric in METRICS}
 
 
 def _metrics_differ(recorded: dict[str, float], found: dict[str, float]) -> bool:
@@ -225,59 +252,134 @@ def _apart(recorded: float, computed: float) -> tuple[str, str]:
     return repr(recorded), repr(computed)
 
 
-def _parse_scores(content: bytes) -> tuple[list[int], list[float]]:
-    """The labels and scores of a scores file as `write_record` writes it. Raises ValueError
+def read_scores(path: Path) -> tuple[list[str], list[int], list[float]]:
+    """The image ids, labels and scores of a scores file as `write_record` writes it (CSV,
+    ids quoted where needed; files written before ids were quoted read as well). Raises
+    NdbenchError naming the file when it is missing or malformed."""
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise NdbenchError(f"cannot read scores file {path}: {exc.strerror or exc}") from exc
+    try:
+        return _parse_scores(content)
+    except ValueError as exc:
+        raise NdbenchError(f"scores file {path} {exc}") from exc
+
+
+def _parse_scores(content: bytes) -> tuple[list[str], list[int], list[float]]:
+    """The image ids, labels and scores of a scores file (see `read_scores`). Raises ValueError
     saying what is wrong with it (worded to follow "its scores file <name>")."""
     if not content:
         raise ValueError("is empty")
     try:
-        lines = content.decode("utf-8").split("\n")
+        text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("is not UTF-8 text") from None
-    if lines[0] != SCORES_HEADER:
-        raise ValueError(f"starts with {lines[0]!r:.60}, not the header {SCORES_HEADER!r}")
-    if lines[-1] == "":
-        lines.pop()
+    header = text.split("\n", 1)[0]
+    if header != SCORES_HEADER:
+        raise ValueError(f"starts with {header!r:.60}, not the header {SCORES_HEADER!r}")
+    rows = _csv_rows(text)
+    if rows is None:
+        rows = _unquoted_rows(text)
+    ids: list[str] = []
     labels: list[int] = []
     scores: list[float] = []
-    # From the right: the image id is the rest of the line, whatever it holds.
+    for number, (image_id, label, score_text) in rows:
+        if label not in ("0", "1"):
+            raise ValueError(f"line {number} has label {label!r:.20}, not 0 or 1")
+        try:
+            score = float(score_text)
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise ValueError(f"line {number} has score {score_text!r:.30}, not a finite number")
+        ids.append(image_id)
+        labels.append(int(label))
+        scores.append(score)
+    return ids, labels, scores
+
+
+def _csv_rows(text: str) -> list[tuple[int, tuple[str, str, str]]] | None:
+    """(line number, fields) of each row after the header, read as CSV; None when some row
+    is not three fields (a file written before ids were quoted, or a malformed one)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows = []
+    try:
+        next(reader)
+        for row in reader:
+            if len(row) != 3:
+                return None
+            rows.append((reader.line_num, (row[0], row[1], row[2])))
+    except csv.Error:
+        return None
+    return rows
+
+
+def _unquoted_rows(text: str) -> list[tuple[int, tuple[str, str, str]]]:
+    """(line number, fields) of each line after the header, parsed from the right as files
+    written before ids were quoted hold them: the image id is the rest of the line, whatever
+    it holds. Raises ValueError on a line that is not three fields."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    rows = []
     for number, line in enumerate(lines[1:], start=2):
         parts = line.rsplit(",", 2)
         if len(parts) != 3:
             raise ValueError(f"line {number} is {line!r:.60}, not image_id,label,score")
-        if parts[1] not in ("0", "1"):
-            raise ValueError(f"line {number} has label {parts[1]!r:.20}, not 0 or 1")
-        try:
-            score = float(parts[2])
-        except ValueError:
-            score = math.nan
-        if not math.isfinite(score):
-            raise ValueError(f"line {number} has score {parts[2]!r:.30}, not a finite number")
-        labels.append(int(parts[1]))
-        scores.append(score)
-    return labels, scores
+        rows.append((number, (parts[0], parts[1], parts[2])))
+    return rows
 
 
 def read_record(path: Path) -> Record:
     """The record at `path`, checked whole: valid JSON holding every field with its type,
     metrics in [0, 1], the scores file beside it unchanged and well formed, and the record's
     metrics and test counts those of that scores file. Raises NdbenchError naming the file
-    otherwise."""
+    otherwise (NotARecord when its name is not one `record_path` gives, NewerRecord when a
+    newer ndbench wrote it)."""
     path = Path(path)
+    if not is_record_name(path.name):
+        raise NotARecord(f"{path} is not a record (not named <split>__<config hash>__seed<seed>.json)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise NdbenchError(f"cannot read record {path}: {exc.strerror or exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nesting too deep
         raise NdbenchError(f"record {path} is not valid JSON (truncated or edited?): {exc}") from exc
+    _refuse_newer(data, path)
     problem = _record_problem(data, path)
     if problem:
         raise NdbenchError(f"record {path} is damaged: {problem}")
     return Record(**data)
 
 
+def _refuse_newer(data, path: Path) -> None:
+    """Raise NewerRecord when the parsed record file `data` has a schema above RECORD_SCHEMA."""
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if isinstance(schema, int) and not isinstance(schema, bool) and schema > RECORD_SCHEMA:
+        raise NewerRecord(f"record {path} was written by a newer ndbench (record schema {schema}; this one reads "
+                          f"schema {RECORD_SCHEMA})", "read it with that ndbench version or a later one")
+
+
+def refuse_newer(path: Path) -> None:
+    """Raise NewerRecord when the record file at `path` was written by a newer ndbench (an
+    unreadable or absent file passes: it is no newer record)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return
+    _refuse_newer(data, Path(path))
+
+
 def warn_skipped(error: NdbenchError) -> None:
-    """The one warning line of a record that is skipped."""
+    """The one warning line of a record that is skipped (or of a file that is not a record)."""
+    if isinstance(error, NotARecord):
+        print(f"ndbench: warning: {error.problem}; ignored", file=sys.stderr)
+        return
+    if isinstance(error, NewerRecord):
+        print(f"ndbench: warning: {error.problem}; skipped, and never re-run over it ({error.fix})", file=sys.stderr)
+        return
     print(f"ndbench: warning: {error.problem}; skipped (the ndbench run command that made it re-runs its job)",
           file=sys.stderr)
 
@@ -285,7 +387,8 @@ def warn_skipped(error: NdbenchError) -> None:
 def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:
     """Every whole record under `<out>/runs` made on the current build of its split, in path
     order; damaged ones, and those made on an earlier build of their split (another manifest
-    under `<out>/splits`, so another test set), are skipped (and reported through `on_skip`)."""
+    under `<out>/splits`, so another test set), are skipped (and reported through `on_skip`,
+    as are JSON files not named like records, which are no record: `NotARecord`)."""
     runs = Path(out) / "runs"
     if not runs.is_dir():
         return []

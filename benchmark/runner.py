@@ -11,7 +11,7 @@ import hashlib
 import platform
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -26,8 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from datasets_builders.atomic import remove_abandoned_temporaries, write_error
 from datasets_builders.embedded import N_CLASSES
 from datasets_builders.errors import NdbenchError, WriteFailure
-from datasets_builders.index import DatasetIndex
-from datasets_builders.loading import ManifestDataset, load_split
+from datasets_builders.index import DatasetIndex, build_command
+from datasets_builders.loading import ManifestDataset
 from datasets_builders.sources import check_dataset, is_builtin
 from datasets_builders.splits import (
     SETTINGS,
@@ -49,10 +49,10 @@ from methods.weight_sources import EMBEDDED_WEIGHTS
 from .build import BuildRequest, build_splits, make_manifests
 from .console import QuietProgress, stderr_console
 from .interrupts import Interrupted
-from .locks import try_lock
+from .locks import remove_stale_lock, try_lock
 from .metrics import novelty_metrics
 from .overrides import WEIGHTING_OPTION, split_overrides
-from .records import Record, read_record, record_path, write_record
+from .records import NewerRecord, Record, read_record, record_path, refuse_newer, write_record
 
 EMBEDDED = "embedded"
 # How a multi-class training set is weighted. The authors' released code concatenates one image
@@ -124,6 +124,47 @@ class JobResult:
     user_error: bool = False
     extra: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # warning lines for the user (a stale lock taken over, ...)
+
+
+class SplitReader:
+    """The dataset indexes and split manifests under a splits root, each read once: one reader
+    serves the jobs of one run, whose splits `prepare` builds before any job and leaves as they
+    are. A read that fails fails the same way for every job asking again."""
+
+    def __init__(self, splits_root: Path):
+        self.root = Path(splits_root)
+        self._indexes: dict[str, DatasetIndex | NdbenchError] = {}
+        self._manifests: dict[str, Manifest | NdbenchError] = {}
+
+    def index(self, dataset: str) -> DatasetIndex:
+        """The dataset's index (raises NdbenchError as `DatasetIndex.read`)."""
+        return self._once(self._indexes, dataset, lambda: DatasetIndex.read(self.root / dataset))
+
+    def manifest(self, split_id: str) -> Manifest:
+        """The manifest of `<dataset>/<setting>/<name>` (raises NdbenchError as `Manifest.read`)."""
+        return self._once(self._manifests, split_id, lambda: Manifest.read(self.root / f"{split_id}.json"))
+
+    def split(self, split_id: str) -> tuple[DatasetIndex, Manifest]:
+        """The index and manifest of a split, as `datasets_builders.loading.load_split` gives
+        them: a manifest built from another index than the one beside it is refused."""
+        dataset = split_id.split("/")[0]
+        index, manifest = self.index(dataset), self.manifest(split_id)
+        if manifest.index_sha256 != index.sha256:
+            index_dir = self.root / dataset
+            raise NdbenchError(f"manifest {index_dir / split_id.split('/', 1)[1]}.json built from another index than "
+                               f"{index_dir / 'index.csv'}", f"rebuild with `{build_command(index_dir)}`")
+        return index, manifest
+
+    @staticmethod
+    def _once(found: dict, key: str, read: Callable[[], Any]) -> Any:
+        if key not in found:
+            try:
+                found[key] = read()
+            except NdbenchError as exc:
+                found[key] = exc
+        if isinstance(found[key], NdbenchError):
+            raise found[key]
+        return found[key]
 
 
 def _check_classes(chosen: list[int], known: list[int], dataset: str) -> None:
@@ -327,11 +368,9 @@ def prepare(jobs: list[Job], options: RunOptions) -> None:
     for dataset in sorted({job.dataset for job in jobs}):
         ensure_index(dataset, options)
     for job in jobs:
-        if not Path(options.splits / job.dataset / job.setting / f"{job.split}.json").is_file():
-            if not is_builtin(job.dataset):
-                raise _custom_split_missing(job.dataset, options, f"no split {job.setting}/{job.split}",
-                                            f" --setting {job.setting} --classes {job.split.removeprefix('except-')}")
-            build_missing_split(job, options)
+        manifest = missing_split(job, options)
+        if manifest is not None:
+            manifest.write(options.splits)
     # Build each distinct backbone once: missing or wrong weights fail here, in one line,
     # before any job starts (and embedded backbones get pre-trained once, not per job).
     seen: set[tuple[str, str]] = set()
@@ -343,15 +382,22 @@ def prepare(jobs: list[Job], options: RunOptions) -> None:
             create_backbone(key[0], weights=resolve_weights(*key), num_classes=0)
 
 
-def build_missing_split(job: Job, options: RunOptions) -> Path:
-    """Write a built-in dataset's missing protocol split from the index under the splits root,
-    as `build-splits` formed it (the same --root, year and class order): the data at the
-    default root may be another tree, and the index is left as it is. Returns its path."""
-    index = DatasetIndex.read(options.splits / job.dataset)
+def missing_split(job: Job, options: RunOptions, index: DatasetIndex | None = None) -> Manifest | None:
+    """The manifest `prepare` writes for the job's split when it is not built (None when it is):
+    a built-in dataset's protocol split, formed from the index under the splits root (`index`,
+    when given) as `build-splits` formed it (the same --root, year and class order: the data at
+    the default root may be another tree). Nothing is written. Raises NdbenchError for a custom
+    dataset's missing split: ndbench cannot build it."""
+    if (options.splits / job.dataset / job.setting / f"{job.split}.json").is_file():
+        return None
+    if not is_builtin(job.dataset):
+        raise _custom_split_missing(job.dataset, options, f"no split {job.setting}/{job.split}",
+                                    f" --setting {job.setting} --classes {job.split.removeprefix('except-')}")
+    index = index or DatasetIndex.read(options.splits / job.dataset)
     kind = job.split.removeprefix("except-")
     request = BuildRequest(dataset=job.dataset, out=options.splits, setting=job.setting, classes=(int(kind),))
     (manifest,) = make_manifests(index, request)[0]
-    return manifest.write(options.splits)
+    return manifest
 
 
 def seed_everything(seed: int) -> None:
@@ -379,11 +425,13 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def job_data(job: Job, detector, options: RunOptions) -> tuple[Manifest, ManifestDataset, ManifestDataset]:
+def job_data(job: Job, detector, options: RunOptions,
+             splits: SplitReader | None = None) -> tuple[Manifest, ManifestDataset, ManifestDataset]:
     """The job's manifest and its train and test images, in the detector's input transform,
     decoded through the detector's runtime (image store, counters) for its `store_parts`;
-    multi-class training images repeated per normal class under the "per-class" weighting."""
-    index, manifest = load_split(options.splits, job.split_id)
+    multi-class training images repeated per normal class under the "per-class" weighting.
+    `splits`: the run's reader of indexes and manifests (default: a fresh one)."""
+    index, manifest = (splits or SplitReader(options.splits)).split(job.split_id)
     transform = detector.transform()
     runtime = detector.runtime
 
@@ -408,11 +456,14 @@ def job_cost(detector, runtime: JobRuntime) -> dict[str, int]:
 
 def finished_record(path: Path, split_sha256: str | None = None) -> tuple[Record | None, tuple[str, ...]]:
     """The job's record when it exists whole and, given the split's current `split_sha256`,
-    was made on that build of the split; a damaged or outdated one counts as absent (with a note)."""
+    was made on that build of the split; a damaged or outdated one counts as absent (with a note).
+    Raises NewerRecord for a record a newer ndbench wrote: its job must not run over it."""
     if not path.is_file():
         return None, ()
     try:
         record = read_record(path)
+    except NewerRecord:
+        raise
     except NdbenchError as exc:
         return None, (f"ndbench: warning: {exc.problem}; re-running its job",)
     if split_sha256 is not None and record.split_sha256 != split_sha256:
@@ -421,12 +472,11 @@ def finished_record(path: Path, split_sha256: str | None = None) -> tuple[Record
     return record, ()
 
 
-def current_split_sha256(job: Job, options: RunOptions) -> str | None:
+def current_split_sha256(job: Job, options: RunOptions, splits: SplitReader | None = None) -> str | None:
     """The sha256 of the job's split manifest as built now (None when it cannot be read: the
-    job then fails on it with the manifest's own error)."""
-    dataset, setting, name = job.split_id.split("/")
+    job then fails on it with the manifest's own error). `splits`: as for `job_data`."""
     try:
-        return Manifest.read(Path(options.splits) / dataset / setting / f"{name}.json").sha256
+        return (splits or SplitReader(options.splits)).manifest(job.split_id).sha256
     except NdbenchError:
         return None
 
@@ -443,15 +493,18 @@ def check_scores(job: Job, scores: np.ndarray, image_ids: list[str]) -> np.ndarr
     return scores
 
 
-def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpus: int | None = None) -> JobResult:
+def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpus: int | None = None,
+            splits: SplitReader | None = None) -> JobResult:
     """Run one job unless its record exists (or `force`) or another run holds its lock;
     write the record atomically. `cpus`: the CPUs reserved for the job (sets the DataLoader
-    workers' default)."""
+    workers' default); `splits`: the run's reader of indexes and manifests (default: the job's own)."""
+    splits = splits or SplitReader(options.splits)
     detector = build_detector(job, options)
     path = job_record_path(job, options, detector)
-    split_sha256 = current_split_sha256(job, options)
+    split_sha256 = current_split_sha256(job, options, splits)
     skipped, notes = _recorded(job, options, path, split_sha256)
     if skipped is not None:
+        skipped.notes = remove_stale_lock(path)
         return skipped
     attempt = try_lock(path)
     notes += attempt.notes
@@ -462,35 +515,46 @@ def run_job(job: Job, options: RunOptions, progress: Progress | None = None, cpu
         if skipped is not None:
             skipped.notes = notes
             return skipped
-        result = _run_locked(job, options, detector, path, progress, cpus)
+        result = _run_locked(job, options, detector, path, progress, cpus, splits)
     finally:
         attempt.lock.release()
     result.notes = notes + result.notes
     return result
 
 
-def recorded_result(job: Job, options: RunOptions) -> JobResult | None:
-    """The job's skipped result when `run_job` would skip it now (see `_recorded`), else None."""
+def recorded_result(job: Job, options: RunOptions, splits: SplitReader | None = None) -> JobResult | None:
+    """The job's skipped result when `run_job` would skip it now (see `_recorded`), else None;
+    as `run_job` does, it removes a stale lock left beside the finished record."""
     if options.force:
         return None
     path = job_record_path(job, options)
-    return _recorded(job, options, path, current_split_sha256(job, options))[0]
+    skipped = _recorded(job, options, path, current_split_sha256(job, options, splits))[0]
+    if skipped is not None:
+        skipped.notes = remove_stale_lock(path)
+    return skipped
 
 
 def _recorded(job: Job, options: RunOptions, path: Path,
               split_sha256: str | None) -> tuple[JobResult | None, tuple[str, ...]]:
     """The job as skipped when its record at `path` is finished (see `finished_record`) and
-    `force` is off, else None; and the notes on a damaged or outdated record."""
-    record, notes = (None, ()) if options.force else finished_record(path, split_sha256)
+    `force` is off, else None; and the notes on a damaged or outdated record. Raises NewerRecord
+    when a newer ndbench wrote the record, `force` or not: running the job would overwrite it."""
+    try:
+        if options.force:
+            refuse_newer(path)
+        record, notes = (None, ()) if options.force else finished_record(path, split_sha256)
+    except NewerRecord as exc:
+        raise NewerRecord(f"{exc.problem}: not run over it", "run the job with that ndbench, or pass another --out") \
+            from None
     return (None if record is None else JobResult(job, SKIPPED, path, record.metrics["auroc"])), notes
 
 
 def _run_locked(job: Job, options: RunOptions, detector, path: Path, progress: Progress | None,
-                cpus: int | None) -> JobResult:
+                cpus: int | None, splits: SplitReader) -> JobResult:
     device = resolve_device(options.device)
     runtime = JobRuntime.open(options.caching, device, cpus)
     detector.use_runtime(runtime)
-    manifest, train, test = job_data(job, detector, options)
+    manifest, train, test = job_data(job, detector, options, splits)
     seed_everything(job.seed)
     start = time.perf_counter()
     detector.fit(train, device=device, progress=progress)
@@ -543,7 +607,7 @@ def _remove_file(path: Path) -> None:
 
 
 def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None,
-                 cpus: int | None = None) -> JobResult:
+                 cpus: int | None = None, splits: SplitReader | None = None) -> JobResult:
     """`run_job` that turns a failure into a failed result, so other jobs go on; a crash is
     tried again up to `options.retries` times. A write failure (disk full, read-only folder)
     is raised: every later job would hit it too."""
@@ -551,7 +615,7 @@ def safe_run_job(job: Job, options: RunOptions, progress: Progress | None = None
     while True:
         tries += 1
         try:
-            return run_job(job, options, progress, cpus)
+            return run_job(job, options, progress, cpus, splits)
         except WriteFailure:
             raise
         except NdbenchError as exc:

@@ -23,7 +23,7 @@ from small_splits import fresh_out
 from benchmark import records as records_module
 from benchmark import runner as runner_module
 from benchmark.cli import main
-from benchmark.locks import LockOwner, _process_start, lock_path, try_lock
+from benchmark.locks import LockOwner, _process_start, lock_path, remove_stale_lock, try_lock
 from benchmark.records import load_records, read_record, scores_path
 from benchmark.runner import Job, RunOptions, job_record_path
 from datasets_builders.atomic import atomic_write_bytes, atomic_write_files, write_error
@@ -97,6 +97,39 @@ def test_a_job_locked_by_a_live_run_is_left_to_it_and_not_failed(splits_root, tm
     assert "failed:" not in err
     assert [r.split for r in load_records(out)] == ["0"]
     assert json.loads(lock.read_text())["token"] == holder.token  # the other run's lock is untouched
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_a_stale_lock_beside_a_finished_record_is_removed_a_live_one_kept(splits_root, tmp_path, faulty, capsys,
+                                                                          parallel):
+    """A run killed after writing its record left the lock: the next run skips the job and
+    removes the lock (one warning); a lock a live process or another host holds stays."""
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0,1,2")) == 0
+    stale, live, remote = (lock_path(record_of(out, split)) for split in "012")
+    write_lock(stale, LockOwner(socket.gethostname(), dead_pid(), "2024-01-01T00:00:00+00:00", "", "x" * 32))
+    me = LockOwner(socket.gethostname(), os.getpid(), "2024-01-01T00:00:00+00:00", _process_start(os.getpid()),
+                   "z" * 32)
+    write_lock(live, me)
+    write_lock(remote, LockOwner("node-17.cluster", 4242, "2024-01-01T00:00:00+00:00", "", "y" * 32))
+    capsys.readouterr()
+    assert main([*faulty_args(out, "0,1,2"), "--parallel", parallel]) == 0
+    err = capsys.readouterr().err
+    assert "0 jobs ran, 3 skipped" in err
+    removed = [line for line in error_lines(err) if "stale lock" in line]
+    assert len(removed) == 1 and str(stale) in removed[0] and "is gone" in removed[0], err
+    assert not stale.exists() and json.loads(live.read_text())["token"] == me.token and remote.is_file()
+
+
+def test_a_young_unreadable_lock_beside_a_finished_record_stays(tmp_path):
+    record = tmp_path / "r.json"
+    lock_path(record).write_text('{"host": "half-writ')
+    assert remove_stale_lock(record) == () and lock_path(record).is_file()
+    old = lock_path(record).stat().st_mtime - 3600
+    os.utime(lock_path(record), (old, old))
+    (note,) = remove_stale_lock(record)
+    assert "unreadable" in note and not lock_path(record).exists()
+    assert remove_stale_lock(record) == ()
 
 
 def test_a_reused_pid_does_not_keep_a_dead_runs_lock(tmp_path):
@@ -241,6 +274,30 @@ def test_records_written_before_scores_hashes_still_load(splits_root, tmp_path, 
     scores.write_text("".join(scores.read_text().splitlines(keepends=True)[:-3]))  # truncated
     with pytest.raises(NdbenchError, match="holds"):
         read_record(path)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["resume", "force"])
+def test_run_never_overwrites_a_record_of_a_newer_schema(splits_root, tmp_path, faulty, capsys, force):
+    """A newer ndbench's record (more fields than this version knows) is not damaged: its job
+    fails in one line naming the schema, other jobs run, and the record is left byte for byte."""
+    out = fresh_out(splits_root, tmp_path)
+    assert main(faulty_args(out, "0")) == 0
+    path = record_of(out, "0")
+    data = json.loads(path.read_text())
+    data.update(schema=data["schema"] + 1, field_of_the_future="x")
+    data["metrics"]["metric_of_the_future"] = 0.5
+    path.write_text(json.dumps(data))
+    before = path.read_bytes(), scores_path(path).read_bytes()
+    capsys.readouterr()
+    assert main([*faulty_args(out, "0,1"), *(["--force"] if force else []), "--dry-run"]) == 0
+    assert "refuse" in capsys.readouterr().out
+    assert main([*faulty_args(out, "0,1"), *(["--force"] if force else [])]) == 2
+    err = capsys.readouterr().err
+    failed = [line for line in error_lines(err) if "failed" in line]
+    assert len(failed) == 1 and str(path) in failed[0] and "newer ndbench" in failed[0], err
+    assert "re-running" not in err
+    assert (path.read_bytes(), scores_path(path).read_bytes()) == before
+    assert record_of(out, "1").is_file()
 
 
 # --- method failures ---------------------------------------------------------------------------

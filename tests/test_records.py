@@ -4,6 +4,7 @@ naming it); a whole record, older ones without a scores hash included, still loa
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import replace
@@ -16,7 +17,17 @@ from record_fixtures import write_matching
 from benchmark import records as records_module
 from benchmark.cli import main
 from benchmark.metrics import novelty_metrics
-from benchmark.records import Record, load_records, read_record, record_path, scores_path
+from benchmark.records import (
+    RECORD_SCHEMA,
+    NewerRecord,
+    NotARecord,
+    Record,
+    load_records,
+    read_record,
+    read_scores,
+    record_path,
+    scores_path,
+)
 from datasets_builders.errors import NdbenchError
 
 
@@ -79,18 +90,41 @@ def test_whole_records_load_with_the_metrics_of_their_scores(tmp_path, capsys):
         (lambda d: d["metrics"].update(fpr95=round(d["metrics"]["fpr95"] + 0.05, 2)), "its fpr95 "),
         (lambda d: d["metrics"].update(aupr_in=d["metrics"]["aupr_in"] - 1e-6), "its aupr_in "),
         (lambda d: d["metrics"].update(aupr_out=1.0), "its aupr_out 1 does not match"),
-        (lambda d: d["metrics"].update(accuracy=0.9), "its metric 'accuracy' is not one its scores file gives"),
         (lambda d: d["counts"].update(test_normal=d["counts"]["test_normal"] + 1), "its count test_normal "),
         (lambda d: d["counts"].update(test_novel=0), "its count test_novel 0 does not match its scores file ("),
         (lambda d: d["counts"].pop("test_novel"), "it has no count test_novel"),
     ],
-    ids=["auroc", "fpr95", "aupr_in-off-by-1e-6", "aupr_out", "unknown-metric", "test_normal", "test_novel",
-         "no-test_novel"],
+    ids=["auroc", "fpr95", "aupr_in-off-by-1e-6", "aupr_out", "test_normal", "test_novel", "no-test_novel"],
 )
 def test_a_metric_or_count_typed_over_the_record_is_skipped_with_one_warning(tmp_path, capsys, edit, needle):
     path, _ = whole(tmp_path, "0"), whole(tmp_path, "1")
     edit_json(path, edit)
     skipped_once(tmp_path, path, needle, capsys)
+
+
+def test_metrics_this_version_does_not_know_are_kept_unchecked(tmp_path, capsys):
+    """A newer ndbench may record more metrics: the record stays whole (a re-run would overwrite
+    it) and keeps them; the metrics this version knows are still checked."""
+    path, _ = whole(tmp_path, "0"), whole(tmp_path, "1")
+    extra = {"accuracy": 0.9, "aurc": 3.5, "per_class": {"a": 1}}
+    edit_json(path, lambda d: d["metrics"].update(extra))
+    capsys.readouterr()
+    assert [r.split for r in load_records(tmp_path)] == ["0", "1"]
+    assert capsys.readouterr().err == ""
+    assert read_record(path).metrics.items() >= extra.items()
+    edit_json(path, lambda d: d["metrics"].update(auroc=0.99))
+    skipped_once(tmp_path, path, "its auroc 0.99 does not match its scores file", capsys)
+
+
+def test_a_record_of_a_newer_schema_is_skipped_naming_it(tmp_path, capsys):
+    path, _ = whole(tmp_path, "0"), whole(tmp_path, "1")
+    edit_json(path, lambda d: d.update(schema=d["schema"] + 1, field_of_the_future=[1]))
+    skipped_once(tmp_path, path, f"written by a newer ndbench (record schema {RECORD_SCHEMA + 1}", capsys)
+    with pytest.raises(NewerRecord):
+        read_record(path)
+    load_records(tmp_path)
+    warning = capsys.readouterr().err
+    assert "never re-run" in warning and "re-runs its job" not in warning
 
 
 def test_the_warning_shows_both_numbers_apart(tmp_path):
@@ -150,6 +184,34 @@ def test_image_ids_may_hold_commas(tmp_path):
     assert read_record(path).metrics == written.metrics
 
 
+ODD_IDS = ["a,1,0.5", 'say "cheese".png', "b,0,", "line\nbreak.png", "été/日本,x.png", '"quoted"', "c"]
+
+
+def test_odd_image_ids_round_trip_through_a_csv_scores_file(tmp_path):
+    """Ids holding commas, quotes, line breaks or non-ASCII are quoted as CSV, so any CSV reader
+    gets three fields a row, and the ids come back as written."""
+    path = record_path(tmp_path, "knn", "embedded", "uni-class", "0", "c0ffee", 0)
+    labels, scores = [0, 1, 0, 1, 1, 0, 1], [0.2, 0.9, 0.1, 0.7, 0.8, 0.3, 0.95]
+    written = write_matching(path, record(), ODD_IDS, labels, scores)
+    with scores_path(path).open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["image_id", "label", "score"]
+    assert rows[1:] == [[i, str(label), repr(score)] for i, label, score in zip(ODD_IDS, labels, scores, strict=True)]
+    assert read_scores(scores_path(path)) == (ODD_IDS, labels, scores)
+    assert read_record(path).metrics == written.metrics
+
+
+def test_a_scores_file_written_before_ids_were_quoted_still_reads(tmp_path):
+    path = record_path(tmp_path, "knn", "embedded", "uni-class", "0", "c0ffee", 0)
+    ids, labels, scores = ["a,1,0.5", 'q"x', '"b,c', "é"], [0, 1, 1, 0], [0.2, 0.9, 0.6, 0.1]
+    write_matching(path, record(), ids, labels, scores)
+    rows = zip(ids, labels, scores, strict=True)
+    unquoted = "image_id,label,score\n" + "".join(f"{i},{a},{s!r}\n" for i, a, s in rows)
+    edit_scores(path, lambda lines: unquoted.encode("utf-8"))
+    assert read_scores(scores_path(path)) == (ids, labels, scores)
+    assert read_record(path).metrics == novelty_metrics(labels, scores)
+
+
 def older(path: Path) -> None:
     """Make the record at `path` one written before records held their scores file's sha256."""
     edit_json(path, lambda d: d.pop("scores_sha256"))
@@ -194,6 +256,26 @@ def test_the_table_command_leaves_out_an_edited_record_with_one_warning(tmp_path
     warnings = [line for line in captured.err.splitlines() if line.startswith("ndbench:")]
     assert len(warnings) == 1 and str(path) in warnings[0] and "its auroc 0.99 does not match" in warnings[0]
     assert "99.0" not in captured.out
+
+
+def test_json_files_not_named_like_records_are_ignored_not_damaged(tmp_path, capsys):
+    """A user's notes beside the records are no record: one "ignored" line each, never called
+    damaged nor said to be re-run."""
+    path = whole(tmp_path, "0")
+    notes = [path.parent / "notes.json", tmp_path / "runs" / "summary.json"]
+    notes[0].write_text('{"todo": "rerun with more seeds"}')
+    notes[1].write_text("[]")
+    capsys.readouterr()
+    assert [r.split for r in load_records(tmp_path)] == ["0"]
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2, warnings
+    for note, warning in zip(sorted(notes), warnings, strict=True):
+        assert str(note) in warning and "not a record" in warning and warning.endswith("ignored"), warning
+        assert "damaged" not in warning and "re-run" not in warning
+    with pytest.raises(NotARecord):
+        read_record(notes[0])
+    assert main(["table", "--out", str(tmp_path)]) == 0
+    assert "damaged" not in capsys.readouterr().err
 
 
 def test_writing_then_reading_keeps_a_record_as_it_was(tmp_path):

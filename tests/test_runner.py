@@ -324,3 +324,61 @@ def test_a_run_removes_temporaries_killed_writes_left_once_abandoned(workspace, 
     assert not any(path.exists() for path in old)
     assert young.exists() and kept.exists()
     assert len(load_records(out)) == 2
+
+
+def files_under(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_dry_run_plans_a_split_not_built_yet_and_writes_nothing(splits_root, tmp_path, capsys):
+    """The index is built but a split's manifest is missing: the run would build it, so the dry
+    run plans its jobs on the manifest the run would write, and says so."""
+    import shutil
+
+    from benchmark.plan import plan_run
+    from benchmark.runner import missing_split
+
+    out = tmp_path / "results"
+    shutil.copytree(splits_root, out / "splits")
+    manifest_file = out / "splits" / "embedded" / "uni-class" / "1.json"
+    manifest_file.unlink()
+    before = files_under(out)
+    capsys.readouterr()
+    args = ["run", "--method", "knn", "--classes", "0,1", "--seeds", "0,1", "--weights", "none", "--device", "cpu",
+            "--out", str(out), "--dry-run"]
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "1 split(s) not built yet, which the run builds first: embedded/uni-class/1" in printed
+    assert files_under(out) == before
+    options = RunOptions(out=out, device="cpu", weights="none")
+    jobs = expand_jobs(["knn"], settings=["uni-class"], classes=[0, 1], seeds=[0, 1], options=options)
+    plan = plan_run(jobs, options)
+    assert [(j.job.split, j.builds_split, j.skipped) for j in plan.jobs] == [
+        ("0", False, False), ("0", False, False), ("1", True, False), ("1", True, False)]
+    assert plan.methods["knn"].jobs == 4
+    missing_split(jobs[2], options).write(options.splits)  # as `prepare` builds it
+    built = json.loads(manifest_file.read_text())
+    assert (plan.jobs[2].train, plan.jobs[2].test) == (len(built["train"]), len(built["test"]))
+
+
+def test_a_run_reads_each_split_manifest_once(splits_root, tmp_path, faulty, monkeypatch):
+    from datasets_builders.splits import Manifest
+
+    out = fresh_out(splits_root, tmp_path)
+    options = RunOptions(out=out, device="cpu", progress=False)
+    jobs = expand_jobs(["faulty"], settings=["uni-class"], classes=[0, 1], seeds=[0, 1, 2], options=options)
+    reads: list[str] = []
+    read = Manifest.read.__func__
+
+    def counted(cls, path):
+        reads.append(Path(path).name)
+        return read(cls, path)
+
+    monkeypatch.setattr(Manifest, "read", classmethod(counted))
+    assert [r.status for r in execute(jobs, options)] == ["done"] * 6
+    assert sorted(reads) == ["0.json", "1.json"]
+    reads.clear()
+    assert [r.status for r in execute(jobs, options)] == ["skipped"] * 6
+    assert sorted(reads) == ["0.json", "1.json"]
