@@ -21,7 +21,7 @@ from datasets_builders.sources import DATASETS
 from . import tables
 from .paper import PAPER_DATASETS
 from .plots import SplitScores
-from .records import Record, read_record, scores_path
+from .records import NotARecord, Record, read_record, scores_path
 from .reporting import class_names_under
 from .tables import (
     AVG,
@@ -112,15 +112,20 @@ class Results:
     skipped: list[str]  # unreadable record files, with the reason
 
 
-def read_record_files(out: Path, on_unreadable: Callable[[Path, str], None]) -> list[tuple[Path, Record]]:
+def read_record_files(out: Path, on_unreadable: Callable[[Path, str], None],
+                      on_other: Callable[[Path, str], None] | None = None) -> list[tuple[Path, Record]]:
     """Every whole record under `<out>/runs` with its path, in path order. A file that
     `records.read_record` refuses (bad JSON, missing fields, a changed scores file) is passed to
-    `on_unreadable` with the reason and left out, so a partly damaged results folder still reads."""
+    `on_unreadable` with the reason and left out, so a partly damaged results folder still reads;
+    a JSON file not named like a record (a user's notes) is no record: it goes to `on_other`."""
     runs = Path(out) / "runs"
     found: list[tuple[Path, Record]] = []
     for path in sorted(runs.rglob("*.json")) if runs.is_dir() else []:
         try:
             found.append((path, read_record(path)))
+        except NotARecord as exc:
+            if on_other is not None:
+                on_other(path, exc.problem)
         except NdbenchError as exc:
             on_unreadable(path, exc.problem)
     return found
@@ -137,7 +142,7 @@ def gather(out: Path, warn: Warn | None = None) -> Results:
         skipped.append(f"{path}: {reason}")
         warn(f"skipped unreadable record {path} ({reason})")
 
-    found = read_record_files(out, unreadable)
+    found = read_record_files(out, unreadable, lambda path, problem: warn(f"{problem}; ignored"))
     if not found:
         raise NdbenchError(f"no readable records under {out / 'runs'}",
                            "run `ndbench run --method METHOD` (or `ndbench demo`) first")

@@ -588,3 +588,15 @@ def test_maps_on_an_unbuilt_normal_set_names_it_and_its_build(source, tmp_path, 
     assert "build-splits coco-format --name mylab" in line and "--setting multi-class --normal 2,5" in line
     assert f"--out {out / 'splits'}" in line
     one_line_error(main([*maps, "multi-class/normal-2-3"]), capsys.readouterr().err, "unknown class 3 for mylab")
+
+
+def test_the_missing_split_hint_quotes_the_splits_folder(source, tmp_path, capsys):
+    """The hint for a custom dataset's missing split, pasted into a shell, writes where the run reads."""
+    from benchmark.runner import RunOptions, _custom_split_missing
+
+    splits = tmp_path / "my splits"
+    assert main(build_args(source, splits, "--setting", "uni-class")) == 0, capsys.readouterr().err
+    error = _custom_split_missing("mylab", RunOptions(out=tmp_path, splits_root=splits), "no split x")
+    command = error.fix.removeprefix("build it with `").removesuffix("`")
+    args = shlex.split(command)
+    assert args[args.index("--out") + 1] == str(splits)

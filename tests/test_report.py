@@ -129,6 +129,21 @@ def test_unreadable_record_files_are_skipped_with_their_reason(tmp_path):
     assert read_record_files(tmp_path / "nothing", lambda *a: None) == []
 
 
+def test_json_files_not_named_like_records_are_ignored_not_listed_as_unreadable(tmp_path):
+    folder = tmp_path / "runs" / "embedded" / "uni-class" / "knn"
+    write_matching(folder / "0__c0ffee__seed0.json", synthetic("knn", "0", 0), ["a", "b"], [0, 1], [0.1, 0.2])
+    (folder / "notes.json").write_text('{"todo": "rerun"}', encoding="utf-8")
+    skipped, other = [], []
+    found = read_record_files(tmp_path, lambda path, reason: skipped.append(path.name),
+                              lambda path, reason: other.append(path.name))
+    assert [p.name for p, _ in found] == ["0__c0ffee__seed0.json"]
+    assert skipped == [] and other == ["notes.json"]
+    warnings = []
+    results = gather(tmp_path, warnings.append)
+    assert results.skipped == []
+    assert any("notes.json is not a record" in w and w.endswith("ignored") for w in warnings)
+
+
 def test_missing_jobs_are_the_holes_in_the_grid_of_what_exists():
     records = [synthetic("knn", "0", 0), synthetic("knn", "1", 0), synthetic("knn", "0", 1),
                synthetic("mkd", "0", 0)]
