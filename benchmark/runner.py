@@ -199,7 +199,8 @@ def _custom_split_missing(dataset: str, options: RunOptions, what: str, options_
     """The error for a custom dataset's missing index or split: ndbench cannot rebuild it."""
     from datasets_builders.coco_format import build_command_for
 
-    command = f"{build_command_for(options.splits / dataset, dataset)} --out {shlex.quote(str(options.splits))}{options_text}"
+    out = shlex.quote(str(options.splits))
+    command = f"{build_command_for(options.splits / dataset, dataset)} --out {out}{options_text}"
     return NdbenchError(f"{dataset}: {what}; ndbench cannot build a custom dataset by itself",
                         f"build it with `{command}`")
 
