@@ -128,9 +128,7 @@ def atomic_write_files(files: dict[Path, str | bytes], remove: Iterable[Path] = 
     replaces can leave some replaced). SIGINT and SIGTERM wait while the targets are replaced,
     deleted or put back. Symlinks are written through; a target that is not a regular file is
     refused before anything is written."""
-    staged: list[tuple[str, Path]] = []
-    backups: dict[Path, Path | None] = {}
-    replaced: list[Path] = []
+    staged: list[tuple[Path, Path]] = []
     targets = {replaced_file(Path(path)): text for path, text in files.items()}
     doomed = [Path(path) for path in remove if Path(path).is_file() and replaced_file(Path(path)) not in targets]
     path = Path()
@@ -138,12 +136,33 @@ def atomic_write_files(files: dict[Path, str | bytes], remove: Iterable[Path] = 
         for path, text in targets.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            staged.append((tmp, path))
+            staged.append((Path(tmp), path))
             os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as handle:
                 handle.write(encode_text(text) if isinstance(text, str) else text)
                 handle.flush()
                 os.fsync(handle.fileno())
+    except BaseException as exc:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from exc
+        raise
+    replace_together(staged, remove=doomed)
+
+
+def replace_together(staged: list[tuple[Path, Path]], remove: Iterable[Path] = ()) -> None:
+    """Put staged files in place as one step: each `(temporary, target)` pair's temporary
+    file, written beside its target, replaces the target, and the files `remove` lists are
+    deleted. A failure or interrupt while replacing or deleting puts back what the targets
+    held, and SIGINT and SIGTERM wait until the targets are replaced or put back, so they end
+    all new or all as they were (only a hard kill between two replaces can leave some
+    replaced). The temporary files are gone when this returns."""
+    doomed = [Path(path) for path in remove]
+    backups: dict[Path, Path | None] = {}
+    replaced: list[Path] = []
+    path = Path()
+    try:
         with signals_deferred():
             try:
                 for path in [target for _, target in staged] + doomed:
@@ -153,38 +172,6 @@ def atomic_write_files(files: dict[Path, str | bytes], remove: Iterable[Path] = 
                     replaced.append(path)  # no signal lands between the two: they wait
                 for path in doomed:
                     path.unlink()
-                    replaced.append(path)
-            except BaseException:
-                _put_back(replaced, backups)
-                raise
-    except BaseException as exc:
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from exc
-        raise
-    finally:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        for backup in backups.values():
-            if backup is not None:
-                backup.unlink(missing_ok=True)
-
-
-def replace_together(staged: list[tuple[Path, Path]]) -> None:
-    """Put staged files in place as one step: each `(temporary, target)` pair's temporary
-    file, written beside its target, replaces the target. A failure or interrupt while
-    replacing puts back what the targets held, and SIGINT and SIGTERM wait until the targets
-    are replaced or put back, so they end all new or all as they were (only a hard kill between
-    two replaces can leave some replaced). The temporary files are gone when this returns."""
-    backups: dict[Path, Path | None] = {}
-    replaced: list[Path] = []
-    path = Path()
-    try:
-        with signals_deferred():
-            try:
-                for _, path in staged:
-                    backups[path] = _backup(path)
-                for tmp, path in staged:
-                    os.replace(tmp, path)
                     replaced.append(path)
             except BaseException:
                 _put_back(replaced, backups)
