@@ -663,6 +663,7 @@ def maps_command(
     resolve_device(device)
     check_weights(weights)
     setting, name = parse_split(split)
+    split = f"{setting}/{name}"  # as the builders name it: the manifest, the grid and the hints agree
     overrides = parse_overrides(option or [])
     for note in check_run_configs([method], dataset=dataset, settings=[setting], preset=preset, overrides=overrides,
                                   weights=weights):
