@@ -13,7 +13,7 @@ from datasets_builders.coco_format import (
 )
 from datasets_builders.errors import NdbenchError
 
-from .build import BuildRequest, Built, make_manifests, stale_manifests, write_build
+from .build import BuildRequest, Built, check_choice, make_manifests, stale_manifests, write_build
 
 
 @dataclass
@@ -30,6 +30,7 @@ def build_coco_format_splits(
     """Index a COCO-format train/test pair and write its manifests under
     `<request.out>/<source.name>/`: the paper's protocol over every class present in train
     and test with at least `min_train_images` training images, or what `request` asks for."""
+    check_choice(request)
     if min_train_images < 0:
         raise NdbenchError(f"--min-train-images {min_train_images} is negative", "give 0 or more")
     index = build_coco_format_index(source)

@@ -435,6 +435,9 @@ def test_a_missing_image_file_is_named(source, tmp_path, capsys):
         ("mylab", ["--min-train-images", "-1"], "negative"),
         ("mylab", ["--root", "somewhere"], "coco-format takes no --root"),
         ("mylab", ["--class-order", "alphabetical"], "coco-format takes no --root, --year or --class-order"),
+        ("mylab", ["--normal", "2,5", "--classes", "9"], "--normal and --classes both choose splits"),
+        ("mylab", ["--normal", "2,5", "--setting", "uni-class"], "--normal defines a multi-class split"),
+        ("mylab", ["--setting", "both"], "unknown setting 'both'"),
     ],
 )
 def test_bad_options_are_one_line(source, tmp_path, capsys, name, extra, needle):
