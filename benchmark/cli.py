@@ -199,7 +199,8 @@ def _build_coco_format(
     source = CocoFormatSource(name, train_annotations, test_annotations, train_images, test_images)
     request = BuildRequest(dataset=name, out=out, setting=setting, normal=_classes(normal, "--normal"),
                            classes=_classes(classes, "--classes"))
-    built = build_coco_format_splits(source, request, min_train_images=min_train_images)
+    built = build_coco_format_splits(source, request, min_train_images=min_train_images,
+                                     console=stderr_console())
     index = built.index
     stdout_console().print(summary_table(index, built.manifests))
     if built.missing:
