@@ -272,8 +272,9 @@ def download_command(
     try:
         result = download_dataset(request, console=stderr_console())
     except Interrupted as exc:
-        raise exc.keeping("an unfinished download stays as <file>.part under .ndbench-download/ in the root, and "
-                          "the same command resumes it; nothing else half-written was kept") from None
+        raise exc.keeping("an unfinished download stays as <file>.part beside where the file goes (an archive's "
+                          "under .ndbench-download/ in the root), and the same command resumes it; nothing else "
+                          "half-written was kept") from None
     plan = result.plan
     if plan.files != tuple(f for f in plan.files if f.annotations):
         stdout_console().print(f"{plan.dataset} is ready under {plan.root}; next: {build_splits_hint(plan)}",
