@@ -54,14 +54,19 @@ CLASS_ORDER_DATASETS = ("voc",)
 CLASS_ORDERS = ("paper", "alphabetical")
 
 
-def check_request(request: BuildRequest) -> None:
-    """Options that cannot work together or do not apply to the dataset, before any reading."""
-    check_dataset(request.dataset)
+def check_choice(request: BuildRequest) -> None:
+    """--setting, --normal and --classes together (any dataset, coco-format's too), before any reading."""
     requested_settings(request.setting)
     if request.normal is not None and request.setting == "uni-class":
         raise NdbenchError("--normal defines a multi-class split", "drop --setting uni-class")
     if request.normal is not None and request.classes is not None:
         raise NdbenchError("--normal and --classes both choose splits", "give one of them")
+
+
+def check_request(request: BuildRequest) -> None:
+    """Options that cannot work together or do not apply to the dataset, before any reading."""
+    check_dataset(request.dataset)
+    check_choice(request)
     if request.year is not None:
         years = YEAR_DATASETS.get(request.dataset)
         if years is None:

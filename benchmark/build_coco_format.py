@@ -13,7 +13,7 @@ from datasets_builders.coco_format import (
 )
 from datasets_builders.errors import NdbenchError
 
-from .build import BuildRequest, Built, make_manifests, stale_manifests, write_build
+from .build import BuildRequest, Built, check_choice, make_manifests, stale_manifests, write_build
 
 
 @dataclass
@@ -25,14 +25,16 @@ class CocoFormatBuild(Built):
 
 
 def build_coco_format_splits(
-    source: CocoFormatSource, request: BuildRequest, min_train_images: int = 0
+    source: CocoFormatSource, request: BuildRequest, min_train_images: int = 0, console=None
 ) -> CocoFormatBuild:
     """Index a COCO-format train/test pair and write its manifests under
     `<request.out>/<source.name>/`: the paper's protocol over every class present in train
-    and test with at least `min_train_images` training images, or what `request` asks for."""
+    and test with at least `min_train_images` training images, or what `request` asks for.
+    Reading a large annotation file is announced on `console` (a rich Console)."""
+    check_choice(request)
     if min_train_images < 0:
         raise NdbenchError(f"--min-train-images {min_train_images} is negative", "give 0 or more")
-    index = build_coco_format_index(source)
+    index = build_coco_format_index(source, console=console)
     kept, rare = protocol_classes_with_min_train(index, min_train_images)
     missing = sorted(set(index.class_ids()) - set(kept) - set(rare))
     if request.classes is not None or request.normal is not None:

@@ -199,7 +199,8 @@ def _build_coco_format(
     source = CocoFormatSource(name, train_annotations, test_annotations, train_images, test_images)
     request = BuildRequest(dataset=name, out=out, setting=setting, normal=_classes(normal, "--normal"),
                            classes=_classes(classes, "--classes"))
-    built = build_coco_format_splits(source, request, min_train_images=min_train_images)
+    built = build_coco_format_splits(source, request, min_train_images=min_train_images,
+                                     console=stderr_console())
     index = built.index
     stdout_console().print(summary_table(index, built.manifests))
     if built.missing:
@@ -271,8 +272,9 @@ def download_command(
     try:
         result = download_dataset(request, console=stderr_console())
     except Interrupted as exc:
-        raise exc.keeping("an unfinished download stays as <file>.part under .ndbench-download/ in the root, and "
-                          "the same command resumes it; nothing else half-written was kept") from None
+        raise exc.keeping("an unfinished download stays as <file>.part beside where the file goes (an archive's "
+                          "under .ndbench-download/ in the root), and the same command resumes it; nothing else "
+                          "half-written was kept") from None
     plan = result.plan
     if plan.files != tuple(f for f in plan.files if f.annotations):
         stdout_console().print(f"{plan.dataset} is ready under {plan.root}; next: {build_splits_hint(plan)}",
@@ -663,6 +665,7 @@ def maps_command(
     resolve_device(device)
     check_weights(weights)
     setting, name = parse_split(split)
+    split = f"{setting}/{name}"  # as the builders name it: the manifest, the grid and the hints agree
     overrides = parse_overrides(option or [])
     for note in check_run_configs([method], dataset=dataset, settings=[setting], preset=preset, overrides=overrides,
                                   weights=weights):

@@ -55,7 +55,8 @@ SPLIT_NAMES = {"uni-class": (UNI_CLASS_NAME,), "multi-class": (ALL_VS_ONE_NAME, 
 
 
 def parse_split(text: str) -> tuple[str, str]:
-    """`uni-class/3` -> ("uni-class", "3"); one clear error otherwise."""
+    """`uni-class/3` -> ("uni-class", "3"); one clear error otherwise. The name comes back as
+    the builders write it: `uni-class/03` -> "3", `multi-class/normal-3-1-3` -> "normal-1-3"."""
     setting, sep, name = text.partition("/")
     if not sep or not name or setting not in SPLIT_NAMES:
         raise NdbenchError(f"cannot read --split {text!r}", "write it as SETTING/NAME, e.g. uni-class/3")
@@ -63,7 +64,17 @@ def parse_split(text: str) -> tuple[str, str]:
         raise NdbenchError(f"no split is named {text!r}",
                            "use uni-class/<class id>, multi-class/except-<class id> or "
                            "multi-class/normal-<id>-<id>..., e.g. uni-class/3")
-    return setting, name
+    return setting, _canonical_name(name)
+
+
+def _canonical_name(name: str) -> str:
+    """A split name as the builders write it: ids without leading zeros, a normal set's ids
+    sorted and each once (the manifest of `--normal 3,1` is `normal-1-3`)."""
+    prefix = next((p for p in ("except-", "normal-") if name.startswith(p)), "")
+    ids = [int(part) for part in name.removeprefix(prefix).split("-")]
+    if prefix == "normal-":
+        ids = sorted(set(ids))
+    return prefix + "-".join(map(str, ids))
 
 
 def check_image_count(n: int) -> None:

@@ -140,6 +140,18 @@ def _regenerate_fix(root: Path, splits_root: Path) -> str:
     return f"delete {root}, then run {command}" if root.exists() else f"generate them again with {command}"
 
 
+def check_splits_root(splits_root: Path) -> None:
+    """Refuse a --splits that is the results root (`<out>`, which other commands take) or the
+    embedded folder itself, naming the splits root it holds; building splits there, as the
+    missing index's own hint says, would leave them where no run reads them."""
+    if (splits_root / DATASET / "index.json").is_file():
+        return
+    for meant in (splits_root / "splits", splits_root.parent):
+        if (meant / DATASET / "index.json").is_file():
+            raise NdbenchError(f"no embedded index under --splits {splits_root}, but {meant / DATASET} holds one",
+                               f"pass --splits {meant} (the folder that holds embedded/)")
+
+
 def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: str = DEFAULT_ARCH,
                   device: torch.device | None = None, settings: tuple[str, ...] = SETTINGS) -> list[dict]:
     """Oracle AUROCs of every embedded split under `splits_root` (as `ndbench build-splits
@@ -147,6 +159,7 @@ def oracle_aurocs(splits_root: Path, weights: str | Path = "embedded", *, arch: 
     and rule."""
     check_oracle_inputs(arch, weights)
     device = device or torch.device("cpu")
+    check_splits_root(Path(splits_root))
     folder = Path(splits_root) / DATASET
     index = DatasetIndex.read(folder)
     names = {s: split_names(folder, s) for s in settings}

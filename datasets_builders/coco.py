@@ -27,6 +27,9 @@ from .errors import NdbenchError, not_a_folder
 from .index import DatasetIndex, IndexRow, sha256_of_files
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+# An instances file from this size up gets a line before it is read: COCO's train file (~330 MB)
+# takes tens of seconds to parse and check, which would otherwise pass in silence.
+ANNOUNCED_BYTES = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,10 @@ class CocoSubset:
     folder: str
 
 
-def build_coco_index(root: Path, *, year: str = "2014", dataset: str = "coco") -> DatasetIndex:
+def build_coco_index(root: Path, *, year: str = "2014", dataset: str = "coco", console=None) -> DatasetIndex:
     """Read `annotations/instances_{train,val}<year>.json` and the images under
-    `train<year>/` and `val<year>/` into a `DatasetIndex` (val images form the test subset)."""
+    `train<year>/` and `val<year>/` into a `DatasetIndex` (val images form the test subset);
+    a large file is announced on `console` (a rich Console) before it is read."""
     root = Path(root)
     year = str(year)
     ann_dir = root / "annotations"
@@ -64,7 +68,7 @@ def build_coco_index(root: Path, *, year: str = "2014", dataset: str = "coco") -
                 f"{dataset}: missing annotation file {part.annotations}",
                 f"put the COCO instances JSON files there{year_hint}",
             )
-    return index_from_instances(subsets, root=root, dataset=dataset)
+    return index_from_instances(subsets, root=root, dataset=dataset, console=console)
 
 
 def index_from_instances(
@@ -73,13 +77,16 @@ def index_from_instances(
     root: Path,
     dataset: str,
     image_id: Callable[[str, int], str] | None = None,
+    console=None,
 ) -> DatasetIndex:
     """The index of a train and a test instances file (keys "train" and "test" of `subsets`).
 
     `image_id(subset, coco_id)` names each row; by default the COCO id itself, which then
-    must not occur in both files (the official files never share an image)."""
+    must not occur in both files (the official files never share an image). Each file of
+    `ANNOUNCED_BYTES` or more is announced on `console` (a rich Console) before it is read."""
     cocos: dict[str, COCO] = {}
     for subset, part in subsets.items():
+        _announce(part.annotations, dataset, console)
         cocos[subset] = _load(part.annotations, dataset)
         _check_file_names(cocos[subset], part, subset, dataset)
     json_paths = {subset: part.annotations for subset, part in subsets.items()}
@@ -115,6 +122,17 @@ def index_from_instances(
         source_sha256=sha256_of_files(json_paths.values()),
         storage="files",
     )
+
+
+def _announce(path: Path, dataset: str, console) -> None:
+    """One line on `console` before a large instances file is read (nothing for a small one)."""
+    try:
+        size = path.stat().st_size
+    except OSError:  # _load names the problem
+        return
+    if console is not None and size >= ANNOUNCED_BYTES:
+        console.print(f"{dataset}: reading {path} ({size / 1e6:.0f} MB) and checking its images",
+                      soft_wrap=True, markup=False, highlight=False)
 
 
 def _year_hint(year: str, dataset: str) -> str:

@@ -84,9 +84,10 @@ def check_name(name: str | None) -> str:
     return name
 
 
-def build_coco_format_index(source: CocoFormatSource) -> DatasetIndex:
+def build_coco_format_index(source: CocoFormatSource, console=None) -> DatasetIndex:
     """Validate a COCO-format train/test pair and read it into a `DatasetIndex` named
-    `source.name`, rooted at the deepest folder holding both image folders."""
+    `source.name`, rooted at the deepest folder holding both image folders (a large file is
+    announced on `console`, a rich Console, before it is read)."""
     check_name(source.name)
     annotations = {"train": Path(source.train_annotations), "test": Path(source.test_annotations)}
     for subset, path in annotations.items():
@@ -113,7 +114,8 @@ def build_coco_format_index(source: CocoFormatSource) -> DatasetIndex:
         for subset in annotations
     }
     index = index_from_instances(
-        subsets, root=root, dataset=source.name, image_id=lambda subset, coco_id: f"{subset}/{coco_id}"
+        subsets, root=root, dataset=source.name, image_id=lambda subset, coco_id: f"{subset}/{coco_id}",
+        console=console,
     )
     _check_real_paths(index, source.name, annotations, folders)
     return index

@@ -176,7 +176,7 @@ def build_index(
     if dataset == "coco":
         from .coco import build_coco_index
 
-        return build_coco_index(root, year=str(year or DEFAULT_YEAR["coco"]), dataset="coco")
+        return build_coco_index(root, year=str(year or DEFAULT_YEAR["coco"]), dataset="coco", console=console)
     if dataset in ("cifar10", "cifar100"):
         from .single_object import build_cifar_index
 

@@ -238,6 +238,7 @@ def pretrain(
     info_path = out.with_suffix(".json")
     if out.is_file() and info_path.is_file() and not force:
         info = _read_cached(out, info_path)
+        _check_cached_run(info, out, arch, data, recipe)
         return PretrainResult(out, arch, info["heldout_accuracy"], info["train_seconds"], True)
 
     pool = load_pretrain_set(data, console=console)
@@ -374,6 +375,19 @@ def _read_cached(weights: Path, info_path: Path) -> dict:
     if bad:
         raise NdbenchError(f"cached pre-trained weights {weights} hold NaN or infinite values (in {bad!r})", fix)
     return info
+
+
+def _check_cached_run(info: dict, weights: Path, arch: str, data: EmbeddedConfig, recipe: PretrainRecipe) -> None:
+    """Raise NdbenchError unless the cached `info` (beside `weights`) is of `arch` trained on
+    `data` with `recipe` at this recipe version. The cache's own file names carry that key; a
+    file given with --out does not, and an earlier run of another arch may have written it."""
+    asked = json.loads(json.dumps({"arch": arch, "data": asdict(data), "recipe": asdict(recipe),
+                                   "recipe_version": RECIPE_VERSION}, default=str))  # as the info was written
+    differ = [key.replace("_", " ") for key, value in asked.items() if info.get(key) != value]
+    if differ:
+        raise NdbenchError(f"{weights} holds pre-trained weights of {info.get('arch')!r} that differ from "
+                           f"{arch!r} as asked in: {', '.join(differ)}",
+                           f"pass --force to train {arch} over them, or choose another --out")
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float):

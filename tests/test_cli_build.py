@@ -71,6 +71,20 @@ def test_coco_builds_through_cli(tmp_path, capsys):
     assert sorted(p.name for p in (out / "coco" / "multi-class").glob("except-*.json"))
 
 
+def test_a_large_coco_annotation_file_is_announced_before_it_is_read(tmp_path, capsys, monkeypatch):
+    import datasets_builders.coco as coco
+
+    root = write_coco_tree(tmp_path)
+    out = tmp_path / "splits"
+    code, _, err = run_cli(["build-splits", "coco", "--root", str(root), "--out", str(out)], capsys)
+    assert code == 0 and "reading" not in err  # the tiny files pass in silence
+    monkeypatch.setattr(coco, "ANNOUNCED_BYTES", 1)
+    code, _, err = run_cli(["build-splits", "coco", "--root", str(root), "--out", str(out)], capsys)
+    assert code == 0, err
+    for name in ("instances_train2014.json", "instances_val2014.json"):
+        assert f"coco: reading {root / 'annotations' / name} (0 MB)" in err
+
+
 def test_custom_normal_set_is_named_after_its_classes(tmp_path, capsys):
     root = write_coco_tree(tmp_path)
     out = tmp_path / "splits"

@@ -70,6 +70,16 @@ def test_build_writes_the_protocol_with_file_ids_names_and_sub_folders(source, t
     assert recipe["kind"] == "coco-format" and recipe["train_annotations"] == str(source["train_annotations"])
 
 
+def test_a_large_export_is_announced_before_it_is_read(source, tmp_path, capsys, monkeypatch):
+    import datasets_builders.coco as coco
+
+    monkeypatch.setattr(coco, "ANNOUNCED_BYTES", 1)
+    assert main(build_args(source, tmp_path / "out")) == 0
+    err = capsys.readouterr().err
+    assert f"mylab: reading {source['train_annotations']}" in err
+    assert f"mylab: reading {source['test_annotations']}" in err
+
+
 def test_without_min_train_images_every_shared_class_gets_splits(source, tmp_path, capsys):
     out = tmp_path / "splits"
     assert main(build_args(source, out, "--setting", "uni-class")) == 0
@@ -435,6 +445,9 @@ def test_a_missing_image_file_is_named(source, tmp_path, capsys):
         ("mylab", ["--min-train-images", "-1"], "negative"),
         ("mylab", ["--root", "somewhere"], "coco-format takes no --root"),
         ("mylab", ["--class-order", "alphabetical"], "coco-format takes no --root, --year or --class-order"),
+        ("mylab", ["--normal", "2,5", "--classes", "9"], "--normal and --classes both choose splits"),
+        ("mylab", ["--normal", "2,5", "--setting", "uni-class"], "--normal defines a multi-class split"),
+        ("mylab", ["--setting", "both"], "unknown setting 'both'"),
     ],
 )
 def test_bad_options_are_one_line(source, tmp_path, capsys, name, extra, needle):

@@ -135,3 +135,24 @@ def test_a_damaged_unverified_archive_is_deleted_and_the_hint_says_so(server, se
     line = one_line_error(code, err, damaged.name, "the download was deleted", "run the same command again")
     assert "delete it" not in line
     assert not (root / STATE_FOLDER / damaged.name).exists()
+
+
+def test_an_interrupted_download_of_a_plain_file_says_where_its_part_file_stays(server, serve, tmp_path, monkeypatch,
+                                                                                capsys):
+    import datasets_builders.download as download
+    from datasets_builders.transfer import part_path
+
+    files = publish(serve, "mnist", None, server.url)
+    use_table(monkeypatch, {("mnist", None): files})
+    root = tmp_path / "mnist"
+
+    def interrupted_fetch(url, dest, **kwargs):
+        part_path(dest).write_bytes(b"the first bytes")
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(download, "fetch", interrupted_fetch)
+    code, _, err = run(["download", "mnist", "--root", str(root)], capsys)
+    assert code == 130, err
+    part = part_path(root / files[0].target)
+    assert part.is_file() and part.parent == root  # not under .ndbench-download/: a .gz is saved as it is
+    assert "an unfinished download stays as <file>.part beside where the file goes" in err

@@ -13,7 +13,7 @@ from small_splits import fresh_out
 
 from benchmark.bench import BenchConfig, baseline_training, paper_comparison, run_bench
 from benchmark.cli import main
-from benchmark.maps import CAPTION, HEAT_COLORMAP, TILE, heat_colours, pick_images
+from benchmark.maps import CAPTION, HEAT_COLORMAP, TILE, heat_colours, parse_split, pick_images
 from datasets_builders.splits import NOVEL
 
 
@@ -26,6 +26,13 @@ def test_pick_images_halves_normal_and_novel_and_is_seeded():
     few_normal = pick_images(np.array([0, 1, 1, 1, 1, 1]), 4, seed=0)
     assert [int(i) for i in few_normal[:1]] == [0] and len(few_normal) == 4  # novel fills the gap
     assert len(pick_images(np.array([0, 1]), 16, seed=0)) == 2
+
+
+def test_parse_split_names_the_split_as_the_builders_write_it():
+    assert parse_split("uni-class/03") == ("uni-class", "3")
+    assert parse_split("multi-class/except-007") == ("multi-class", "except-7")
+    # `build-splits --normal 3,1` writes normal-1-3: a hint naming normal-3-1 would never be met
+    assert parse_split("multi-class/normal-3-1-3") == ("multi-class", "normal-1-3")
 
 
 def test_heat_colours_span_the_scale():
@@ -84,7 +91,8 @@ def test_maps_fits_the_config_of_preset_and_set_and_names_the_grid_by_its_hash(s
      (["--split", "multi-class/7"], "no split is named 'multi-class/7'"),
      (["--split", "uni-class/-1"], "no split is named 'uni-class/-1'"),
      (["--split", "uni-class/3/"], "no split is named 'uni-class/3/'"),
-     (["--split", "multi-class/normal-1-2"], "--setting multi-class --normal 1,2`")],
+     (["--split", "multi-class/normal-1-2"], "--setting multi-class --normal 1,2`"),
+     (["--split", "multi-class/normal-2-1-2"], "normal-1-2.json (run `ndbench build-splits embedded")],
 )
 def test_maps_errors_are_one_line(splits_root, tmp_path, capsys, args, needle):
     out = fresh_out(splits_root, tmp_path)

@@ -95,3 +95,13 @@ def test_stray_json_files_among_the_splits_are_skipped_with_a_warning(random_vit
     assert {Path(w.split()[2]).name for w in warnings} == {"0-copy.json", "normal-1-3.json", "except-x.json"}
     rows = [line for line in captured.out.splitlines() if line.startswith(("| uni-class", "| multi-class"))]
     assert len(rows) == 4 and all(len(row.split("|")) == 2 + 2 + 10 + 1 for row in rows)
+
+
+@pytest.mark.parametrize("given", ["results root", "embedded folder"])
+def test_splits_given_as_the_results_root_or_the_embedded_folder_names_the_splits_root(
+        random_vit, splits_root, tmp_path, capsys, given):
+    splits = copy_splits(splits_root, tmp_path)  # tmp_path/splits/embedded, as <out>/splits/embedded
+    wrong = tmp_path if given == "results root" else splits / "embedded"
+    assert oracle(wrong, random_vit) == 2
+    line = one_error_line(capsys)
+    assert f"pass --splits {splits} " in line and "build-splits" not in line  # not a build in the wrong place

@@ -71,6 +71,32 @@ def test_pretraining_is_reproducible_whatever_ran_before(tmp_path, monkeypatch):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_weights_at_out_are_reused_only_for_the_arch_data_and_recipe_they_were_trained_with(tmp_path, monkeypatch):
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from methods.pretrain import RECIPE_VERSION, pretrain
+
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    data, recipe = EmbeddedConfig(n_train_scenes=20, n_test_scenes=20, n_pretrain_images=128), default_recipe(CNN)
+    out = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(2)}, str(out))
+    info = {"arch": CNN, "heldout_accuracy": 0.5, "train_seconds": 1.0, "recipe": asdict(recipe),
+            "recipe_version": RECIPE_VERSION, "data": asdict(data)}
+    out.with_suffix(".json").write_text(json.dumps(info, default=str))
+    assert pretrain(CNN, out=out, data=data, recipe=recipe).cached  # the same run: reused
+    # An earlier run of the ViT wrote the file (nothing is trained: the check comes first).
+    out.with_suffix(".json").write_text(json.dumps({**info, "arch": VIT}, default=str))
+    with pytest.raises(NdbenchError, match=f"of '{VIT}' that differ from '{CNN}' as asked in: arch") as caught:
+        pretrain(CNN, out=out, data=data, recipe=recipe)
+    assert "--force" in caught.value.fix
+    out.with_suffix(".json").write_text(json.dumps(info, default=str))
+    with pytest.raises(NdbenchError, match=r"as asked in: data \("):
+        pretrain(CNN, out=out, data=EmbeddedConfig(), recipe=recipe)
+
+
 def test_box_overlap_and_patch_labels():
     # 4x4 grid of 8 px patches; box 1 covers patch (0, 0) fully and half of patch (0, 1); box 2
     # is a 4x4 box inside patch (3, 3).
