@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
+from torch.utils.data import Dataset, Subset
 
 from datasets_builders.atomic import atomic_write_bytes
 from datasets_builders.errors import NdbenchError
@@ -155,7 +156,7 @@ def draw_maps(request: MapsRequest, options: RunOptions, progress=None) -> Path:
     batch = torch.stack([test[i][0] for i in chosen])
     with torch.no_grad():
         heat = detector.anomaly_map(batch).numpy()
-    scores = heat.reshape(len(chosen), -1).mean(axis=1)  # the map's mean: the score up to resampling
+    scores = drawn_scores(detector, test, chosen, device)
     low, high = float(heat.min()), float(heat.max())
     scaled = (heat - low) / max(high - low, 1e-12)
     pairs = []
@@ -166,6 +167,12 @@ def draw_maps(request: MapsRequest, options: RunOptions, progress=None) -> Path:
     grid = compose_grid(pairs)
     atomic_write_bytes(path, _png_bytes(grid))
     return path
+
+
+def drawn_scores(detector, test: Dataset, chosen: list[int], device: torch.device) -> np.ndarray:
+    """The novelty scores of the drawn test images as the method scores them in a run (for
+    `rdad` the maximum of its smoothed map, not the map's mean)."""
+    return np.asarray(detector.score(Subset(test, list(chosen)), device=device), dtype=np.float64)
 
 
 def _png_bytes(image: Image.Image) -> bytes:

@@ -178,6 +178,17 @@ def test_toy_novel_images_score_higher(fitted, toy):
     np.testing.assert_allclose(maps.amax(dim=(1, 2)).numpy(), scores[:3], rtol=1e-5)
 
 
+def test_maps_captions_carry_the_score_a_run_gives_not_the_maps_mean(fitted, toy):
+    from benchmark.maps import drawn_scores
+
+    chosen = [0, 5, 25, 33]
+    scores = fitted.score(toy[1], device=CPU)
+    drawn = drawn_scores(fitted, toy[1], chosen, CPU)
+    np.testing.assert_allclose(drawn, scores[chosen], rtol=1e-6)
+    means = fitted.anomaly_map(torch.stack([toy[1].images[i] for i in chosen])).mean(dim=(1, 2)).numpy()
+    assert not np.allclose(drawn, means, rtol=1e-2)  # rdad scores the map's maximum
+
+
 def test_save_load_gives_identical_scores(fitted, toy, tmp_path):
     path = tmp_path / "rdad.pt"
     fitted.save(path)
