@@ -165,7 +165,12 @@ def build_splits_command(
         stderr_console().print(f"note: no split for classes missing from the train or test images: {names}")
     _note_degenerate(built.skipped)
     _note_removed(built.removed)
-    stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}")
+    stdout_console().print(f"wrote {_manifests(len(built.manifests))} and index.csv under {out / index.dataset}")
+
+
+def _manifests(count: int) -> str:
+    """`count` manifests, in words ("1 manifest", "3 manifests")."""
+    return f"{count} manifest{'' if count == 1 else 's'}"
 
 
 def _note_degenerate(skipped: list) -> None:
@@ -211,7 +216,7 @@ def _build_coco_format(
         stderr_console().print(f"note: no split for classes in fewer than {min_train_images} training images: {names}")
     _note_degenerate(built.skipped)
     _note_removed(built.removed)
-    stdout_console().print(f"wrote {len(built.manifests)} manifests and index.csv under {out / index.dataset}; "
+    stdout_console().print(f"wrote {_manifests(len(built.manifests))} and index.csv under {out / index.dataset}; "
                            f"{_run_hint(out, index.dataset)}", soft_wrap=True, markup=False)
 
 
@@ -267,6 +272,10 @@ def download_command(
     request = DownloadRequest(dataset=dataset, root=root, year=year, mirror=mirror, only=only, force=force,
                               keep_archives=keep_archives)
     if list_files:
+        given = [name for name, on in (("--force", force), ("--keep-archives", keep_archives)) if on]
+        if given:
+            raise NdbenchError(f"--list downloads nothing, so {' and '.join(given)} would do nothing",
+                               f"drop {' and '.join(given)} to list the files, or --list to download")
         stdout_console().print(_download_listing(plan_download(request)), soft_wrap=True, markup=False)
         return
     try:
@@ -598,8 +607,8 @@ def oracle_command(
 @app.command("demo")
 def demo_command(
     full: Annotated[
-        bool, typer.Option(help="Every registered method on both settings (hours on 2 CPU cores; the default "
-                           "demo takes 3.5-7.5 min there).")
+        bool, typer.Option(help="Every registered method on both settings (53 min measured on 2 CPU cores; the "
+                           "default demo takes 3.5-7.5 min there).")
     ] = False,
     out: Annotated[Path, typer.Option(help=OUT_HELP)] = Path("results"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -94,10 +94,11 @@ def test_custom_normal_set_is_named_after_its_classes(tmp_path, capsys):
     assert code == 0, err
     index_meta = json.loads((out / "coco" / "index.json").read_text())
     first = sorted(int(k) for k in index_meta["class_names"])[0]
-    code, _, err = run_cli(["build-splits", "coco", "--root", str(root), "--out", str(out),
-                            "--normal", str(first)], capsys)
+    code, printed, err = run_cli(["build-splits", "coco", "--root", str(root), "--out", str(out),
+                                  "--normal", str(first)], capsys)
     assert code == 0, err
     assert (out / "coco" / "multi-class" / f"normal-{first}.json").is_file()
+    assert "wrote 1 manifest and index.csv" in " ".join(printed.split())
 
 
 def test_unknown_dataset(capsys, tmp_path):

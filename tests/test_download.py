@@ -264,6 +264,8 @@ def test_a_damaged_archive_is_one_line(server, serve, tmp_path, monkeypatch, cap
         (["voc", "--only", "annotations"], ("does not apply to voc",)),
         (["coco", "--only", "images"], ("unknown --only 'images'",)),
         (["voc", "--mirror", "ftp://host/x"], ("not an http(s):// or file:// URL",)),
+        (["mnist", "--list", "--force"], ("--list downloads nothing, so --force would do nothing",)),
+        (["mnist", "--list", "--keep-archives", "--force"], ("--force and --keep-archives",)),
     ],
 )
 def test_bad_requests_are_one_line_before_any_work(tmp_path, capsys, args, needles):
