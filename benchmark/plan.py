@@ -119,10 +119,11 @@ def plan_run(jobs: list[Job], options: RunOptions) -> RunPlan:
             repeats = per_class_repeat_counts([index.rows[p] for p in positions["train"]], manifest.normal_classes)
             positions["train"] = np.repeat(positions["train"], repeats)
         path = job_record_path(job, options, detector)
-        try:
-            refuse_newer(path)
-            refused = False
+        try:  # a newer ndbench's record: finished_record raises, and --force must not pass it either
+            if options.force:
+                refuse_newer(path)
             skipped = not options.force and finished_record(path, manifest.sha256)[0] is not None
+            refused = False
         except NewerRecord:
             refused = skipped = True
         plan.jobs.append(JobPlan(job, len(manifest.train), len(manifest.test), skipped, refused,
