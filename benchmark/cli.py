@@ -308,6 +308,7 @@ def _download_listing(plan) -> str:
 OUT_HELP = "Results root: records go to <out>/runs, tables to <out>/tables, splits to <out>/splits."
 DATASET_HELP = (f"One of {', '.join(DATASETS)}, or the --name of a dataset built with "
                 "`build-splits coco-format`.")
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda, or cuda:N for the CUDA device numbered N."
 NO_RECORDS_FIX = "run `ndbench run --method knn` first, or pass the --out your runs used"
 
 
@@ -326,7 +327,7 @@ def run_command(
         typer.Option(help="Class ids to run (normal class / abnormal class), e.g. 0,3. Default: all."),
     ] = None,
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated; tables give mean ± std.")] = "0",
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     weights: Annotated[
         str | None,
         typer.Option(help="Backbone weights: a local timm/torch state dict or .safetensors file, "
@@ -422,7 +423,7 @@ def run_command(
     seed_list = parse_seeds(seeds)
     resolve_device(device)
     check_weights(weights)
-    check_executor(executor, ray_address, retries, ray_cpus_per_job, ray_gpus_per_job)
+    check_executor(executor, ray_address, retries, ray_cpus_per_job, ray_gpus_per_job, device)
     parallel_jobs = check_parallel(parallel, executor)
     overrides = parse_overrides(option or [])
     notes = check_run_configs(methods, dataset=dataset, settings=settings, preset=preset, overrides=overrides,
@@ -541,7 +542,7 @@ def pretrain_command(
     out: Annotated[
         Path | None, typer.Option(help="Weights file (.safetensors). Default: the cache, where runs find it.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     force: Annotated[bool, typer.Option(help="Train again even when cached weights exist.")] = False,
     ship: Annotated[
         bool,
@@ -585,7 +586,7 @@ def oracle_command(
     weights: Annotated[str, typer.Option(help="The ViT's weights: 'embedded' (shipped or cached) or a file "
                                          "written by `ndbench pretrain`.")] = "embedded",
     arch: Annotated[str, typer.Option(help="The ViT architecture the weights belong to.")] = "ndbench_vit_embedded",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """The embedded benchmark's oracle ceilings: AUROC per split when each test scene is scored
     with the teacher's own patch-token class predictions, by two rules. 'boxes': 1 - the
@@ -611,7 +612,7 @@ def demo_command(
                            "default demo takes 3.5-7.5 min there).")
     ] = False,
     out: Annotated[Path, typer.Option(help=OUT_HELP)] = Path("results"),
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     force: Annotated[bool, typer.Option(help="Re-run jobs whose record exists.")] = False,
     parallel: Annotated[
         str,
@@ -642,7 +643,7 @@ def maps_command(
     split: Annotated[str, typer.Option(help="SETTING/NAME, e.g. uni-class/3 or multi-class/except-3.")] = "uni-class/0",
     n: Annotated[int, typer.Option(help="Test images to show (1-128), half normal and half novel.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the fit and of the choice of images.")] = 0,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     weights: Annotated[
         str | None,
         typer.Option(help="Backbone weights: a local file, 'hub', 'embedded' or 'none' (as in ndbench run)."),
@@ -761,9 +762,7 @@ def score_command(
         typer.Option(help="Add a label column (normal/novel) from the model's stored threshold: the score at "
                      "95% TPR on its split's test set."),
     ] = False,
-    device: Annotated[
-        str, typer.Option(help="auto (CUDA when available), cpu, cuda, or cuda:N for the CUDA device numbered N.")
-    ] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Score your own images with a saved detector: one CSV row per image, in the order given,
     higher = more novel. Images go through the detector's own input transform, as in the run."""
@@ -804,7 +803,7 @@ def score_command(
 
 @app.command("bench")
 def bench_command(
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     arch: Annotated[str, typer.Option(help="timm ViT to measure (random weights; only its shape matters).")] = (
         "vit_small_patch16_224"
     ),

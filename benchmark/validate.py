@@ -143,8 +143,9 @@ def _check_run_config(method: str, config: Any, preset: str | None, overrides: d
 
 
 def check_executor(executor: str, ray_address: str | None, retries: int,
-                   ray_cpus_per_job: float | None = None, ray_gpus_per_job: float | None = None) -> None:
-    """`--executor`, the Ray-only options and `--retries` together."""
+                   ray_cpus_per_job: float | None = None, ray_gpus_per_job: float | None = None,
+                   device: str = "auto") -> None:
+    """`--executor`, the Ray-only options, `--retries` and `--device` together."""
     from .executors import EXECUTORS
 
     if executor not in EXECUTORS:
@@ -156,6 +157,10 @@ def check_executor(executor: str, ray_address: str | None, retries: int,
             raise NdbenchError(f"{option} needs --executor ray", f"add --executor ray or drop {option}")
     if retries < 0:
         raise NdbenchError(f"--retries {retries} is negative", "use --retries 0 (the default) or more")
+    # Ray hides every GPU but a task's own, which the task sees as device 0.
+    if executor == "ray" and device.startswith("cuda:"):
+        raise NdbenchError(f"--device {device} cannot be used with --executor ray: Ray gives each job its own GPU",
+                           "use --device cuda (or auto), and --ray-gpus-per-job for how much of a GPU a job takes")
 
 
 def check_parallel(parallel: str, executor: str) -> int | None:

@@ -58,3 +58,17 @@ def test_the_devices_ndbench_runs_on(one_gpu):
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_a_cuda_device_number_with_ray_is_one_line(one_gpu, capsys, tmp_path):
+    # Ray shows each task only its own GPU, as device 0: cuda:N would fail in every job.
+    args = [*COMMANDS["run"], "--executor", "ray", "--out", str(tmp_path / "out")]
+    assert main([*args, "--device", "cuda:0"]) == 2
+    assert "--device cuda:0 cannot be used with --executor ray" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_device_option_names_cuda_n(capsys):
+    for command in ("run", "score", "maps", "bench", "oracle", "pretrain", "demo"):
+        assert main([command, "--help"]) == 0
+        assert "cuda:N" in " ".join(capsys.readouterr().out.split()), command
