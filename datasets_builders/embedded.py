@@ -15,21 +15,26 @@ dominant digit and, in 40 % of scenes, a few smaller digits of other classes (60
 scenes hold 1/2/3/4 classes, roughly the shape of Pascal VOC), sometimes with a second
 instance of a class already present. Scenes are written as `annotations/instances_train.json`,
 `annotations/instances_val.json` (category id = digit value, name `digit-<d>`) plus PNG files
-under `train/` and `val/`, and read back by the ordinary COCO builder.
+under `train/` and `val/`, and read back by the ordinary COCO builder. `SHA256SUMS`, written
+last, holds each file's sha256: a folder that is reused is checked against it.
 """
 
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,7 +42,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import NdbenchError, WriteFailure
 from .glyphs import DIGITS, FONT_FILES, LETTERS, GlyphAugment, augment_bitmap, block_counts, digit_bitmap, font_bitmap
 
@@ -141,14 +146,33 @@ def cache_dir(config: EmbeddedConfig) -> Path:
 def ensure_embedded(config: EmbeddedConfig | None = None, console=None) -> Path:
     """The COCO-format scene root for `config`, generated first if its cache folder is absent.
 
-    Prints a summary table (to `console`, a rich Console; stderr when None) when it generates.
+    A folder already there is used only when its files are byte for byte what the generator
+    wrote (`CHECKSUMS`); else one NdbenchError names the file that differs. Prints a summary
+    table (to `console`, a rich Console; stderr when None) when it generates.
     """
     config = config or EmbeddedConfig()
     root = cache_dir(config)
     if root.exists():
-        _check_complete(root)
+        _check_reused(config, root, console)
         _remove_abandoned(root)  # a generation killed while another finished left its folder
         return root
+    with _fresh_generation(config, root) as tmp:
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            # Another process finished first; its copy is identical, keep it.
+            if not root.exists():
+                raise
+            _check_reused(config, root, console)
+            return root
+    print_scene_summary(scene_statistics(root), console, where=root)
+    return root
+
+
+@contextmanager
+def _fresh_generation(config: EmbeddedConfig, root: Path) -> Iterator[Path]:
+    """A temporary folder beside `root` holding a whole generation of `config` (its checksum
+    list written last); removed on leaving unless it was moved away meanwhile."""
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(root)
@@ -168,19 +192,10 @@ def ensure_embedded(config: EmbeddedConfig | None = None, console=None) -> Path:
                 "then run the same command again",
             ) from exc
         os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            # Another process finished first; its copy is identical, keep it.
-            if not root.exists():
-                raise
-            _check_complete(root)
-            return root
+        yield tmp
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print_scene_summary(scene_statistics(root), console, where=root)
-    return root
 
 
 # A generation's temporary folder untouched this long was left by a killed process (one
@@ -201,10 +216,108 @@ def _remove_abandoned(root: Path) -> None:
 def _check_complete(root: Path) -> None:
     missing = [name for name in _REQUIRED_FILES if not (root / name).is_file()]
     if missing:
-        raise NdbenchError(
-            f"embedded dataset cache {root} is incomplete (no {missing[0]})",
-            f"delete {root} and run again to regenerate it",
-        )
+        raise NdbenchError(f"embedded dataset cache {root} is incomplete (no {missing[0]})", _regenerate_fix(root))
+
+
+def _regenerate_fix(root: Path) -> str:
+    """The fix for a scene folder that is not what the generator wrote."""
+    return f"delete {root} and run the same command again to regenerate it"
+
+
+# --- checksums of the generated files ---------------------------------------------------------
+# Written last into a generation, in `sha256sum`'s format (`sha256sum -c` reads it).
+CHECKSUMS = "SHA256SUMS"
+_CHECKSUM_LINE = re.compile(r"([0-9a-f]{64})  (\S+)")
+
+
+def scene_files(config: EmbeddedConfig) -> list[str]:
+    """The files a generation of `config` writes (its checksum list aside), relative to its
+    folder, sorted."""
+    n_train, n_test = config.n_train_scenes, config.n_test_scenes
+    return sorted([*_REQUIRED_FILES, *(f"train/{i:06d}.png" for i in range(1, n_train + 1)),
+                   *(f"val/{i:06d}.png" for i in range(n_train + 1, n_train + n_test + 1))])
+
+
+def _file_sha256(path: Path) -> str | None:
+    """sha256 of the file's bytes; None when it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _checksum_text(root: Path, names: list[str]) -> str:
+    """The text of `CHECKSUMS`: the sha256 of each of `names` in `root` as it is on disk."""
+    return "".join(f"{hashlib.sha256((root / name).read_bytes()).hexdigest()}  {name}\n" for name in names)
+
+
+def _read_checksums(root: Path, config: EmbeddedConfig) -> dict[str, str] | None:
+    """The checksum list of `root` (file name -> sha256); None when there is none (a folder
+    written before ndbench recorded one). One NdbenchError when it is damaged."""
+    path = root / CHECKSUMS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NdbenchError(f"cannot read {path}: {exc}", _regenerate_fix(root)) from exc
+    matches = [_CHECKSUM_LINE.fullmatch(line) for line in text.splitlines()]
+    listed = {m[2]: m[1] for m in matches if m}
+    # A list that names other files (or fewer) would leave some unchecked: it is damaged too.
+    if None in matches or sorted(listed) != scene_files(config) or len(listed) != len(matches):
+        raise NdbenchError(f"{path} is damaged: it does not list the generated files with their sha256",
+                           _regenerate_fix(root))
+    return listed
+
+
+def _check_reused(config: EmbeddedConfig, root: Path, console=None) -> None:
+    """Refuse, in one NdbenchError naming a file, a scene folder that is not byte for byte
+    what the generator wrote: checked against its checksum list; a folder without one (made
+    by an earlier ndbench) is checked once against a fresh generation, then given one."""
+    _check_complete(root)
+    listed = _read_checksums(root, config)
+    if listed is not None:
+        _refuse_changed(root, [name for name, digest in listed.items() if _file_sha256(root / name) != digest])
+        return
+    from rich.console import Console
+
+    (console or Console(stderr=True)).print(
+        f"embedded dataset cache {root} holds no {CHECKSUMS} (an earlier ndbench made it): checking its "
+        "files against a fresh generation, once", soft_wrap=True, markup=False, highlight=False)
+    names = scene_files(config)
+    with _fresh_generation(config, root) as fresh:
+        _refuse_changed(root, [name for name in names if not _same_content(root / name, fresh / name)])
+    # A read-only cache stays without a list: it was checked now and is checked again next time.
+    with contextlib.suppress(WriteFailure):
+        atomic_write_text(root / CHECKSUMS, _checksum_text(root, names))
+
+
+def _same_content(path: Path, reference: Path) -> bool:
+    """Whether `path` holds what `reference` holds: the same bytes, or for PNGs the same pixels
+    (another zlib may have encoded them otherwise)."""
+    try:
+        if path.read_bytes() == reference.read_bytes():
+            return True
+        if path.suffix != ".png":
+            return False
+        with Image.open(path) as image, Image.open(reference) as expected:
+            return (image.mode, image.size) == (expected.mode, expected.size) and image.tobytes() == expected.tobytes()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _refuse_changed(root: Path, changed: list[str]) -> None:
+    """One NdbenchError naming the first of the `changed` files of `root`, if any."""
+    if not changed:
+        return
+    first = changed[0]
+    state = "is missing" if not (root / first).is_file() else "differs from what ndbench generated"
+    more = f" (and {len(changed) - 1} more files)" if len(changed) > 1 else ""
+    raise NdbenchError(
+        f"embedded dataset cache {root} was changed: {first} {state}{more}",
+        f"{_regenerate_fix(root)}; for scenes changed on purpose, build splits from a copy of the folder "
+        "with `ndbench build-splits embedded --root COPY`",
+    )
 
 
 @dataclass(frozen=True)
@@ -538,7 +651,8 @@ def generator_fingerprint(config: EmbeddedConfig, n_images: int = 48, n_scenes: 
 
 
 def _write_scenes(config: EmbeddedConfig, root: Path) -> None:
-    """Render every scene into `root` in COCO layout, plus `pools.json`."""
+    """Render every scene into `root` in COCO layout, plus `pools.json`, then their checksum
+    list (`CHECKSUMS`)."""
     digits, targets = _load_digits()
     pools = digit_pools(config, targets)
     categories = [{"id": c, "name": f"digit-{c}", "supercategory": "digit"} for c in range(N_CLASSES)]
@@ -588,6 +702,7 @@ def _write_scenes(config: EmbeddedConfig, root: Path) -> None:
     (root / "pools.json").write_text(
         json.dumps({name: pool.tolist() for name, pool in pools.items()}) + "\n", encoding="utf-8"
     )
+    (root / CHECKSUMS).write_text(_checksum_text(root, scene_files(config)), encoding="utf-8")
 
 
 # --- statistics --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ round trip, the pre-training set and the cache."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -351,3 +352,146 @@ def test_damaged_scenes_name_the_folder_to_delete(built: Path, tmp_path: Path, m
     json_path.write_text(json_path.read_text()[:100])
     with pytest.raises(NdbenchError, match=f"delete {root} and run the same command again"):
         build_index("embedded", embedded_config=SMALL)
+
+
+# --- a reused scene folder is what the generator wrote ----------------------------------------
+def _copy_of_built(built: Path, cache: Path) -> Path:
+    """A copy of the shared build where `ensure_embedded(SMALL)` finds it under `cache`."""
+    root = cache / built.name
+    shutil.copytree(built, root)
+    return root
+
+
+def _no_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("generated the scenes")
+
+    monkeypatch.setattr(embedded, "_write_scenes", fail)
+
+
+def _edit_pixel(path: Path) -> None:
+    """Change one pixel and save the scene again: still a valid 64x64 RGB PNG."""
+    with Image.open(path) as image:
+        pixels = np.array(image)
+    pixels[0, 0] ^= 0xFF
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+def _copy_other_scene(path: Path) -> None:
+    shutil.copyfile(path.with_name("000302.png"), path)
+
+
+def _edit_annotations(path: Path) -> None:
+    """Drop one annotation: still valid COCO JSON."""
+    data = json.loads(path.read_text())
+    data["annotations"].pop()
+    path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+
+
+def test_the_checksum_list_names_every_generated_file(small_root: Path) -> None:
+    written = sorted(p.relative_to(small_root).as_posix() for p in small_root.rglob("*")
+                     if p.is_file() and p.name not in (embedded.CHECKSUMS, "pretrain.npz"))
+    assert written == embedded.scene_files(SMALL)
+    lines = (small_root / embedded.CHECKSUMS).read_text().splitlines()
+    assert len(lines) == len(written) == 3 + 300 + 200
+    digest, name = lines[-1].split("  ")  # sha256sum's format
+    assert name == "val/000500.png"
+    assert digest == hashlib.sha256((small_root / name).read_bytes()).hexdigest()
+
+
+def test_the_cache_folder_name_is_unchanged() -> None:
+    """The folder name is part of the index's root, which feature caches and store entries key
+    on: the checksum list must not move existing users' scenes."""
+    assert cache_dir(EmbeddedConfig()).name == "embedded-c890b9ecaa970a39"
+
+
+@pytest.mark.parametrize(("damage", "name"), [
+    (_edit_pixel, "val/000301.png"),
+    (_copy_other_scene, "val/000301.png"),
+    (_edit_annotations, "annotations/instances_val.json"),
+    (lambda path: path.unlink(), "train/000007.png"),
+])
+def test_a_changed_file_of_a_reused_cache_is_refused_naming_it(built: Path, cache: Path, damage, name: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy_of_built(built, cache)
+    damage(root / name)
+    if name.endswith(".png") and (root / name).exists():
+        with Image.open(root / name) as image:  # still decodes: only its bytes tell
+            assert (image.mode, image.size) == ("RGB", (64, 64))
+    _no_generation(monkeypatch)
+    with pytest.raises(NdbenchError) as info:
+        ensure_embedded(SMALL, console=QUIET)
+    state = "is missing" if "000007" in name else "differs from what ndbench generated"
+    assert info.value.problem == f"embedded dataset cache {root} was changed: {name} {state}"
+    assert info.value.fix.startswith(f"delete {root} and run the same command again to regenerate it; ")
+    assert "`ndbench build-splits embedded --root COPY`" in info.value.fix
+    assert "\n" not in info.value.problem + info.value.fix
+
+
+def test_several_changed_files_are_counted(built: Path, cache: Path) -> None:
+    root = _copy_of_built(built, cache)
+    for name in ("train/000001.png", "train/000002.png", "val/000500.png"):
+        _edit_pixel(root / name)
+    with pytest.raises(NdbenchError) as info:
+        ensure_embedded(SMALL, console=QUIET)
+    assert info.value.problem.endswith("train/000001.png differs from what ndbench generated (and 2 more files)")
+
+
+@pytest.mark.parametrize("damage", ["line dropped", "line garbled", "not text"])
+def test_a_damaged_checksum_list_is_refused(built: Path, cache: Path, damage: str) -> None:
+    root = _copy_of_built(built, cache)
+    path = root / embedded.CHECKSUMS
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "line dropped":  # would leave val/000500.png unchecked
+        path.write_text("".join(lines[:-1]))
+    elif damage == "line garbled":
+        path.write_text("".join(lines[:-1]) + "not a checksum\n")
+    else:
+        path.write_bytes(b"\xff\xfe" + path.read_bytes())
+    with pytest.raises(NdbenchError) as info:
+        ensure_embedded(SMALL, console=QUIET)
+    assert str(path) in info.value.problem and info.value.fix.startswith(f"delete {root} ")
+
+
+def test_an_old_cache_is_checked_once_against_a_fresh_generation(built: Path, cache: Path) -> None:
+    """A folder from before the checksum list: checked against a fresh generation (in a
+    temporary folder), then given its list; its own files are left as they were."""
+    root = _copy_of_built(built, cache)
+    listed = (root / embedded.CHECKSUMS).read_text()
+    (root / embedded.CHECKSUMS).unlink()
+    stamp = (root / "val" / "000301.png").stat().st_mtime_ns
+    console = Console(file=io.StringIO(), width=80)
+    assert ensure_embedded(SMALL, console=console) == root
+    lines = console.file.getvalue().splitlines()
+    assert lines == [f"embedded dataset cache {root} holds no SHA256SUMS (an earlier ndbench made it): "
+                     "checking its files against a fresh generation, once"]
+    assert (root / embedded.CHECKSUMS).read_text() == listed
+    assert (root / "val" / "000301.png").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in cache.iterdir()) == [root.name]  # the fresh generation is gone
+    console = Console(file=io.StringIO())
+    assert ensure_embedded(SMALL, console=console) == root
+    assert console.file.getvalue() == ""  # checked by its list from now on
+
+
+def test_an_old_cache_with_a_changed_scene_is_refused(built: Path, cache: Path) -> None:
+    root = _copy_of_built(built, cache)
+    (root / embedded.CHECKSUMS).unlink()
+    _edit_pixel(root / "train" / "000010.png")
+    with pytest.raises(NdbenchError) as info:
+        ensure_embedded(SMALL, console=QUIET)
+    assert info.value.problem == (f"embedded dataset cache {root} was changed: train/000010.png differs from "
+                                  "what ndbench generated")
+    assert not (root / embedded.CHECKSUMS).exists()  # still unchecked: refused again next time
+    assert sorted(p.name for p in cache.iterdir()) == [root.name]
+
+
+def test_an_old_cache_encoded_by_another_zlib_is_accepted(built: Path, cache: Path) -> None:
+    """Same pixels, other PNG bytes: the scenes are the generator's."""
+    root = _copy_of_built(built, cache)
+    (root / embedded.CHECKSUMS).unlink()
+    path = root / "val" / "000301.png"
+    with Image.open(path) as image:
+        image.save(path, format="PNG", compress_level=9)
+    assert path.read_bytes() != (built / "val" / "000301.png").read_bytes()
+    assert ensure_embedded(SMALL, console=QUIET) == root
+    assert embedded._read_checksums(root, SMALL)["val/000301.png"] == hashlib.sha256(path.read_bytes()).hexdigest()
