@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from datasets_builders.atomic import remove_abandoned_temporaries, write_error
-from datasets_builders.embedded import N_CLASSES
+from datasets_builders.embedded import N_CLASSES, check_generated_scenes
 from datasets_builders.errors import NdbenchError, WriteFailure
 from datasets_builders.index import DatasetIndex, build_command
 from datasets_builders.loading import ManifestDataset
@@ -368,7 +368,9 @@ def prepare(jobs: list[Job], options: RunOptions) -> None:
     for folder in ("runs", "tables"):
         remove_abandoned_temporaries(options.out / folder)
     for dataset in sorted({job.dataset for job in jobs}):
-        ensure_index(dataset, options)
+        index = ensure_index(dataset, options)
+        if dataset == "embedded":
+            check_generated_scenes(index.root)
     for job in jobs:
         manifest = missing_split(job, options)
         if manifest is not None:

@@ -246,14 +246,20 @@ def _file_sha256(path: Path) -> str | None:
         return None
 
 
+def _changed_files(root: Path, listed: dict[str, str]) -> list[str]:
+    """The files of `root` whose sha256 is not the `listed` one (missing ones included)."""
+    return [name for name, digest in listed.items() if _file_sha256(root / name) != digest]
+
+
 def _checksum_text(root: Path, names: list[str]) -> str:
     """The text of `CHECKSUMS`: the sha256 of each of `names` in `root` as it is on disk."""
     return "".join(f"{hashlib.sha256((root / name).read_bytes()).hexdigest()}  {name}\n" for name in names)
 
 
-def _read_checksums(root: Path, config: EmbeddedConfig) -> dict[str, str] | None:
+def _read_checksums(root: Path, config: EmbeddedConfig | None) -> dict[str, str] | None:
     """The checksum list of `root` (file name -> sha256); None when there is none (a folder
-    written before ndbench recorded one). One NdbenchError when it is damaged."""
+    written before ndbench recorded one). One NdbenchError when it is damaged, or (given the
+    `config` that generated it) when it does not name exactly the files the config writes."""
     path = root / CHECKSUMS
     try:
         text = path.read_text(encoding="utf-8")
@@ -264,7 +270,7 @@ def _read_checksums(root: Path, config: EmbeddedConfig) -> dict[str, str] | None
     matches = [_CHECKSUM_LINE.fullmatch(line) for line in text.splitlines()]
     listed = {m[2]: m[1] for m in matches if m}
     # A list that names other files (or fewer) would leave some unchecked: it is damaged too.
-    if None in matches or sorted(listed) != scene_files(config) or len(listed) != len(matches):
+    if None in matches or len(listed) != len(matches) or config and sorted(listed) != scene_files(config):
         raise NdbenchError(f"{path} is damaged: it does not list the generated files with their sha256",
                            _regenerate_fix(root))
     return listed
@@ -277,7 +283,7 @@ def _check_reused(config: EmbeddedConfig, root: Path, console=None) -> None:
     _check_complete(root)
     listed = _read_checksums(root, config)
     if listed is not None:
-        _refuse_changed(root, [name for name, digest in listed.items() if _file_sha256(root / name) != digest])
+        _refuse_changed(root, _changed_files(root, listed))
         return
     from rich.console import Console
 
@@ -290,6 +296,18 @@ def _check_reused(config: EmbeddedConfig, root: Path, console=None) -> None:
     # A read-only cache stays without a list: it was checked now and is checked again next time.
     with contextlib.suppress(WriteFailure):
         atomic_write_text(root / CHECKSUMS, _checksum_text(root, names))
+
+
+def check_generated_scenes(root: Path) -> None:
+    """Refuse, in one NdbenchError naming a file, a scene folder that ndbench generated into its
+    cache and whose files no longer match its checksum list (`ensure_embedded` checks a folder
+    when it hands it out; this checks one an index was built from earlier). A folder outside
+    the cache (a user's copy, given with --root) and one from before the list are not checked."""
+    if root.parent.resolve() != cache_root().resolve() or not root.name.startswith("embedded-"):
+        return
+    listed = _read_checksums(root, None) if root.is_dir() else None
+    if listed is not None:
+        _refuse_changed(root, _changed_files(root, listed))
 
 
 def _same_content(path: Path, reference: Path) -> bool:

@@ -495,3 +495,30 @@ def test_an_old_cache_encoded_by_another_zlib_is_accepted(built: Path, cache: Pa
     assert path.read_bytes() != (built / "val" / "000301.png").read_bytes()
     assert ensure_embedded(SMALL, console=QUIET) == root
     assert embedded._read_checksums(root, SMALL)["val/000301.png"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_refuses_scenes_changed_after_the_splits_were_built(built: Path, cache: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """`run` reads the scenes through an index built earlier: it checks them too, before any job."""
+    from benchmark.build import BuildRequest, build_splits
+    from benchmark.cli import main
+
+    root = _copy_of_built(built, cache)
+    splits = tmp_path / "results" / "splits"
+    build_splits(BuildRequest(dataset="embedded", root=root, out=splits))
+    args = ["run", "--method", "knn", "--classes", "0", "--weights", "none", "--device", "cpu",
+            "--out", str(splits.parent), "--dry-run"]
+    assert main(args) == 0
+    capsys.readouterr()
+    _edit_pixel(root / "val/000301.png")
+    assert main(args[:-1]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ndbench: error: embedded dataset cache {root} was changed: val/000301.png differs from what "
+                   f"ndbench generated (delete {root} and run the same command again to regenerate it; for scenes "
+                   "changed on purpose, build splits from a copy of the folder with `ndbench build-splits embedded "
+                   "--root COPY`)"]
+    assert not (splits.parent / "runs").exists()
+    copy = tmp_path / "mine"  # a user's own copy, given with --root, is theirs to change
+    shutil.copytree(root, copy)
+    build_splits(BuildRequest(dataset="embedded", root=copy, out=tmp_path / "own" / "splits"))
+    assert main([*args[:-3], "--out", str(tmp_path / "own")]) == 0
