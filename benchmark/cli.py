@@ -715,6 +715,7 @@ def report_command(
     the paper's numbers, AUROC heat maps, ROC curves and score histograms per split, what was
     not run, the anomaly-map grids and each run's metadata. Opens from disk, no network."""
     from .report import build_report, escape_undecoded
+    from .report_html import ignored_records
 
     def warn(message: str) -> None:
         print(f"ndbench: warning: {message}", file=sys.stderr)
@@ -734,6 +735,9 @@ def report_command(
         f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); open {result.path.resolve().as_uri()}",
         soft_wrap=True,
     )
+    if result.ignored:
+        stdout_console().print(f"{ignored_records(result.ignored)}; see the notes under the page's leaderboard",
+                               soft_wrap=True)
 
 
 @app.command("score")

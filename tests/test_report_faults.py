@@ -285,7 +285,7 @@ def test_names_the_figures_font_cannot_draw_give_one_warning_not_one_per_charact
     assert "猫犬" in result.path.read_text(encoding="utf-8")  # the page names it in full
 
 
-def test_the_console_counts_the_runs_the_page_shows_and_the_page_names_the_ignored_ones(tmp_path, capsys):
+def test_the_console_and_the_page_count_the_runs_shown_and_the_records_ignored(tmp_path, capsys):
     from benchmark.cli import main
 
     out = tiny_results(tmp_path)
@@ -297,7 +297,11 @@ def test_the_console_counts_the_runs_the_page_shows_and_the_page_names_the_ignor
     page = read_page(out / "report" / "index.html").text
     assert "(2 runs," in captured.out and " 2 runs of 1 method " in page
     assert "(1 more record ignored: the tables keep one config per method" in page
+    why = "1 more record ignored: the tables keep one config per method and the newest record of each job"
+    assert f"\n{why}; see the notes under the page's leaderboard\n" in captured.out
     assert "ignored 1 record(s) of config beef" in captured.err and "ignored 1 record(s) of config beef" in page
     (out / "runs" / "embedded" / "uni-class" / "knn" / "0__beef__seed0.json").unlink()
+    assert main(["report", "--out", str(out)]) == 0
+    assert "(2 runs," in (printed := capsys.readouterr().out) and "ignored" not in printed
     result = build_report(out)
     assert (result.records, result.ignored) == (2, 0) and "ignored" not in read_page(result.path).text
