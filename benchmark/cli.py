@@ -413,7 +413,7 @@ def run_command(
     from .overrides import parse_overrides
     from .parallel import jobs_at_once
     from .records import load_records_at
-    from .runner import RunOptions, expand_jobs
+    from .runner import RunOptions, SplitReader, expand_jobs
     from .validate import check_executor, check_parallel, check_run_configs, check_weights, parse_methods, parse_seeds
 
     methods = parse_methods(method)
@@ -449,10 +449,11 @@ def run_command(
 
         print_plan(plan_run(jobs, options), stdout_console())
         return
+    splits = SplitReader(options.splits)  # the run's and the tables': each manifest is read once
     results = execute(jobs, options, executor, ray_address, console=stderr_console(), resources=resources,
-                      parallel=at_once)
+                      parallel=at_once, splits=splits)
     records = load_records_at([r.record for r in results if r.record is not None])
-    print_tables(out, records, dataset, settings, paper=False)
+    print_tables(out, records, dataset, settings, paper=False, manifest=splits.manifest)
     code = report_results(results, stderr_console())
     if save_models:
         _note_missing_models(results)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
-from datasets_builders.splits import SETTINGS
+from datasets_builders.splits import SETTINGS, Manifest
 
 from .metrics import METRICS, fast_novelty_metrics, novelty_metrics
 
@@ -400,15 +400,18 @@ def warn_skipped(error: NdbenchError) -> None:
           file=sys.stderr)
 
 
-def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:
+def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped,
+                 manifest: Callable[[str], Manifest] | None = None) -> list[Record]:
     """Every whole record under `<out>/runs` made on the current build of its split, in path
     order; damaged ones, and those made on an earlier build of their split (another manifest
     under `<out>/splits`, so another test set), are skipped (and reported through `on_skip`,
-    as are JSON files not named like records, which are no record: `NotARecord`)."""
+    as are JSON files not named like records, which are no record: `NotARecord`). `manifest`:
+    the manifest under `<out>/splits` of a split id, raising NdbenchError as `Manifest.read`
+    (a run's `SplitReader.manifest`, which has read them already); by default read here."""
     runs = Path(out) / "runs"
     if not runs.is_dir():
         return []
-    current = _current_split_builds(Path(out) / "splits")
+    current = _current_split_builds(Path(out) / "splits", manifest)
     records = []
     for path in sorted(runs.rglob("*.json")):
         try:
@@ -425,21 +428,21 @@ def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipp
     return records
 
 
-def _current_split_builds(splits_root: Path) -> Callable[[Record], str | None]:
+def _current_split_builds(splits_root: Path,
+                          manifest: Callable[[str], Manifest] | None = None) -> Callable[[Record], str | None]:
     """A record's split's current manifest sha256 under `splits_root` (None where there is no
-    readable manifest: nothing to compare against), each manifest read once."""
-    from datasets_builders.splits import Manifest
-
-    found: dict[Path, str | None] = {}
+    readable manifest: nothing to compare against), each manifest asked for once (of
+    `manifest`, by split id, when given)."""
+    read = manifest or (lambda split_id: Manifest.read(splits_root / f"{split_id}.json"))
+    found: dict[str, str | None] = {}
 
     def current(record: Record) -> str | None:
-        path = splits_root / record.dataset / record.setting / f"{record.split}.json"
-        if path not in found:
+        if record.split_id not in found:
             try:
-                found[path] = Manifest.read(path).sha256
+                found[record.split_id] = read(record.split_id).sha256
             except NdbenchError:
-                found[path] = None
-        return found[path]
+                found[record.split_id] = None
+        return found[record.split_id]
 
     return current
 
