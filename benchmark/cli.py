@@ -414,7 +414,7 @@ def run_command(
     from .overrides import parse_overrides
     from .parallel import jobs_at_once
     from .records import load_records_at
-    from .runner import RunOptions, expand_jobs
+    from .runner import RunOptions, SplitReader, expand_jobs
     from .validate import check_executor, check_parallel, check_run_configs, check_weights, parse_methods, parse_seeds
 
     methods = parse_methods(method)
@@ -450,10 +450,11 @@ def run_command(
 
         print_plan(plan_run(jobs, options), stdout_console())
         return
+    splits = SplitReader(options.splits)  # the run's and the tables': each manifest is read once
     results = execute(jobs, options, executor, ray_address, console=stderr_console(), resources=resources,
-                      parallel=at_once)
+                      parallel=at_once, splits=splits)
     records = load_records_at([r.record for r in results if r.record is not None])
-    print_tables(out, records, dataset, settings, paper=False)
+    print_tables(out, records, dataset, settings, paper=False, manifest=splits.manifest)
     code = report_results(results, stderr_console())
     if save_models:
         _note_missing_models(results)
@@ -716,6 +717,7 @@ def report_command(
     the paper's numbers, AUROC heat maps, ROC curves and score histograms per split, what was
     not run, the anomaly-map grids and each run's metadata. Opens from disk, no network."""
     from .report import build_report, escape_undecoded
+    from .report_html import ignored_records
 
     def warn(message: str) -> None:
         print(f"ndbench: warning: {message}", file=sys.stderr)
@@ -735,6 +737,9 @@ def report_command(
         f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s); open {result.path.resolve().as_uri()}",
         soft_wrap=True,
     )
+    if result.ignored:
+        stdout_console().print(f"{ignored_records(result.ignored)}; see the notes under the page's leaderboard",
+                               soft_wrap=True)
 
 
 @app.command("score")

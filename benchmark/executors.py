@@ -37,11 +37,12 @@ RAY_CANCEL_GRACE_S = 10.0
 
 
 def run_local(jobs: list[Job], options: RunOptions, console: Console | None = None,
-              on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+              on_result: Callable[[JobResult], None] | None = None,
+              splits: SplitReader | None = None) -> list[JobResult]:
     """Run jobs one after another in this process, with progress bars (each index and split
-    manifest read once for them all)."""
+    manifest read once for them all, by `splits` when given)."""
     results = []
-    splits = SplitReader(options.splits)
+    splits = splits or SplitReader(options.splits)
     progress = job_progress(console) if options.progress else None
     if progress is not None:
         progress.start()
@@ -215,10 +216,11 @@ def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_a
             console: Console | None = None,
             on_result: Callable[[JobResult], None] | None = None,
             resources: RayResources = RayResources(), parallel: int = 1,
-            pool: WorkerPool | None = None) -> list[JobResult]:
+            pool: WorkerPool | None = None, splits: SplitReader | None = None) -> list[JobResult]:
     """Prepare shared work once, then run the jobs with the chosen executor; `local` runs
     `parallel` jobs at a time (in worker processes when more than one: those of `pool`, when
-    started early by `parallel.early_workers`)."""
+    started early by `parallel.early_workers`), one at a time reading indexes and manifests
+    with `splits` when given (workers and Ray tasks read their own)."""
     if executor not in EXECUTORS:
         raise NdbenchError(f"unknown executor {executor!r}", "use local or ray")
     try:
@@ -228,7 +230,7 @@ def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_a
         prepare(jobs, options)
         if executor == "ray":
             return run_ray(jobs, options, ray_address, console, on_result, resources)
-        return run_local(jobs, options, console, on_result)
+        return run_local(jobs, options, console, on_result, splits)
     except Interrupted as exc:
         exc.forced = options.force  # the same command would run every job again, not resume
         raise

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
-from datasets_builders.splits import SETTINGS
+from datasets_builders.splits import SETTINGS, Manifest
 
 from .metrics import METRICS, fast_novelty_metrics, novelty_metrics
 
@@ -150,7 +150,8 @@ def _plain_name(value: str) -> bool:
 
 
 def _record_problem(data, record_file: Path) -> str | None:
-    """Why a parsed record file is not a whole record with its scores (None when it is)."""
+    """Why a parsed record file is not a whole record (None when it is); `_checked_scores`
+    then checks its scores file."""
     if not isinstance(data, dict):
         return f"it holds a JSON {type(data).__name__}, not a record"
     hints = typing.get_type_hints(Record)
@@ -183,33 +184,37 @@ def _record_problem(data, record_file: Path) -> str | None:
     for what, count in data["counts"].items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             return f"count {what} is {count!r}, not a count"
-    return _scores_problem(data, scores_path(record_file))
+    return None
 
 
-def _scores_problem(data: dict, scores_file: Path) -> str | None:
+def _checked_scores(data: dict, scores_file: Path) -> tuple[list[int], list[float]]:
+    """The test labels and scores in the scores file of the whole record `data`. Raises
+    ValueError saying why the record is damaged when that file is not the record's."""
     try:
         content = scores_file.read_bytes()
     except OSError:
-        return f"its scores file {scores_file.name} is missing"
+        raise ValueError(f"its scores file {scores_file.name} is missing") from None
     expected = data.get("scores_sha256", "")
-    if expected:
-        if _sha256(content) != expected:
-            return f"its scores file {scores_file.name} was changed or truncated"
-        return _agreement_problem(data, content, scores_file)
-    # Records older than `scores_sha256`: one line per test image, and whole lines.
-    n_test = data["counts"].get("test_normal", 0) + data["counts"].get("test_novel", 0)
-    lines = content.decode("utf-8", errors="replace").splitlines()
-    if len(lines) != n_test + 1 or not content.endswith(b"\n"):
-        return f"its scores file {scores_file.name} holds {len(lines) - 1} scores, not {n_test}"
-    return _agreement_problem(data, content, scores_file)
-
-
-def _agreement_problem(data: dict, content: bytes, scores_file: Path) -> str | None:
-    """Why the record's test counts or metrics are not those of its scores file (None when they are)."""
+    if expected and _sha256(content) != expected:
+        raise ValueError(f"its scores file {scores_file.name} was changed or truncated")
+    if not expected:
+        # Records older than `scores_sha256`: one line per test image, and whole lines.
+        n_test = data["counts"].get("test_normal", 0) + data["counts"].get("test_novel", 0)
+        lines = content.decode("utf-8", errors="replace").splitlines()
+        if len(lines) != n_test + 1 or not content.endswith(b"\n"):
+            raise ValueError(f"its scores file {scores_file.name} holds {len(lines) - 1} scores, not {n_test}")
     try:
         _, labels, scores = _parse_scores(content)
     except ValueError as exc:
-        return f"its scores file {scores_file.name} {exc}"
+        raise ValueError(f"its scores file {scores_file.name} {exc}") from None
+    problem = _agreement_problem(data, labels, scores, scores_file)
+    if problem:
+        raise ValueError(problem)
+    return labels, scores
+
+
+def _agreement_problem(data: dict, labels: list[int], scores: list[float], scores_file: Path) -> str | None:
+    """Why the record's test counts or metrics are not those of its scores file (None when they are)."""
     for what, label in (("test_normal", 0), ("test_novel", 1)):
         rows = labels.count(label)
         if what not in data["counts"]:
@@ -338,6 +343,12 @@ def read_record(path: Path) -> Record:
     metrics and test counts those of that scores file. Raises NdbenchError naming the file
     otherwise (NotARecord when its name is not one `record_path` gives, NewerRecord when a
     newer ndbench wrote it)."""
+    return read_record_and_scores(path)[0]
+
+
+def read_record_and_scores(path: Path) -> tuple[Record, tuple[list[int], list[float]]]:
+    """The record at `path`, checked as `read_record` checks it, with the test labels (1 =
+    novel) and scores of its scores file, as that check read them."""
     path = Path(path)
     if not is_record_name(path.name):
         raise NotARecord(f"{path} is not a record (not named <split>__<config hash>__seed<seed>.json)")
@@ -351,8 +362,12 @@ def read_record(path: Path) -> Record:
     problem = _record_problem(data, path)
     if problem:
         raise NdbenchError(f"record {path} is damaged: {problem}")
+    try:
+        scores = _checked_scores(data, scores_path(path))
+    except ValueError as exc:
+        raise NdbenchError(f"record {path} is damaged: {exc}") from None
     known = {f.name for f in fields(Record)}
-    return Record(**{name: value for name, value in data.items() if name in known})
+    return Record(**{name: value for name, value in data.items() if name in known}), scores
 
 
 def _refuse_newer(data, path: Path) -> None:
@@ -385,15 +400,18 @@ def warn_skipped(error: NdbenchError) -> None:
           file=sys.stderr)
 
 
-def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped) -> list[Record]:
+def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipped,
+                 manifest: Callable[[str], Manifest] | None = None) -> list[Record]:
     """Every whole record under `<out>/runs` made on the current build of its split, in path
     order; damaged ones, and those made on an earlier build of their split (another manifest
     under `<out>/splits`, so another test set), are skipped (and reported through `on_skip`,
-    as are JSON files not named like records, which are no record: `NotARecord`)."""
+    as are JSON files not named like records, which are no record: `NotARecord`). `manifest`:
+    the manifest under `<out>/splits` of a split id, raising NdbenchError as `Manifest.read`
+    (a run's `SplitReader.manifest`, which has read them already); by default read here."""
     runs = Path(out) / "runs"
     if not runs.is_dir():
         return []
-    current = _current_split_builds(Path(out) / "splits")
+    current = _current_split_builds(Path(out) / "splits", manifest)
     records = []
     for path in sorted(runs.rglob("*.json")):
         try:
@@ -410,21 +428,21 @@ def load_records(out: Path, on_skip: Callable[[NdbenchError], None] = warn_skipp
     return records
 
 
-def _current_split_builds(splits_root: Path) -> Callable[[Record], str | None]:
+def _current_split_builds(splits_root: Path,
+                          manifest: Callable[[str], Manifest] | None = None) -> Callable[[Record], str | None]:
     """A record's split's current manifest sha256 under `splits_root` (None where there is no
-    readable manifest: nothing to compare against), each manifest read once."""
-    from datasets_builders.splits import Manifest
-
-    found: dict[Path, str | None] = {}
+    readable manifest: nothing to compare against), each manifest asked for once (of
+    `manifest`, by split id, when given)."""
+    read = manifest or (lambda split_id: Manifest.read(splits_root / f"{split_id}.json"))
+    found: dict[str, str | None] = {}
 
     def current(record: Record) -> str | None:
-        path = splits_root / record.dataset / record.setting / f"{record.split}.json"
-        if path not in found:
+        if record.split_id not in found:
             try:
-                found[path] = Manifest.read(path).sha256
+                found[record.split_id] = read(record.split_id).sha256
             except NdbenchError:
-                found[path] = None
-        return found[path]
+                found[record.split_id] = None
+        return found[record.split_id]
 
     return current
 

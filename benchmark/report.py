@@ -43,7 +43,7 @@ from methods.base import tracked
 from . import plots
 from .locks import folder_lock
 from .models import ndbench_version
-from .report_data import Block, Results, Warn, gather, map_caption, split_scores
+from .report_data import Block, Results, ScoreArrays, Warn, gather, map_caption, split_scores
 from .report_html import MapGrid, PageFigure, render_page
 from .tables import AVG
 
@@ -95,7 +95,7 @@ def _write_report(results: Results, report_dir: Path, warn: Warn, progress: Prog
     index = report_dir / "index.html"
     try:
         limit = plots.heatmap_limit(np.concatenate([b.measured().to_numpy().ravel() for b in blocks]))
-        figures = {block.key: _block_figures(block, results.paths, colours, limit, writer, warn)
+        figures = {block.key: _block_figures(block, results.scores, colours, limit, writer)
                    for block in tracked(blocks, progress, "report: figures")}
         if writer.missing_glyphs:
             shown = "".join(sorted(writer.missing_glyphs)[:12])
@@ -131,8 +131,8 @@ def escape_undecoded(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _block_figures(block: Block, paths: dict[int, Path], colours: dict[str, str], limit: float,
-                   writer: _ImageWriter, warn: Warn) -> list[PageFigure]:
+def _block_figures(block: Block, scores: dict[int, ScoreArrays], colours: dict[str, str], limit: float,
+                   writer: _ImageWriter) -> list[PageFigure]:
     name = f"{block.dataset} {block.setting}"
     rows = "normal class" if block.setting == "uni-class" else "abnormal class (all-vs-one)"
     figures = []
@@ -144,7 +144,7 @@ def _block_figures(block: Block, paths: dict[int, Path], colours: dict[str, str]
     figures.append(PageFigure(src, f"AUROC heat map, {name}",
                               f"AUROC (%) per method and {rows}, AVG last; one colour scale for every heat map "
                               f"(white = 50 %, chance); grey = not run."))
-    panels = split_scores(block, paths, warn)
+    panels = split_scores(block, scores)
     seeds = sorted({r.seed for r in block.records})
     seed_note = f" Seed {seeds[0]} shown where a split has several seeds." if len(seeds) > 1 else ""
     chunks = _chunks(panels, ROC_PANELS_PER_FIGURE)

@@ -21,7 +21,7 @@ from datasets_builders.sources import DATASETS
 from . import tables
 from .paper import PAPER_DATASETS
 from .plots import SplitScores
-from .records import NotARecord, Record, read_record, scores_path
+from .records import NotARecord, Record, read_record_and_scores
 from .reporting import class_names_under
 from .tables import (
     AVG,
@@ -36,6 +36,7 @@ from .tables import (
 )
 
 Warn = Callable[[str], None]
+ScoreArrays = tuple[np.ndarray, np.ndarray]  # a run's test (labels, scores), 1 = novel
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Results:
     out: Path
     records: list[Record]
     paths: dict[int, Path]  # id(record) -> its record file
+    scores: dict[int, ScoreArrays]  # id(record) -> its test labels and scores, for the records the figures draw
     blocks: list[Block]
     leaderboard: pd.DataFrame
     paper_summaries: dict[str, pd.DataFrame]  # setting -> summary table beside the paper's (datasets it has)
@@ -113,16 +115,22 @@ class Results:
 
 
 def read_record_files(out: Path, on_unreadable: Callable[[Path, str], None],
-                      on_other: Callable[[Path, str], None] | None = None) -> list[tuple[Path, Record]]:
+                      on_other: Callable[[Path, str], None] | None = None,
+                      scores: dict[Path, ScoreArrays] | None = None) -> list[tuple[Path, Record]]:
     """Every whole record under `<out>/runs` with its path, in path order. A file that
     `records.read_record` refuses (bad JSON, missing fields, a changed scores file) is passed to
     `on_unreadable` with the reason and left out, so a partly damaged results folder still reads;
-    a JSON file not named like a record (a user's notes) is no record: it goes to `on_other`."""
+    a JSON file not named like a record (a user's notes) is no record: it goes to `on_other`.
+    Given `scores`, each record's test labels and scores go there by record path, as the
+    check of its scores file read them."""
     runs = Path(out) / "runs"
     found: list[tuple[Path, Record]] = []
     for path in sorted(runs.rglob("*.json")) if runs.is_dir() else []:
         try:
-            found.append((path, read_record(path)))
+            record, (labels, values) = read_record_and_scores(path)
+            found.append((path, record))
+            if scores is not None:
+                scores[path] = np.asarray(labels, dtype=np.int64), np.asarray(values, dtype=np.float64)
         except NotARecord as exc:
             if on_other is not None:
                 on_other(path, exc.problem)
@@ -142,7 +150,8 @@ def gather(out: Path, warn: Warn | None = None) -> Results:
         skipped.append(f"{path}: {reason}")
         warn(f"skipped unreadable record {path} ({reason})")
 
-    found = read_record_files(out, unreadable, lambda path, problem: warn(f"{problem}; ignored"))
+    scores: dict[Path, ScoreArrays] = {}
+    found = read_record_files(out, unreadable, lambda path, problem: warn(f"{problem}; ignored"), scores)
     if not found:
         raise NdbenchError(f"no readable records under {out / 'runs'}",
                            "run `ndbench run --method METHOD` (or `ndbench demo`) first")
@@ -157,7 +166,9 @@ def gather(out: Path, warn: Warn | None = None) -> Results:
         summaries = paper_summaries(records)
     for note in dict.fromkeys(notes):
         warn(f"note: {note}")
-    return Results(out, records, {id(r): p for p, r in found}, blocks, board, summaries, names, skipped)
+    paths = {id(r): p for p, r in found}
+    drawn = {id(r): scores[paths[id(r)]] for block in blocks for r in drawn_records(block).values()}
+    return Results(out, records, paths, drawn, blocks, board, summaries, names, skipped)
 
 
 @contextmanager
@@ -234,42 +245,27 @@ def missing_jobs(records: list[Record], titles: dict[object, str], setting: str)
     return Missing(by_method, seeds)
 
 
-def split_scores(block: Block, paths: dict[int, Path], warn: Warn) -> list[SplitScores]:
-    """Per split (table row order): each method's test labels and scores, from its record
-    with the lowest seed; methods whose scores file is missing or unreadable are left out."""
+def drawn_records(block: Block) -> dict[tuple[object, str], Record]:
+    """(table row, method) -> the record whose scores the figures draw: the one with the lowest seed."""
     chosen: dict[tuple[object, str], Record] = {}
     for record in sorted(block.records, key=lambda r: r.seed, reverse=True):
         chosen[(row_label(record.split, block.setting), record.method)] = record
+    return chosen
+
+
+def split_scores(block: Block, scores: dict[int, ScoreArrays]) -> list[SplitScores]:
+    """Per split (table row order): each method's test labels and scores (`scores`: by
+    id(record)), from its record with the lowest seed."""
+    chosen = drawn_records(block)
     panels = []
     for row, title in block.titles.items():
         panel = SplitScores(title)
         for method in block.methods:
             record = chosen.get((row, method))
             if record is not None:
-                loaded = read_scores(scores_path(paths[id(record)]), warn)
-                if loaded is not None:
-                    panel.scores[method] = loaded
+                panel.scores[method] = scores[id(record)]
         panels.append(panel)
     return panels
-
-
-def read_scores(path: Path, warn: Warn) -> tuple[np.ndarray, np.ndarray] | None:
-    """(labels, scores) of a record's scores CSV, or None (with a warning) when unreadable."""
-    try:
-        frame = pd.read_csv(path, dtype={"image_id": str})
-        labels = frame["label"].to_numpy(dtype=np.int64)
-        scores = frame["score"].to_numpy(dtype=np.float64)
-    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
-        warn(f"skipped unreadable scores {path} ({type(exc).__name__})")
-        return None
-    found = sorted(set(labels.tolist()))
-    if found != [0, 1]:
-        warn(f"skipped scores {path} (needs labels 0 (normal) and 1 (novel) only, both present; got {found})")
-        return None
-    if not np.isfinite(scores).all():
-        warn(f"skipped scores {path} (needs finite scores)")
-        return None
-    return labels, scores
 
 
 def paper_summaries(records: list[Record]) -> dict[str, pd.DataFrame]:

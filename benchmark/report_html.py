@@ -288,10 +288,13 @@ def _plain_table(frame: pd.DataFrame) -> str:
 
 
 def _ignored_text(ignored: int) -> str:
-    if not ignored:
-        return ""
-    return (f" ({_count(ignored, 'more record')} ignored: the tables keep one config per method and the newest "
-            "record of each job; see the notes under the leaderboard)")
+    return f" ({ignored_records(ignored)}; see the notes under the leaderboard)" if ignored else ""
+
+
+def ignored_records(ignored: int) -> str:
+    """How many readable records the tables leave out, and why (the page and the console say it alike)."""
+    return (f"{_count(ignored, 'more record')} ignored: the tables keep one config per method and the newest "
+            "record of each job")
 
 
 def _count(n: int, noun: str) -> str:

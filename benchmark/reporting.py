@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .console import stdout_console
@@ -37,17 +38,19 @@ def show_tables(out: Path, records, dataset: str, settings: list[str], paper: bo
         console.print(to_markdown(table), markup=False)
 
 
-def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool) -> list[Path]:
+def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool,
+                 manifest: Callable | None = None) -> list[Path]:
     """Write every table under <out>/tables from every readable record under <out>/runs, so
     that a run of a few jobs never narrows the tables of the runs before it, and print the
     per-class tables of `dataset` and `settings` as written (nothing when `records`, the run's
-    own, is empty)."""
+    own, is empty). `manifest`: as for `records.load_records` (the run's reader of them)."""
     from .records import load_records
     from .tables import manifest_splits, write_tables
 
     if not records:
         return []
-    everything = load_records(out, on_skip=lambda exc: None) or records  # `ndbench table` reports damage
+    # Damaged records are left out quietly here: `ndbench table` reports them.
+    everything = load_records(out, on_skip=lambda exc: None, manifest=manifest) or records
     show_tables(out, everything, dataset, settings, paper, every_split=True)
     return write_tables(everything, Path(out) / "tables", paper=paper, class_names=class_names_under(out),
                         splits=manifest_splits(Path(out) / "splits"))

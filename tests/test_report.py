@@ -313,7 +313,7 @@ def test_report_from_real_knn_records(knn_results, capsys):
 def test_plotted_roc_curves_are_sklearns_on_the_stored_scores(knn_results):
     results = gather(knn_results)
     for block in results.blocks:
-        panels = split_scores(block, results.paths, warn=pytest.fail)
+        panels = split_scores(block, results.scores)
         figure = plots.roc_figure(panels, block.methods, plots.method_colours(block.methods))
         for ax, panel, row in zip(figure.axes, panels, block.titles, strict=False):
             assert ax.get_title() == panel.title == block.titles[row]

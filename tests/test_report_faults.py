@@ -4,8 +4,10 @@ that fails half-way leaves the earlier page and its figures whole."""
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import socket
@@ -23,7 +25,6 @@ from test_report import read_page, synthetic
 from benchmark import plots, report
 from benchmark.locks import LockOwner, _process_start
 from benchmark.report import IMAGE_DIR, build_report
-from benchmark.report_data import read_scores
 from datasets_builders.errors import NdbenchError, WriteFailure
 
 MANIFEST = ".ndbench-figures.json"  # the figures a report wrote, beside them
@@ -69,9 +70,24 @@ def test_bad_labels_in_a_scores_file_skip_that_file_with_a_warning(tmp_path):
     named = [w for w in warned if scores.name in w]
     assert len(named) == 1 and "label '7', not 0 or 1" in named[0]
     assert result.path.is_file()
-    # A scores file that turns bad after its record was read is skipped where the figures read it.
-    assert read_scores(scores, warned.append) is None
-    assert str(scores) in warned[-1] and "[0, 1, 7]" in warned[-1]
+
+
+def test_the_report_reads_each_scores_file_once(tmp_path, monkeypatch):
+    """The figures draw the scores the record's check read: no second read of the file."""
+    out = tiny_results(tmp_path)
+    opened: list[str] = []
+    real_open = io.open
+
+    def counted(file, *args, **kwargs):
+        if str(file).endswith(".scores.csv"):
+            opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counted)  # what pathlib opens with
+    monkeypatch.setattr(builtins, "open", counted)
+    result = build_report(out)
+    assert (result.records, result.figures) == (2, 3)
+    assert sorted(opened) == ["0__c0ffee__seed0.scores.csv", "1__c0ffee__seed0.scores.csv"]
 
 
 def test_report_removes_only_the_figures_an_earlier_report_wrote(tmp_path):
@@ -269,7 +285,7 @@ def test_names_the_figures_font_cannot_draw_give_one_warning_not_one_per_charact
     assert "猫犬" in result.path.read_text(encoding="utf-8")  # the page names it in full
 
 
-def test_the_console_counts_the_runs_the_page_shows_and_the_page_names_the_ignored_ones(tmp_path, capsys):
+def test_the_console_and_the_page_count_the_runs_shown_and_the_records_ignored(tmp_path, capsys):
     from benchmark.cli import main
 
     out = tiny_results(tmp_path)
@@ -281,7 +297,11 @@ def test_the_console_counts_the_runs_the_page_shows_and_the_page_names_the_ignor
     page = read_page(out / "report" / "index.html").text
     assert "(2 runs," in captured.out and " 2 runs of 1 method " in page
     assert "(1 more record ignored: the tables keep one config per method" in page
+    why = "1 more record ignored: the tables keep one config per method and the newest record of each job"
+    assert f"\n{why}; see the notes under the page's leaderboard\n" in captured.out
     assert "ignored 1 record(s) of config beef" in captured.err and "ignored 1 record(s) of config beef" in page
     (out / "runs" / "embedded" / "uni-class" / "knn" / "0__beef__seed0.json").unlink()
+    assert main(["report", "--out", str(out)]) == 0
+    assert "(2 runs," in (printed := capsys.readouterr().out) and "ignored" not in printed
     result = build_report(out)
     assert (result.records, result.ignored) == (2, 0) and "ignored" not in read_page(result.path).text

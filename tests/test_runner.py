@@ -382,3 +382,24 @@ def test_a_run_reads_each_split_manifest_once(splits_root, tmp_path, faulty, mon
     reads.clear()
     assert [r.status for r in execute(jobs, options)] == ["skipped"] * 6
     assert sorted(reads) == ["0.json", "1.json"]
+
+
+def test_a_local_run_and_the_tables_it_prints_read_each_split_manifest_once(splits_root, tmp_path, faulty,
+                                                                               monkeypatch, capsys):
+    """The tables printed after a run check its records against the manifests the run read."""
+    from datasets_builders.splits import Manifest
+
+    out = fresh_out(splits_root, tmp_path)
+    reads: list[str] = []
+    read = Manifest.read.__func__
+
+    def counted(cls, path):
+        reads.append(Path(path).name)
+        return read(cls, path)
+
+    monkeypatch.setattr(Manifest, "read", classmethod(counted))
+    args = ["run", "--method", "faulty", "--setting", "uni-class", "--classes", "0,1", "--seeds", "0,1",
+            "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "AVG" in capsys.readouterr().out and (out / "tables" / "per_class_embedded_uni-class.md").is_file()
+    assert sorted(reads) == ["0.json", "1.json"]
