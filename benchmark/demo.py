@@ -14,7 +14,7 @@ from .parallel import early_workers, jobs_at_once
 from .records import load_records_at
 from .report import build_report
 from .reporting import print_tables, report_results
-from .runner import RunOptions, expand_jobs
+from .runner import RunOptions, SplitReader, expand_jobs
 
 # Methods of the default demo: the sanity baseline, the paper's method with and without its
 # dense tuning, and the paper's strongest competitor. Measured on 2 idle cores, cold, with the
@@ -46,9 +46,11 @@ def run_demo(*, full: bool, out: Path, device: str, force: bool, parallel: int |
     with early_workers(at_once, options, "embedded") as pool:
         jobs = expand_jobs(methods, dataset="embedded", settings=settings, classes=None, seeds=[0],
                            options=options)
-        results = execute(jobs, options, "local", console=stderr_console(), parallel=at_once, pool=pool)
+        splits = SplitReader(options.splits)  # the run's and the tables': each manifest is read once
+        results = execute(jobs, options, "local", console=stderr_console(), parallel=at_once, pool=pool,
+                          splits=splits)
     records = load_records_at([r.record for r in results if r.record is not None])
-    paths = print_tables(out, records, "embedded", settings, paper=False)
+    paths = print_tables(out, records, "embedded", settings, paper=False, manifest=splits.manifest)
     code = report_results(results, stderr_console())
     page = build_report(out, warn=lambda message: stderr_console().print(f"warning: {message}")) if records else None
     minutes = (time.perf_counter() - start) / 60
