@@ -20,6 +20,7 @@ from datasets_builders.splits import (
     Manifest,
     all_vs_one_split,
     multi_class_split,
+    protocol_classes,
     protocol_splits,
     uni_class_split,
 )
@@ -112,12 +113,52 @@ def make_manifests(
             raise NdbenchError(f"{index.dataset}: no split can be formed: {reason}",
                                skipped[0].fix if skipped else "check that the train and test annotations share classes")
         return manifests, skipped
+    return chosen_splits(index, settings, request.classes), []
+
+
+# The split of class c in each setting: uni-class (c normal) and all-vs-one (c novel).
+CHOSEN_SPLITS = {"uni-class": uni_class_split, "multi-class": all_vs_one_split}
+
+
+def chosen_splits(index: DatasetIndex, settings: tuple[str, ...], classes: tuple[int, ...]) -> list[Manifest]:
+    """The splits of `classes` in `settings` (uni-class ones first), all of which must form;
+    the error for one that cannot says what does."""
     manifests: list[Manifest] = []
-    if "uni-class" in settings:
-        manifests += [uni_class_split(index, c) for c in request.classes]
-    if "multi-class" in settings:
-        manifests += [all_vs_one_split(index, c) for c in request.classes]
-    return manifests, []
+    for setting in settings:
+        for c in classes:
+            try:
+                manifests.append(CHOSEN_SPLITS[setting](index, c))
+            except DegenerateSplit as exc:
+                raise DegenerateSplit(exc.problem, _chosen_fix(index, settings, classes, setting, c)
+                                      or exc.fix) from exc
+    return manifests
+
+
+def _formed(index: DatasetIndex, setting: str, c: int) -> Manifest | None:
+    """Class c's split of `setting`; None when it cannot form."""
+    try:
+        return CHOSEN_SPLITS[setting](index, c)
+    except DegenerateSplit:
+        return None
+
+
+def _chosen_fix(index: DatasetIndex, settings: tuple[str, ...], classes: tuple[int, ...], setting: str,
+                c: int) -> str | None:
+    """What builds instead of class c's split of `setting`, which cannot form: its split of the
+    other setting when that forms, else the classes whose splits of `settings` all form (None
+    when none does)."""
+    other = next(s for s in SETTINGS if s != setting)
+    leave_out = f", or leave {c} out of --classes" if len(classes) > 1 else ""
+    formed = _formed(index, other, c)
+    if formed is not None:
+        if other in settings:
+            return f"{formed.split_id} forms: add --setting {other} to build only the {other} splits{leave_out}"
+        return f"{formed.split_id} forms: build it with --setting {other}{leave_out}"
+    working = [k for k in protocol_classes(index) if all(_formed(index, s, k) for s in settings)]
+    if not working:
+        return None
+    shown = ",".join(map(str, working[:12])) + (f",... ({len(working)} classes)" if len(working) > 12 else "")
+    return f"choose --classes among those whose {' and '.join(settings)} splits form: {shown}"
 
 
 def build_splits(request: BuildRequest, console: Console | None = None) -> Built:
