@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from rich.table import Table
 
 from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
-from datasets_builders.index import DatasetIndex
-from datasets_builders.sources import BuiltinSource, build_index, check_dataset
+from datasets_builders.index import DatasetIndex, build_command, natural_key
+from datasets_builders.sources import RECIPE_FILE, BuiltinSource, build_index, check_dataset
 from datasets_builders.splits import (
     ALL_VS_ONE_NAME,
     SETTINGS,
@@ -175,7 +176,9 @@ def build_splits(request: BuildRequest, console: Console | None = None) -> Built
     manifests, skipped = make_manifests(index, request)
     source = BuiltinSource.of_build(index, request.root, year=request.year, class_order=request.class_order)
     stale = stale_manifests(request, index, manifests)
-    write_build(request.out, index, manifests, source.file(Path(request.out) / index.dataset), stale=stale)
+    recipe = source.file(Path(request.out) / index.dataset)
+    check_replaced_index(request, index, manifests, stale, recipe)
+    write_build(request.out, index, manifests, recipe, stale=stale)
     return Built(index, manifests, skipped, stale)
 
 
@@ -215,6 +218,86 @@ def write_build(out: Path, index: DatasetIndex, manifests: list[Manifest],
     files.update({manifest.path_in(out): manifest.to_json() for manifest in manifests})
     files.update(extra or {})
     atomic_write_files(files, remove=stale or ())
+
+
+def check_replaced_index(request: BuildRequest, index: DatasetIndex, manifests: list[Manifest],
+                         stale: list[Path], recipe: dict[Path, str]) -> None:
+    """Refuse a build that would replace the index under `request.out` with another while
+    manifests built from the replaced one stay there (this build neither writes nor removes
+    them): they would fail to load at run time. `recipe` is the source record it writes."""
+    folder = Path(request.out) / index.dataset
+    replaced = _recorded_index_sha256(folder)
+    if replaced is None or replaced == index.sha256:
+        return
+    kept = {manifest.path_in(request.out) for manifest in manifests} | set(stale)
+    orphans = [path for path in _manifest_files(folder) if path not in kept and _index_of(path) == replaced]
+    if not orphans:
+        return
+    names = ", ".join(f"{path.parent.name}/{path.stem}" for path in orphans[:5])
+    names += ", ..." if len(orphans) > 5 else ""
+    record = folder / RECIPE_FILE
+    changed = " (its source files changed since)" if record in recipe and _text(record) == recipe[record] else ""
+    raise NdbenchError(
+        f"this build would replace the {index.dataset} index under {folder}{changed}, and {_manifests_of(orphans)} "
+        f"there built from it ({names}) would then fail to load; that index was built with "
+        f"`{build_command(folder)}`",
+        _replaced_index_fix(request, folder, orphans),
+    )
+
+
+def _replaced_index_fix(request: BuildRequest, folder: Path, orphans: list[Path]) -> str:
+    """How to build without leaving the `orphans` (manifests of the index a build replaces)
+    unloadable: elsewhere, or, when a protocol build would rebuild or remove them all, that
+    build first; else from an empty folder."""
+    protocol = all(PROTOCOL_NAMES[path.parent.name].fullmatch(path.stem) for path in orphans)
+    every_setting = any(path.parent.name not in requested_settings(request.setting) for path in orphans)
+    drop = [option for option, given in (("--classes", request.classes is not None),
+                                         ("--normal", request.normal is not None),
+                                         ("--setting", every_setting and request.setting != "all")) if given]
+    if protocol and drop:
+        return (f"build into another --out, or first rebuild all its splits from this source by running this "
+                f"command without {' and '.join(drop)}, then run it again as it is")
+    return f"build into another --out, or delete {folder} first to replace that build"
+
+
+def _manifest_files(folder: Path) -> list[Path]:
+    """The JSON files of the settings' folders under a dataset folder, in natural order."""
+    return [path for setting in SETTINGS
+            for path in sorted((folder / setting).glob("*.json"), key=lambda path: natural_key(path.stem))]
+
+
+def _recorded_index_sha256(folder: Path) -> str | None:
+    """The index_sha256 recorded in `folder`'s index.json; None when there is no readable one."""
+    try:
+        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    found = meta.get("index_sha256") if isinstance(meta, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def _index_of(path: Path) -> str | None:
+    """The index_sha256 of the manifest at `path`; None when it is not a manifest ndbench wrote
+    (damaged or edited, or not a regular file: it does not load now either)."""
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.read(path).index_sha256
+    except (NdbenchError, OSError):
+        return None
+
+
+def _text(path: Path) -> str | None:
+    """A text file's contents; None when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _manifests_of(paths: list[Path]) -> str:
+    """`paths` counted in words, as manifests ("1 manifest", "3 manifests")."""
+    return f"{len(paths)} manifest{'' if len(paths) == 1 else 's'}"
 
 
 def summary_table(index: DatasetIndex, manifests: list[Manifest]) -> Table:

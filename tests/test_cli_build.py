@@ -8,6 +8,7 @@ import errno
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,71 @@ def test_a_chosen_class_with_no_split_names_the_classes_that_have_them(capsys, t
                             "--classes", "17", "--setting", "multi-class"], capsys)
     one_line_error(code, err, "split voc/multi-class/except-17 has no novel test image",
                    "choose --classes among those whose multi-class splits form: 1,3,14")
+
+
+# --- a build that would replace the index other manifests were built from -------------------------
+def folder_files(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_classes_build_of_another_release_is_refused_before_it_replaces_the_index(capsys, tmp_path):
+    write_voc_tree(tmp_path / "src", voc2007=True)
+    voc, out = tmp_path / "src", tmp_path / "splits"
+    assert run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(out), "--setting", "uni-class"],
+                   capsys)[0] == 0
+    before = folder_files(out / "voc")
+    release_2007 = ["build-splits", "voc", "--root", str(voc), "--year", "2007"]
+    chosen = ["--classes", "1", "--setting", "uni-class"]
+    classes_2007 = [*release_2007, "--out", str(out), *chosen]
+    code, _, err = run_cli(classes_2007, capsys)
+    line = one_line_error(code, err, f"this build would replace the voc index under {out / 'voc'}, and 3 manifests "
+                          "there built from it (uni-class/3, uni-class/14, uni-class/15) would then fail to load",
+                          f"`ndbench build-splits voc --root {voc} --out {out}`", "build into another --out",
+                          "running this command without --classes, then run it again")
+    assert "changed since" not in line
+    assert folder_files(out / "voc") == before  # nothing replaced
+    # As hinted: elsewhere, or after the release's own protocol build (which replaces or removes them all).
+    assert run_cli([*release_2007, "--out", str(tmp_path / "other"), *chosen], capsys)[0] == 0
+    assert run_cli([*release_2007, "--out", str(out)], capsys)[0] == 0
+    code, _, err = run_cli(classes_2007, capsys)
+    assert code == 0, err
+    for path in (out / "voc").glob("*/*.json"):
+        load_split(out, f"voc/{path.parent.name}/{path.stem}")
+
+
+def test_a_classes_build_from_the_same_index_adds_its_split_and_keeps_the_others(capsys, tmp_path):
+    voc, out = write_voc_tree(tmp_path / "src"), tmp_path / "splits"
+    assert run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(out), "--setting", "uni-class"],
+                   capsys)[0] == 0
+    shutil.copytree(tmp_path / "src", tmp_path / "moved")  # the same files elsewhere: the same index
+    for root, extra in ((voc, ["--classes", "3", "--setting", "multi-class"]),
+                        (tmp_path / "moved", ["--classes", "14", "--setting", "multi-class"]),
+                        (voc, ["--normal", "1,3"])):
+        code, _, err = run_cli(["build-splits", "voc", "--root", str(root), "--out", str(out), *extra], capsys)
+        assert code == 0, err
+    built = sorted(f"{path.parent.name}/{path.stem}" for path in (out / "voc").glob("*/*.json"))
+    assert built == ["multi-class/except-14", "multi-class/except-3", "multi-class/normal-1-3",
+                     "uni-class/1", "uni-class/14", "uni-class/15", "uni-class/3"]
+    for name in built:
+        load_split(out, f"voc/{name}")
+
+
+def test_changed_source_files_under_a_normal_set_are_refused_naming_the_change(capsys, tmp_path):
+    root, out = write_coco_tree(tmp_path), tmp_path / "splits"
+    build = ["build-splits", "coco", "--root", str(root), "--out", str(out)]
+    assert run_cli([*build, "--normal", "1,3"], capsys)[0] == 0
+    val = root / "annotations" / "instances_val2014.json"
+    data = json.loads(val.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 42]  # image 42 loses its car
+    val.write_text(json.dumps(data))
+    before = folder_files(out / "coco")
+    code, _, err = run_cli([*build, "--classes", "1"], capsys)
+    one_line_error(code, err, f"would replace the coco index under {out / 'coco'} (its source files changed since), "
+                   "and 1 manifest there built from it (multi-class/normal-1-3)",
+                   f"build into another --out, or delete {out / 'coco'} first to replace that build")
+    assert folder_files(out / "coco") == before
+    shutil.rmtree(out / "coco")
+    assert run_cli([*build, "--classes", "1"], capsys)[0] == 0
 
 
 def test_coco_without_test_images_is_refused(capsys, tmp_path):
