@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from rich.table import Table
 
 from datasets_builders.atomic import atomic_write_files
 from datasets_builders.errors import NdbenchError
-from datasets_builders.index import DatasetIndex
-from datasets_builders.sources import BuiltinSource, build_index, check_dataset
+from datasets_builders.index import DatasetIndex, build_command, natural_key
+from datasets_builders.sources import RECIPE_FILE, BuiltinSource, build_index, check_dataset
 from datasets_builders.splits import (
     ALL_VS_ONE_NAME,
     SETTINGS,
@@ -20,6 +21,7 @@ from datasets_builders.splits import (
     Manifest,
     all_vs_one_split,
     multi_class_split,
+    protocol_classes,
     protocol_splits,
     uni_class_split,
 )
@@ -112,12 +114,52 @@ def make_manifests(
             raise NdbenchError(f"{index.dataset}: no split can be formed: {reason}",
                                skipped[0].fix if skipped else "check that the train and test annotations share classes")
         return manifests, skipped
+    return chosen_splits(index, settings, request.classes), []
+
+
+# The split of class c in each setting: uni-class (c normal) and all-vs-one (c novel).
+CHOSEN_SPLITS = {"uni-class": uni_class_split, "multi-class": all_vs_one_split}
+
+
+def chosen_splits(index: DatasetIndex, settings: tuple[str, ...], classes: tuple[int, ...]) -> list[Manifest]:
+    """The splits of `classes` in `settings` (uni-class ones first), all of which must form;
+    the error for one that cannot says what does."""
     manifests: list[Manifest] = []
-    if "uni-class" in settings:
-        manifests += [uni_class_split(index, c) for c in request.classes]
-    if "multi-class" in settings:
-        manifests += [all_vs_one_split(index, c) for c in request.classes]
-    return manifests, []
+    for setting in settings:
+        for c in classes:
+            try:
+                manifests.append(CHOSEN_SPLITS[setting](index, c))
+            except DegenerateSplit as exc:
+                raise DegenerateSplit(exc.problem, _chosen_fix(index, settings, classes, setting, c)
+                                      or exc.fix) from exc
+    return manifests
+
+
+def _formed(index: DatasetIndex, setting: str, c: int) -> Manifest | None:
+    """Class c's split of `setting`; None when it cannot form."""
+    try:
+        return CHOSEN_SPLITS[setting](index, c)
+    except DegenerateSplit:
+        return None
+
+
+def _chosen_fix(index: DatasetIndex, settings: tuple[str, ...], classes: tuple[int, ...], setting: str,
+                c: int) -> str | None:
+    """What builds instead of class c's split of `setting`, which cannot form: its split of the
+    other setting when that forms, else the classes whose splits of `settings` all form (None
+    when none does)."""
+    other = next(s for s in SETTINGS if s != setting)
+    leave_out = f", or leave {c} out of --classes" if len(classes) > 1 else ""
+    formed = _formed(index, other, c)
+    if formed is not None:
+        if other in settings:
+            return f"{formed.split_id} forms: add --setting {other} to build only the {other} splits{leave_out}"
+        return f"{formed.split_id} forms: build it with --setting {other}{leave_out}"
+    working = [k for k in protocol_classes(index) if all(_formed(index, s, k) for s in settings)]
+    if not working:
+        return None
+    shown = ",".join(map(str, working[:12])) + (f",... ({len(working)} classes)" if len(working) > 12 else "")
+    return f"choose --classes among those whose {' and '.join(settings)} splits form: {shown}"
 
 
 def build_splits(request: BuildRequest, console: Console | None = None) -> Built:
@@ -134,7 +176,9 @@ def build_splits(request: BuildRequest, console: Console | None = None) -> Built
     manifests, skipped = make_manifests(index, request)
     source = BuiltinSource.of_build(index, request.root, year=request.year, class_order=request.class_order)
     stale = stale_manifests(request, index, manifests)
-    write_build(request.out, index, manifests, source.file(Path(request.out) / index.dataset), stale=stale)
+    recipe = source.file(Path(request.out) / index.dataset)
+    check_replaced_index(request, index, manifests, stale, recipe)
+    write_build(request.out, index, manifests, recipe, stale=stale)
     return Built(index, manifests, skipped, stale)
 
 
@@ -174,6 +218,86 @@ def write_build(out: Path, index: DatasetIndex, manifests: list[Manifest],
     files.update({manifest.path_in(out): manifest.to_json() for manifest in manifests})
     files.update(extra or {})
     atomic_write_files(files, remove=stale or ())
+
+
+def check_replaced_index(request: BuildRequest, index: DatasetIndex, manifests: list[Manifest],
+                         stale: list[Path], recipe: dict[Path, str]) -> None:
+    """Refuse a build that would replace the index under `request.out` with another while
+    manifests built from the replaced one stay there (this build neither writes nor removes
+    them): they would fail to load at run time. `recipe` is the source record it writes."""
+    folder = Path(request.out) / index.dataset
+    replaced = _recorded_index_sha256(folder)
+    if replaced is None or replaced == index.sha256:
+        return
+    kept = {manifest.path_in(request.out) for manifest in manifests} | set(stale)
+    orphans = [path for path in _manifest_files(folder) if path not in kept and _index_of(path) == replaced]
+    if not orphans:
+        return
+    names = ", ".join(f"{path.parent.name}/{path.stem}" for path in orphans[:5])
+    names += ", ..." if len(orphans) > 5 else ""
+    record = folder / RECIPE_FILE
+    changed = " (its source files changed since)" if record in recipe and _text(record) == recipe[record] else ""
+    raise NdbenchError(
+        f"this build would replace the {index.dataset} index under {folder}{changed}, and {_manifests_of(orphans)} "
+        f"there built from it ({names}) would then fail to load; that index was built with "
+        f"`{build_command(folder)}`",
+        _replaced_index_fix(request, folder, orphans),
+    )
+
+
+def _replaced_index_fix(request: BuildRequest, folder: Path, orphans: list[Path]) -> str:
+    """How to build without leaving the `orphans` (manifests of the index a build replaces)
+    unloadable: elsewhere, or, when a protocol build would rebuild or remove them all, that
+    build first; else from an empty folder."""
+    protocol = all(PROTOCOL_NAMES[path.parent.name].fullmatch(path.stem) for path in orphans)
+    every_setting = any(path.parent.name not in requested_settings(request.setting) for path in orphans)
+    drop = [option for option, given in (("--classes", request.classes is not None),
+                                         ("--normal", request.normal is not None),
+                                         ("--setting", every_setting and request.setting != "all")) if given]
+    if protocol and drop:
+        return (f"build into another --out, or first rebuild all its splits from this source by running this "
+                f"command without {' and '.join(drop)}, then run it again as it is")
+    return f"build into another --out, or delete {folder} first to replace that build"
+
+
+def _manifest_files(folder: Path) -> list[Path]:
+    """The JSON files of the settings' folders under a dataset folder, in natural order."""
+    return [path for setting in SETTINGS
+            for path in sorted((folder / setting).glob("*.json"), key=lambda path: natural_key(path.stem))]
+
+
+def _recorded_index_sha256(folder: Path) -> str | None:
+    """The index_sha256 recorded in `folder`'s index.json; None when there is no readable one."""
+    try:
+        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    found = meta.get("index_sha256") if isinstance(meta, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def _index_of(path: Path) -> str | None:
+    """The index_sha256 of the manifest at `path`; None when it is not a manifest ndbench wrote
+    (damaged or edited, or not a regular file: it does not load now either)."""
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.read(path).index_sha256
+    except (NdbenchError, OSError):
+        return None
+
+
+def _text(path: Path) -> str | None:
+    """A text file's contents; None when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _manifests_of(paths: list[Path]) -> str:
+    """`paths` counted in words, as manifests ("1 manifest", "3 manifests")."""
+    return f"{len(paths)} manifest{'' if len(paths) == 1 else 's'}"
 
 
 def summary_table(index: DatasetIndex, manifests: list[Manifest]) -> Table:

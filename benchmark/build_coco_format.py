@@ -13,7 +13,15 @@ from datasets_builders.coco_format import (
 )
 from datasets_builders.errors import NdbenchError
 
-from .build import BuildRequest, Built, check_choice, make_manifests, stale_manifests, write_build
+from .build import (
+    BuildRequest,
+    Built,
+    check_choice,
+    check_replaced_index,
+    make_manifests,
+    stale_manifests,
+    write_build,
+)
 
 
 @dataclass
@@ -48,5 +56,6 @@ def build_coco_format_splits(
     manifests, skipped = make_manifests(index, request, protocol=kept)
     recipe = recipe_file(Path(request.out) / index.dataset, source, min_train_images)
     stale = stale_manifests(request, index, manifests)
+    check_replaced_index(request, index, manifests, stale, recipe)
     write_build(request.out, index, manifests, recipe, stale=stale)
     return CocoFormatBuild(index, manifests, skipped, stale, missing, rare)

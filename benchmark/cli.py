@@ -130,7 +130,8 @@ def build_splits_command(
 
     A protocol build (no --classes, no --normal) replaces the protocol splits of its settings
     under --out: their manifests it no longer forms are removed. --classes and --normal only
-    add or replace the splits they name."""
+    add or replace the splits they name. A build that would replace the index under --out with
+    another while manifests built from the old one stay there is refused."""
     from .build import BuildRequest, build_splits, check_request, summary_table
 
     custom = (name, train_annotations, test_annotations, train_images, test_images)

@@ -173,23 +173,23 @@ class DegenerateSplit(NdbenchError):
     """A split the index cannot form: no normal training image, or no normal or no novel test image."""
 
 
-def _finish(index: DatasetIndex, manifest: Manifest) -> Manifest:
+# What a split lacks when it cannot form (a key of `Manifest.counts`): the problem and its fix.
+LACKS = {
+    "train": ("has no normal training image", "choose normal classes that occur in the training images"),
+    "test_novel": ("has no novel test image",
+                   "leave at least one class that occurs in the test images out of the normal set"),
+    "test_normal": ("has no normal test image", "choose normal classes that occur in the test images"),
+}
+
+
+def _finish(manifest: Manifest, lacks: dict[str, tuple[str, str]] = LACKS) -> Manifest:
+    """The manifest, when it has normal training images and normal and novel test images; else
+    DegenerateSplit with what `lacks` says of the missing images."""
     counts = manifest.counts()
-    if counts["train"] == 0:
-        raise DegenerateSplit(
-            f"split {manifest.split_id} has no normal training image",
-            "choose normal classes that occur in the training images",
-        )
-    if counts["test_novel"] == 0:
-        raise DegenerateSplit(
-            f"split {manifest.split_id} has no novel test image",
-            "leave at least one class that occurs in the test images out of the normal set",
-        )
-    if counts["test_normal"] == 0:
-        raise DegenerateSplit(
-            f"split {manifest.split_id} has no normal test image",
-            "choose normal classes that occur in the test images",
-        )
+    for count in ("train", "test_novel", "test_normal"):
+        if counts[count] == 0:
+            problem, fix = lacks[count]
+            raise DegenerateSplit(f"split {manifest.split_id} {problem}", fix)
     overlap = set(manifest.train) & {image_id for image_id, _ in manifest.test}
     assert not overlap, f"{manifest.split_id}: train and test share {sorted(overlap)[:5]}"
     return manifest
@@ -214,10 +214,19 @@ def all_vs_one_split(index: DatasetIndex, abnormal_class: int) -> Manifest:
     """All-vs-one: every class but `abnormal_class` is normal; named `except-<k>`."""
     _check_classes(index, [abnormal_class])
     normal = [c for c in index.class_ids() if c != abnormal_class]
-    return multi_class_split(index, normal, name=f"except-{abnormal_class}")
+    other = f"a class other than {abnormal_class} ({index.class_names[abnormal_class]})"
+    # Its normal set is fixed by the class, so what it lacks is said of the images.
+    fix = f"class {abnormal_class} forms no all-vs-one split here; its uni-class split may form (--setting uni-class)"
+    lacks = {
+        "train": (f"has no normal training image: no training image holds {other}", fix),
+        "test_novel": (f"has no novel test image: every test image holds {other}", fix),
+        "test_normal": (f"has no normal test image: no test image holds {other}", fix),
+    }
+    return _split(index, "multi-class", f"except-{abnormal_class}", normal, lacks)
 
 
-def _split(index: DatasetIndex, setting: str, name: str, normal: list[int]) -> Manifest:
+def _split(index: DatasetIndex, setting: str, name: str, normal: list[int],
+           lacks: dict[str, tuple[str, str]] = LACKS) -> Manifest:
     normal_set = set(normal)
     train = [r.image_id for r in index.subset("train") if normal_set.intersection(r.classes)]
     test = [
@@ -235,7 +244,7 @@ def _split(index: DatasetIndex, setting: str, name: str, normal: list[int]) -> M
         test=test,
         notes=notes,
     )
-    return _finish(index, manifest)
+    return _finish(manifest, lacks)
 
 
 def protocol_classes(index: DatasetIndex) -> list[int]:

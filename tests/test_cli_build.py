@@ -8,6 +8,7 @@ import errno
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from cli_checks import one_line_error
 from coco_fixtures import write_coco_tree
+from coco_format_fixtures import TEST, instances, write_coco_format
 from voc_fixtures import write_voc_tree
 
 from benchmark.cli import main
@@ -158,6 +160,133 @@ def test_split_without_novel_test_image(capsys, tmp_path):
     code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--normal", every,
                             "--out", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "no novel test image")
+
+
+# --- a chosen class whose all-vs-one split cannot form -----------------------------------------
+def one_class_alone_nowhere(dataset: str, base: Path) -> tuple[list[str], str]:
+    """A small tree of `dataset` where one class's uni-class split forms but its all-vs-one
+    split does not (every test image holds another class); the build-splits arguments that
+    read it (without --out) and that class's split id prefix."""
+    if dataset == "voc":  # cat (15): train 2008_000002; test 2008_000011 also holds a person
+        return ["voc", "--root", str(write_voc_tree(base))], "voc"
+    if dataset == "coco":  # toothbrush (90) once the empty test image 74 is gone
+        root = write_coco_tree(base)
+        val = root / "annotations" / "instances_val2014.json"
+        data = json.loads(val.read_text())
+        data["images"] = [image for image in data["images"] if image["id"] != 74]
+        val.write_text(json.dumps(data))
+        return ["coco", "--root", str(root)], "coco"
+    paths = write_coco_format(base)  # fish (11) beside a bird, and no empty test image
+    test = {**{i: objects for i, objects in TEST.items() if i != 8}, 7: [(11, 0), (9, 0)]}
+    paths["test_annotations"].write_text(json.dumps(instances(test, lambda i: f"test/img_{i:03d}.jpg")))
+    return ["coco-format", "--name", "lab", "--train-annotations", str(paths["train_annotations"]),
+            "--test-annotations", str(paths["test_annotations"]), "--train-images", str(paths["images"]),
+            "--test-images", str(paths["images"])], "lab"
+
+
+# The class alone nowhere in the tree, and another class of the dataset.
+ALONE_CLASS = {"voc": ("15", "1"), "coco": ("90", "1"), "coco-format": ("11", "2")}
+
+
+@pytest.mark.parametrize("dataset", list(ALONE_CLASS))
+def test_a_chosen_class_without_an_all_vs_one_split_names_the_setting_that_builds(capsys, tmp_path, dataset):
+    args, name = one_class_alone_nowhere(dataset, tmp_path / "src")
+    (c, another), out = ALONE_CLASS[dataset], tmp_path / "o"
+    code, _, err = run_cli(["build-splits", *args, "--out", str(out), "--classes", c], capsys)
+    line = one_line_error(code, err, f"split {name}/multi-class/except-{c} has no novel test image",
+                          f"every test image holds a class other than {c} (",
+                          f"{name}/uni-class/{c} forms: add --setting uni-class")
+    assert "leave at least one class" not in line and "or leave" not in line
+    assert not out.exists()
+    code, _, err = run_cli(["build-splits", *args, "--out", str(out), "--classes", c, "--setting", "multi-class"],
+                           capsys)
+    one_line_error(code, err, f"{name}/uni-class/{c} forms: build it with --setting uni-class")
+    code, _, err = run_cli(["build-splits", *args, "--out", str(out), "--classes", f"{c},{another}",
+                            "--setting", "multi-class"], capsys)
+    one_line_error(code, err, f"build it with --setting uni-class, or leave {c} out of --classes")
+    # As the hint says.
+    code, _, err = run_cli(["build-splits", *args, "--out", str(out), "--classes", c, "--setting", "uni-class"],
+                           capsys)
+    assert code == 0, err
+    assert [path.name for path in (out / name).rglob("*.json") if path.parent != out / name] == [f"{c}.json"]
+
+
+def test_a_chosen_class_with_no_split_names_the_classes_that_have_them(capsys, tmp_path):
+    voc = write_voc_tree(tmp_path / "src")
+    # bus (17) is in no test image: neither of its splits forms.
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(tmp_path / "o"),
+                            "--classes", "17"], capsys)
+    one_line_error(code, err, "split voc/uni-class/17 has no normal test image",
+                   "choose --classes among those whose uni-class and multi-class splits form: 1,3,14")
+    code, _, err = run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(tmp_path / "o"),
+                            "--classes", "17", "--setting", "multi-class"], capsys)
+    one_line_error(code, err, "split voc/multi-class/except-17 has no novel test image",
+                   "choose --classes among those whose multi-class splits form: 1,3,14")
+
+
+# --- a build that would replace the index other manifests were built from -------------------------
+def folder_files(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_classes_build_of_another_release_is_refused_before_it_replaces_the_index(capsys, tmp_path):
+    write_voc_tree(tmp_path / "src", voc2007=True)
+    voc, out = tmp_path / "src", tmp_path / "splits"
+    assert run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(out), "--setting", "uni-class"],
+                   capsys)[0] == 0
+    before = folder_files(out / "voc")
+    release_2007 = ["build-splits", "voc", "--root", str(voc), "--year", "2007"]
+    chosen = ["--classes", "1", "--setting", "uni-class"]
+    classes_2007 = [*release_2007, "--out", str(out), *chosen]
+    code, _, err = run_cli(classes_2007, capsys)
+    line = one_line_error(code, err, f"this build would replace the voc index under {out / 'voc'}, and 3 manifests "
+                          "there built from it (uni-class/3, uni-class/14, uni-class/15) would then fail to load",
+                          f"`ndbench build-splits voc --root {voc} --out {out}`", "build into another --out",
+                          "running this command without --classes, then run it again")
+    assert "changed since" not in line
+    assert folder_files(out / "voc") == before  # nothing replaced
+    # As hinted: elsewhere, or after the release's own protocol build (which replaces or removes them all).
+    assert run_cli([*release_2007, "--out", str(tmp_path / "other"), *chosen], capsys)[0] == 0
+    assert run_cli([*release_2007, "--out", str(out)], capsys)[0] == 0
+    code, _, err = run_cli(classes_2007, capsys)
+    assert code == 0, err
+    for path in (out / "voc").glob("*/*.json"):
+        load_split(out, f"voc/{path.parent.name}/{path.stem}")
+
+
+def test_a_classes_build_from_the_same_index_adds_its_split_and_keeps_the_others(capsys, tmp_path):
+    voc, out = write_voc_tree(tmp_path / "src"), tmp_path / "splits"
+    assert run_cli(["build-splits", "voc", "--root", str(voc), "--out", str(out), "--setting", "uni-class"],
+                   capsys)[0] == 0
+    shutil.copytree(tmp_path / "src", tmp_path / "moved")  # the same files elsewhere: the same index
+    for root, extra in ((voc, ["--classes", "3", "--setting", "multi-class"]),
+                        (tmp_path / "moved", ["--classes", "14", "--setting", "multi-class"]),
+                        (voc, ["--normal", "1,3"])):
+        code, _, err = run_cli(["build-splits", "voc", "--root", str(root), "--out", str(out), *extra], capsys)
+        assert code == 0, err
+    built = sorted(f"{path.parent.name}/{path.stem}" for path in (out / "voc").glob("*/*.json"))
+    assert built == ["multi-class/except-14", "multi-class/except-3", "multi-class/normal-1-3",
+                     "uni-class/1", "uni-class/14", "uni-class/15", "uni-class/3"]
+    for name in built:
+        load_split(out, f"voc/{name}")
+
+
+def test_changed_source_files_under_a_normal_set_are_refused_naming_the_change(capsys, tmp_path):
+    root, out = write_coco_tree(tmp_path), tmp_path / "splits"
+    build = ["build-splits", "coco", "--root", str(root), "--out", str(out)]
+    assert run_cli([*build, "--normal", "1,3"], capsys)[0] == 0
+    val = root / "annotations" / "instances_val2014.json"
+    data = json.loads(val.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 42]  # image 42 loses its car
+    val.write_text(json.dumps(data))
+    before = folder_files(out / "coco")
+    code, _, err = run_cli([*build, "--classes", "1"], capsys)
+    one_line_error(code, err, f"would replace the coco index under {out / 'coco'} (its source files changed since), "
+                   "and 1 manifest there built from it (multi-class/normal-1-3)",
+                   f"build into another --out, or delete {out / 'coco'} first to replace that build")
+    assert folder_files(out / "coco") == before
+    shutil.rmtree(out / "coco")
+    assert run_cli([*build, "--classes", "1"], capsys)[0] == 0
 
 
 def test_coco_without_test_images_is_refused(capsys, tmp_path):

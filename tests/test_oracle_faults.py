@@ -105,3 +105,58 @@ def test_splits_given_as_the_results_root_or_the_embedded_folder_names_the_split
     assert oracle(wrong, random_vit) == 2
     line = one_error_line(capsys)
     assert f"pass --splits {splits} " in line and "build-splits" not in line  # not a build in the wrong place
+
+
+# --- weights of another architecture than --arch -------------------------------------------------
+def oracle_on(weights: Path, tmp_path: Path, *arch: str) -> int:
+    """The oracle with `weights` (and `--arch`, when given) on an empty splits root: a weights
+    check that passes ends at the missing index."""
+    return main(["oracle", "--splits", str(tmp_path / "splits"), "--weights", str(weights), "--device", "cpu",
+                 *(["--arch", arch[0]] if arch else [])])
+
+
+def drop_tensor(path: Path, key: str) -> Path:
+    """Rewrite the safetensors file at `path` without tensor `key` (metadata kept); returns it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys() if name != key}
+        metadata = handle.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_cnn_weights_for_the_vit_are_one_line_naming_both(tmp_path, capsys):
+    cnn = save_random_vit(tmp_path / "cnn.safetensors", CLASSES, arch="ndbench_resnet_embedded")
+    assert oracle_on(cnn, tmp_path) == 2
+    line = one_error_line(capsys)
+    assert line == (f"ndbench: error: --weights {cnn} holds ndbench_resnet_embedded weights, not the "
+                    "ndbench_vit_embedded weights --arch asks for (the oracle reads a ViT's patch tokens and "
+                    "ndbench_resnet_embedded is not a ViT: pass --weights embedded for ndbench_vit_embedded's own)")
+    # Named from what `ndbench pretrain` recorded beside it when its tensors tell nothing.
+    drop_tensor(cnn, "conv1.weight")
+    (tmp_path / "cnn.json").write_text(json.dumps({"arch": "ndbench_resnet_embedded", "heldout_accuracy": 0.5}))
+    assert oracle_on(cnn, tmp_path) == 2
+    assert "holds ndbench_resnet_embedded weights, not the ndbench_vit_embedded" in one_error_line(capsys)
+
+
+def test_vit_weights_for_another_vit_name_the_arch_they_fit(random_vit, tmp_path, capsys):
+    assert oracle_on(random_vit, tmp_path, "vit_tiny_patch16_224") == 2
+    line = one_error_line(capsys)
+    assert f"--weights {random_vit} holds ndbench_vit_embedded weights, not the vit_tiny_patch16_224" in line
+    assert "pass --arch ndbench_vit_embedded to read them as what they are, or the file " \
+           "`ndbench pretrain --arch vit_tiny_patch16_224` writes" in line
+    # As hinted: the weights pass and the oracle goes on (to the missing splits here).
+    assert oracle_on(random_vit, tmp_path, "ndbench_vit_embedded") == 2
+    assert "no dataset index" in one_error_line(capsys)
+
+
+def test_weights_of_no_known_architecture_say_they_do_not_fit(random_vit, tmp_path, capsys):
+    partial = tmp_path / "partial.safetensors"
+    partial.write_bytes(random_vit.read_bytes())
+    drop_tensor(partial, "blocks.5.mlp.fc2.bias")
+    assert oracle_on(partial, tmp_path) == 2
+    line = one_error_line(capsys)
+    assert f"--weights {partial} does not hold the ndbench_vit_embedded weights --arch asks for" in line
+    assert "Traceback" not in line and "pass --weights embedded" in line
