@@ -497,10 +497,10 @@ def table_command(
         if without:
             stderr_console().print(f"note: the paper reports no numbers for {', '.join(without)}; "
                                    "their tables have measured columns only", soft_wrap=True)
+    names, splits = class_names_under(out), manifest_splits(out / "splits")
     for dataset in sorted({d for d, _ in pairs}):
-        show_tables(out, records, dataset, [s for d, s in pairs if d == dataset], paper, every_split=True)
-    paths = write_tables(records, out / "tables", paper=paper, class_names=class_names_under(out),
-                         splits=manifest_splits(out / "splits"))
+        show_tables(records, dataset, [s for d, s in pairs if d == dataset], paper, names, splits)
+    paths = write_tables(records, out / "tables", paper=paper, class_names=names, splits=splits)
     stdout_console().print(f"wrote {len(paths)} files under {out / 'tables'}")
 
 

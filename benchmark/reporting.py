@@ -19,21 +19,20 @@ def class_names_under(out: Path) -> dict[str, dict[int, str]]:
     return names
 
 
-def show_tables(out: Path, records, dataset: str, settings: list[str], paper: bool, every_split: bool = False) -> None:
+def show_tables(records, dataset: str, settings: list[str], paper: bool, class_names: dict[str, dict[int, str]],
+                splits: dict[tuple[str, str], list[str]] | None = None) -> None:
     """Print the per-class tables of `records` on `dataset` (their notes are logged when the
-    table files are written); with `every_split`, also a row for each split whose manifest
-    lies under <out>/splits."""
-    from .tables import manifest_splits, per_class_table, to_markdown
+    table files are written), with `class_names` by dataset (`class_names_under`) and, given
+    `splits` (`tables.manifest_splits`), a row for each split whose manifest is built."""
+    from .tables import per_class_table, to_markdown
 
-    names = class_names_under(out)
-    splits = manifest_splits(Path(out) / "splits") if every_split else {}
     console = stdout_console()
     for setting in settings:
         chosen = [r for r in records if r.dataset == dataset and r.setting == setting]
         if not chosen:
             continue
-        table = per_class_table(chosen, dataset, setting, class_names=names.get(dataset), paper=paper, warn=False,
-                                splits=splits.get((dataset, setting), ()))
+        table = per_class_table(chosen, dataset, setting, class_names=class_names.get(dataset), paper=paper,
+                                warn=False, splits=(splits or {}).get((dataset, setting), ()))
         console.print(f"\n[bold]{dataset} {setting}: AUROC (%)[/bold]")
         console.print(to_markdown(table), markup=False)
 
@@ -51,9 +50,9 @@ def print_tables(out: Path, records, dataset: str, settings: list[str], paper: b
         return []
     # Damaged records are left out quietly here: `ndbench table` reports them.
     everything = load_records(out, on_skip=lambda exc: None, manifest=manifest) or records
-    show_tables(out, everything, dataset, settings, paper, every_split=True)
-    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=class_names_under(out),
-                        splits=manifest_splits(Path(out) / "splits"))
+    names, splits = class_names_under(out), manifest_splits(Path(out) / "splits")
+    show_tables(everything, dataset, settings, paper, names, splits)
+    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=names, splits=splits)
 
 
 def report_results(results, console) -> int:

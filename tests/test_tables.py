@@ -380,3 +380,20 @@ def test_notes_say_which_rows_the_multi_class_avg_leaves_out(tmp_path):
     # only all-vs-one splits: nothing left out, nothing said
     only = [r for r in records() if r.setting == M and r.split.startswith("except-")]
     assert tables.per_class_table(only, "voc", M, warn=False).attrs["notes"] == []
+
+
+def test_the_table_command_reads_each_index_once(knn_results, monkeypatch, capsys):
+    from benchmark.cli import main
+    from datasets_builders.index import DatasetIndex
+
+    reads = []
+    original = DatasetIndex.read.__func__
+
+    def counted(cls, folder, *args, **kwargs):
+        reads.append(folder)
+        return original(cls, folder, *args, **kwargs)
+
+    monkeypatch.setattr(DatasetIndex, "read", classmethod(counted))
+    assert main(["table", "--out", str(knn_results)]) == 0
+    assert "embedded uni-class: AUROC" in capsys.readouterr().out
+    assert len(reads) == 1, reads
