@@ -39,9 +39,15 @@ class IndexRow:
     classes: tuple[int, ...]
 
 
+_DIGIT_RUNS = re.compile(r"(\d+)")
+_INTEGER = re.compile(r"-?\d+")
+
+
 def natural_key(text: str) -> tuple:
     """Sort key that orders embedded integers numerically ("train/10" after "train/9")."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+    if text.isdecimal():  # COCO's and CIFAR's ids: the key the split below gives, sooner
+        return ("", int(text), "")
+    return tuple(int(part) if part.isdigit() else part for part in _DIGIT_RUNS.split(text))
 
 
 @dataclass
@@ -239,7 +245,7 @@ def _read_meta(path: Path) -> dict:
             raise _damaged(path, f"{key!r} is {type(meta[key]).__name__}, not {kind.__name__}")
     names: dict[int, str] = {}
     for key, name in meta["class_names"].items():
-        if not re.fullmatch(r"-?\d+", key) or not isinstance(name, str):
+        if not _INTEGER.fullmatch(key) or not isinstance(name, str):
             raise _damaged(path, f"class_names entry {key!r}: {name!r} is not an integer id and a name")
         names[int(key)] = name
     if not names:
@@ -251,6 +257,8 @@ def _read_rows(path: Path, class_names: dict[int, str]) -> list[IndexRow]:
     """The rows of `index.csv`, each checked against the columns, subsets and class ids."""
     rows: list[IndexRow] = []
     seen: set[str] = set()
+    # Class ids as `write` spells them; any other spelling would not give the recorded sha256.
+    known = {str(c): c for c in class_names}
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
@@ -271,12 +279,12 @@ def _read_rows(path: Path, class_names: dict[int, str]) -> list[IndexRow]:
                 if image_id in seen:
                     raise _damaged(path, f"line {line}: image id {image_id!r} appears twice")
                 seen.add(image_id)
-                ids = []
-                for text in classes.split():
-                    if not re.fullmatch(r"-?\d+", text) or int(text) not in class_names:
-                        raise _damaged(path, f"line {line}: class id {text!r} is not a class of index.json")
-                    ids.append(int(text))
-                rows.append(IndexRow(image_id, image_path, subset, tuple(ids)))
+                try:
+                    ids = tuple(known[text] for text in classes.split())
+                except KeyError as exc:
+                    problem = f"line {line}: class id {exc.args[0]!r} is not a class of index.json"
+                    raise _damaged(path, problem) from None
+                rows.append(IndexRow(image_id, image_path, subset, ids))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise _damaged(path, f"not readable CSV ({exc})") from exc
     return rows

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,7 @@ DAMAGES = {
     "csv short row": ("index.csv", edit_csv_line(3, "2,train/2.png,train"), "line 3 has 3 fields"),
     "csv class not int": ("index.csv", edit_csv_line(2, "1,train/1.png,train,x"), "class id 'x'"),
     "csv unknown class": ("index.csv", edit_csv_line(2, "1,train/1.png,train,7"), "class id '7'"),
+    "csv class spelled otherwise": ("index.csv", edit_csv_line(2, "1,train/1.png,train,01"), "class id '01'"),
     "csv bad subset": ("index.csv", edit_csv_line(2, "1,train/1.png,val,0"), "subset 'val'"),
     "csv id twice": ("index.csv", edit_csv_line(3, "1,train/2.png,train,0 1"), "'1' appears twice"),
     "csv edited class": ("index.csv", edit_csv_line(2, "1,train/1.png,train,2"), "do not match"),
@@ -188,3 +190,12 @@ def test_a_coco_image_folder_that_is_a_file(tmp_path, capsys):
     (root / "val2014").write_text("x")
     code = main(["build-splits", "coco", "--root", str(root), "--out", str(tmp_path / "o")])
     one_line_error(code, capsys.readouterr().err, f"image folder {root / 'val2014'}", "is a file, not a folder")
+
+
+@pytest.mark.parametrize("text", ["0", "7", "123456", "007", "٣٤", "train/10", "2008_000123", "a1b22", "", "x"])
+def test_natural_keys_order_embedded_integers(text):
+    from datasets_builders.index import natural_key
+
+    parts = re.split(r"(\d+)", text)
+    assert natural_key(text) == tuple(int(part) if part.isdigit() else part for part in parts)
+    assert sorted(["train/10", "train/9", "train/100"], key=natural_key) == ["train/9", "train/10", "train/100"]
