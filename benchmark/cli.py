@@ -433,6 +433,7 @@ def run_command(
     resources = RayResources(ray_cpus_per_job, ray_gpus_per_job)
     options = RunOptions(out=out, device=device, weights=weights, force=force, retries=retries,
                          save_models=save_models, caching=caching)
+    splits = SplitReader(options.splits)  # the run's reader: each index and manifest is read once
     jobs = expand_jobs(
         methods,
         dataset=dataset,
@@ -442,6 +443,7 @@ def run_command(
         options=options,
         overrides=overrides,
         preset=preset or "",
+        splits=splits,
     )
     for note in notes:
         stderr_console().print(f"note: {note}", soft_wrap=True, markup=False)
@@ -449,13 +451,12 @@ def run_command(
     if dry_run:
         from .plan import plan_run, print_plan
 
-        print_plan(plan_run(jobs, options), stdout_console())
+        print_plan(plan_run(jobs, options, splits), stdout_console())
         return
-    splits = SplitReader(options.splits)  # the run's and the tables': each manifest is read once
     results = execute(jobs, options, executor, ray_address, console=stderr_console(), resources=resources,
                       parallel=at_once, splits=splits)
     records = load_records_at([r.record for r in results if r.record is not None])
-    print_tables(out, records, dataset, settings, paper=False, manifest=splits.manifest)
+    print_tables(out, records, dataset, settings, paper=False, splits=splits)
     code = report_results(results, stderr_console())
     if save_models:
         _note_missing_models(results)

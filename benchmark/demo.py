@@ -44,13 +44,13 @@ def run_demo(*, full: bool, out: Path, device: str, force: bool, parallel: int |
     # first run the workers start before the jobs are expanded, which generates the scenes.
     at_once = jobs_at_once(parallel, device, len(methods) * len(settings) * N_CLASSES)
     with early_workers(at_once, options, "embedded") as pool:
+        splits = SplitReader(options.splits)  # the run's reader: each index and manifest is read once
         jobs = expand_jobs(methods, dataset="embedded", settings=settings, classes=None, seeds=[0],
-                           options=options)
-        splits = SplitReader(options.splits)  # the run's and the tables': each manifest is read once
+                           options=options, splits=splits)
         results = execute(jobs, options, "local", console=stderr_console(), parallel=at_once, pool=pool,
                           splits=splits)
     records = load_records_at([r.record for r in results if r.record is not None])
-    paths = print_tables(out, records, "embedded", settings, paper=False, manifest=splits.manifest)
+    paths = print_tables(out, records, "embedded", settings, paper=False, splits=splits)
     code = report_results(results, stderr_console())
     page = build_report(out, warn=lambda message: stderr_console().print(f"warning: {message}")) if records else None
     minutes = (time.perf_counter() - start) / 60

@@ -226,8 +226,8 @@ def execute(jobs: list[Job], options: RunOptions, executor: str = "local", ray_a
     try:
         if executor == "local" and parallel > 1 and len(jobs) > 1:
             return run_parallel(jobs, options, parallel, console, on_result,
-                                before=lambda: prepare(jobs, options), pool=pool)
-        prepare(jobs, options)
+                                before=lambda: prepare(jobs, options, splits), pool=pool)
+        prepare(jobs, options, splits)
         if executor == "ray":
             return run_ray(jobs, options, ray_address, console, on_result, resources)
         return run_local(jobs, options, console, on_result, splits)

@@ -97,12 +97,13 @@ class _StoreState:
         return self.held[entry.folder]
 
 
-def plan_run(jobs: list[Job], options: RunOptions) -> RunPlan:
+def plan_run(jobs: list[Job], options: RunOptions, splits: SplitReader | None = None) -> RunPlan:
     """The run's jobs and its predicted counts per method (see the module docstring). A split
-    not built yet is planned as the run will build it; nothing is written."""
+    not built yet is planned as the run will build it; nothing is written. `splits`: the
+    run's reader of the indexes and manifests (a new one when None)."""
     device = resolve_device(options.device)
     state = _StoreState(options)
-    splits = SplitReader(options.splits)
+    splits = splits or SplitReader(options.splits)
     unbuilt: dict[str, Manifest | None] = {}  # split id -> the manifest the run would build
     plan = RunPlan()
     for job in jobs:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .console import stdout_console
 
+if TYPE_CHECKING:
+    from .runner import SplitReader
 
-def class_names_under(out: Path) -> dict[str, dict[int, str]]:
-    """Class names of every dataset whose index lies under `<out>/splits`."""
+
+def class_names_under(out: Path, splits: SplitReader | None = None) -> dict[str, dict[int, str]]:
+    """Class names of every dataset whose index lies under `<out>/splits` (read by `splits`,
+    a run's reader, when it reads that folder)."""
     from datasets_builders.index import DatasetIndex
 
-    names: dict[str, dict[int, str]] = {}
-    for meta in sorted((Path(out) / "splits").glob("*/index.json")):
-        names[meta.parent.name] = DatasetIndex.read(meta.parent).class_names
-    return names
+    root = Path(out) / "splits"
+    read = splits.index if splits is not None and splits.root == root else lambda name: DatasetIndex.read(root / name)
+    return {meta.parent.name: read(meta.parent.name).class_names for meta in sorted(root.glob("*/index.json"))}
 
 
 def show_tables(records, dataset: str, settings: list[str], paper: bool, class_names: dict[str, dict[int, str]],
@@ -38,21 +41,22 @@ def show_tables(records, dataset: str, settings: list[str], paper: bool, class_n
 
 
 def print_tables(out: Path, records, dataset: str, settings: list[str], paper: bool,
-                 manifest: Callable | None = None) -> list[Path]:
+                 splits: SplitReader | None = None) -> list[Path]:
     """Write every table under <out>/tables from every readable record under <out>/runs, so
     that a run of a few jobs never narrows the tables of the runs before it, and print the
     per-class tables of `dataset` and `settings` as written (nothing when `records`, the run's
-    own, is empty). `manifest`: as for `records.load_records` (the run's reader of them)."""
+    own, is empty). `splits`: the run's reader of the indexes and manifests, when it has one."""
     from .records import load_records
     from .tables import manifest_splits, write_tables
 
     if not records:
         return []
     # Damaged records are left out quietly here: `ndbench table` reports them.
-    everything = load_records(out, on_skip=lambda exc: None, manifest=manifest) or records
-    names, splits = class_names_under(out), manifest_splits(Path(out) / "splits")
-    show_tables(everything, dataset, settings, paper, names, splits)
-    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=names, splits=splits)
+    ours = splits is not None and splits.root == Path(out) / "splits"
+    everything = load_records(out, on_skip=lambda exc: None, manifest=splits.manifest if ours else None) or records
+    names, built = class_names_under(out, splits), manifest_splits(Path(out) / "splits")
+    show_tables(everything, dataset, settings, paper, names, built)
+    return write_tables(everything, Path(out) / "tables", paper=paper, class_names=names, splits=built)
 
 
 def report_results(results, console) -> int:

@@ -179,15 +179,16 @@ def split_name(setting: str, class_id: int) -> str:
     return str(class_id) if setting == "uni-class" else f"except-{class_id}"
 
 
-def ensure_index(dataset: str, options: RunOptions) -> DatasetIndex:
-    """The dataset's index under the splits root, building every split when it is missing
-    (built-in datasets only: a custom dataset's sources are the user's to name)."""
+def ensure_index(dataset: str, options: RunOptions, splits: SplitReader | None = None) -> DatasetIndex:
+    """The dataset's index under the splits root (read by `splits`, the run's reader, when
+    given), building every split when it is missing (built-in datasets only: a custom
+    dataset's sources are the user's to name)."""
     folder = options.splits / dataset
     if not index_built(dataset, options):
         if not is_builtin(dataset):
             raise _custom_split_missing(dataset, options, f"no index {folder / 'index.json'}")
         build_splits(BuildRequest(dataset=dataset, out=options.splits))
-    return DatasetIndex.read(folder)
+    return (splits or SplitReader(options.splits)).index(dataset)
 
 
 def index_built(dataset: str, options: RunOptions) -> bool:
@@ -256,9 +257,11 @@ def expand_jobs(
     options: RunOptions,
     overrides: dict[str, Any] | None = None,
     preset: str = "",
+    splits: SplitReader | None = None,
 ) -> list[Job]:
     """Every (method, split, seed) job of a request, in a stable order. `overrides` are the
-    run's --set options, each given to the methods that have it (`split_overrides`)."""
+    run's --set options, each given to the methods that have it (`split_overrides`); `splits`:
+    the run's reader of the index (a new one when None)."""
     check_dataset(dataset, options.splits)
     check_weighting(overrides or {})
     for method in methods:
@@ -276,7 +279,7 @@ def expand_jobs(
                 check_embedded_arch(config.backbone)
     if dataset == EMBEDDED and classes is not None:  # known before the scenes are generated
         _check_classes(classes, list(range(N_CLASSES)), dataset)
-    index = ensure_index(dataset, options)
+    index = ensure_index(dataset, options, splits)
     known = index.class_ids()
     chosen = known if classes is None else classes
     _check_classes(chosen, known, dataset)
@@ -361,14 +364,14 @@ def job_record_path(job: Job, options: RunOptions, detector=None) -> Path:
                        job_hash(job, detector), job.seed)
 
 
-def prepare(jobs: list[Job], options: RunOptions) -> None:
+def prepare(jobs: list[Job], options: RunOptions, splits: SplitReader | None = None) -> None:
     """Do once what jobs share: build missing splits, pre-train embedded backbones; remove
-    what killed runs left half-written under the results folder."""
+    what killed runs left half-written under the results folder. `splits`: the run's reader."""
     resolve_device(options.device)
     for folder in ("runs", "tables"):
         remove_abandoned_temporaries(options.out / folder)
     for dataset in sorted({job.dataset for job in jobs}):
-        index = ensure_index(dataset, options)
+        index = ensure_index(dataset, options, splits)
         if dataset == "embedded":
             check_generated_scenes(index.root)
     for job in jobs:

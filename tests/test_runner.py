@@ -298,7 +298,7 @@ def test_an_interrupted_run_says_how_to_resume_it(tmp_path, monkeypatch, force, 
     def interrupted(jobs, options, *args, **kwargs):
         raise interrupted_after(Interrupted(signal.SIGINT), [], len(jobs))
 
-    monkeypatch.setattr(executors, "prepare", lambda jobs, options: None)
+    monkeypatch.setattr(executors, "prepare", lambda jobs, options, splits=None: None)
     monkeypatch.setattr(executors, "run_local", interrupted)
     options = RunOptions(out=tmp_path, force=force, progress=False)
     with pytest.raises(Interrupted) as info:
@@ -386,20 +386,27 @@ def test_a_run_reads_each_split_manifest_once(splits_root, tmp_path, faulty, mon
 
 def test_a_local_run_and_the_tables_it_prints_read_each_split_manifest_once(splits_root, tmp_path, faulty,
                                                                                monkeypatch, capsys):
-    """The tables printed after a run check its records against the manifests the run read."""
+    """The tables printed after a run check its records against the manifests the run read;
+    the jobs' expansion, the preparation, the jobs and the tables share one read of the index."""
+    from datasets_builders.index import DatasetIndex
     from datasets_builders.splits import Manifest
 
     out = fresh_out(splits_root, tmp_path)
     reads: list[str] = []
-    read = Manifest.read.__func__
 
-    def counted(cls, path):
-        reads.append(Path(path).name)
-        return read(cls, path)
+    def counting(cls, name):
+        read = getattr(cls, name).__func__
 
-    monkeypatch.setattr(Manifest, "read", classmethod(counted))
+        def counted(cls, path):
+            reads.append(Path(path).name)
+            return read(cls, path)
+
+        monkeypatch.setattr(cls, name, classmethod(counted))
+
+    counting(Manifest, "read")
+    counting(DatasetIndex, "read")
     args = ["run", "--method", "faulty", "--setting", "uni-class", "--classes", "0,1", "--seeds", "0,1",
             "--out", str(out), "--device", "cpu"]
     assert main(args) == 0, capsys.readouterr().err
     assert "AVG" in capsys.readouterr().out and (out / "tables" / "per_class_embedded_uni-class.md").is_file()
-    assert sorted(reads) == ["0.json", "1.json"]
+    assert sorted(reads) == ["0.json", "1.json", "embedded"]
