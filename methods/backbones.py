@@ -200,7 +200,7 @@ def load_weights(model: nn.Module, path: Path, *, name: str = "") -> None:
     name = name or type(model).__name__
     state = read_state_dict(path)
     expected = model.state_dict()
-    heads = _head_prefixes(model)
+    heads = head_prefixes(model)
 
     def fail(problem: str) -> NdbenchError:
         return NdbenchError(f"weights file {path} does not fit {name}: {problem}", WEIGHTS_FIX)
@@ -210,19 +210,19 @@ def load_weights(model: nn.Module, path: Path, *, name: str = "") -> None:
 
     kept: dict[str, Tensor] = {}
     for key, value in state.items():
-        is_head = _is_head(key, heads)
+        head = is_head(key, heads)
         if key not in expected:
-            if is_head:
+            if head:
                 continue
             raise fail(f"unexpected key {key!r}")
         if not isinstance(value, Tensor):
             raise fail(f"key {key!r} is not a tensor")
         if value.shape != expected[key].shape:
-            if is_head:
+            if head:
                 continue
             raise fail(f"key {key!r} has shape {tuple(value.shape)}, the model {tuple(expected[key].shape)}")
         kept[key] = value
-    missing = [k for k in expected if k not in kept and not _is_head(k, heads)]
+    missing = [k for k in expected if k not in kept and not is_head(k, heads)]
     if missing:
         raise fail(f"missing key {missing[0]!r} ({len(missing)} missing)")
     bad = first_non_finite(kept)
@@ -231,14 +231,16 @@ def load_weights(model: nn.Module, path: Path, *, name: str = "") -> None:
     model.load_state_dict(kept, strict=False)
 
 
-def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The key prefixes of `model`'s classifier head (timm's record of it, and the usual names)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     named = cfg.get("classifier") if isinstance(cfg, dict) else None
     named = (named,) if isinstance(named, str) else tuple(named or ())
     return tuple(dict.fromkeys(named + HEAD_PREFIXES))
 
 
-def _is_head(key: str, prefixes: tuple[str, ...]) -> bool:
+def is_head(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether the state-dict `key` belongs to a head with one of these `prefixes`."""
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
