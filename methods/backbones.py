@@ -197,13 +197,18 @@ def load_weights(model: nn.Module, path: Path, *, name: str = "") -> None:
     """Load a local weights file into `model`, strictly except for the classifier head (dropped
     when its shape differs; kept at init when absent). ViT position embeddings are resampled
     to the model's grid as timm does for hub weights."""
+    from .weights_arch import check_backbone_weights, own_weights, state_shapes, weight_shapes
+
     name = name or type(model).__name__
-    state = read_state_dict(path)
+    # A safetensors file's header tells its architecture before its tensors are read.
+    state = None if path.suffix == ".safetensors" else read_state_dict(path)
+    check_backbone_weights(model, name, path, weight_shapes(path) if state is None else state_shapes(state))
+    state = read_state_dict(path) if state is None else state
     expected = model.state_dict()
     heads = head_prefixes(model)
 
     def fail(problem: str) -> NdbenchError:
-        return NdbenchError(f"weights file {path} does not fit {name}: {problem}", WEIGHTS_FIX)
+        return NdbenchError(f"weights file {path} does not fit {name}: {problem}", own_weights(name))
 
     if isinstance(model, VisionTransformer) and "pos_embed" in state and model.pos_embed is not None:
         state["pos_embed"] = _resample_pos_embed(model, state["pos_embed"], fail)

@@ -2,7 +2,8 @@
 names and shapes (a safetensors file's header; a torch file's state dict as loading reads
 it) against a model, and, when they do not fit, what the file holds instead.
 
-`weights_arch` is the one check; the oracle runs it on its weights against its --arch.
+`weights_arch` is the one check: the oracle runs it on its weights against its --arch, and
+`backbones.load_weights` against the backbone a method builds, each wording its own message.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 from safetensors import SafetensorError, safe_open
-from timm.models import split_model_name_tag
+from timm.models import get_pretrained_cfg, split_model_name_tag
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from datasets_builders.errors import NdbenchError
 
 from .backbones import WEIGHTS_FIX, head_prefixes, is_head, meta_model, read_state_dict, vit_patch_size
+from .weight_sources import EMBEDDED_WEIGHTS, HUB
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -117,3 +121,44 @@ def is_vit(arch: str) -> bool:
         return vit_patch_size(arch) is not None
     except NdbenchError:
         return False
+
+
+def own_weights(arch: str) -> str:
+    """The hint that gives the backbone `arch` weights of its own, as `--weights` takes them."""
+    from .shipped_weights import check_embedded_arch
+
+    try:
+        check_embedded_arch(split_model_name_tag(arch)[0])
+        return f"pass --weights {EMBEDDED_WEIGHTS} for {arch}'s own weights, or a weights file of {arch}"
+    except NdbenchError:
+        pass
+    cfg = get_pretrained_cfg(arch, allow_unregistered=True)
+    if cfg and (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
+        return f"pass --weights {HUB} for timm's weights of {arch}, or a weights file of {arch}"
+    return f"pass --weights with a weights file of {arch}"
+
+
+def check_backbone_weights(model: nn.Module, name: str, path: Path, shapes: Shapes) -> None:
+    """Raise one NdbenchError when the weights file at `path` (its tensors' `shapes`) holds the
+    weights of another architecture than the backbone `model` (the timm model `name`): the one
+    it holds when that is known, or when most of the backbone's tensors are not in it. A file
+    that nearly fits (a damaged or edited one) passes: loading names its first wrong key."""
+    found = weights_arch(name, path, shapes, model)
+    if found.fits:
+        return
+    fix = own_weights(name)
+    if found.held is None:
+        wrong = misfits(shapes, model)
+        total = sum(not is_head(key, head_prefixes(model)) for key in model.state_dict())
+        if 2 * len(wrong) <= total:
+            return
+        raise NdbenchError(f"weights file {path} holds the weights of another architecture than the backbone "
+                           f"{name}: {len(wrong)} of its {total} tensors are missing or of another shape "
+                           f"(first {wrong[0]!r})", fix)
+    problem = f"weights file {path} holds {found.held} weights, not those of the backbone {name}"
+    if not timm.is_model(split_model_name_tag(found.held)[0]):  # recorded by a build that registered it
+        raise NdbenchError(problem, fix)
+    use = f"--set backbone={found.held} to run on these"
+    if is_vit(found.held) != isinstance(model, VisionTransformer):  # methods that read ViT tokens take no CNN
+        use += f", with a method that takes {'a ViT' if is_vit(found.held) else 'a backbone other than a ViT'}"
+    raise NdbenchError(problem, f"{fix}; or {use}")
