@@ -13,14 +13,13 @@ head applied to each patch token) on each test scene:
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import VisionTransformer
 
@@ -28,7 +27,7 @@ from datasets_builders.errors import NdbenchError
 from datasets_builders.index import DatasetIndex, build_command
 from datasets_builders.loading import load_split
 from datasets_builders.splits import ALL_VS_ONE_NAME, SETTINGS, UNI_CLASS_NAME, Manifest
-from methods.backbones import HEAD_PREFIXES, create_backbone, meta_model
+from methods.backbones import create_backbone
 from methods.pretrain import DEFAULT_ARCH, resolve_weights
 from methods.pretrain_eval import (
     OBJECT_PATCH,
@@ -39,8 +38,9 @@ from methods.pretrain_eval import (
     scene_overlap,
     weight_classes,
 )
-from methods.shipped_weights import SHIPPED_ARCHS, WEIGHTS_DIR, read_manifest
+from methods.shipped_weights import SHIPPED_ARCHS
 from methods.weight_sources import EMBEDDED_WEIGHTS, HUB, NO_WEIGHTS
+from methods.weights_arch import is_vit, weight_shapes, weights_arch
 
 DATASET = "embedded"
 RULES = ("boxes", "patch-mean")
@@ -106,80 +106,29 @@ def check_oracle_inputs(arch: str, weights: str | Path) -> None:
         raise NdbenchError(f"--weights {weights}: no such file", hint)
     try:
         weight_classes(Path(weights))
-        shapes = tensor_shapes(Path(weights))
-    except (OSError, SafetensorError) as exc:
-        raise NdbenchError(f"--weights {weights}: not a readable safetensors file ({exc})", hint) from exc
+        shapes = weight_shapes(Path(weights))
+    except (OSError, SafetensorError, NdbenchError) as exc:
+        why = exc.problem if isinstance(exc, NdbenchError) else exc
+        raise NdbenchError(f"--weights {weights}: not a readable safetensors file ({why})", hint) from exc
     check_weights_arch(arch, Path(weights), shapes)
-
-
-def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """The shape of each tensor of a safetensors file, by name ("module." dropped, as loading does)."""
-    with safe_open(str(path), framework="pt") as handle:
-        return {key.removeprefix("module."): tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-
-
-def holds(shapes: dict[str, tuple[int, ...]], arch: str) -> bool:
-    """Whether tensors of these shapes are `arch`'s weights: every tensor of the model but its
-    classifier head, of the model's shape (a ViT's position embedding may have another grid),
-    and nothing else but a head."""
-    model = meta_model(arch)
-    if model is None:
-        return True  # not buildable on the meta device: loading checks it
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    heads = (*HEAD_PREFIXES, *((classifier,) if isinstance(classifier, str) else classifier))
-    for key, shape in expected.items():
-        found = shapes.get(key)
-        if found is None or (found != shape and (key != "pos_embed" or found[-1:] != shape[-1:])):
-            return False
-    return all(key in expected or any(key == h or key.startswith(h + ".") for h in heads) for key in shapes)
-
-
-def recorded_arch(path: Path) -> str | None:
-    """The architecture a weights file was made for, as recorded: in the info `ndbench pretrain`
-    writes beside it, or in the shipped weights' manifest; None when neither names it."""
-    try:
-        info = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-        if isinstance(info, dict) and isinstance(info.get("arch"), str):
-            return info["arch"]
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        pass
-    try:
-        shipped = read_manifest() or {}
-    except NdbenchError:
-        return None
-    for name, entry in (shipped.get("weights") or {}).items():
-        if isinstance(entry, dict) and (WEIGHTS_DIR / str(entry.get("file"))).resolve() == path.resolve():
-            return name
-    return None
 
 
 def check_weights_arch(arch: str, path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """Raise NdbenchError, before any work, unless the weights file at `path` (its tensors'
     `shapes`) holds `arch`'s weights, naming what it holds instead when that is known."""
-    if holds(shapes, arch):
+    found = weights_arch(arch, path, shapes)
+    if found.fits:
         return
-    held = recorded_arch(path)
-    if held is None or held == arch:
-        held = next((name for name in SHIPPED_ARCHS if name != arch and holds(shapes, name)), None)
     own = (f"--weights embedded for {arch}'s own" if arch in SHIPPED_ARCHS
            else f"the file `ndbench pretrain --arch {arch}` writes")
-    if held is None:
+    if found.held is None:
         raise NdbenchError(f"--weights {path} does not hold the {arch} weights --arch asks for",
                            f"pass {own}, or the --arch those weights were trained as")
-    if _is_vit(held):
-        fix = f"pass --arch {held} to read them as what they are, or {own}"
+    if is_vit(found.held):
+        fix = f"pass --arch {found.held} to read them as what they are, or {own}"
     else:
-        fix = f"the oracle reads a ViT's patch tokens and {held} is not a ViT: pass {own}"
-    raise NdbenchError(f"--weights {path} holds {held} weights, not the {arch} weights --arch asks for", fix)
-
-
-def _is_vit(arch: str) -> bool:
-    """Whether `arch` names a timm VisionTransformer (False for a name timm does not know)."""
-    try:
-        return isinstance(meta_model(arch), VisionTransformer)
-    except NdbenchError:
-        return False
+        fix = f"the oracle reads a ViT's patch tokens and {found.held} is not a ViT: pass {own}"
+    raise NdbenchError(f"--weights {path} holds {found.held} weights, not the {arch} weights --arch asks for", fix)
 
 
 def split_names(folder: Path, setting: str) -> list[str]:

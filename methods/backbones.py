@@ -197,32 +197,37 @@ def load_weights(model: nn.Module, path: Path, *, name: str = "") -> None:
     """Load a local weights file into `model`, strictly except for the classifier head (dropped
     when its shape differs; kept at init when absent). ViT position embeddings are resampled
     to the model's grid as timm does for hub weights."""
+    from .weights_arch import check_backbone_weights, own_weights, state_shapes, weight_shapes
+
     name = name or type(model).__name__
-    state = read_state_dict(path)
+    # A safetensors file's header tells its architecture before its tensors are read.
+    state = None if path.suffix == ".safetensors" else read_state_dict(path)
+    check_backbone_weights(model, name, path, weight_shapes(path) if state is None else state_shapes(state))
+    state = read_state_dict(path) if state is None else state
     expected = model.state_dict()
-    heads = _head_prefixes(model)
+    heads = head_prefixes(model)
 
     def fail(problem: str) -> NdbenchError:
-        return NdbenchError(f"weights file {path} does not fit {name}: {problem}", WEIGHTS_FIX)
+        return NdbenchError(f"weights file {path} does not fit {name}: {problem}", own_weights(name))
 
     if isinstance(model, VisionTransformer) and "pos_embed" in state and model.pos_embed is not None:
         state["pos_embed"] = _resample_pos_embed(model, state["pos_embed"], fail)
 
     kept: dict[str, Tensor] = {}
     for key, value in state.items():
-        is_head = _is_head(key, heads)
+        head = is_head(key, heads)
         if key not in expected:
-            if is_head:
+            if head:
                 continue
             raise fail(f"unexpected key {key!r}")
         if not isinstance(value, Tensor):
             raise fail(f"key {key!r} is not a tensor")
         if value.shape != expected[key].shape:
-            if is_head:
+            if head:
                 continue
             raise fail(f"key {key!r} has shape {tuple(value.shape)}, the model {tuple(expected[key].shape)}")
         kept[key] = value
-    missing = [k for k in expected if k not in kept and not _is_head(k, heads)]
+    missing = [k for k in expected if k not in kept and not is_head(k, heads)]
     if missing:
         raise fail(f"missing key {missing[0]!r} ({len(missing)} missing)")
     bad = first_non_finite(kept)
@@ -231,14 +236,16 @@ def load_weights(model: nn.Module, path: Path, *, name: str = "") -> None:
     model.load_state_dict(kept, strict=False)
 
 
-def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The key prefixes of `model`'s classifier head (timm's record of it, and the usual names)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     named = cfg.get("classifier") if isinstance(cfg, dict) else None
     named = (named,) if isinstance(named, str) else tuple(named or ())
     return tuple(dict.fromkeys(named + HEAD_PREFIXES))
 
 
-def _is_head(key: str, prefixes: tuple[str, ...]) -> bool:
+def is_head(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether the state-dict `key` belongs to a head with one of these `prefixes`."""
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
