@@ -2,8 +2,10 @@
 names and shapes (a safetensors file's header; a torch file's state dict as loading reads
 it) against a model, and, when they do not fit, what the file holds instead.
 
-`weights_arch` is the one check: the oracle runs it on its weights against its --arch, and
-`backbones.load_weights` against the backbone a method builds, each wording its own message.
+`weights_arch` is the one check: the oracle runs it on its weights against its --arch;
+`check_weights_file` before a run's work against each method's backbone, and
+`backbones.load_weights` against the backbone it builds, both with the message of
+`check_backbone_weights`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .backbones import WEIGHTS_FIX, head_prefixes, is_head, meta_model, read_sta
 from .weight_sources import EMBEDDED_WEIGHTS, HUB
 
 Shapes = dict[str, tuple[int, ...]]
+WEIGHTS_OPTION = "--weights"  # the option a weights file is given with, unless told another
 
 
 @dataclass(frozen=True)
@@ -123,42 +126,72 @@ def is_vit(arch: str) -> bool:
         return False
 
 
-def own_weights(arch: str) -> str:
-    """The hint that gives the backbone `arch` weights of its own, as `--weights` takes them."""
+def own_weights(arch: str, option: str = WEIGHTS_OPTION) -> str:
+    """The hint that gives the backbone `arch` weights of its own, as `option` takes them
+    ("--weights", or the "--set weights" or "--set METHOD.weights" that named the file)."""
     from .shipped_weights import check_embedded_arch
 
     try:
         check_embedded_arch(split_model_name_tag(arch)[0])
-        return f"pass --weights {EMBEDDED_WEIGHTS} for {arch}'s own weights, or a weights file of {arch}"
+        return f"pass {given(option, EMBEDDED_WEIGHTS)} for {arch}'s own weights, or a weights file of {arch}"
     except NdbenchError:
         pass
     cfg = get_pretrained_cfg(arch, allow_unregistered=True)
     if cfg and (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
-        return f"pass --weights {HUB} for timm's weights of {arch}, or a weights file of {arch}"
-    return f"pass --weights with a weights file of {arch}"
+        return f"pass {given(option, HUB)} for timm's weights of {arch}, or a weights file of {arch}"
+    return f"pass {option} with a weights file of {arch}"
 
 
-def check_backbone_weights(model: nn.Module, name: str, path: Path, shapes: Shapes) -> None:
+def given(option: str, value: str) -> str:
+    """`option` with `value` as the command line writes it: "--weights hub", "--set weights=hub"."""
+    return f"{option}={value}" if option.startswith("--set ") else f"{option} {value}"
+
+
+def backbone_option(option: str) -> str:
+    """The --set option that picks the backbone the weights option `option` gives weights to:
+    "--set knn.backbone" for "--set knn.weights", else "--set backbone"."""
+    return option.removesuffix("weights") + "backbone" if option.startswith("--set ") else "--set backbone"
+
+
+def check_weights_file(arch: str, path: Path, *, owner: str = "", option: str = WEIGHTS_OPTION,
+                       shapes: Shapes | None = None) -> None:
+    """`check_backbone_weights` before any work, without building the backbone: against `arch`
+    built on the meta device with timm's default options. The options methods build it with
+    (img_size, drop rates, dynamic_img_size) change no tensor but a ViT's position grid, which
+    is not compared, so a file is refused here when, and only when, loading refuses it for its
+    architecture. `shapes`: the file's tensors' shapes when already read (else read here)."""
+    model = meta_model(arch)
+    if model is None:  # not buildable on the meta device: loading checks it
+        return
+    shapes = weight_shapes(path) if shapes is None else shapes
+    check_backbone_weights(model, arch, Path(path), shapes, owner=owner, option=option)
+
+
+def check_backbone_weights(model: nn.Module, name: str, path: Path, shapes: Shapes, *, owner: str = "",
+                           option: str = WEIGHTS_OPTION) -> None:
     """Raise one NdbenchError when the weights file at `path` (its tensors' `shapes`) holds the
     weights of another architecture than the backbone `model` (the timm model `name`): the one
     it holds when that is known, or when most of the backbone's tensors are not in it. A file
-    that nearly fits (a damaged or edited one) passes: loading names its first wrong key."""
+    that nearly fits (a damaged or edited one) passes: loading names its first wrong key.
+    `owner`: the method whose backbone it is, named when given; `option`: the one that gave
+    the file, which the fix names ("--weights", "--set weights", "--set METHOD.weights")."""
     found = weights_arch(name, path, shapes, model)
     if found.fits:
         return
-    fix = own_weights(name)
+    fix = own_weights(name, option)
+    backbone = f"{owner}'s backbone {name}" if owner else f"the backbone {name}"
     if found.held is None:
         wrong = misfits(shapes, model)
         total = sum(not is_head(key, head_prefixes(model)) for key in model.state_dict())
         if 2 * len(wrong) <= total:
             return
-        raise NdbenchError(f"weights file {path} holds the weights of another architecture than the backbone "
-                           f"{name}: {len(wrong)} of its {total} tensors are missing or of another shape "
+        raise NdbenchError(f"weights file {path} holds the weights of another architecture than {backbone}: "
+                           f"{len(wrong)} of its {total} tensors are missing or of another shape "
                            f"(first {wrong[0]!r})", fix)
-    problem = f"weights file {path} holds {found.held} weights, not those of the backbone {name}"
+    problem = f"weights file {path} holds {found.held} weights, not those of {backbone}"
     if not timm.is_model(split_model_name_tag(found.held)[0]):  # recorded by a build that registered it
         raise NdbenchError(problem, fix)
-    use = f"--set backbone={found.held} to run on these"
+    use = f"{given(backbone_option(option), found.held)} to run on these"
     if is_vit(found.held) != isinstance(model, VisionTransformer):  # methods that read ViT tokens take no CNN
         use += f", with a method that takes {'a ViT' if is_vit(found.held) else 'a backbone other than a ViT'}"
     raise NdbenchError(problem, f"{fix}; or {use}")
