@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets_builders.errors import NdbenchError, not_a_file
 from datasets_builders.splits import parse_class_list
@@ -14,6 +14,9 @@ from methods.weight_sources import EMBEDDED_WEIGHTS, HUB, NO_WEIGHTS
 MAX_SEED = 2**32 - 1  # numpy's seed range
 # What Linux names the target of /proc/<pid>/fd/N when the descriptor is no file on disk.
 STREAM_NAMES = ("pipe:[", "socket:[", "anon_inode:")
+
+if TYPE_CHECKING:
+    from methods.weights_arch import Shapes
 
 
 def parse_ids(text: str | None, option: str) -> list[int] | None:
@@ -68,8 +71,9 @@ def check_run_configs(methods: list[str], *, dataset: str, settings: list[str], 
     """What each method's config in a run is built from, checked before any work: the
     --preset name, a --set backbone or weights, and a backbone without embedded weights where
     the weights are "embedded", each refused naming the option that chose it; then each
-    config's own check (e.g. an img_size its ViT backbone cannot cut into patches). `overrides`
-    are the run's --set options, each given to the methods that have it (`split_overrides`).
+    config's own check (e.g. an img_size its ViT backbone cannot cut into patches), and a
+    weights file of another architecture than the method's backbone (`_check_weights_arch`).
+    `overrides` are the run's --set options, each given to the methods that have it (`split_overrides`).
     Returns a note for each --set option some methods do not have, and for each method that
     --preset leaves as it was."""
     from methods.registry import get_class
@@ -80,12 +84,14 @@ def check_run_configs(methods: list[str], *, dataset: str, settings: list[str], 
         names = "; ".join(f"{method}: {', '.join(get_class(method).preset_names())}" for method in methods)
         raise NdbenchError("--preset is empty", f"drop --preset for each method's defaults, or name one: {names}")
     per_method, notes = split_overrides(methods, overrides)
+    read: dict[str, Shapes] = {}  # a weights file several methods take is read once
     for method in methods:
-        own = per_method[method]
+        own, option = per_method[method], _weights_option(method, overrides, weights)
         built = {setting: _run_config(method, dataset, setting, preset, own, weights) for setting in settings}
         for config in built.values():
-            _check_run_config(method, config, preset, own, weights)
+            _check_run_config(method, config, preset, own, weights, option)
             get_class(method).check_config(config)
+            _check_weights_arch(method, config, option, read)
         if preset and all(config == _run_config(method, dataset, setting, None, own, weights)
                           for setting, config in built.items()):
             why = ("its paper recipe is its defaults" if get_class(method).resolve_preset(preset) is None
@@ -103,9 +109,36 @@ def _run_config(method: str, dataset: str, setting: str, preset: str | None, ove
     return build_detector(job, RunOptions(weights=weights)).config
 
 
+def _weights_option(method: str, overrides: dict[str, Any], weights: str | None) -> str:
+    """The option that gives `method` its weights in a run: --weights (also when no option
+    does, for a preset's), else --set METHOD.weights or --set weights."""
+    if weights is None:
+        for name in (f"{method}.weights", "weights"):
+            if name in overrides:
+                return f"--set {name}"
+    return "--weights"
+
+
+def _check_weights_arch(method: str, config: Any, option: str, read: dict[str, Shapes]) -> None:
+    """A weights file the config names (not hub, none or embedded) holds the architecture of
+    the method's backbone, as `methods.backbones.load_weights` checks it, in the same words
+    but naming the method and `option`, the one that gave the file. `read`: each file's
+    tensors' shapes, by path, as read so far."""
+    from methods.weights_arch import check_weights_file, weight_shapes
+
+    arch, weights = getattr(config, "backbone", None), getattr(config, "weights", None)
+    named = (HUB, NO_WEIGHTS, EMBEDDED_WEIGHTS)
+    if not isinstance(arch, str) or not isinstance(weights, str | Path) or weights in named:
+        return
+    if str(weights) not in read:
+        read[str(weights)] = weight_shapes(Path(weights))
+    check_weights_file(arch, Path(weights), owner=method, option=option, shapes=read[str(weights)])
+
+
 def _check_run_config(method: str, config: Any, preset: str | None, overrides: dict[str, Any],
-                      weights: str | None) -> None:
-    """One config's backbone and weights (see `check_run_configs`)."""
+                      weights: str | None, option: str) -> None:
+    """One config's backbone and weights (see `check_run_configs`); `option`: the one that
+    gives the method its weights."""
     from methods.backbones import check_model_name
     from methods.shipped_weights import SHIPPED_ARCHS, check_embedded_arch
 
@@ -116,7 +149,7 @@ def _check_run_config(method: str, config: Any, preset: str | None, overrides: d
         except NdbenchError as exc:
             raise NdbenchError(f"--set backbone={arch}: {exc.problem}", exc.fix) from None
     if weights is None and "weights" in overrides and hasattr(config, "weights"):
-        check_weights(config.weights, "--set weights")
+        check_weights(config.weights, option)
     if getattr(config, "weights", None) != EMBEDDED_WEIGHTS or arch is None:
         return
     try:

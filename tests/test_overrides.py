@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from small_splits import fresh_out
+from small_splits import fresh_out, save_random_vit
 
 from benchmark.cli import main
 from benchmark.overrides import split_overrides
@@ -53,3 +53,30 @@ def test_run_takes_a_method_only_option_beside_methods_without_it(splits_root, t
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "note: --set dense_epochs applies to defend only (mkd has no such option)" in captured.err
+
+
+@pytest.mark.parametrize(("methods", "option", "backbone_option"), [
+    ("knn", "--set weights", "--set backbone"),
+    ("knn,kdad", "--set knn.weights", "--set knn.backbone"),
+])
+def test_weights_of_another_arch_from_set_are_refused_naming_that_option(tmp_path, monkeypatch, capsys, methods,
+                                                                        option, backbone_option):
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    vit, cnn = "ndbench_vit_embedded", "ndbench_resnet_embedded"
+    path = save_random_vit(tmp_path / "cnn.safetensors", ("a", "b"), arch=cnn)
+    out = tmp_path / "results"
+    code = main(["run", "--method", methods, "--set", f"{option.removeprefix('--set ')}={path}", "--out", str(out),
+                 "--device", "cpu", "--dry-run"])
+    assert code == 2 and not out.exists() and not (tmp_path / "cache").exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ndbench: error: weights file {path} holds {cnn} weights, not those of knn's backbone {vit} (pass "
+        f"{option}=embedded for {vit}'s own weights, or a weights file of {vit}; or {backbone_option}={cnn} to run "
+        "on these, with a method that takes a backbone other than a ViT)"]
+
+
+def test_a_missing_weights_file_of_one_method_names_its_option(tmp_path, capsys):
+    code = main(["run", "--method", "knn,kdad", "--set", "knn.weights=/no/such.pt", "--out", str(tmp_path / "r"),
+                 "--dry-run"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("ndbench: error: --set knn.weights=/no/such.pt: no such file (give a "
+                                               "local state dict or .safetensors file, or one of hub, none, embedded)")

@@ -92,15 +92,75 @@ def test_weights_of_no_known_arch_say_most_of_the_backbone_is_not_in_them(tmp_pa
     assert "pass --weights hub for timm's weights of vit_tiny_patch16_224" in message
 
 
+def knn_refuses(path, option: str = "--weights", backbone_option: str = "--set backbone") -> str:
+    """The line `ndbench run` gives when knn (ViT backbone) is given the CNN weights at `path`
+    with `option`."""
+    set_form = option.startswith("--set ")
+    embedded = f"{option}=embedded" if set_form else f"{option} embedded"
+    return (f"ndbench: error: weights file {path} holds {CNN} weights, not those of knn's backbone {VIT} "
+            f"(pass {embedded} for {VIT}'s own weights, or a weights file of {VIT}; or "
+            f"{backbone_option}={CNN} to run on these, with a method that takes a backbone other than a ViT)")
+
+
 def test_run_with_weights_of_another_arch_is_one_line_before_any_job(splits_root, tmp_path, capsys):
     out = fresh_out(splits_root, tmp_path)
     cnn = save_random_vit(tmp_path / "cnn.safetensors", CLASSES, arch=CNN)
     run = ["run", "--method", "knn", "--classes", "0", "--weights", str(cnn), "--out", str(out), "--device", "cpu"]
     assert main(run) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ndbench: error: weights file {cnn} holds {CNN} weights, not those of the backbone {VIT} "
-                   f"(pass --weights embedded for {VIT}'s own weights, or a weights file of {VIT}; or "
-                   f"--set backbone={CNN} to run on these, with a method that takes a backbone other than a ViT)"]
+    assert capsys.readouterr().err.strip().splitlines() == [knn_refuses(cnn)]
     assert not list(out.glob("runs/**/*.json"))
     # knn takes a CNN: the hint runs it on the file as it is.
     assert main([*run, "--set", f"backbone={CNN}"]) == 0, capsys.readouterr().err
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """An empty $NDBENCH_CACHE: a run that got as far as its splits would generate scenes in it."""
+    monkeypatch.setenv("NDBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def refused_before_any_work(run: list[str], cache, out, capsys) -> list[str]:
+    """The error lines of `run`, which must be refused (exit 2) before scenes, splits or
+    results are made."""
+    assert main(run) == 2
+    assert not list(cache.glob("embedded-*")) and not out.exists()
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+def test_weights_of_another_arch_are_refused_before_the_scenes_and_splits(empty_cache, tmp_path, capsys, extra):
+    out, cnn = tmp_path / "results", tmp_path / "cnn.pt"
+    # A torch file: read whole, still before any work.
+    torch.save(load_file(str(save_random_vit(tmp_path / "cnn.safetensors", CLASSES, arch=CNN))), cnn)
+    run = ["run", "--method", "knn", "--weights", str(cnn), "--out", str(out), "--device", "cpu", *extra]
+    assert refused_before_any_work(run, empty_cache, out, capsys) == [knn_refuses(cnn)]
+
+
+def test_a_run_of_several_methods_names_the_method_whose_backbone_refuses(empty_cache, tmp_path, capsys):
+    out = tmp_path / "results"
+    cnn = save_random_vit(tmp_path / "cnn.safetensors", CLASSES, arch=CNN)
+    vit = save_random_vit(tmp_path / "vit.safetensors", CLASSES)
+    run = ["run", "--out", str(out), "--device", "cpu", "--dry-run"]
+    # kdad's backbone is the CNN: the file fits it, not knn's ViT.
+    assert refused_before_any_work([*run, "--method", "kdad,knn", "--weights", str(cnn)], empty_cache, out,
+                                   capsys) == [knn_refuses(cnn)]
+    assert refused_before_any_work([*run, "--method", "knn,kdad", "--weights", str(vit)], empty_cache, out,
+                                   capsys) == [
+        f"ndbench: error: weights file {vit} holds {VIT} weights, not those of kdad's backbone {CNN} (pass "
+        f"--weights embedded for {CNN}'s own weights, or a weights file of {CNN}; or --set backbone={VIT} to run "
+        "on these, with a method that takes a ViT)"]
+
+
+def test_the_check_before_the_work_takes_what_loading_takes(tmp_path):
+    from benchmark.validate import check_run_configs
+
+    # A ViT's position grid follows its img_size; the method's own img_size is another.
+    torch.manual_seed(0)
+    state = timm.create_model(VIT, pretrained=False, num_classes=0, img_size=128).state_dict()
+    vit = tmp_path / "vit128.safetensors"
+    save_file(state, str(vit))
+    for img_size in (32, 64, 128):
+        assert check_run_configs(["knn"], dataset="embedded", settings=["uni-class", "multi-class"], preset=None,
+                                 overrides={"img_size": img_size}, weights=str(vit)) == []
+        create_backbone(VIT, weights=vit, num_classes=0, img_size=img_size)
