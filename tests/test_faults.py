@@ -563,7 +563,7 @@ def inf_in_torch_file(path: Path) -> Path:
     ("make", "needle"),
     [
         (truncated, "cannot read weights file"),
-        (other_architecture, "does not fit ndbench_vit_embedded"),
+        (other_architecture, "holds ndbench_resnet_embedded weights, not those of knn's backbone ndbench_vit_embedded"),
         (nan_filled, "NaN or infinite values (first in 'blocks.0.attn.qkv.weight')"),
         (inf_in_torch_file, "NaN or infinite values (first in 'pos_embed')"),
     ],
