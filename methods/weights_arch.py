@@ -193,5 +193,6 @@ def check_backbone_weights(model: nn.Module, name: str, path: Path, shapes: Shap
         raise NdbenchError(problem, fix)
     use = f"{given(backbone_option(option), found.held)} to run on these"
     if is_vit(found.held) != isinstance(model, VisionTransformer):  # methods that read ViT tokens take no CNN
-        use += f", with a method that takes {'a ViT' if is_vit(found.held) else 'a backbone other than a ViT'}"
+        kind = "a ViT" if is_vit(found.held) else "a backbone other than a ViT"
+        use += f", if {owner or 'the method'} works on {kind}"
     raise NdbenchError(problem, f"{fix}; or {use}")

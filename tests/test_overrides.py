@@ -71,7 +71,7 @@ def test_weights_of_another_arch_from_set_are_refused_naming_that_option(tmp_pat
     assert capsys.readouterr().err.strip().splitlines() == [
         f"ndbench: error: weights file {path} holds {cnn} weights, not those of knn's backbone {vit} (pass "
         f"{option}=embedded for {vit}'s own weights, or a weights file of {vit}; or {backbone_option}={cnn} to run "
-        "on these, with a method that takes a backbone other than a ViT)"]
+        "on these, if knn works on a backbone other than a ViT)"]
 
 
 def test_a_missing_weights_file_of_one_method_names_its_option(tmp_path, capsys):

@@ -76,7 +76,7 @@ def test_loading_another_archs_weights_names_what_they_hold(tmp_path, suffix):
         create_backbone(VIT, weights=path, num_classes=0)
     assert info.value.problem == f"weights file {path} holds {CNN} weights, not those of the backbone {VIT}"
     assert info.value.fix == (f"pass --weights embedded for {VIT}'s own weights, or a weights file of {VIT}; or "
-                              f"--set backbone={CNN} to run on these, with a method that takes a backbone other "
+                              f"--set backbone={CNN} to run on these, if the method works on a backbone other "
                               "than a ViT")
 
 
@@ -99,7 +99,7 @@ def knn_refuses(path, option: str = "--weights", backbone_option: str = "--set b
     embedded = f"{option}=embedded" if set_form else f"{option} embedded"
     return (f"ndbench: error: weights file {path} holds {CNN} weights, not those of knn's backbone {VIT} "
             f"(pass {embedded} for {VIT}'s own weights, or a weights file of {VIT}; or "
-            f"{backbone_option}={CNN} to run on these, with a method that takes a backbone other than a ViT)")
+            f"{backbone_option}={CNN} to run on these, if knn works on a backbone other than a ViT)")
 
 
 def test_run_with_weights_of_another_arch_is_one_line_before_any_job(splits_root, tmp_path, capsys):
@@ -149,7 +149,7 @@ def test_a_run_of_several_methods_names_the_method_whose_backbone_refuses(empty_
                                    capsys) == [
         f"ndbench: error: weights file {vit} holds {VIT} weights, not those of kdad's backbone {CNN} (pass "
         f"--weights embedded for {CNN}'s own weights, or a weights file of {CNN}; or --set backbone={VIT} to run "
-        "on these, with a method that takes a ViT)"]
+        "on these, if kdad works on a ViT)"]
 
 
 def test_the_check_before_the_work_takes_what_loading_takes(tmp_path):
